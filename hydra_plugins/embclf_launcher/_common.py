@@ -1,0 +1,268 @@
+"""What embclf's local and SLURM launchers share: composing every job up front, skipping completed
+jobs, recording failures in run dirs, the final table and the whole-sweep error.
+
+Both launchers plan a sweep the same way (:func:`plan_jobs`): compose the config of every job in the
+launcher process *before* anything starts, so a bad override in job 7 fails the sweep at once instead
+of after six jobs have trained (or sat in a SLURM queue).  Composing also yields each job's run dir,
+which is what resuming, skipping and failure recording need.
+"""
+
+import json
+import logging
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, List, Optional, Sequence
+
+from hydra.core.hydra_config import HydraConfig
+from hydra.core.utils import JobReturn, JobStatus, filter_overrides
+from hydra.errors import CompactHydraException
+from omegaconf import DictConfig, OmegaConf, open_dict
+
+log = logging.getLogger("embclf.launcher")
+
+
+# Both derive from CompactHydraException so that Hydra prints just the message (which names every
+# job), not a launcher traceback, and exits 1.
+class SweepJobsFailedError(CompactHydraException, RuntimeError):
+    """Raised at the end of a sweep in which at least one job failed; names every failed job."""
+
+
+class SweepConfigError(CompactHydraException, ValueError):
+    """Raised before any job starts when the composed config of one or more jobs is invalid."""
+
+
+@dataclass
+class PlannedJob:
+    """One job of a sweep: its overrides, composed config and run dir (the Hydra job dir)."""
+
+    idx: int
+    overrides: List[str]
+    cfg: DictConfig
+    run_dir: Path
+    status: str = "pending"  # pending | running | completed | skipped | failed
+    error: Optional[str] = None
+    device: str = ""
+    start: Optional[float] = None
+    end: Optional[float] = None
+    job_return: Optional[JobReturn] = None
+    extra: dict = field(default_factory=dict)
+
+    @property
+    def label(self) -> str:
+        """The job's overrides as one string (``model=vae latent=64``), for logs and errors."""
+        return " ".join(filter_overrides(self.overrides)) or "(no overrides)"
+
+    @property
+    def seconds(self) -> Optional[float]:
+        if self.start is None or self.end is None:
+            return None
+        return self.end - self.start
+
+
+def plan_jobs(launcher: Any, job_overrides: Sequence[Sequence[str]], initial_job_idx: int) -> List[PlannedJob]:
+    """Compose the config of every job of the sweep and work out its run dir.
+
+    ``launcher`` is a Hydra launcher after ``setup()`` (it has ``config`` and ``hydra_context``).
+    Every job is composed even after one fails, so the error lists all bad jobs at once.
+
+    Raises :class:`SweepConfigError` naming every job whose config does not compose (unknown key,
+    wrong type, missing value, failing interpolation), before anything is started or submitted.
+    """
+    master = launcher.config
+    loader = launcher.hydra_context.config_loader
+    # Resolve the sweep dir in the master config first: resolvers such as ``now`` and
+    # ``embclf_token`` cache their value there, and Hydra copies that cache into every job's config
+    # (load_sweep_config -> copy_cache), so all jobs, here and in the workers, agree on one sweep dir.
+    sweep_dir = Path(str(master.hydra.sweep.dir))
+    planned: List[PlannedJob] = []
+    errors: List[str] = []
+    saved = HydraConfig.instance().cfg
+    try:
+        for offset, overrides in enumerate(job_overrides):
+            idx = initial_job_idx + offset
+            overrides = list(overrides)
+            try:
+                cfg = loader.load_sweep_config(master, overrides)
+                with open_dict(cfg.hydra.job):
+                    cfg.hydra.job.num = idx
+                    # the worker sets its real id (SLURM/submitit job id); nothing here depends on it
+                    cfg.hydra.job.id = f"job_id_for_{idx}"
+                # Interpolations in hydra.sweep.subdir (and in the app config) read HydraConfig,
+                # exactly as in hydra.core.utils.run_job.
+                HydraConfig.instance().set_config(cfg)
+                run_dir = sweep_dir / str(OmegaConf.select(cfg, "hydra.sweep.subdir"))
+                # Resolve the whole app config now: a broken interpolation fails here, not in a job.
+                app_cfg = OmegaConf.masked_copy(cfg, [k for k in cfg.keys() if k != "hydra"])
+                OmegaConf.to_container(app_cfg, resolve=True, throw_on_missing=True)
+            except Exception as e:  # noqa: BLE001 -- every composition error is reported together
+                label = " ".join(filter_overrides(overrides))
+                errors.append(f"  #{idx} {label}: {type(e).__name__}: {_one_line(str(e))}")
+                continue
+            planned.append(PlannedJob(idx=idx, overrides=overrides, cfg=cfg, run_dir=run_dir))
+    finally:
+        if saved is not None:
+            HydraConfig.instance().set_config(saved)
+    if errors:
+        raise SweepConfigError(
+            f"{len(errors)} of {len(job_overrides)} sweep jobs have an invalid config, so nothing was "
+            "started. Fix these overrides (each line names the job, the key and why) and run the "
+            "sweep again:\n" + "\n".join(errors)
+        )
+    dirs = {}
+    for job in planned:
+        if job.run_dir in dirs:
+            raise SweepConfigError(
+                f"sweep jobs #{dirs[job.run_dir].idx} ({dirs[job.run_dir].label}) and #{job.idx} "
+                f"({job.label}) would share the run dir {job.run_dir}. hydra.sweep.subdir must be "
+                "distinct per job; keep the default (${embclf_safe:${hydra.job.override_dirname}}) "
+                "or include ${hydra.job.num} in it."
+            )
+        dirs[job.run_dir] = job
+    return planned
+
+
+def _one_line(text: str) -> str:
+    return " | ".join(line.strip() for line in text.strip().splitlines() if line.strip())
+
+
+def _read_json(path: Path) -> Optional[dict]:
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except (OSError, ValueError):
+        return None
+
+
+def stage_run_dirs(job: PlannedJob) -> List[Path]:
+    """The run dirs one job writes: the job dir itself, or ``autoencode/`` and ``classify/`` in it
+    for ``stage=all`` (see CONTRACT: one run dir per stage run)."""
+    value = OmegaConf.select(job.cfg, "stage", default="autoencode")
+    stage = getattr(value, "value", value)  # an Enum in embclf's schema
+    if stage == "all":
+        return [job.run_dir / "autoencode", job.run_dir / "classify"]
+    return [job.run_dir]
+
+
+def is_completed(job: PlannedJob) -> bool:
+    """True when a previous invocation already completed this job in this run dir.
+
+    The job counts as completed when its ``.hydra/overrides.yaml`` holds the same overrides (the run
+    dir name is a shortened form, so a hash collision or a hand-made dir must not count) and every
+    stage run dir's ``summary.json`` says ``completed``.  Anything else (no dir, running, failed, a
+    ``last.pt`` only) is launched again; the core then resumes from ``checkpoints/last.pt``.
+    """
+    previous = job.run_dir / ".hydra" / "overrides.yaml"
+    if not previous.is_file():
+        return False
+    try:
+        if list(OmegaConf.load(previous)) != list(job.overrides):
+            return False
+    except Exception:  # noqa: BLE001 -- unreadable: treat as not completed and run the job
+        return False
+    for run_dir in stage_run_dirs(job):
+        summary = _read_json(run_dir / "summary.json")
+        if not summary or summary.get("status") != "completed":
+            return False
+    return True
+
+
+def record_failure(job: PlannedJob, error: str) -> None:
+    """Write status "failed" and ``error`` into the job's run dir(s) with ``embclf.runs.mark_failed``.
+
+    The core already does this for an exception inside a stage; this covers a worker that was killed
+    (out of memory, scancel) or died before the stage started.  Stage run dirs that completed are
+    left alone (mark_failed never overwrites a completed summary).  Never raises: failing to record a
+    failure must not hide the other jobs' results.
+    """
+    try:
+        from embclf.runs import mark_failed
+    except Exception as e:  # noqa: BLE001
+        log.warning("cannot record the failure of %s: embclf.runs unavailable (%s)", job.label, e)
+        return
+    dirs = stage_run_dirs(job)
+    # stage=all: mark the stage that was running (or the first one that never started), not both
+    statuses = [(_read_json(d / "summary.json") or {}).get("status") for d in dirs]
+    targets = [d for d, s in zip(dirs, statuses) if s != "completed"][:1]
+    # a stage that raised was marked failed by the core itself, with its own error: keep that
+    targets = [d for d in targets if (_read_json(d / "summary.json") or {}).get("status") != "failed"]
+    for run_dir in targets:
+        try:
+            run_dir.mkdir(parents=True, exist_ok=True)
+            mark_failed(run_dir, error)
+        except Exception as e:  # noqa: BLE001
+            log.warning("cannot record the failure of %s in %s: %s", job.label, run_dir, e)
+
+
+def skipped_return(job: PlannedJob) -> JobReturn:
+    """A Hydra JobReturn for a job that was not run because it had already completed."""
+    ret = JobReturn(overrides=job.overrides, cfg=job.cfg, working_dir=os.getcwd(), status=JobStatus.COMPLETED)
+    ret.return_value = str(job.run_dir)
+    return ret
+
+
+def failed_return(job: PlannedJob) -> JobReturn:
+    """A Hydra JobReturn for a job whose worker produced no result (killed, crashed)."""
+    ret = JobReturn(overrides=job.overrides, cfg=job.cfg, status=JobStatus.FAILED)
+    ret.return_value = RuntimeError(job.error or "job failed")
+    return ret
+
+
+def outcome_from_result(job: PlannedJob, get_result: Any) -> None:
+    """Fill ``job.status``/``job.error``/``job.job_return`` from a submitit job's result.
+
+    ``get_result`` is a zero-argument callable returning the worker's Hydra ``JobReturn`` or raising
+    (submitit raises ``FailedJobError`` with the worker's traceback, ``UncompletedJobError`` when the
+    worker died without a result).  Records failures in the run dir via :func:`record_failure`.
+    """
+    try:
+        ret = get_result()
+    except Exception as e:  # noqa: BLE001 -- a dead worker is one failed job, not a failed sweep
+        job.status = "failed"
+        job.error = f"{type(e).__name__}: {_tail(str(e))}"
+        job.job_return = failed_return(job)
+        record_failure(job, job.error)
+        return
+    job.job_return = ret
+    if ret.status == JobStatus.COMPLETED:
+        job.status = "completed"
+    else:
+        job.status = "failed"
+        job.error = f"{type(ret._return_value).__name__}: {_one_line(str(ret._return_value))}"
+        # the core marked the stage failed already; this only adds a record where it could not
+        record_failure(job, job.error)
+
+
+def _tail(text: str, lines: int = 6) -> str:
+    kept = [line.rstrip() for line in text.strip().splitlines() if line.strip()]
+    return " | ".join(kept[-lines:])
+
+
+def _fmt_seconds(s: Optional[float]) -> str:
+    return "-" if s is None else f"{s:.1f}s"
+
+
+def report(jobs: Sequence[PlannedJob], sweep_dir: Any, what: str) -> None:
+    """Log the end-of-sweep table (overrides, status, time, run dir) and raise if any job failed.
+
+    Raises :class:`SweepJobsFailedError` naming every failed job's overrides and error.
+    """
+    rows = [("#", "overrides", "status", "time", "run dir")]
+    for job in jobs:
+        rows.append((str(job.idx), job.label, job.status, _fmt_seconds(job.seconds), str(job.run_dir)))
+    widths = [min(max(len(r[i]) for r in rows), 60) for i in range(4)]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(r[:4], widths)) + "  " + r[4] for r in rows]
+    log.info("%s sweep finished (%s):\n%s", what, sweep_dir, "\n".join(lines))
+    failed = [j for j in jobs if j.status == "failed"]
+    if failed:
+        names = "\n".join(f"  #{j.idx} {j.label}: {j.error}  (run dir: {j.run_dir})" for j in failed)
+        raise SweepJobsFailedError(
+            f"{len(failed)} of {len(jobs)} sweep jobs failed; the others completed. Failed jobs "
+            f"(see embclf.log in each run dir, and the worker logs in {sweep_dir}/.submitit/):\n{names}\n"
+            f"Re-run the same command with hydra.sweep.dir={sweep_dir} to retry only the unfinished jobs."
+        )
+
+
+def now() -> float:
+    return time.time()

@@ -1,0 +1,125 @@
+"""``hydra/launcher=slurm``: hydra-submitit-launcher's SLURM launcher, made safe for whole sweeps.
+
+Differences from ``hydra/launcher=submitit_slurm`` (1.2.0), which collects results with
+``[j.results()[0] for j in jobs]`` and so raises on the first failed job and hides the rest:
+
+* every job's config is composed and checked *before* anything is submitted (one bad override must
+  not cost a queue wait and then fail);
+* jobs whose run dir already holds a completed run are not submitted again, so re-invoking a sweep
+  into its sweep dir (``hydra.sweep.dir=<dir>``) finishes only what is unfinished;
+* every job's result is collected; failures (exception, non-zero exit, killed by SLURM) are recorded
+  in the run dir, and at the end a table lists every job and the error names *all* failed jobs;
+* defaults for this workload (see ``config.SlurmLauncherConf``): 1 GPU per job, requeue on time
+  limit or preemption (``max_num_timeout`` > 0, ``signal_delay_s``), submitit folder in the sweep dir.
+
+Requeue path: SLURM sends USR2 ``signal_delay_s`` before the time limit (or on preemption); the core's
+training loop saves ``checkpoints/last.pt`` and chains to submitit's handler, which calls
+``checkpoint()`` (inherited: resubmit the same job with the same arguments) and requeues; the
+requeued job runs the same overrides in the same run dir and resumes from ``last.pt``.
+"""
+
+import logging
+import os
+import time
+from pathlib import Path
+from typing import Any, Dict, List, Sequence
+
+from hydra.core.singleton import Singleton
+from hydra.core.utils import JobReturn
+from hydra_plugins.hydra_submitit_launcher.config import BaseQueueConf
+from hydra_plugins.hydra_submitit_launcher.submitit_launcher import SlurmLauncher
+from omegaconf import OmegaConf
+
+from ._common import PlannedJob, is_completed, now, outcome_from_result, plan_jobs, report, skipped_return
+
+log = logging.getLogger("embclf.launcher")
+
+
+class EmbclfSlurmLauncher(SlurmLauncher):
+    """SLURM launcher that validates the whole sweep first and reports every job's outcome.
+
+    ``launch`` raises ``SweepConfigError`` before submitting anything when a job's config does not
+    compose, submitit's/sbatch's errors when submission itself fails (e.g. an unknown partition), and
+    ``SweepJobsFailedError`` naming all failed jobs once every job has ended.
+    """
+
+    # seconds between checks of the array's state (submitit's watcher batches the squeue/sacct calls)
+    poll_interval_s: float = 2.0
+
+    def _executor(self) -> Any:
+        """The submitit executor, built from the launcher parameters as the base class does."""
+        import submitit  # lazy: keeps plugin discovery fast
+
+        params = dict(self.params)
+        init_keys = {"submitit_folder", "max_num_timeout"}
+        executor = submitit.AutoExecutor(
+            cluster=self._EXECUTOR,
+            folder=params["submitit_folder"],
+            slurm_max_num_timeout=params["max_num_timeout"],
+        )
+        base = set(OmegaConf.structured(BaseQueueConf).keys())
+        executor.update_parameters(
+            **{k if k in base else f"{self._EXECUTOR}_{k}": v for k, v in params.items() if k not in init_keys}
+        )
+        return executor
+
+    def launch(self, job_overrides: Sequence[Sequence[str]], initial_job_idx: int) -> Sequence[JobReturn]:
+        """Validate, submit the unfinished jobs as one array, wait for all, report; see the class."""
+        assert self.config is not None
+        jobs = plan_jobs(self, job_overrides, initial_job_idx)
+        sweep_dir = Path(str(self.config.hydra.sweep.dir))
+        sweep_dir.mkdir(parents=True, exist_ok=True)
+        if "mode" in self.config.hydra.sweep:
+            os.chmod(sweep_dir, mode=int(str(self.config.hydra.sweep.mode), 8))
+
+        todo: List[PlannedJob] = []
+        for job in jobs:
+            if is_completed(job):
+                job.status, job.job_return = "skipped", skipped_return(job)
+                log.info("skip  #%d %s: already completed in %s", job.idx, job.label, job.run_dir)
+            else:
+                todo.append(job)
+        if todo:
+            executor = self._executor()
+            state = Singleton.get_state()
+            args = [(job.overrides, "hydra.sweep.dir", job.idx, f"job_id_for_{job.idx}", state) for job in todo]
+            submitted = executor.map_array(self, *zip(*args))
+            for job, sj in zip(todo, submitted):
+                job.extra["slurm_job"] = sj
+                job.start = now()
+                job.status = "submitted"
+                log.info("submitted #%d %s as SLURM job %s -> %s", job.idx, job.label, sj.job_id, job.run_dir)
+            log.info(
+                "watch with: squeue -j %s ; sacct -j %s ; logs: %s/.submitit/",
+                submitted[0].job_id.split("_")[0], submitted[0].job_id.split("_")[0], sweep_dir,
+            )
+            self._wait(todo)
+        report(jobs, sweep_dir, "slurm")
+        return [job.job_return for job in jobs]  # type: ignore[misc]
+
+    def _wait(self, todo: List[PlannedJob]) -> None:
+        """Wait for every submitted job, logging each start and end; never stops at a failure."""
+        remaining: Dict[int, PlannedJob] = {job.idx: job for job in todo}
+        while remaining:
+            ended = []
+            for idx, job in remaining.items():
+                sj = job.extra["slurm_job"]
+                if sj.done():
+                    ended.append(idx)
+                    continue
+                if not job.extra.get("started") and sj.state in ("RUNNING", "COMPLETING"):
+                    job.extra["started"] = True
+                    job.status = "running"
+                    log.info("start #%d %s | SLURM job %s running", job.idx, job.label, sj.job_id)
+            for idx in ended:
+                job = remaining.pop(idx)
+                sj = job.extra["slurm_job"]
+                job.end = now()
+                outcome_from_result(job, lambda sj=sj: sj.results()[0])
+                job.device = f"SLURM job {sj.job_id}"
+                log.info(
+                    "end   #%d %s | %s | %s after %.1fs%s", job.idx, job.label, job.device, job.status,
+                    job.seconds, f": {job.error}" if job.error else "",
+                )
+            if remaining and not ended:
+                time.sleep(self.poll_interval_s)
