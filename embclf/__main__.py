@@ -1,0 +1,83 @@
+"""The single entrypoint: ``python -m embclf [overrides]`` / ``embclf [overrides]`` (``-m`` for sweeps).
+
+Hydra composes ``conf/`` (validated by ``embclf.config``); this function turns one composed config into
+run dirs. ``stage=all`` trains the autoencoder, then the classifier on it, inside the same job: the job dir
+then holds two run dirs, ``autoencode/`` and ``classify/``, laid out exactly as when run separately.
+"""
+from __future__ import annotations
+
+import logging
+import shutil
+import sys
+import traceback
+from pathlib import Path
+
+import hydra
+from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
+from omegaconf import DictConfig, open_dict
+
+from . import runs
+from .config import Stage, conf_dir
+from .data import DataError
+from .runtime import EmbclfError
+from .stages import autoencode, classify
+
+log = logging.getLogger("embclf")
+
+
+def _stage_cfg(cfg: DictConfig, stage: Stage) -> DictConfig:
+    sub = cfg.copy()
+    with open_dict(sub):
+        sub.stage = stage
+    return sub
+
+
+def run_job(cfg: DictConfig, job_dir: Path, overrides) -> Path:
+    """Run the stage(s) of ``cfg`` into ``job_dir``; on any error mark the run dir failed and re-raise."""
+    stage = cfg.stage
+    current = job_dir
+    try:
+        if stage == Stage.autoencode:
+            return autoencode.run(cfg, job_dir, overrides)
+        if stage == Stage.classify:
+            return classify.run(cfg, job_dir, overrides)
+        # stage=all: two complete run dirs; each gets its own copy of .hydra so it stands alone
+        for name in ("autoencode", "classify"):
+            if (job_dir / ".hydra").is_dir() and not (job_dir / name / ".hydra").exists():
+                shutil.copytree(job_dir / ".hydra", job_dir / name / ".hydra")
+        current = job_dir / "autoencode"
+        ae_dir = autoencode.run(_stage_cfg(cfg, Stage.autoencode), current, overrides)
+        current = job_dir / "classify"
+        return classify.run(_stage_cfg(cfg, Stage.classify), current, overrides, encoder=ae_dir)
+    except BaseException as e:  # KeyboardInterrupt/SystemExit too: the summary must not say "running"
+        if (current / runs.SUMMARY).is_file():  # else it failed on bad input before writing anything
+            runs.mark_failed(current, f"{type(e).__name__}: {e}")
+        if not isinstance(e, (EmbclfError, DataError)):
+            log.error("failed:\n%s", traceback.format_exc())
+        raise
+
+
+def _remove_if_empty(job_dir: Path) -> None:
+    """Remove a run dir that holds only what Hydra wrote before the job failed on bad input."""
+    if job_dir.is_dir() and {p.name for p in job_dir.iterdir()} <= {".hydra", "embclf.log"}:
+        shutil.rmtree(job_dir, ignore_errors=True)
+
+
+@hydra.main(config_path=conf_dir(), config_name="config", version_base=None)
+def main(cfg: DictConfig) -> None:
+    """Hydra task function (see module docstring)."""
+    hc = HydraConfig.get()
+    job_dir = Path(hc.runtime.output_dir)
+    try:
+        run_job(cfg, job_dir, list(hc.overrides.task))
+    except (EmbclfError, DataError) as e:
+        log.error("%s", e)
+        if hc.mode == RunMode.RUN:  # one paragraph, no traceback, exit status 2, no half-made run dir
+            _remove_if_empty(job_dir)
+            sys.exit(2)
+        raise  # in a sweep the launcher records and reports it
+
+
+if __name__ == "__main__":
+    main()

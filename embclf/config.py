@@ -1,0 +1,177 @@
+"""Structured-config schemas for embclf, registered in Hydra's ConfigStore.
+
+Every YAML file under ``conf/`` is validated against one of these dataclasses, so a wrong type or an
+unknown key fails at composition time with an error naming the key (e.g. ``latent=abc`` ->
+"Value 'abc' of type 'str' could not be converted to Integer ... full_key: latent").
+
+One group per module: ``data`` -> ``embclf/data.py``, ``model`` -> ``embclf/models/``, ``head`` ->
+``embclf/heads.py``, ``stage`` -> ``embclf/stages/``. Nothing else lives here.
+"""
+from __future__ import annotations
+
+import hashlib
+import os
+import re
+from dataclasses import dataclass, field
+from enum import Enum
+from pathlib import Path
+from typing import Any, List, Optional
+
+from hydra.core.config_store import ConfigStore
+from omegaconf import MISSING, OmegaConf
+
+CONF_DIR_NAME = "conf"
+
+
+def conf_dir() -> str:
+    """Absolute path of the Hydra config directory.
+
+    Installed wheels carry the configs as ``embclf/conf``; an editable install or a source checkout
+    uses ``conf/`` at the repository root. Raises ``FileNotFoundError`` naming both places when
+    neither exists (a broken install).
+    """
+    here = Path(__file__).resolve().parent
+    for candidate in (here / CONF_DIR_NAME, here.parent / CONF_DIR_NAME):
+        if (candidate / "config.yaml").is_file():
+            return str(candidate)
+    raise FileNotFoundError(
+        f"embclf cannot find its Hydra configs: neither {here / CONF_DIR_NAME} nor "
+        f"{here.parent / CONF_DIR_NAME} holds config.yaml. Reinstall the package "
+        "(`pip install .` ships them inside embclf/conf)."
+    )
+
+
+class Stage(Enum):
+    """What one job does: train an autoencoder, a classifier on its embeddings, or both in turn."""
+
+    autoencode = "autoencode"
+    classify = "classify"
+    all = "all"
+
+
+class Source(Enum):
+    """Where images come from: torchvision's downloaders or any local ImageFolder tree."""
+
+    cifar10 = "cifar10"
+    cifar100 = "cifar100"
+    folder = "folder"
+
+
+class Arch(Enum):
+    """Encoder/decoder family: the reference study's small conv net or a ResNet-18."""
+
+    conv = "conv"
+    resnet = "resnet"
+
+
+@dataclass
+class DataConfig:
+    """``data`` group: where images come from and how much of them is used."""
+
+    source: Source = Source.cifar10
+    root: str = "~/.cache/embclf/datasets/cifar10"
+    train_size: Optional[int] = None  # null = all; int = class-stratified subset (fixed seed)
+    test_size: Optional[int] = None
+    val_size: float = 0.1  # in (0,1): fraction of the (subsetted) train split; >= 1: a count
+    image_size: int = 32
+    download: bool = True  # torchvision sources only
+    cache_dir: Optional[str] = None  # null = ~/.cache/embclf/data (never inside data.root)
+    subset_seed: int = 0
+
+
+@dataclass
+class ModelConfig:
+    """``model`` group: architecture family and whether it is variational."""
+
+    name: str = MISSING  # ae | vae | resnet | resnet_vae
+    arch: Arch = Arch.conv
+    variational: bool = False
+    beta: float = 0.1  # KL weight (VAE only), on SSE summed over pixels per image
+    channels: List[int] = field(default_factory=lambda: [32, 64, 128, 256, 256])
+    strides: List[int] = field(default_factory=lambda: [2, 1, 2, 1, 2])
+
+
+@dataclass
+class HeadConfig:
+    """``head`` group: the classifier trained on frozen embeddings."""
+
+    name: str = "mlp"
+    hidden: List[int] = field(default_factory=lambda: [128, 64])
+    dropout: float = 0.0
+
+
+@dataclass
+class AutoencodeConfig:
+    """Settings of ``stage=autoencode`` (defaults from the reference study)."""
+
+    epochs: int = 80
+    batch_size: int = 200
+    lr: float = 1e-3
+    weight_decay: float = 0.0
+    image_epochs: List[int] = field(default_factory=lambda: [1, 10, 40])  # plus the last epoch
+    eval_batch_size: int = 1000
+
+
+@dataclass
+class ClassifyConfig:
+    """Settings of ``stage=classify`` (defaults from the reference study)."""
+
+    epochs: int = 50
+    batch_size: int = 200
+    lr: float = 1e-3
+    weight_decay: float = 0.0
+    encoder: Optional[str] = None  # null = find the matching autoencode run; else run dir or .pt path
+
+
+@dataclass
+class Config:
+    """Top-level config. Key names are an interface: scripts and docs depend on them."""
+
+    defaults: List[Any] = field(default_factory=lambda: [])
+    stage: Stage = Stage.autoencode
+    latent: int = 64
+    seed: int = 0
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    threads: Optional[int] = None  # null = torch default (honours OMP_NUM_THREADS)
+    output_dir: str = "outputs"
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    head: HeadConfig = field(default_factory=HeadConfig)
+    autoencode: AutoencodeConfig = field(default_factory=AutoencodeConfig)
+    classify: ClassifyConfig = field(default_factory=ClassifyConfig)
+
+
+MAX_NAME = 120
+
+
+def safe_name(overrides: str) -> str:
+    """Turn Hydra's ``override_dirname`` into one flat, filesystem-safe directory name.
+
+    ``/`` and other unsafe characters become ``_``; a name longer than 120 characters is cut and
+    suffixed with 8 hex digits of its SHA-1 so distinct long overrides stay distinct. An empty
+    string (no overrides) becomes ``run``.
+    """
+    name = re.sub(r"[^A-Za-z0-9=,._+\-]", "_", overrides).strip("._") or "run"
+    if len(name) > MAX_NAME:
+        digest = hashlib.sha1(overrides.encode()).hexdigest()[:8]
+        name = f"{name[:MAX_NAME - 9]}-{digest}"
+    return name
+
+
+_SWEEP_TOKEN = os.urandom(3).hex()
+
+
+def sweep_token() -> str:
+    """Random 6-hex token, fixed per process, that makes two invocations' dirs distinct.
+
+    Timestamps alone collide when two sweeps start in the same second (e.g. on a cluster).
+    """
+    return _SWEEP_TOKEN
+
+
+def register() -> None:
+    """Register the schemas and resolvers. Idempotent; called on import of ``embclf``."""
+    cs = ConfigStore.instance()
+    cs.store(name="config_schema", node=Config)
+    OmegaConf.register_new_resolver("embclf_safe", safe_name, replace=True)
+    OmegaConf.register_new_resolver("embclf_token", sweep_token, use_cache=True, replace=True)

@@ -1,0 +1,237 @@
+"""A run is a directory. This module owns its layout, atomic writes, checkpoints and lookups.
+
+Layout of one run dir (one stage of one job)::
+
+    config.yaml        fully resolved config (what lookups compare)
+    .hydra/            as Hydra writes it (overrides.yaml keeps the full overrides)
+    embclf.log         the job's log
+    metrics.jsonl      one JSON object per epoch and split
+    summary.json       status + headline numbers (see README "Output layout")
+    checkpoints/       last.pt (every epoch), best.pt (best on val)
+    images/            PNGs
+    embeddings.pt      classify only: float32 [N, latent] per split, with labels
+
+Every file is written to a temporary name and renamed into place, so a killed job never leaves a
+half-written checkpoint or summary behind, and data already written is never truncated.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import signal
+import socket
+import time
+from pathlib import Path
+from typing import Any, Callable, Dict, Iterator, List, Optional
+
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+log = logging.getLogger(__name__)
+
+SUMMARY = "summary.json"
+CONFIG = "config.yaml"
+METRICS = "metrics.jsonl"
+
+
+def _atomic(path: Path, write: Callable[[Path], None]) -> None:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    # unique per call: a signal handler may save while another save of the same file is in progress
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}-{time.monotonic_ns()}")
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+
+
+def write_json_atomic(path: Path, obj: Any) -> None:
+    """Write ``obj`` as indented JSON to ``path`` atomically (temp file + rename)."""
+    _atomic(path, lambda t: t.write_text(json.dumps(obj, indent=2, default=str) + "\n"))
+
+
+def save_atomic(obj: Any, path: Path) -> None:
+    """``torch.save`` to ``path`` atomically, so a kill mid-write keeps the previous checkpoint."""
+    _atomic(path, lambda t: torch.save(obj, t))
+
+
+def read_json(path: Path) -> Optional[dict]:
+    """Parsed JSON file, or None if it is missing or unreadable."""
+    try:
+        return json.loads(Path(path).read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def read_summary(run_dir: Path) -> Optional[dict]:
+    """The run dir's ``summary.json`` as a dict, or None if there is none (yet)."""
+    return read_json(Path(run_dir) / SUMMARY)
+
+
+def append_metrics(run_dir: Path, record: Dict[str, Any]) -> None:
+    """Append one JSON line to ``metrics.jsonl`` (one write call; flushed and fsynced)."""
+    with open(Path(run_dir) / METRICS, "a") as f:
+        f.write(json.dumps(record) + "\n")
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def read_metrics(run_dir: Path) -> List[dict]:
+    """All records of ``metrics.jsonl`` (a torn last line from a kill is skipped)."""
+    out = []
+    try:
+        lines = (Path(run_dir) / METRICS).read_text().splitlines()
+    except OSError:
+        return out
+    for line in lines:
+        try:
+            out.append(json.loads(line))
+        except ValueError:
+            continue
+    return out
+
+
+def truncate_metrics(run_dir: Path, after_epoch: int) -> None:
+    """Drop records of epochs > ``after_epoch`` (written after the checkpoint a resume starts from)."""
+    keep = [r for r in read_metrics(run_dir) if int(r.get("epoch", 0)) <= after_epoch]
+    _atomic(Path(run_dir) / METRICS, lambda t: t.write_text("".join(json.dumps(r) + "\n" for r in keep)))
+
+
+def resolved(cfg: DictConfig) -> dict:
+    """The config as plain values: interpolations resolved, enums as strings, no ``hydra`` node."""
+    c = OmegaConf.to_container(cfg, resolve=True, enum_to_str=True)
+    c.pop("hydra", None)
+    c.pop("defaults", None)
+    return c
+
+
+def write_config(run_dir: Path, cfg: DictConfig) -> None:
+    """Write the resolved config as ``config.yaml`` (atomically)."""
+    text = OmegaConf.to_yaml(OmegaConf.create(resolved(cfg)))
+    _atomic(Path(run_dir) / CONFIG, lambda t: t.write_text(text))
+
+
+def read_config(run_dir: Path) -> Optional[dict]:
+    """The run dir's resolved ``config.yaml`` as a dict, or None."""
+    p = Path(run_dir) / CONFIG
+    if not p.is_file():
+        return None
+    return OmegaConf.to_container(OmegaConf.load(p))
+
+
+def base_summary(cfg: DictConfig, stage: str, overrides: List[str]) -> Dict[str, Any]:
+    """Fields every ``summary.json`` carries, filled at the start of a run (status "running")."""
+    return {
+        "status": "running",
+        "stage": stage,
+        "model": cfg.model.name,
+        "latent": int(cfg.latent),
+        "seed": int(cfg.seed),
+        "data": getattr(cfg.data.source, "value", cfg.data.source),
+        "epochs": int(cfg[stage].epochs),
+        "overrides": list(overrides),
+        "hostname": socket.gethostname(),
+        "pid": os.getpid(),
+        "slurm_job_id": os.environ.get("SLURM_JOB_ID"),
+        "cuda_visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES"),
+        "start_time": time.time(),
+    }
+
+
+def mark_failed(run_dir: Path, error: str) -> None:
+    """Record a failure in ``summary.json`` unless the run already completed.
+
+    Used by the stages on an exception and by launchers for a job killed from outside. Keeps every
+    other field already written (and never touches checkpoints or metrics).
+    """
+    run_dir = Path(run_dir)
+    s = read_summary(run_dir) or {}
+    if s.get("status") == "completed":
+        return
+    s.update(status="failed", error=str(error)[-4000:], end_time=time.time())
+    if "start_time" in s:
+        s["wall_seconds"] = s["end_time"] - s["start_time"]
+    write_json_atomic(run_dir / SUMMARY, s)
+
+
+# --- finding runs ---------------------------------------------------------------------------------
+
+def iter_run_dirs(root: Path) -> Iterator[Path]:
+    """Every directory under ``root`` (inclusive) holding a ``summary.json``."""
+    root = Path(root)
+    if (root / SUMMARY).is_file():
+        yield root
+    if root.is_dir():
+        for p in sorted(root.rglob(SUMMARY)):
+            if p.parent != root and ".submitit" not in p.parts:
+                yield p.parent
+
+
+def encoder_identity(cfg) -> dict:
+    """What makes two autoencode runs the same: data, model, latent, seed and ``autoencode.*``."""
+    c = cfg if isinstance(cfg, dict) else resolved(cfg)
+    data = {k: v for k, v in c["data"].items() if k not in ("cache_dir", "download")}
+    return {"data": data, "model": c["model"], "latent": c["latent"], "seed": c["seed"],
+            "autoencode": c["autoencode"]}
+
+
+def find_encoder_run(cfg: DictConfig, output_dir: Path) -> Optional[Path]:
+    """Newest completed autoencode run under ``output_dir`` whose identity equals ``cfg``'s, or None."""
+    want = encoder_identity(cfg)
+    best, best_t = None, -1.0
+    for d in iter_run_dirs(output_dir):
+        s = read_summary(d)
+        if not s or s.get("stage") != "autoencode" or s.get("status") != "completed":
+            continue
+        c = read_config(d)
+        if c is None or encoder_identity(c) != want:
+            continue
+        t = float(s.get("end_time") or 0)
+        if t > best_t:
+            best, best_t = d, t
+    return best
+
+
+# --- signals --------------------------------------------------------------------------------------
+
+class CheckpointOnSignal:
+    """Context manager: on SIGUSR2/SIGTERM call ``save()`` and then the handler that was installed before.
+
+    submitit installs its own SIGUSR2 handler to requeue a job near its time limit (and ignores SIGTERM);
+    we must save first and then hand on to it rather than replace it. On exit the old handlers are restored.
+    """
+
+    SIGNALS = (signal.SIGUSR2, signal.SIGTERM)
+
+    def __init__(self, save: Callable[[], None]):
+        self.save = save
+        self.old: Dict[int, Any] = {}
+
+    def _handler(self, signum, frame):
+        log.warning("received signal %d: saving checkpoint before handing on", signum)
+        try:
+            self.save()
+        except Exception:  # saving must not stop the requeue
+            log.exception("checkpoint on signal failed")
+        old = self.old.get(signum)
+        if callable(old):
+            old(signum, frame)
+        elif old == signal.SIG_DFL:
+            signal.signal(signum, signal.SIG_DFL)
+            os.kill(os.getpid(), signum)
+
+    def __enter__(self):
+        for s in self.SIGNALS:
+            try:
+                self.old[s] = signal.signal(s, self._handler)
+            except ValueError:  # not the main thread: no handlers possible
+                pass
+        return self
+
+    def __exit__(self, *exc):
+        for s, h in self.old.items():
+            signal.signal(s, h)
+        return False

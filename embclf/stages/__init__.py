@@ -1,0 +1,1 @@
+"""One module per stage (``stage=autoencode`` / ``stage=classify``); ``stage=all`` runs both in turn."""

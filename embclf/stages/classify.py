@@ -1,0 +1,203 @@
+"""stage=classify: a head on the frozen embeddings of a trained autoencoder. Readable top to bottom.
+
+1. Find the encoder: ``classify.encoder`` (a run dir or a checkpoint) or else the newest completed
+   autoencode run under ``output_dir`` whose data, model, latent, seed and ``autoencode.*`` equal ours.
+2. Encode train/val/test once with the frozen encoder in eval mode (a VAE's embedding is its posterior
+   mean mu, so embeddings are deterministic) and save them as embeddings.pt.
+3. Train the head (cross-entropy, Adam, cosine annealing per epoch), keep the best epoch on val accuracy.
+4. Report test accuracy (best-on-val head: ``test_accuracy``; last epoch: ``final_test_accuracy``),
+   per-class accuracy and the confusion matrix (JSON and images/confusion.png).
+"""
+from __future__ import annotations
+
+import logging
+import math
+import time
+from pathlib import Path
+from typing import Dict, List, Optional
+
+import torch
+from omegaconf import OmegaConf
+
+from .. import data as data_mod
+from .. import losses, runs, runtime
+from ..heads import build_head
+from ..models import build_model
+
+log = logging.getLogger(__name__)
+
+
+def resolve_encoder(cfg) -> Path:
+    """Path of the encoder checkpoint to use (see module docstring).
+
+    Raises ``runtime.EmbclfError`` when the given path holds no checkpoint, or when no matching run exists
+    (naming the identity searched and the command that trains it).
+    """
+    given = cfg.classify.encoder
+    if given:
+        p = Path(str(given)).expanduser()
+        ck = p / "checkpoints" / "best.pt" if p.is_dir() else p
+        if not ck.is_file():
+            raise runtime.EmbclfError(
+                f"classify.encoder={given}: no checkpoint there (expected an autoencode run dir with "
+                "checkpoints/best.pt, or a .pt file). Point it at a completed autoencode run.")
+        return ck
+    out = Path(str(cfg.output_dir))
+    found = runs.find_encoder_run(cfg, out)
+    if found is None:
+        ident = runs.encoder_identity(cfg)
+        ae = ident["autoencode"]
+        d = ident["data"]
+        data_bits = " ".join(f"data.{k}={v}" for k, v in d.items() if k in ("train_size", "test_size", "val_size") and v is not None)
+        raise runtime.EmbclfError(
+            f"stage=classify found no completed autoencode run under output_dir={out} matching model={ident['model']['name']} "
+            f"latent={ident['latent']} seed={ident['seed']} data={d['source']} (root {d['root']}, train_size "
+            f"{d['train_size']}, test_size {d['test_size']}, val_size {d['val_size']}) autoencode.epochs={ae['epochs']} "
+            f"batch_size={ae['batch_size']} lr={ae['lr']}. Train it first with the same command line and stage=autoencode, "
+            f"e.g. `python -m embclf stage=autoencode model={ident['model']['name']} latent={ident['latent']} "
+            f"seed={ident['seed']} data={d['source']} data.root={d['root']} {data_bits} autoencode.epochs={ae['epochs']}`, "
+            "or pass classify.encoder=PATH (a run dir or checkpoint).")
+    return found / "checkpoints" / "best.pt"
+
+
+@torch.no_grad()
+def embed(encoder, split: data_mod.Split, device, batch_size: int) -> torch.Tensor:
+    """Embeddings of a split: float32 [N, latent] (mu for a VAE), on the CPU."""
+    encoder.eval()
+    out = []
+    for i in range(0, len(split), batch_size):
+        x = data_mod.to_float(split.images[i:i + batch_size].to(device))
+        out.append(encoder.encode(x)[0].float().cpu())
+    return torch.cat(out)
+
+
+@torch.no_grad()
+def _eval(head, z, y, batch_size: int) -> Dict[str, float]:
+    head.eval()
+    logits = torch.cat([head(z[i:i + batch_size]) for i in range(0, len(z), batch_size)])
+    return {"loss": losses.cross_entropy(logits, y).item(), "accuracy": losses.accuracy(logits, y)}, logits
+
+
+def save_confusion_png(cm, classes: List[str], path: Path, title: str) -> None:
+    """Confusion matrix (rows: true class, columns: predicted) as a PNG, via scikit-learn's display."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from sklearn.metrics import ConfusionMatrixDisplay
+
+    fig, ax = plt.subplots(figsize=(7, 6))
+    ConfusionMatrixDisplay(cm, display_labels=classes).plot(ax=ax, xticks_rotation=45, colorbar=False)
+    ax.set_title(title)
+    fig.tight_layout()
+    path.parent.mkdir(exist_ok=True)
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def run(cfg, run_dir: Path, overrides: List[str], encoder: Optional[Path] = None) -> Path:
+    """Train ``cfg.head`` on the embeddings of the matching (or given) encoder into ``run_dir``.
+
+    Raises ``runtime.EmbclfError`` (no encoder) or ``data.DataError`` (bad data config).
+    """
+    from sklearn.metrics import confusion_matrix
+
+    run_dir = Path(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    prior = runs.read_summary(run_dir)
+    if prior and prior.get("status") == "completed" and runs.read_config(run_dir) == runs.resolved(cfg):
+        log.info("%s already completed with this config; nothing to do", run_dir)
+        return run_dir
+    cc = cfg.classify
+    summary = runs.base_summary(cfg, "classify", overrides)
+    ckpt_path = (Path(encoder) / "checkpoints" / "best.pt") if encoder else resolve_encoder(cfg)
+    encoder_run = ckpt_path.parent.parent
+    log.info("encoder: %s", ckpt_path)
+    ds = data_mod.load(cfg.data)
+    # bad input has failed by now; only from here on does the run dir hold a config and a summary
+    runs.write_config(run_dir, cfg)
+    runs.write_json_atomic(run_dir / runs.SUMMARY, summary)
+
+    env = runtime.setup(cfg)
+    device = env["device"]
+    ck = torch.load(ckpt_path, map_location=device, weights_only=False)
+    enc_cfg = ck["config"]
+    model = build_model(OmegaConf.create(enc_cfg["model"]), int(enc_cfg["latent"]), int(enc_cfg["data"]["image_size"]))
+    model.load_state_dict(ck["model"])
+    model.to(device).eval().requires_grad_(False)
+    summary.update(encoder_run=str(encoder_run.resolve()), encoder_checkpoint=str(ckpt_path.resolve()),
+                   encoder_epoch=int(ck["state"]["epoch"]), model=enc_cfg["model"]["name"],
+                   latent=int(enc_cfg["latent"]), device=str(device), device_name=env["name"],
+                   device_fallback=env["fallback"], head=cfg.head.name)
+
+    emb_path = run_dir / "embeddings.pt"
+    summary["data_fingerprint"] = ds.fingerprint
+    if emb_path.is_file():  # computed once per run dir; a resumed job reuses them
+        emb = torch.load(emb_path, weights_only=False)
+    else:
+        t0 = time.time()
+        emb = {s: {"z": embed(model, ds.split(s), device, 1000), "labels": ds.split(s).labels.clone()}
+               for s in ("train", "val", "test")}
+        emb["classes"] = ds.classes
+        runs.save_atomic(emb, emb_path)
+        log.info("embedded %d images in %.1fs", sum(len(emb[s]["z"]) for s in ("train", "val", "test")), time.time() - t0)
+    z = {s: emb[s]["z"].to(device) for s in ("train", "val", "test")}
+    y = {s: emb[s]["labels"].to(device) for s in ("train", "val", "test")}
+    classes = list(emb["classes"])
+
+    torch.manual_seed(int(cfg.seed))
+    head = build_head(cfg.head, z["train"].shape[1], len(classes)).to(device)
+    if hasattr(head, "fit_standardizer"):
+        head.fit_standardizer(z["train"])
+    opt = torch.optim.Adam(head.parameters(), lr=cc.lr, weight_decay=cc.weight_decay)
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=int(cc.epochs))
+    g = torch.Generator().manual_seed(int(cfg.seed))
+    best_acc, best_epoch = -math.inf, 0
+    ckpt_dir = run_dir / "checkpoints"
+    for epoch in range(1, int(cc.epochs) + 1):
+        t0 = time.time()
+        head.train()
+        tot_loss = tot_correct = 0.0
+        lr = opt.param_groups[0]["lr"]
+        for idx in data_mod.batches(len(z["train"]), int(cc.batch_size), device, shuffle=True, generator=g):
+            logits = head(z["train"][idx])
+            loss = losses.cross_entropy(logits, y["train"][idx])
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            tot_loss += loss.item() * len(idx)
+            tot_correct += (logits.argmax(1) == y["train"][idx]).sum().item()
+        sched.step()
+        n = len(z["train"])
+        train_m = {"loss": tot_loss / n, "accuracy": tot_correct / n}
+        val_m, _ = _eval(head, z["val"], y["val"], 4096)
+        runs.append_metrics(run_dir, {"epoch": epoch, "split": "train", **train_m, "lr": lr, "seconds": time.time() - t0})
+        runs.append_metrics(run_dir, {"epoch": epoch, "split": "val", **val_m, "lr": lr})
+        log.info("epoch %d/%d  train ce %.4f acc %.4f | val ce %.4f acc %.4f", epoch, cc.epochs,
+                 train_m["loss"], train_m["accuracy"], val_m["loss"], val_m["accuracy"])
+        if val_m["accuracy"] > best_acc:
+            best_acc, best_epoch = val_m["accuracy"], epoch
+            runs.save_atomic({"head": head.state_dict(), "epoch": epoch, "val": val_m, "config": runs.resolved(cfg)},
+                             ckpt_dir / "best.pt")
+        runs.save_atomic({"head": head.state_dict(), "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
+                          "epoch": epoch, "config": runs.resolved(cfg)}, ckpt_dir / "last.pt")
+
+    final_m, _ = _eval(head, z["test"], y["test"], 4096)
+    runs.append_metrics(run_dir, {"epoch": int(cc.epochs), "split": "test", **final_m})
+    best = torch.load(ckpt_dir / "best.pt", map_location=device, weights_only=False)
+    head.load_state_dict(best["head"])
+    test_m, logits = _eval(head, z["test"], y["test"], 4096)
+    pred = logits.argmax(1).cpu().numpy()
+    true = y["test"].cpu().numpy()
+    cm = confusion_matrix(true, pred, labels=list(range(len(classes))))
+    per_class = {c: float(cm[i, i] / max(1, cm[i].sum())) for i, c in enumerate(classes)}
+    save_confusion_png(cm, classes, run_dir / "images" / "confusion.png",
+                       f"{enc_cfg['model']['name']} z{enc_cfg['latent']} {cfg.head.name}: test acc {test_m['accuracy']:.3f}")
+    summary.update(status="completed", best_epoch=best_epoch, test_accuracy=test_m["accuracy"], test_loss=test_m["loss"],
+                   val_accuracy=best["val"]["accuracy"], final_test_accuracy=final_m["accuracy"],
+                   per_class_accuracy=per_class, confusion_matrix=cm.tolist(), classes=classes, end_time=time.time())
+    summary["wall_seconds"] = summary["end_time"] - summary["start_time"]
+    runs.write_json_atomic(run_dir / runs.SUMMARY, summary)
+    log.info("test accuracy %.4f (best epoch %d on val %.4f); final-epoch test accuracy %.4f",
+             test_m["accuracy"], best_epoch, best_acc, final_m["accuracy"])
+    return run_dir
