@@ -10,7 +10,7 @@ This module is imported by Hydra's plugin discovery on every start, so it must s
 no submitit import here.
 """
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import List, Optional
 
 from hydra.core.config_store import ConfigStore
@@ -77,6 +77,15 @@ class SlurmLauncherConf(SlurmQueueConf):
     max_num_timeout: int = 3
     # at most this many array tasks run at once (be fair to a shared cluster)
     array_parallelism: int = 64
+    # Lines run in the sbatch script before the job starts. torch's default thread count is the
+    # node's core count, not the job's allocation: on a shared node that oversubscribes the CPUs, so
+    # use the cpus_per_task SLURM gave us (1 if unset; bash arithmetic, no ${} to escape for Hydra).
+    setup: Optional[List[str]] = field(
+        default_factory=lambda: [
+            "export OMP_NUM_THREADS=$(( SLURM_CPUS_PER_TASK > 0 ? SLURM_CPUS_PER_TASK : 1 ))",
+            "export MKL_NUM_THREADS=$OMP_NUM_THREADS",
+        ]
+    )
 
 
 ConfigStore.instance().store(

@@ -1,0 +1,135 @@
+"""The local launcher (``hydra/launcher=local``, the default for ``-m``) with the real ``python -m
+embclf`` on a tiny real CIFAR-10 subset: one GPU per concurrent job, queueing, failure isolation,
+killed jobs, re-invoking a finished sweep.
+
+GPU assignment is tested on this CPU-only machine with ``hydra.launcher.gpus=[0,1]``: each job is
+started with its slot's CUDA_VISIBLE_DEVICES, finds no CUDA device behind it, falls back to CPU and
+records what it was given in its own summary.json.
+"""
+import json
+import os
+import signal
+import subprocess
+import time
+
+import pytest
+
+from slurm_fixture import (
+    assert_no_gpu_shared_while_overlapping,
+    embclf_cmd,
+    embclf_env,
+    overrides_of,
+    run_dirs,
+    run_embclf,
+    summary,
+    tiny_args,
+    REPO,
+)
+
+
+@pytest.fixture(scope="module")
+def gpu_sweep(tmp_path_factory):
+    """5 jobs on 2 (fake) GPUs with jobs_per_gpu=1: at most 2 run at a time, 3 wait in the queue."""
+    tmp = tmp_path_factory.mktemp("gpu_sweep")
+    sweep_dir = tmp / "sweep"
+    args = [*tiny_args(tmp), "seed=1,2,3,4,5", "hydra.launcher.gpus=[0,1]", f"hydra.sweep.dir={sweep_dir}"]
+    t0 = time.time()
+    proc = run_embclf(*args)
+    return {"proc": proc, "sweep_dir": sweep_dir, "args": args, "seconds": time.time() - t0}
+
+
+def test_one_gpu_per_concurrent_job(gpu_sweep):
+    proc, sweep_dir = gpu_sweep["proc"], gpu_sweep["sweep_dir"]
+    assert proc.returncode == 0, proc.stdout[-4000:]
+    dirs = run_dirs(sweep_dir)
+    assert len(dirs) == 5, [d.name for d in dirs]
+    records = [summary(d) for d in dirs]
+    assert sorted(r["seed"] for r in records) == [1, 2, 3, 4, 5]
+    for d, r in zip(dirs, records):
+        assert r["status"] == "completed", (d, r)
+        # the job saw exactly one GPU id, found no CUDA behind it and said so
+        assert r["cuda_visible_devices"] in ("0", "1"), r
+        assert r["device"] == "cpu" and r["device_fallback"] is True, r
+        assert "falling back to CPU" in (d / "embclf.log").read_text()
+    assert_no_gpu_shared_while_overlapping(records)
+    assert {r["cuda_visible_devices"] for r in records} == {"0", "1"}, "every GPU must be used"
+    # it really ran in parallel: some pair of jobs overlapped in time
+    assert any(
+        a["start_time"] < b["end_time"] and b["start_time"] < a["end_time"]
+        for i, a in enumerate(records) for b in records[i + 1:]
+    ), "no two jobs ran at the same time"
+    # one start and one end line per job, naming the GPU
+    out = proc.stdout
+    assert out.count("start #") == 5 and out.count("end   #") == 5, out[-3000:]
+    assert "CUDA_VISIBLE_DEVICES=0" in out and "CUDA_VISIBLE_DEVICES=1" in out
+    # each job keeps its own log and full overrides in its run dir (data.root has '/', the dir is flat)
+    for d in dirs:
+        assert d.parent == sweep_dir and (d / "embclf.log").is_file()
+        assert any(o.startswith("data.root=/") for o in overrides_of(d))
+
+
+def test_reinvoking_a_finished_sweep_skips_completed_jobs(gpu_sweep):
+    sweep_dir = gpu_sweep["sweep_dir"]
+    before = {d.name: summary(d) for d in run_dirs(sweep_dir)}
+    proc = run_embclf(*gpu_sweep["args"])
+    assert proc.returncode == 0, proc.stdout[-4000:]
+    assert proc.stdout.count("skip  #") == 5 and "start #" not in proc.stdout, proc.stdout[-3000:]
+    after = {d.name: summary(d) for d in run_dirs(sweep_dir)}
+    assert after == before  # nothing was retrained or rewritten
+
+
+def test_failed_jobs_are_isolated_recorded_and_all_named(tmp_path):
+    """Two jobs fail at run time (latent must be positive: the schema accepts the int, the stage
+    rejects it); the third completes; the command exits non-zero naming both failed overrides."""
+    sweep_dir = tmp_path / "sweep"
+    proc = run_embclf(
+        *tiny_args(tmp_path), "latent=0,8,-3", "hydra.launcher.gpus=[]", "hydra.launcher.max_parallel=2",
+        f"hydra.sweep.dir={sweep_dir}",
+    )
+    assert proc.returncode != 0, proc.stdout[-3000:]
+    out = proc.stdout
+    assert "2 of 3 sweep jobs failed" in out, out[-3000:]
+    tail = out[out.index("2 of 3 sweep jobs failed"):]
+    assert "latent=0" in tail and "latent=-3" in tail and "latent=8" not in tail, tail
+    by_latent = {}
+    for d in run_dirs(sweep_dir):
+        latent = [o for o in overrides_of(d) if o.startswith("latent=")][0]
+        by_latent[latent] = summary(d)
+    assert by_latent["latent=8"]["status"] == "completed"
+    for bad in ("latent=0", "latent=-3"):
+        assert by_latent[bad]["status"] == "failed" and "latent" in by_latent[bad]["error"], by_latent[bad]
+    # the table lists every job with its status
+    assert "completed" in out and out.count("failed") >= 2
+
+
+def test_killed_job_is_recorded_failed_and_the_others_complete(tmp_path):
+    """A job killed from outside (SIGKILL, as the OOM killer does) writes nothing itself; the launcher
+    records it failed in its run dir, the other job completes, the command exits non-zero."""
+    sweep_dir = tmp_path / "sweep"
+    args = [*tiny_args(tmp_path), "autoencode.epochs=1,30", "hydra.launcher.gpus=[]",
+            "hydra.launcher.max_parallel=2", f"hydra.sweep.dir={sweep_dir}"]
+    proc = subprocess.Popen(embclf_cmd(*args), cwd=REPO, env=embclf_env(), stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+    victim = None
+    deadline = time.time() + 120
+    try:
+        while time.time() < deadline and victim is None:
+            for d in sweep_dir.glob("*epochs=30*"):
+                s = d / "summary.json"
+                if s.is_file():
+                    rec = json.loads(s.read_text())
+                    if rec.get("status") == "running" and (d / "metrics.jsonl").is_file():
+                        victim = (d, rec["pid"])
+            time.sleep(0.2)
+        assert victim is not None, "the 30-epoch job never started training"
+        os.kill(victim[1], signal.SIGKILL)
+        out, _ = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode != 0, out[-3000:]
+    assert "1 of 2 sweep jobs failed" in out and "autoencode.epochs=30" in out, out[-3000:]
+    rec = summary(victim[0])
+    assert rec["status"] == "failed" and rec["error"], rec
+    done = [summary(d) for d in run_dirs(sweep_dir) if d != victim[0]]
+    assert [r["status"] for r in done] == ["completed"]
