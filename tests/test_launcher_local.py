@@ -102,34 +102,99 @@ def test_failed_jobs_are_isolated_recorded_and_all_named(tmp_path):
     assert "completed" in out and out.count("failed") >= 2
 
 
-def test_killed_job_is_recorded_failed_and_the_others_complete(tmp_path):
-    """A job killed from outside (SIGKILL, as the OOM killer does) writes nothing itself; the launcher
-    records it failed in its run dir, the other job completes, the command exits non-zero."""
-    sweep_dir = tmp_path / "sweep"
-    args = [*tiny_args(tmp_path), "autoencode.epochs=1,30", "hydra.launcher.gpus=[]",
-            "hydra.launcher.max_parallel=2", f"hydra.sweep.dir={sweep_dir}"]
-    proc = subprocess.Popen(embclf_cmd(*args), cwd=REPO, env=embclf_env(), stdout=subprocess.PIPE,
+def _start_sweep(args):
+    return subprocess.Popen(embclf_cmd(*args), cwd=REPO, env=embclf_env(), stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True)
-    victim = None
-    deadline = time.time() + 120
+
+
+def _wait_training(sweep_dir, pattern, n, proc, timeout=180):
+    """Wait until ``n`` job dirs matching ``pattern`` are training and have saved last.pt; returns
+    {run dir: summary}."""
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        found = {}
+        for d in sweep_dir.glob(pattern) if sweep_dir.is_dir() else []:
+            s = d / "summary.json"
+            if s.is_file() and (d / "checkpoints" / "last.pt").is_file():
+                rec = json.loads(s.read_text())
+                if rec.get("status") == "running":
+                    found[d] = rec
+        if len(found) >= n:
+            return found
+        assert proc.poll() is None, f"the sweep ended early: {proc.communicate()[0][-3000:]}"
+        time.sleep(0.2)
+    raise AssertionError(f"timed out waiting for {n} training jobs matching {pattern}")
+
+
+def _alive(pid):
     try:
-        while time.time() < deadline and victim is None:
-            for d in sweep_dir.glob("*epochs=30*"):
-                s = d / "summary.json"
-                if s.is_file():
-                    rec = json.loads(s.read_text())
-                    if rec.get("status") == "running" and (d / "metrics.jsonl").is_file():
-                        victim = (d, rec["pid"])
-            time.sleep(0.2)
-        assert victim is not None, "the 30-epoch job never started training"
-        os.kill(victim[1], signal.SIGKILL)
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    # a zombie is dead for our purpose
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().split(")")[-1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+def test_killed_job_is_recorded_failed_and_reinvoking_resumes_it(tmp_path):
+    """A worker killed from outside (SIGKILL, as the OOM killer does) writes nothing itself: the
+    launcher records it failed in its run dir, the other job completes, the command exits non-zero.
+    Re-invoking the same sweep into its sweep dir skips the completed job and resumes the killed one
+    from its last.pt."""
+    sweep_dir = tmp_path / "sweep"
+    epochs = 4
+    args = [*tiny_args(tmp_path), f"autoencode.epochs=1,{epochs}", "hydra.launcher.gpus=[]",
+            "hydra.launcher.max_parallel=2", f"hydra.sweep.dir={sweep_dir}"]
+    proc = _start_sweep(args)
+    try:
+        victim, rec = next(iter(_wait_training(sweep_dir, f"*epochs={epochs}*", 1, proc).items()))
+        os.kill(rec["pid"], signal.SIGKILL)
         out, _ = proc.communicate(timeout=120)
     finally:
         if proc.poll() is None:
             proc.kill()
     assert proc.returncode != 0, out[-3000:]
-    assert "1 of 2 sweep jobs failed" in out and "autoencode.epochs=30" in out, out[-3000:]
-    rec = summary(victim[0])
-    assert rec["status"] == "failed" and rec["error"], rec
-    done = [summary(d) for d in run_dirs(sweep_dir) if d != victim[0]]
-    assert [r["status"] for r in done] == ["completed"]
+    assert "1 of 2 sweep jobs failed" in out and f"autoencode.epochs={epochs}" in out, out[-3000:]
+    killed = summary(victim)
+    assert killed["status"] == "failed" and killed["error"], killed
+    other = [d for d in run_dirs(sweep_dir) if d != victim]
+    assert [summary(d)["status"] for d in other] == ["completed"]
+    other_before = summary(other[0])
+
+    again = run_embclf(*args)
+    assert again.returncode == 0, again.stdout[-4000:]
+    assert again.stdout.count("skip  #") == 1 and again.stdout.count("start #") == 1, again.stdout[-3000:]
+    assert summary(other[0]) == other_before  # the completed job was not touched
+    final = summary(victim)
+    assert final["status"] == "completed" and final["epochs"] == epochs, final
+    assert final.get("resumed_from_epoch", 0) >= 1, final
+    assert "resuming from" in (victim / "embclf.log").read_text()
+    assert run_dirs(sweep_dir) == sorted([victim, other[0]])  # same run dirs, no new ones
+
+
+def test_stopping_the_launcher_stops_its_jobs(tmp_path):
+    """SIGTERM (or Ctrl-C) to the launcher stops every running job -- no orphaned workers -- and
+    records them failed ("interrupted"), so a re-invoked sweep runs them again."""
+    sweep_dir = tmp_path / "sweep"
+    args = [*tiny_args(tmp_path), "autoencode.epochs=40", "seed=1,2,3", "hydra.launcher.gpus=[]",
+            "hydra.launcher.max_parallel=2", f"hydra.sweep.dir={sweep_dir}"]
+    proc = _start_sweep(args)
+    try:
+        running = _wait_training(sweep_dir, "*", 2, proc)
+        proc.send_signal(signal.SIGTERM)
+        out, _ = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode != 0
+    assert out.count("stopping #") == 2, out[-3000:]
+    for d, rec in running.items():
+        assert not _alive(rec["pid"]), f"job {d.name} (pid {rec['pid']}) still runs after the launcher stopped"
+        after = summary(d)
+        # the launcher's record, or the core's own when the worker's KeyboardInterrupt reached it first
+        assert after["status"] == "failed", after
+        assert "interrupted" in after["error"] or "KeyboardInterrupt" in after["error"], after
+    assert len(run_dirs(sweep_dir)) == 2  # the queued third job never started

@@ -14,6 +14,8 @@ hydra-submitit-launcher's ``__call__`` (Hydra's ``run_job``), exactly as it woul
 
 import logging
 import os
+import signal
+import threading
 import time
 from contextlib import contextmanager
 from pathlib import Path
@@ -23,7 +25,16 @@ from hydra.core.singleton import Singleton
 from hydra.core.utils import JobReturn
 from hydra_plugins.hydra_submitit_launcher.submitit_launcher import BaseSubmititLauncher
 
-from ._common import PlannedJob, is_completed, now, outcome_from_result, plan_jobs, report, skipped_return
+from ._common import (
+    PlannedJob,
+    is_completed,
+    now,
+    outcome_from_result,
+    plan_jobs,
+    record_failure,
+    report,
+    skipped_return,
+)
 
 log = logging.getLogger("embclf.launcher")
 
@@ -87,6 +98,57 @@ def _environ(values: Dict[str, str]) -> Iterator[None]:
                 os.environ.pop(k, None)
             else:
                 os.environ[k] = v
+
+
+def _children(pid: int) -> List[int]:
+    """Direct child pids of ``pid`` (Linux /proc; empty where unavailable)."""
+    try:
+        with open(f"/proc/{pid}/task/{pid}/children") as f:
+            return [int(x) for x in f.read().split()]
+    except (OSError, ValueError):
+        return []
+
+
+def _stop_workers(jobs: List[Any], grace_s: float = 3.0) -> None:
+    """Stop submitit local jobs: each controller process and the task process under it.
+
+    SIGTERM to the tasks first (the core's training loop saves ``last.pt`` on it, so a re-invoked
+    sweep resumes), SIGINT to the controllers (submitit's own cancel), then SIGKILL for whatever is
+    left after ``grace_s``: the controller forwards/ignores SIGTERM, and processes started from a
+    non-interactive shell in the background inherit SIGINT as ignored, so the polite signals alone
+    can leave orphans.  All jobs are signalled before waiting, so stopping N jobs takes one grace
+    period.  Never raises.
+    """
+    procs = []  # (submitit job, controller pid, task pids)
+    for sj in jobs:
+        try:
+            ctrl = int(sj.job_id)  # submitit names a local job after its controller's pid
+        except (TypeError, ValueError):
+            continue
+        procs.append((sj, ctrl, _children(ctrl)))
+    for sj, _, tasks in procs:
+        for pid in tasks:
+            try:
+                os.kill(pid, signal.SIGTERM)
+            except OSError:
+                pass
+        try:
+            sj.cancel(check=False)
+        except Exception:  # noqa: BLE001
+            pass
+    deadline = time.time() + grace_s
+    while time.time() < deadline and not all(sj.done() for sj, _, _ in procs):
+        time.sleep(0.1)
+    for sj, ctrl, tasks in procs:
+        for pid in tasks + ([] if sj.done() else [ctrl]):
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except OSError:
+                pass
+        try:
+            sj._process.wait(timeout=grace_s)  # reap the controller (no zombie left behind)
+        except Exception:  # noqa: BLE001
+            pass
 
 
 class LocalPoolLauncher(BaseSubmititLauncher):
@@ -195,6 +257,14 @@ class LocalPoolLauncher(BaseSubmititLauncher):
         free = list(range(len(slots)))
         running: Dict[int, Tuple[PlannedJob, Any]] = {}  # slot index -> (job, submitit job)
         poll = float(self.params.get("poll_interval_s", 0.25))
+        old_term = None
+        if threading.current_thread() is threading.main_thread():
+            # `kill <launcher>` (or a batch system stopping it) must stop the workers too, not orphan
+            # them: treat SIGTERM like Ctrl-C for the duration of the pool.
+            def _on_term(signum: int, frame: Any) -> None:
+                raise KeyboardInterrupt(f"launcher received signal {signum}")
+
+            old_term = signal.signal(signal.SIGTERM, _on_term)
         try:
             while pending or running:
                 while pending and free:
@@ -221,12 +291,16 @@ class LocalPoolLauncher(BaseSubmititLauncher):
                     )
                 if not finished:
                     time.sleep(poll)
-        except BaseException:
-            # Ctrl-C or a launcher bug: do not leave workers running behind the user's back.
-            for job, sj in running.values():
+        except BaseException as e:
+            # Ctrl-C, SIGTERM or a launcher bug: do not leave workers running behind the user's back.
+            for job, _ in running.values():
                 log.warning("stopping #%d %s", job.idx, job.label)
-                try:
-                    sj.cancel(check=False)
-                except Exception:  # noqa: BLE001
-                    pass
+            _stop_workers([sj for _, sj in running.values()])
+            for job, _ in running.values():
+                job.end, job.status = now(), "failed"
+                job.error = f"interrupted: the launcher stopped ({type(e).__name__}: {e})"
+                record_failure(job, job.error)
             raise
+        finally:
+            if old_term is not None:
+                signal.signal(signal.SIGTERM, old_term)
