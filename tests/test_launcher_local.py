@@ -198,3 +198,17 @@ def test_stopping_the_launcher_stops_its_jobs(tmp_path):
         assert after["status"] == "failed", after
         assert "interrupted" in after["error"] or "KeyboardInterrupt" in after["error"], after
     assert len(run_dirs(sweep_dir)) == 2  # the queued third job never started
+
+
+def test_two_sweeps_started_together_never_share_a_dir(tmp_path):
+    """Same command, same output_dir, same second: each invocation gets its own sweep dir (the
+    random token in the sweep dir name), so their run dirs cannot collide."""
+    args = [*tiny_args(tmp_path), "latent=8", "hydra.launcher.gpus=[]"]
+    procs = [_start_sweep(args) for _ in range(2)]
+    outs = [p.communicate(timeout=300)[0] for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], [o[-2000:] for o in outs]
+    sweeps = sorted(d for d in (tmp_path / "out").iterdir() if d.is_dir() and (d / "multirun.yaml").is_file())
+    assert len(sweeps) == 2, sweeps
+    for sweep in sweeps:
+        dirs = run_dirs(sweep)
+        assert len(dirs) == 1 and summary(dirs[0])["status"] == "completed"

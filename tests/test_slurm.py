@@ -29,9 +29,18 @@ from slurm_fixture import (  # noqa: F401  (slurm_cluster is a fixture)
 FIT_NODE = ["hydra/launcher=slurm", "hydra.launcher.cpus_per_task=1", "hydra.launcher.mem_gb=2"]
 
 
-def test_sweep_2x2_one_gpu_per_job(slurm_cluster, tmp_path):
-    sweep_dir = tmp_path / "sweep"
-    proc = run_embclf(*tiny_args(tmp_path), *FIT_NODE, "model=ae,vae", "latent=8,16", f"hydra.sweep.dir={sweep_dir}")
+@pytest.fixture(scope="module")
+def ae_sweep(slurm_cluster, tmp_path_factory):
+    """The 2x2 autoencode sweep, submitted once; its sweep dir is inside output_dir so that the
+    classify sweep below finds the encoders as it would on a cluster's shared filesystem."""
+    tmp = tmp_path_factory.mktemp("slurm_ae")
+    sweep_dir = tmp / "out" / "ae_sweep"
+    proc = run_embclf(*tiny_args(tmp), *FIT_NODE, "model=ae,vae", "latent=8,16", f"hydra.sweep.dir={sweep_dir}")
+    return {"tmp": tmp, "proc": proc, "sweep_dir": sweep_dir}
+
+
+def test_sweep_2x2_one_gpu_per_job(ae_sweep):
+    proc, sweep_dir = ae_sweep["proc"], ae_sweep["sweep_dir"]
     assert proc.returncode == 0, proc.stdout[-4000:]
     dirs = run_dirs(sweep_dir)
     assert len(dirs) == 4, [d.name for d in dirs]
@@ -47,7 +56,27 @@ def test_sweep_2x2_one_gpu_per_job(slurm_cluster, tmp_path):
     # submitit's folder (submission scripts, worker logs, result pickles) lives in the sweep dir
     logs = list((sweep_dir / ".submitit").rglob("*_log.out"))
     assert len(logs) == 4, logs
+    script = next((sweep_dir / ".submitit").rglob("*_submission.sh")).read_text()
+    assert "#SBATCH --gpus-per-node=1" in script and "#SBATCH --signal=USR2@120" in script, script
     assert "completed" in proc.stdout and "watch with: squeue" in proc.stdout
+
+
+def test_classify_sweep_finds_each_encoder(ae_sweep):
+    """A classify sweep on the cluster picks, for every job, the autoencode run of the same model and
+    latent from the shared output dir -- exactly as on one machine."""
+    assert ae_sweep["proc"].returncode == 0, "the autoencode sweep failed"
+    tmp, ae_dir = ae_sweep["tmp"], ae_sweep["sweep_dir"]
+    sweep_dir = tmp / "out" / "clf_sweep"
+    # two jobs, each of which must pick its own encoder among the four (by model and latent)
+    proc = run_embclf(*tiny_args(tmp), *FIT_NODE, "stage=classify", "classify.epochs=1", "model=ae,vae",
+                      "latent=16", f"hydra.sweep.dir={sweep_dir}")
+    assert proc.returncode == 0, proc.stdout[-4000:]
+    encoders = {(summary(d)["model"], summary(d)["latent"]): d.resolve() for d in run_dirs(ae_dir)}
+    records = [summary(d) for d in run_dirs(sweep_dir)]
+    assert len(records) == 2
+    for r in records:
+        assert r["status"] == "completed" and r["stage"] == "classify" and r["slurm_job_id"], r
+        assert r["encoder_run"] == str(encoders[(r["model"], r["latent"])]), r
 
 
 def _wait_for(predicate, timeout: float, what: str, proc=None):
@@ -70,56 +99,60 @@ def _train_epochs(run_dir):
     return [m["epoch"] for m in lines if m.get("split") == "train"]
 
 
-@pytest.mark.parametrize("how", ["scontrol-requeue", "usr2-preempt"])
-def test_requeued_job_resumes_from_last_checkpoint(slurm_cluster, tmp_path, how):
-    """Interrupt a job mid-training and check that it resumes in the same run dir from last.pt and
-    completes with the configured number of epochs.
+def test_requeued_jobs_resume_from_last_checkpoint(slurm_cluster, tmp_path):
+    """Interrupt both jobs of a 2-job array mid-training, in the two ways SLURM does it, and check
+    that each resumes in the same run dir from its last.pt and completes with the configured epochs.
 
-    * ``scontrol-requeue``: SLURM sends SIGTERM (the training loop saves last.pt, submitit ignores
-      it), kills the job after KillWait and queues it again.
-    * ``usr2-preempt``: the signal SLURM sends ``signal_delay_s`` before a time limit (or a preemption
-      notice): the training loop saves last.pt and hands on to submitit's handler, which calls the
-      launcher's ``checkpoint()`` and requeues the job itself (``scontrol requeue``).
+    * ``latent=8`` -- ``scontrol requeue``: SLURM sends SIGTERM (the training loop saves last.pt;
+      submitit ignores SIGTERM), kills the job after KillWait and queues it again.
+    * ``latent=16`` -- USR2, what SLURM sends ``signal_delay_s`` before a time limit (and on
+      preemption): the training loop saves last.pt and hands on to submitit's handler, which calls
+      the launcher's ``checkpoint()`` and requeues the job itself.
     """
-    epochs = 8
+    epochs = 6
     sweep_dir = tmp_path / "sweep"
-    args = [*tiny_args(tmp_path, epochs=epochs), *FIT_NODE, "latent=8", f"hydra.sweep.dir={sweep_dir}"]
+    args = [*tiny_args(tmp_path, epochs=epochs), *FIT_NODE, "latent=8,16", f"hydra.sweep.dir={sweep_dir}"]
     proc = subprocess.Popen(embclf_cmd(*args), cwd=REPO, env=embclf_env(), stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True)
+    how = {8: "scontrol-requeue", 16: "usr2"}
     try:
-        run_dir = _wait_for(lambda: (run_dirs(sweep_dir) or [None])[0] if sweep_dir.is_dir() else None,
-                            120, "the job dir", proc)
-        _wait_for(lambda: len(_train_epochs(run_dir)) >= 2, 180, "two trained epochs", proc)
-        first = summary(run_dir)
-        assert first["status"] == "running" and len(_train_epochs(run_dir)) < epochs, first
-        job_id = str(first["slurm_job_id"])
-        if how == "scontrol-requeue":
-            slurm("scontrol", "requeue", job_id)
-        else:
-            slurm("scancel", "--signal=USR2", job_id)
-        # SLURM holds a requeued job back (BeginTime = now + ~2 min); release it so the test is quick
-        _wait_for(lambda: "PENDING" in slurm("squeue", "-h", "-j", job_id, "-o", "%T", check=False),
-                  60, "the job to be requeued (PENDING)", proc)
-        slurm("scontrol", "update", f"jobid={job_id}", "StartTime=now")
+        dirs = _wait_for(lambda: len(run_dirs(sweep_dir)) == 2 and run_dirs(sweep_dir) if sweep_dir.is_dir() else None,
+                         120, "the job dirs", proc)
+        _wait_for(lambda: all(len(_train_epochs(d)) >= 2 for d in dirs), 180, "two trained epochs in each job", proc)
+        first = {summary(d)["latent"]: (d, summary(d)) for d in dirs}
+        for latent, (d, rec) in first.items():
+            assert rec["status"] == "running" and len(_train_epochs(d)) < epochs, rec
+            job_id = str(rec["slurm_job_id"])
+            if how[latent] == "scontrol-requeue":
+                slurm("scontrol", "requeue", job_id)
+            else:
+                slurm("scancel", "--signal=USR2", job_id)
+        for latent, (d, rec) in first.items():
+            job_id = str(rec["slurm_job_id"])
+            # SLURM holds a requeued job back (BeginTime = now + ~2 min); release it so the test is quick
+            _wait_for(lambda: "PENDING" in slurm("squeue", "-h", "-j", job_id, "-o", "%T", check=False),
+                      60, f"job {job_id} to be requeued (PENDING)", proc)
+            slurm("scontrol", "update", f"jobid={job_id}", "StartTime=now")
         out, _ = proc.communicate(timeout=240)
     finally:
         if proc.poll() is None:
             proc.kill()
     assert proc.returncode == 0, out[-4000:]
-    assert run_dirs(sweep_dir) == [run_dir]  # the same run dir, no second one
-    final = summary(run_dir)
-    assert final["status"] == "completed" and final["epochs"] == epochs, final
-    assert final["slurm_job_id"] == first["slurm_job_id"] and final["pid"] != first["pid"], (first, final)
-    resumed = final.get("resumed_from_epoch")
-    assert resumed is not None and 1 <= resumed < epochs, final
-    # every epoch trained exactly once in the record: the ones after the checkpoint were redone
-    assert _train_epochs(run_dir) == list(range(1, epochs + 1))
-    log = (run_dir / "embclf.log").read_text()
-    assert "saving checkpoint" in log and "resuming from" in log, log[-3000:]
-    if how == "usr2-preempt":
-        assert "Caught signal SIGUSR2" in log, log[-3000:]
-    states = slurm("sacct", "-j", job_id, "-D", "-X", "-n", "-P", "-o", "State")
-    assert "REQUEUED" in states and "COMPLETED" in states, states
+    assert run_dirs(sweep_dir) == sorted(d for d, _ in first.values())  # the same run dirs, no new ones
+    for latent, (run_dir, rec) in first.items():
+        final = summary(run_dir)
+        assert final["status"] == "completed" and final["epochs"] == epochs, final
+        assert final["slurm_job_id"] == rec["slurm_job_id"] and final["pid"] != rec["pid"], (rec, final)
+        resumed = final.get("resumed_from_epoch")
+        assert resumed is not None and 1 <= resumed < epochs, final
+        # every epoch trained exactly once in the record: the ones after the checkpoint were redone
+        assert _train_epochs(run_dir) == list(range(1, epochs + 1))
+        log = (run_dir / "embclf.log").read_text()
+        assert "saving checkpoint" in log and "resuming from" in log, log[-3000:]
+        if how[latent] == "usr2":
+            assert "Caught signal SIGUSR2" in log, log[-3000:]
+        states = slurm("sacct", "-j", str(rec["slurm_job_id"]), "-D", "-X", "-n", "-P", "-o", "State")
+        assert "REQUEUED" in states and "COMPLETED" in states, states
 
 
 def test_failed_job_is_reported_and_the_others_complete(slurm_cluster, tmp_path):
