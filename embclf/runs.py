@@ -219,9 +219,10 @@ class CheckpointOnSignal:
         old = self.old.get(signum)
         if callable(old):
             old(signum, frame)
-        elif old == signal.SIG_DFL:
-            signal.signal(signum, signal.SIG_DFL)
-            os.kill(os.getpid(), signum)
+        elif old in (signal.SIG_DFL, None):
+            # the default action would kill us without a word: exit through Python instead, so the
+            # stage's error path records status "failed" (resumable) before the process ends
+            raise SystemExit(128 + signum)
 
     def __enter__(self):
         for s in self.SIGNALS:
