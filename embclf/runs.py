@@ -95,8 +95,9 @@ def read_metrics(run_dir: Path) -> List[dict]:
 
 
 def truncate_metrics(run_dir: Path, after_epoch: int) -> None:
-    """Drop records of epochs > ``after_epoch`` (written after the checkpoint a resume starts from)."""
-    keep = [r for r in read_metrics(run_dir) if int(r.get("epoch", 0)) <= after_epoch]
+    """Drop records of epochs > ``after_epoch`` (written after the checkpoint a resume starts from) and
+    test records (recomputed at the end of every attempt)."""
+    keep = [r for r in read_metrics(run_dir) if int(r.get("epoch", 0)) <= after_epoch and r.get("split") != "test"]
     _atomic(Path(run_dir) / METRICS, lambda t: t.write_text("".join(json.dumps(r) + "\n" for r in keep)))
 
 

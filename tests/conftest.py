@@ -20,6 +20,10 @@ TINY = ["data=folder", f"data.root={CIFAR}", "data.train_size=1000", "data.test_
         "autoencode.epochs=2", "autoencode.batch_size=50", "autoencode.image_epochs=[1]",
         "classify.epochs=30"]
 
+# Smaller still, for tests that check mechanics (layout, resume), not accuracy.
+MINI = ["data=folder", f"data.root={CIFAR}", "data.train_size=300", "data.test_size=100",
+        "autoencode.batch_size=50", "autoencode.image_epochs=[1]", "classify.epochs=3"]
+
 
 def embclf_env(tmp: Path) -> dict:
     """Environment for subprocess runs: offline wandb, caches inside the test's tmp dir."""

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import TINY, embclf_env, run_embclf
+from conftest import MINI, TINY, embclf_env, run_embclf
 
 AE_KEYS = {"status", "stage", "model", "latent", "seed", "epochs", "wall_seconds", "device", "test_mse",
            "test_psnr", "final_test_mse", "final_test_psnr", "best_epoch", "start_time", "end_time"}
@@ -64,21 +64,21 @@ def test_sweep_classify_uses_matching_encoders(tiny_sweep):
 
 def test_stage_all_writes_both_run_dirs(tmp_path, cifar_root):
     out = tmp_path / "o"
-    run_embclf(["stage=all", "model=vae", "latent=8", *TINY, f"output_dir={out}", "classify.epochs=3"], tmp_path)
+    run_embclf(["stage=all", "model=vae", "latent=8", *MINI, "autoencode.epochs=1", f"output_dir={out}"], tmp_path)
     (job,) = list(out.iterdir())
     ae, clf = json.loads((job / "autoencode/summary.json").read_text()), json.loads((job / "classify/summary.json").read_text())
     assert ae["status"] == clf["status"] == "completed" and ae["stage"] == "autoencode" and clf["stage"] == "classify"
     assert Path(clf["encoder_run"]) == (job / "autoencode").resolve()
     assert (job / "classify/.hydra/overrides.yaml").is_file() and (job / "autoencode/checkpoints/best.pt").is_file()
     # the lookup treats it like a separately run autoencode stage
-    proc = run_embclf(["stage=classify", "model=vae", "latent=8", *TINY, f"output_dir={out}", "classify.epochs=2"], tmp_path)
+    run_embclf(["stage=classify", "model=vae", "latent=8", *MINI, "autoencode.epochs=1", f"output_dir={out}"], tmp_path)
     new = [p for p in out.iterdir() if p != job]
     assert json.loads((new[0] / "summary.json").read_text())["encoder_run"] == str((job / "autoencode").resolve())
 
 
 def test_classify_without_encoder_fails_clearly(tmp_path, cifar_root):
     out = tmp_path / "o"
-    proc = run_embclf(["stage=classify", "model=vae", "latent=24", *TINY, f"output_dir={out}"], tmp_path, check=False)
+    proc = run_embclf(["stage=classify", "model=vae", "latent=24", *MINI, f"output_dir={out}"], tmp_path, check=False)
     assert proc.returncode == 2
     err = proc.stderr
     assert "found no completed autoencode run" in err and "latent=24" in err and "stage=autoencode" in err
@@ -88,7 +88,7 @@ def test_classify_without_encoder_fails_clearly(tmp_path, cifar_root):
 
 def test_resume_after_sigterm_and_skip_completed(tmp_path, cifar_root):
     run_dir = tmp_path / "run"
-    args = ["model=ae", "latent=8", *TINY, "autoencode.epochs=3", f"hydra.run.dir={run_dir}"]
+    args = ["model=ae", "latent=8", *MINI, "autoencode.epochs=6", f"hydra.run.dir={run_dir}"]
     proc = subprocess.Popen([sys.executable, "-m", "embclf", *args], cwd=tmp_path, env=embclf_env(tmp_path),
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     metrics = run_dir / "metrics.jsonl"
@@ -100,12 +100,12 @@ def test_resume_after_sigterm_and_skip_completed(tmp_path, cifar_root):
     s = json.loads((run_dir / "summary.json").read_text())
     assert s["status"] == "failed" and (run_dir / "checkpoints/last.pt").is_file()
     done = torch.load(run_dir / "checkpoints/last.pt", weights_only=False)["state"]["epoch"]
-    assert 1 <= done < 3
+    assert 1 <= done < 6
     run_embclf(args, tmp_path)  # same command, same run dir: resumes
     s = json.loads((run_dir / "summary.json").read_text())
     assert s["status"] == "completed" and s["resumed_from_epoch"] == done
     recs = [json.loads(l) for l in metrics.read_text().splitlines()]
-    assert [r["epoch"] for r in recs if r["split"] == "train"] == [1, 2, 3]  # each epoch once
+    assert [r["epoch"] for r in recs if r["split"] == "train"] == [1, 2, 3, 4, 5, 6]  # each epoch once
     before = metrics.read_text()
     proc = run_embclf(args, tmp_path)  # completed: nothing retrained
     assert "already completed" in proc.stderr + proc.stdout and metrics.read_text() == before
