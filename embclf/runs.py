@@ -95,8 +95,9 @@ def read_metrics(run_dir: Path) -> List[dict]:
 
 
 def truncate_metrics(run_dir: Path, after_epoch: int) -> None:
-    """Drop records of epochs > ``after_epoch`` (written after the checkpoint a resume starts from)."""
-    keep = [r for r in read_metrics(run_dir) if int(r.get("epoch", 0)) <= after_epoch]
+    """Drop records of epochs > ``after_epoch`` (written after the checkpoint a resume starts from) and
+    test records (recomputed at the end of every attempt)."""
+    keep = [r for r in read_metrics(run_dir) if int(r.get("epoch", 0)) <= after_epoch and r.get("split") != "test"]
     _atomic(Path(run_dir) / METRICS, lambda t: t.write_text("".join(json.dumps(r) + "\n" for r in keep)))
 
 
@@ -219,9 +220,10 @@ class CheckpointOnSignal:
         old = self.old.get(signum)
         if callable(old):
             old(signum, frame)
-        elif old == signal.SIG_DFL:
-            signal.signal(signum, signal.SIG_DFL)
-            os.kill(os.getpid(), signum)
+        elif old in (signal.SIG_DFL, None):
+            # the default action would kill us without a word: exit through Python instead, so the
+            # stage's error path records status "failed" (resumable) before the process ends
+            raise SystemExit(128 + signum)
 
     def __enter__(self):
         for s in self.SIGNALS:

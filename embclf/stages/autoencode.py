@@ -190,17 +190,18 @@ def run(cfg, run_dir: Path, overrides: List[str]) -> Path:
             if epoch in image_epochs:
                 save_images(model, test, device, run_dir, epoch)
 
-    final = evaluate(model, test, device, int(ac.eval_batch_size), beta)
-    runs.append_metrics(run_dir, {"epoch": int(ac.epochs), "split": "test", **final})
-    best_ck = torch.load(ckpt_dir / "best.pt", map_location=device, weights_only=False)
-    model.load_state_dict(best_ck["model"])
-    best = evaluate(model, test, device, int(ac.eval_batch_size), beta)
-    summary.update({f"test_{k}": v for k, v in best.items()})
-    summary.update({f"final_test_{k}": v for k, v in final.items()})
-    summary.update({f"val_{k}": v for k, v in best_ck["val"].items()})
-    summary.update(status="completed", best_epoch=state["best_epoch"], end_time=time.time())
-    summary["wall_seconds"] = summary["end_time"] - summary["start_time"]
-    runs.write_json_atomic(run_dir / runs.SUMMARY, summary)
-    log.info("test (best epoch %d): mse %.5f psnr %.2f dB%s", state["best_epoch"], best["mse"], best["psnr"],
-             f" kl {best['kl']:.2f} active units {best['active_units']}" if "kl" in best else "")
+        # still inside the handler: a signal during the test evaluation must not leave "running" behind
+        final = evaluate(model, test, device, int(ac.eval_batch_size), beta)
+        runs.append_metrics(run_dir, {"epoch": int(ac.epochs), "split": "test", **final})
+        best_ck = torch.load(ckpt_dir / "best.pt", map_location=device, weights_only=False)
+        model.load_state_dict(best_ck["model"])
+        best = evaluate(model, test, device, int(ac.eval_batch_size), beta)
+        summary.update({f"test_{k}": v for k, v in best.items()})
+        summary.update({f"final_test_{k}": v for k, v in final.items()})
+        summary.update({f"val_{k}": v for k, v in best_ck["val"].items()})
+        summary.update(status="completed", best_epoch=state["best_epoch"], end_time=time.time())
+        summary["wall_seconds"] = summary["end_time"] - summary["start_time"]
+        runs.write_json_atomic(run_dir / runs.SUMMARY, summary)
+        log.info("test (best epoch %d): mse %.5f psnr %.2f dB%s", state["best_epoch"], best["mse"], best["psnr"],
+                 f" kl {best['kl']:.2f} active units {best['active_units']}" if "kl" in best else "")
     return run_dir
