@@ -123,6 +123,18 @@ def read_config(run_dir: Path) -> Optional[dict]:
     return OmegaConf.to_container(OmegaConf.load(p))
 
 
+def slurm_job_id() -> Optional[str]:
+    """This process's SLURM job id as squeue/scontrol/sacct read it unambiguously, or None outside SLURM.
+
+    An array task is named ``<array id>_<task id>``: its own ``SLURM_JOB_ID`` equals the array's id for
+    task 0, and ``scontrol requeue <that id>`` or ``scancel`` would then act on the whole array.
+    """
+    array, task = os.environ.get("SLURM_ARRAY_JOB_ID"), os.environ.get("SLURM_ARRAY_TASK_ID")
+    if array and task:
+        return f"{array}_{task}"
+    return os.environ.get("SLURM_JOB_ID")
+
+
 def base_summary(cfg: DictConfig, stage: str, overrides: List[str]) -> Dict[str, Any]:
     """Fields every ``summary.json`` carries, filled at the start of a run (status "running")."""
     return {
@@ -136,7 +148,7 @@ def base_summary(cfg: DictConfig, stage: str, overrides: List[str]) -> Dict[str,
         "overrides": list(overrides),
         "hostname": socket.gethostname(),
         "pid": os.getpid(),
-        "slurm_job_id": os.environ.get("SLURM_JOB_ID"),
+        "slurm_job_id": slurm_job_id(),
         "cuda_visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES"),
         "start_time": time.time(),
     }
