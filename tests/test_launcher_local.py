@@ -212,3 +212,13 @@ def test_two_sweeps_started_together_never_share_a_dir(tmp_path):
     for sweep in sweeps:
         dirs = run_dirs(sweep)
         assert len(dirs) == 1 and summary(dirs[0])["status"] == "completed"
+
+
+def test_invalid_job_config_fails_before_any_job_starts(tmp_path):
+    sweep_dir = tmp_path / "sweep"
+    proc = run_embclf(*tiny_args(tmp_path), "latent=8,abc", "model=ae,nope", f"hydra.sweep.dir={sweep_dir}")
+    assert proc.returncode != 0
+    out = proc.stdout
+    assert "3 of 4 sweep jobs have an invalid config, so nothing was started" in out, out[-3000:]
+    assert "latent=abc" in out and "model=nope" in out and "start #" not in out
+    assert not (sweep_dir / ".submitit").exists()

@@ -168,3 +168,15 @@ def test_failed_job_is_reported_and_the_others_complete(slurm_cluster, tmp_path)
     by_latent = {[o for o in overrides_of(d) if o.startswith("latent=")][0]: summary(d) for d in run_dirs(sweep_dir)}
     assert by_latent["latent=8"]["status"] == "completed"
     assert by_latent["latent=0"]["status"] == "failed" and "latent" in by_latent["latent=0"]["error"]
+
+
+def test_invalid_job_config_fails_before_anything_is_submitted(slurm_cluster, tmp_path):
+    """One bad value among the sweep's jobs stops the whole sweep before submission, naming it."""
+    before = slurm("sacct", "-X", "-n", "-P", "-o", "JobID", "-S", "now-1hour")
+    sweep_dir = tmp_path / "sweep"
+    proc = run_embclf(*tiny_args(tmp_path), *FIT_NODE, "latent=8,abc,16", f"hydra.sweep.dir={sweep_dir}", timeout=120)
+    assert proc.returncode != 0
+    assert "1 of 3 sweep jobs have an invalid config, so nothing was started" in proc.stdout, proc.stdout[-3000:]
+    assert "latent=abc" in proc.stdout and "latent" in proc.stdout
+    assert not (sweep_dir / ".submitit").exists()
+    assert slurm("sacct", "-X", "-n", "-P", "-o", "JobID", "-S", "now-1hour") == before  # nothing submitted

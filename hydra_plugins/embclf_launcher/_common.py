@@ -157,7 +157,8 @@ def is_completed(job: PlannedJob) -> bool:
     if not previous.is_file():
         return False
     try:
-        if list(OmegaConf.load(previous)) != list(job.overrides):
+        # same overrides in any order (the run dir name sorts them too)
+        if sorted(OmegaConf.load(previous)) != sorted(job.overrides):
             return False
     except Exception:  # noqa: BLE001 -- unreadable: treat as not completed and run the job
         return False
@@ -250,8 +251,9 @@ def report(jobs: Sequence[PlannedJob], sweep_dir: Any, what: str) -> None:
     """
     rows = [("#", "overrides", "status", "time", "run dir")]
     for job in jobs:
-        rows.append((str(job.idx), job.label, job.status, _fmt_seconds(job.seconds), str(job.run_dir)))
-    widths = [min(max(len(r[i]) for r in rows), 60) for i in range(4)]
+        label = job.label if len(job.label) <= 70 else job.label[:67] + "..."  # full: run dir's .hydra/
+        rows.append((str(job.idx), label, job.status, _fmt_seconds(job.seconds), str(job.run_dir)))
+    widths = [max(len(r[i]) for r in rows) for i in range(4)]
     lines = ["  ".join(c.ljust(w) for c, w in zip(r[:4], widths)) + "  " + r[4] for r in rows]
     log.info("%s sweep finished (%s):\n%s", what, sweep_dir, "\n".join(lines))
     failed = [j for j in jobs if j.status == "failed"]

@@ -268,7 +268,10 @@ class LocalPoolLauncher(BaseSubmititLauncher):
         try:
             while pending or running:
                 while pending and free:
-                    slot = free.pop(0)
+                    # the free slot on the least busy GPU (jobs_per_gpu > 1: fill GPUs evenly)
+                    busy = [slots[s] for s in running]
+                    slot = min(free, key=lambda s: (busy.count(slots[s]) if slots[s] is not None else 0, s))
+                    free.remove(slot)
                     job = pending.pop(0)
                     gpu = slots[slot]
                     job.device = (
