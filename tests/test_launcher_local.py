@@ -215,10 +215,15 @@ def test_two_sweeps_started_together_never_share_a_dir(tmp_path):
 
 
 def test_invalid_job_config_fails_before_any_job_starts(tmp_path):
+    """Hydra's sweeper checks that each job composes (stopping at the first); the launcher also
+    resolves every job's whole config and names every bad job before starting any. Here two of
+    three jobs interpolate an environment variable that is not set."""
     sweep_dir = tmp_path / "sweep"
-    proc = run_embclf(*tiny_args(tmp_path), "latent=8,abc", "model=ae,nope", f"hydra.sweep.dir={sweep_dir}")
+    proc = run_embclf(*tiny_args(tmp_path),
+                      "classify.encoder=${oc.env:EMBCLF_TEST_UNSET_A},null,${oc.env:EMBCLF_TEST_UNSET_B}",
+                      f"hydra.sweep.dir={sweep_dir}")
     assert proc.returncode != 0
     out = proc.stdout
-    assert "3 of 4 sweep jobs have an invalid config, so nothing was started" in out, out[-3000:]
-    assert "latent=abc" in out and "model=nope" in out and "start #" not in out
+    assert "2 of 3 sweep jobs have an invalid config, so nothing was started" in out, out[-3000:]
+    assert "EMBCLF_TEST_UNSET_A" in out and "EMBCLF_TEST_UNSET_B" in out and "start #" not in out
     assert not (sweep_dir / ".submitit").exists()
