@@ -5,7 +5,7 @@ unknown key fails at composition time with an error naming the key (e.g. ``laten
 "Value 'abc' of type 'str' could not be converted to Integer ... full_key: latent").
 
 One group per module: ``data`` -> ``embclf/data.py``, ``model`` -> ``embclf/models/``, ``head`` ->
-``embclf/heads.py``, ``stage`` -> ``embclf/stages/``. Nothing else lives here.
+``embclf/heads.py``, ``stage`` -> ``embclf/stages/``, ``logger`` -> ``embclf/tracking.py``. Nothing else lives here.
 """
 from __future__ import annotations
 
@@ -123,6 +123,38 @@ class ClassifyConfig:
     encoder: Optional[str] = None  # null = find the matching autoencode run; else run dir or .pt path
 
 
+class WandbMode(Enum):
+    """``logger.wandb.mode``. ``auto``: ``WANDB_MODE`` if set, else online when logged in (``WANDB_API_KEY`` or a
+    netrc entry) and the server answers within 2 s, else offline. It never prompts and never waits on a time-out."""
+
+    auto = "auto"
+    online = "online"
+    offline = "offline"
+    disabled = "disabled"
+
+
+@dataclass
+class WandbConfig:
+    """``logger.wandb``: one wandb run per stage run, its files inside the run dir (``<run dir>/wandb``)."""
+
+    mode: WandbMode = WandbMode.auto
+    project: str = "embclf"
+    entity: Optional[str] = None  # null = the logged-in user's default entity
+    tags: List[str] = field(default_factory=list)  # added to the automatic model/latent/data tags
+    table_rows: int = 2000  # test embeddings logged as a wandb.Table at the end of classify (0 = none)
+
+
+@dataclass
+class LoggerConfig:
+    """``logger`` group: ``wandb`` (default) or ``none`` (never imports wandb). Local artifacts are always written."""
+
+    name: str = "wandb"
+    wandb: WandbConfig = field(default_factory=WandbConfig)
+    # 2-D scatter plots of the test embeddings written by classify (images/<name>.png); umap needs umap-learn
+    projections: List[str] = field(default_factory=lambda: ["pca", "tsne", "umap"])
+    projection_points: int = 1000  # random test subset projected (t-SNE/UMAP cost grows with it)
+
+
 @dataclass
 class Config:
     """Top-level config. Key names are an interface: scripts and docs depend on them."""
@@ -139,6 +171,7 @@ class Config:
     head: HeadConfig = field(default_factory=HeadConfig)
     autoencode: AutoencodeConfig = field(default_factory=AutoencodeConfig)
     classify: ClassifyConfig = field(default_factory=ClassifyConfig)
+    logger: LoggerConfig = field(default_factory=LoggerConfig)
 
 
 MAX_NAME = 120
