@@ -213,13 +213,14 @@ def _group(run_dir: Path) -> str:
     return Path(run_dir).resolve().parent.name
 
 
-def run_name(cfg) -> str:
-    """Short run name from the config, e.g. ``vae-z64-s0``."""
-    return f"{cfg.model.name}-z{int(cfg.latent)}-s{int(cfg.seed)}"
-
-
-def start(cfg, run_dir: Path, stage: str) -> Tracker:
+def start(cfg, run_dir: Path, stage: str, encoder_cfg: Optional[dict] = None) -> Tracker:
     """Open the wandb run of this stage run (or a no-op tracker; see module docstring).
+
+    The run is named ``<model>-z<latent>-s<seed>`` (e.g. ``vae-z64-s0``), grouped by sweep, typed by stage and
+    tagged ``model=``, ``latent=``, ``data=``; its config is the resolved config as plain values. A classify
+    run passes its encoder's resolved config as ``encoder_cfg``: the model and latent it really ran on (which
+    ``classify.encoder=PATH`` may make differ from its own ``model``/``latent`` keys) then name, tag and
+    configure the run, so filtering runs by ``latent`` finds the classifier too.
 
     If wandb.init itself fails (bad credentials, an unwritable dir) the job goes on without wandb after a
     one-line warning: tracking is never a reason to lose a training run.
@@ -238,13 +239,16 @@ def start(cfg, run_dir: Path, stage: str) -> Tracker:
     finish_active(0)  # a previous job in this process that forgot to finish: close it, never reuse it
     import wandb
 
-    data = getattr(cfg.data.source, "value", cfg.data.source)
+    config = runs.resolved(cfg)
+    if encoder_cfg is not None:
+        config.update(model=encoder_cfg["model"], latent=encoder_cfg["latent"])
+    model, latent, data = config["model"]["name"], int(config["latent"]), config["data"]["source"]
     try:
         run = wandb.init(
             mode=mode, dir=str(run_dir), project=lc.wandb.project, entity=lc.wandb.entity,
-            group=_group(run_dir), job_type=stage, name=run_name(cfg),
-            tags=[f"model={cfg.model.name}", f"latent={int(cfg.latent)}", f"data={data}", *lc.wandb.tags],
-            config=runs.resolved(cfg), reinit="finish_previous",
+            group=_group(run_dir), job_type=stage, name=f"{model}-z{latent}-s{int(cfg.seed)}",
+            tags=[f"model={model}", f"latent={latent}", f"data={data}", *lc.wandb.tags],
+            config=config, reinit="finish_previous",
             # silent: the one line below says what matters; wandb's banner would repeat per job in a sweep
             settings=wandb.Settings(silent=True, init_timeout=60),
         )

@@ -136,7 +136,7 @@ def run(cfg, run_dir: Path, overrides: List[str], encoder: Optional[Path] = None
     emb_path = run_dir / "embeddings.pt"
     summary["data_fingerprint"] = ds.fingerprint
     runs.write_json_atomic(run_dir / runs.SUMMARY, summary)  # a failure from here on keeps the encoder and provenance
-    tracker = tracking.start(cfg, run_dir, "classify")  # wandb (or nothing); closed by finish below
+    tracker = tracking.start(cfg, run_dir, "classify", encoder_cfg=enc_cfg)  # wandb (or nothing); closed by finish below
     if emb_path.is_file():  # computed once per run dir; a resumed job reuses them
         emb = torch.load(emb_path, weights_only=False)
     else:
