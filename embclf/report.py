@@ -143,7 +143,7 @@ def _join(base: dict, cd: Optional[Path], cs: Optional[dict], joined_stage: str 
     ep = f"{_epochs_done(cd)}/{cs.get('epochs', '?')}"
     row["epochs"] = f"{row['epochs']} + {ep}" if row.get("epochs") else ep
     if row["status"] == "completed" and cst != "completed":
-        row["status"] = f"{cst} (classify)"
+        row["status"] = cst if joined_stage == "classify" else f"{cst} (classify)"
         row["error"] = cs.get("error")
     elif row["status"] != "completed":
         row["status"] = f"{row['status']} (autoencode)"

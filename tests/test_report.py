@@ -10,7 +10,7 @@ import pytest
 from conftest import REPO
 from tracking_fixtures import failing_sweep  # noqa: F401 (session fixture)
 
-from embclf import report
+from embclf import report, runs
 
 FIGURES = ["val_psnr.png", "val_mse.png", "val_accuracy.png", "ce.png", "vs_latent.png", "prior_samples.png"]
 
@@ -21,7 +21,8 @@ def test_report_over_outputs_joins_classify_to_its_encoder(tiny_sweep, tmp_path)
     assert [r["label"] for r in rows] == ["ae-z8", "ae-z16", "vae-z8", "vae-z16"]
     for r in rows:
         assert r["stage"] == "autoencode+classify" and r["status"] == "completed" and r["seed"] == 0
-        assert r["epochs"] == "2/2 + 15/15"
+        ae_epochs, clf_epochs = (runs.read_summary(r[k])["epochs"] for k in ("run_dir", "classify_dir"))
+        assert r["epochs"] == f"{ae_epochs}/{ae_epochs} + {clf_epochs}/{clf_epochs}"
         assert 5 < r["test_psnr"] < 40 and 0 < r["test_mse"] < 0.2 and 0 < r["test_accuracy"] <= 1
         assert 0 < r["val_accuracy"] <= 1 and r["wall_seconds"] > 0
         assert (r["test_kl"] is not None) == (r["active_units"] is not None) == (r["model"] == "vae")
@@ -38,8 +39,8 @@ def test_report_over_outputs_joins_classify_to_its_encoder(tiny_sweep, tmp_path)
 
 def test_report_cli_prints_the_table(tiny_sweep, tmp_path):
     # only the autoencode sweep: its rows have no classifier, so the accuracy columns are left out
-    ae_sweep = next(p for p in tiny_sweep["out"].iterdir() if any(p.glob("*/checkpoints/last.pt")) and
-                    any("autoencode" in q.read_text() for q in p.glob("*/summary.json")))
+    ae_sweep = next(p.parent.parent for p in tiny_sweep["out"].glob("*/*/summary.json")
+                    if runs.read_summary(p.parent)["stage"] == "autoencode")
     out = subprocess.run([sys.executable, "-m", "embclf.report", str(ae_sweep), "--out", str(tmp_path), "--no-figures"],
                          cwd=REPO, capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr[-3000:]

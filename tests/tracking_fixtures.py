@@ -18,9 +18,18 @@ from conftest import TINY, embclf_env
 SECRET = "embclf-test-secret-" + "0123456789abcdef" * 2  # shaped like a real 40-character key
 
 
+_made: dict = {}  # each test module that imports the fixture registers its own copy: build the sweep once
+
+
 @pytest.fixture(scope="session")
 def failing_sweep(tiny_sweep, tmp_path_factory):
     """dict: out (output_dir), sweep (the sweep dir), proc (CompletedProcess), encoder (the vae-z8 run dir)."""
+    if not _made:
+        _made.update(_make(tiny_sweep, tmp_path_factory))
+    return _made
+
+
+def _make(tiny_sweep, tmp_path_factory) -> dict:
     summaries = {p.parent: json.loads(p.read_text()) for p in tiny_sweep["out"].rglob("summary.json")}
     encoder = next(d for d, s in summaries.items()
                    if (s["stage"], s["model"], s["latent"]) == ("autoencode", "vae", 8))

@@ -46,6 +46,11 @@ def _items(items) -> Dict[str, object]:
     return {(i.key or "/".join(i.nested_key)): json.loads(i.value_json) for i in items}
 
 
+def _user_config(items) -> Dict[str, object]:
+    # wandb keeps its own bookkeeping under _wandb (e.g. _wandb/visualize/... for logged charts)
+    return {k: v for k, v in _items(items).items() if not k.split("/")[0] == "_wandb"}
+
+
 def read_run(run_dir: Path) -> Dict[str, object]:
     """The one offline wandb run under ``run_dir/wandb``: id, group, job_type, name, tags, config (dict),
     history (list of dicts, one per ``log`` call), summary (dict), exit_code. Fails if there is not exactly one."""
@@ -57,9 +62,9 @@ def read_run(run_dir: Path) -> Dict[str, object]:
         if kind == "run":
             out.update(id=r.run.run_id, group=r.run.run_group, job_type=r.run.job_type, name=r.run.display_name,
                        tags=list(r.run.tags))
-            out["config"].update({k: v for k, v in _items(r.run.config.update).items() if k != "_wandb"})
+            out["config"].update(_user_config(r.run.config.update))
         elif kind == "config":
-            out["config"].update({k: v for k, v in _items(r.config.update).items() if k != "_wandb"})
+            out["config"].update(_user_config(r.config.update))
         elif kind == "history":
             out["history"].append(_items(r.history.item))
         elif kind == "summary":
