@@ -6,6 +6,7 @@ then holds two run dirs, ``autoencode/`` and ``classify/``, laid out exactly as 
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import shutil
 import sys
@@ -33,6 +34,20 @@ def _stage_cfg(cfg: DictConfig, stage: Stage) -> DictConfig:
     return sub
 
 
+@contextlib.contextmanager
+def _log_to(run_dir: Path):
+    """Also write the log to ``run_dir/embclf.log`` (stage=all: each stage's run dir gets its own log)."""
+    run_dir.mkdir(parents=True, exist_ok=True)
+    handler = logging.FileHandler(run_dir / "embclf.log")
+    handler.setFormatter(logging.Formatter("[%(asctime)s][%(name)s][%(levelname)s] - %(message)s"))
+    logging.getLogger().addHandler(handler)
+    try:
+        yield
+    finally:
+        logging.getLogger().removeHandler(handler)
+        handler.close()
+
+
 def run_job(cfg: DictConfig, job_dir: Path, overrides) -> Path:
     """Run the stage(s) of ``cfg`` into ``job_dir``; on any error mark the run dir failed and re-raise."""
     stage = cfg.stage
@@ -47,9 +62,11 @@ def run_job(cfg: DictConfig, job_dir: Path, overrides) -> Path:
             if (job_dir / ".hydra").is_dir() and not (job_dir / name / ".hydra").exists():
                 shutil.copytree(job_dir / ".hydra", job_dir / name / ".hydra")
         current = job_dir / "autoencode"
-        ae_dir = autoencode.run(_stage_cfg(cfg, Stage.autoencode), current, overrides)
+        with _log_to(current):
+            ae_dir = autoencode.run(_stage_cfg(cfg, Stage.autoencode), current, overrides)
         current = job_dir / "classify"
-        return classify.run(_stage_cfg(cfg, Stage.classify), current, overrides, encoder=ae_dir)
+        with _log_to(current):
+            return classify.run(_stage_cfg(cfg, Stage.classify), current, overrides, encoder=ae_dir)
     except BaseException as e:  # KeyboardInterrupt/SystemExit too: the summary must not say "running"
         if (current / runs.SUMMARY).is_file():  # else it failed on bad input before writing anything
             runs.mark_failed(current, f"{type(e).__name__}: {e}")
@@ -73,10 +90,11 @@ def main(cfg: DictConfig) -> None:
     try:
         run_job(cfg, job_dir, list(hc.overrides.task))
     except (EmbclfError, DataError) as e:
-        log.error("%s", e)
         if hc.mode == RunMode.RUN:  # one paragraph, no traceback, exit status 2, no half-made run dir
             _remove_if_empty(job_dir)
+            print(f"embclf: error: {e}", file=sys.stderr)
             sys.exit(2)
+        log.error("%s", e)
         raise  # in a sweep the launcher records and reports it
 
 

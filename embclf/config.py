@@ -175,18 +175,29 @@ class Config:
 
 
 MAX_NAME = 120
+# identity keys lead the name, so a sweep's varying keys stay readable even when the rest is cut
+NAME_FIRST = ("model", "latent", "stage", "seed", "head", "data", "experiment")
+# paths make names long and unreadable; they stay in .hydra/overrides.yaml and config.yaml
+NAME_EXCLUDE = ("classify.encoder", "output_dir", "data.root", "data.cache_dir")
 
 
-def safe_name(overrides: str) -> str:
-    """Turn Hydra's ``override_dirname`` into one flat, filesystem-safe directory name.
+def safe_name(overrides: Any) -> str:
+    """One flat, filesystem-safe directory name from a job's overrides (``hydra.overrides.task``).
 
-    ``/`` and other unsafe characters become ``_``; a name longer than 120 characters is cut and
-    suffixed with 8 hex digits of its SHA-1 so distinct long overrides stay distinct. An empty
-    string (no overrides) becomes ``run``.
+    Accepts the override list (or one string). Identity keys (model, latent, stage, seed, ...) come first,
+    paths and ``hydra.*`` keys are left out; ``/`` and other unsafe characters become ``_``; a name longer
+    than 120 characters is cut and suffixed with 8 hex digits of the SHA-1 of all overrides, so distinct
+    jobs stay distinct. No overrides gives ``run``. E.g. ``['latent=64', 'model=vae']`` -> ``model=vae,latent=64``.
     """
-    name = re.sub(r"[^A-Za-z0-9=,._+\-]", "_", overrides).strip("._") or "run"
+    items = [overrides] if isinstance(overrides, str) else [str(o) for o in overrides]
+    items = [o for o in items if o and o.split("=", 1)[0].lstrip("+~") not in NAME_EXCLUDE
+             and not o.lstrip("+~").startswith("hydra.")]
+    rank = {k: i for i, k in enumerate(NAME_FIRST)}
+    items.sort(key=lambda o: (rank.get(o.split("=", 1)[0], len(rank)), o))
+    full = ",".join(items)
+    name = re.sub(r"[^A-Za-z0-9=,._+\-]", "_", full).strip("._") or "run"
     if len(name) > MAX_NAME:
-        digest = hashlib.sha1(overrides.encode()).hexdigest()[:8]
+        digest = hashlib.sha1(full.encode()).hexdigest()[:8]
         name = f"{name[:MAX_NAME - 9]}-{digest}"
     return name
 

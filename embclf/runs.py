@@ -95,8 +95,9 @@ def read_metrics(run_dir: Path) -> List[dict]:
 
 
 def truncate_metrics(run_dir: Path, after_epoch: int) -> None:
-    """Drop records of epochs > ``after_epoch`` (written after the checkpoint a resume starts from)."""
-    keep = [r for r in read_metrics(run_dir) if int(r.get("epoch", 0)) <= after_epoch]
+    """Drop records of epochs > ``after_epoch`` (written after the checkpoint a resume starts from) and
+    test records (recomputed at the end of every attempt)."""
+    keep = [r for r in read_metrics(run_dir) if int(r.get("epoch", 0)) <= after_epoch and r.get("split") != "test"]
     _atomic(Path(run_dir) / METRICS, lambda t: t.write_text("".join(json.dumps(r) + "\n" for r in keep)))
 
 
@@ -120,6 +121,20 @@ def read_config(run_dir: Path) -> Optional[dict]:
     if not p.is_file():
         return None
     return OmegaConf.to_container(OmegaConf.load(p))
+
+
+VOLATILE_KEYS = ("threads", "device", "output_dir", "logger")  # how a run executes, not what it computes
+
+
+def is_completed(run_dir: Path, cfg: DictConfig) -> bool:
+    """True if ``run_dir`` holds a completed run of the same config (ignoring threads, device, output_dir,
+    logger): re-invoking a finished job then does nothing instead of training again."""
+    s = read_summary(run_dir)
+    old = read_config(run_dir)
+    if not s or s.get("status") != "completed" or old is None:
+        return False
+    new = resolved(cfg)
+    return all(old.get(k) == new.get(k) for k in set(old) | set(new) if k not in VOLATILE_KEYS)
 
 
 def base_summary(cfg: DictConfig, stage: str, overrides: List[str]) -> Dict[str, Any]:
@@ -219,9 +234,10 @@ class CheckpointOnSignal:
         old = self.old.get(signum)
         if callable(old):
             old(signum, frame)
-        elif old == signal.SIG_DFL:
-            signal.signal(signum, signal.SIG_DFL)
-            os.kill(os.getpid(), signum)
+        elif old in (signal.SIG_DFL, None):
+            # the default action would kill us without a word: exit through Python instead, so the
+            # stage's error path records status "failed" (resumable) before the process ends
+            raise SystemExit(128 + signum)
 
     def __enter__(self):
         for s in self.SIGNALS:

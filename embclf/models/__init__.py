@@ -1,11 +1,7 @@
 """Model builders: translate the ``model`` config group and ``latent`` into an ``Autoencoder``.
 
-Parameter counts (``embclf.models.count_parameters``; measured by tests/test_models.py, printed by
-``python -m embclf.models``), latent 64 / 256:
-  ae          conv trunk             see README
-  vae         conv trunk + logvar    see README
-  resnet      ResNet-18 trunk        see README
-  resnet_vae  ResNet-18 + logvar     see README
+Parameter counts: `python -m embclf.models` prints them (table in the README, "Models"); pinned by
+tests/test_models.py.
 """
 from __future__ import annotations
 

@@ -121,7 +121,7 @@ def run(cfg, run_dir: Path, overrides: List[str]) -> Path:
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     prior = runs.read_summary(run_dir)
-    if prior and prior.get("status") == "completed" and runs.read_config(run_dir) == runs.resolved(cfg):
+    if runs.is_completed(run_dir, cfg):
         log.info("%s already completed with this config; nothing to do", run_dir)
         return run_dir
     ac = cfg.autoencode
@@ -222,19 +222,20 @@ def run(cfg, run_dir: Path, overrides: List[str]) -> Path:
             if epoch in image_epochs:
                 tracker.log_images(epoch, **save_images(model, test, device, run_dir, epoch))
 
-    final = evaluate(model, test, device, int(ac.eval_batch_size), beta)
-    runs.append_metrics(run_dir, {"epoch": int(ac.epochs), "split": "test", **final})
-    best_ck = torch.load(ckpt_dir / "best.pt", map_location=device, weights_only=False)
-    model.load_state_dict(best_ck["model"])
-    best = evaluate(model, test, device, int(ac.eval_batch_size), beta)
-    tracker.log_images(int(ac.epochs), interpolation=save_interpolation(model, test, device, run_dir))  # best-on-val
-    summary.update({f"test_{k}": v for k, v in best.items()})
-    summary.update({f"final_test_{k}": v for k, v in final.items()})
-    summary.update({f"val_{k}": v for k, v in best_ck["val"].items()})
-    summary.update(status="completed", best_epoch=state["best_epoch"], end_time=time.time())
-    summary["wall_seconds"] = summary["end_time"] - summary["start_time"]
-    runs.write_json_atomic(run_dir / runs.SUMMARY, summary)
-    tracker.finish(summary)
-    log.info("test (best epoch %d): mse %.5f psnr %.2f dB%s", state["best_epoch"], best["mse"], best["psnr"],
-             f" kl {best['kl']:.2f} active units {best['active_units']}" if "kl" in best else "")
+        # still inside the handler: a signal during the test evaluation must not leave "running" behind
+        final = evaluate(model, test, device, int(ac.eval_batch_size), beta)
+        runs.append_metrics(run_dir, {"epoch": int(ac.epochs), "split": "test", **final})
+        best_ck = torch.load(ckpt_dir / "best.pt", map_location=device, weights_only=False)
+        model.load_state_dict(best_ck["model"])
+        best = evaluate(model, test, device, int(ac.eval_batch_size), beta)
+        tracker.log_images(int(ac.epochs), interpolation=save_interpolation(model, test, device, run_dir))  # best-on-val
+        summary.update({f"test_{k}": v for k, v in best.items()})
+        summary.update({f"final_test_{k}": v for k, v in final.items()})
+        summary.update({f"val_{k}": v for k, v in best_ck["val"].items()})
+        summary.update(status="completed", best_epoch=state["best_epoch"], end_time=time.time())
+        summary["wall_seconds"] = summary["end_time"] - summary["start_time"]
+        runs.write_json_atomic(run_dir / runs.SUMMARY, summary)
+        tracker.finish(summary)
+        log.info("test (best epoch %d): mse %.5f psnr %.2f dB%s", state["best_epoch"], best["mse"], best["psnr"],
+                 f" kl {best['kl']:.2f} active units {best['active_units']}" if "kl" in best else "")
     return run_dir

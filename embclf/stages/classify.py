@@ -106,8 +106,7 @@ def run(cfg, run_dir: Path, overrides: List[str], encoder: Optional[Path] = None
 
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
-    prior = runs.read_summary(run_dir)
-    if prior and prior.get("status") == "completed" and runs.read_config(run_dir) == runs.resolved(cfg):
+    if runs.is_completed(run_dir, cfg):
         log.info("%s already completed with this config; nothing to do", run_dir)
         return run_dir
     cc = cfg.classify

@@ -1,0 +1,86 @@
+"""Composition of every config-group option and schema errors, in-process with Hydra's compose API."""
+from pathlib import Path
+
+import pytest
+from hydra import compose, initialize_config_dir
+from hydra.errors import ConfigCompositionException
+from omegaconf.errors import ValidationError, ConfigKeyError
+
+from embclf.config import Stage, conf_dir, safe_name
+
+from conftest import run_embclf
+
+GROUPS = {g: sorted(p.stem for p in (Path(conf_dir()) / g).glob("*.yaml"))
+          for g in ("data", "model", "head", "experiment")}
+
+
+def _compose(*overrides):
+    with initialize_config_dir(config_dir=conf_dir(), version_base=None):
+        return compose("config", overrides=list(overrides))
+
+
+def test_defaults_are_the_reference_study():
+    cfg = _compose()
+    assert cfg.model.name == "ae" and cfg.latent == 64 and cfg.stage == Stage.autoencode
+    assert cfg.autoencode.epochs == 80 and cfg.classify.epochs == 50
+    assert cfg.autoencode.batch_size == 200 and cfg.autoencode.lr == 1e-3
+    assert cfg.data.val_size == 0.1 and cfg.data.train_size is None and cfg.seed == 0
+    assert list(cfg.head.hidden) == [128, 64] and cfg.classify.encoder is None
+
+
+@pytest.mark.parametrize("group,option", [(g, o) for g, opts in GROUPS.items() for o in opts])
+def test_every_group_option_composes(group, option):
+    cfg = _compose(f"{group}={option}", "data.root=/somewhere")
+    if group == "model":
+        assert cfg.model.name == option
+        assert cfg.model.variational == option.endswith("vae")
+    elif group in ("data", "head"):
+        assert getattr(cfg[group].get("source", cfg[group].get("name")), "value", None) in (option, None) \
+            or cfg[group].name == option
+
+
+def test_all_groups_have_options():
+    assert set(GROUPS["model"]) >= {"ae", "vae", "resnet", "resnet_vae"}
+    assert set(GROUPS["data"]) >= {"cifar10", "cifar100", "folder"}
+    assert "mlp" in GROUPS["head"]
+
+
+@pytest.mark.parametrize("stage", ["autoencode", "classify", "all"])
+def test_stages_compose(stage):
+    assert _compose(f"stage={stage}").stage == Stage[stage]
+
+
+@pytest.mark.parametrize("override,key", [
+    ("latent=abc", "latent"),
+    ("data.train_size=many", "data.train_size"),
+    ("autoencode.epochs=1.5", "autoencode.epochs"),
+    ("stage=train", "stage"),
+    ("data.source=imagenet", "data.source"),
+    ("model.beta=high", "model.beta"),
+])
+def test_schema_errors_name_the_key(override, key):
+    with pytest.raises((ConfigCompositionException, ValidationError)) as e:
+        _compose(override)
+    text = str(e.value) + str(getattr(e.value, "__cause__", ""))
+    assert key in text
+
+
+def test_unknown_key_fails():
+    with pytest.raises((ConfigCompositionException, ConfigKeyError)) as e:
+        _compose("autoencode.epoch=3")
+    assert "epoch" in str(e.value) + str(e.value.__cause__)
+
+
+def test_cfg_job_prints_composed_config(tmp_path):
+    proc = run_embclf(["model=vae", "latent=128", "stage=all", "--cfg", "job"], tmp_path)
+    assert "latent: 128" in proc.stdout and "variational: true" in proc.stdout and "stage: all" in proc.stdout
+
+
+def test_safe_name_is_flat_and_bounded():
+    assert safe_name(["latent=64", "model=vae"]) == "model=vae,latent=64"
+    assert safe_name(["data.root=/a/b/c", "model=ae", "hydra.run.dir=x"]) == "model=ae"
+    assert "/" not in safe_name(["data.train_size=1", "x=a/b"])
+    long = "x=" + "y" * 500
+    a, b = safe_name([long]), safe_name([long + "z"])
+    assert len(a) <= 120 and a != b
+    assert safe_name([]) == "run"
