@@ -57,7 +57,7 @@ def scatter(xy: np.ndarray, labels: np.ndarray, classes: Sequence[str], path: Pa
     for i, name in enumerate(classes):
         m = labels == i
         if m.any():
-            ax.scatter(xy[m, 0], xy[m, 1], s=5, alpha=0.7, color=cmap(i / max(1, len(classes) - 1) if len(classes) > 20 else i),
+            ax.scatter(xy[m, 0], xy[m, 1], s=min(20.0, max(4.0, 4000 / len(xy))), alpha=0.7, color=cmap(i / max(1, len(classes) - 1) if len(classes) > 20 else i),
                        label=name, linewidths=0)
     if len(classes) <= 20:  # a legend of 100 CIFAR-100 classes would cover the plot
         ax.legend(markerscale=3, fontsize=8, loc="center left", bbox_to_anchor=(1.0, 0.5), frameon=False)
