@@ -185,13 +185,13 @@ def safe_name(overrides: Any) -> str:
     """One flat, filesystem-safe directory name from a job's overrides (``hydra.overrides.task``).
 
     Accepts the override list (or one string). Identity keys (model, latent, stage, seed, ...) come first,
-    paths and ``hydra.*`` keys are left out; ``/`` and other unsafe characters become ``_``; a name longer
+    paths, ``hydra.*`` and ``logger*`` keys are left out; ``/`` and other unsafe characters become ``_``; a name longer
     than 120 characters is cut and suffixed with 8 hex digits of the SHA-1 of all overrides, so distinct
     jobs stay distinct. No overrides gives ``run``. E.g. ``['latent=64', 'model=vae']`` -> ``model=vae,latent=64``.
     """
     items = [overrides] if isinstance(overrides, str) else [str(o) for o in overrides]
     items = [o for o in items if o and o.split("=", 1)[0].lstrip("+~") not in NAME_EXCLUDE
-             and not o.lstrip("+~").startswith("hydra.")]
+             and not o.lstrip("+~").startswith(("hydra.", "logger"))]
     rank = {k: i for i, k in enumerate(NAME_FIRST)}
     items.sort(key=lambda o: (rank.get(o.split("=", 1)[0], len(rank)), o))
     full = ",".join(items)
