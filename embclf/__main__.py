@@ -18,7 +18,7 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig, open_dict
 
-from . import runs
+from . import runs, tracking
 from .config import Stage, conf_dir
 from .data import DataError
 from .runtime import EmbclfError
@@ -70,6 +70,7 @@ def run_job(cfg: DictConfig, job_dir: Path, overrides) -> Path:
     except BaseException as e:  # KeyboardInterrupt/SystemExit too: the summary must not say "running"
         if (current / runs.SUMMARY).is_file():  # else it failed on bad input before writing anything
             runs.mark_failed(current, f"{type(e).__name__}: {e}")
+        tracking.finish_active(exit_code=1)  # the wandb run shows failed; the next job in this process starts fresh
         if not isinstance(e, (EmbclfError, DataError)):
             log.error("failed:\n%s", traceback.format_exc())
         raise

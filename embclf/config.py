@@ -5,7 +5,7 @@ unknown key fails at composition time with an error naming the key (e.g. ``laten
 "Value 'abc' of type 'str' could not be converted to Integer ... full_key: latent").
 
 One group per module: ``data`` -> ``embclf/data.py``, ``model`` -> ``embclf/models/``, ``head`` ->
-``embclf/heads.py``, ``stage`` -> ``embclf/stages/``. Nothing else lives here.
+``embclf/heads.py``, ``stage`` -> ``embclf/stages/``, ``logger`` -> ``embclf/tracking.py``. Nothing else lives here.
 """
 from __future__ import annotations
 
@@ -123,6 +123,38 @@ class ClassifyConfig:
     encoder: Optional[str] = None  # null = find the matching autoencode run; else run dir or .pt path
 
 
+class WandbMode(Enum):
+    """``logger.wandb.mode``. ``auto``: ``WANDB_MODE`` if set, else online when logged in (``WANDB_API_KEY`` or a
+    netrc entry) and the server answers within 2 s, else offline. It never prompts and never waits on a time-out."""
+
+    auto = "auto"
+    online = "online"
+    offline = "offline"
+    disabled = "disabled"
+
+
+@dataclass
+class WandbConfig:
+    """``logger.wandb``: one wandb run per stage run, its files inside the run dir (``<run dir>/wandb``)."""
+
+    mode: WandbMode = WandbMode.auto
+    project: str = "embclf"
+    entity: Optional[str] = None  # null = the logged-in user's default entity
+    tags: List[str] = field(default_factory=list)  # added to the automatic model/latent/data tags
+    table_rows: int = 2000  # test embeddings logged as a wandb.Table at the end of classify (0 = none)
+
+
+@dataclass
+class LoggerConfig:
+    """``logger`` group: ``wandb`` (default) or ``none`` (never imports wandb). Local artifacts are always written."""
+
+    name: str = "wandb"
+    wandb: WandbConfig = field(default_factory=WandbConfig)
+    # 2-D scatter plots of the test embeddings written by classify (images/<name>.png); umap needs umap-learn
+    projections: List[str] = field(default_factory=lambda: ["pca", "tsne", "umap"])
+    projection_points: int = 1000  # random test subset projected (t-SNE/UMAP cost grows with it)
+
+
 @dataclass
 class Config:
     """Top-level config. Key names are an interface: scripts and docs depend on them."""
@@ -139,6 +171,7 @@ class Config:
     head: HeadConfig = field(default_factory=HeadConfig)
     autoencode: AutoencodeConfig = field(default_factory=AutoencodeConfig)
     classify: ClassifyConfig = field(default_factory=ClassifyConfig)
+    logger: LoggerConfig = field(default_factory=LoggerConfig)
 
 
 MAX_NAME = 120
@@ -152,13 +185,13 @@ def safe_name(overrides: Any) -> str:
     """One flat, filesystem-safe directory name from a job's overrides (``hydra.overrides.task``).
 
     Accepts the override list (or one string). Identity keys (model, latent, stage, seed, ...) come first,
-    paths and ``hydra.*`` keys are left out; ``/`` and other unsafe characters become ``_``; a name longer
+    paths, ``hydra.*`` and ``logger*`` keys are left out; ``/`` and other unsafe characters become ``_``; a name longer
     than 120 characters is cut and suffixed with 8 hex digits of the SHA-1 of all overrides, so distinct
     jobs stay distinct. No overrides gives ``run``. E.g. ``['latent=64', 'model=vae']`` -> ``model=vae,latent=64``.
     """
     items = [overrides] if isinstance(overrides, str) else [str(o) for o in overrides]
     items = [o for o in items if o and o.split("=", 1)[0].lstrip("+~") not in NAME_EXCLUDE
-             and not o.lstrip("+~").startswith("hydra.")]
+             and not o.lstrip("+~").startswith(("hydra.", "logger"))]
     rank = {k: i for i, k in enumerate(NAME_FIRST)}
     items.sort(key=lambda o: (rank.get(o.split("=", 1)[0], len(rank)), o))
     full = ",".join(items)

@@ -123,6 +123,20 @@ def read_config(run_dir: Path) -> Optional[dict]:
     return OmegaConf.to_container(OmegaConf.load(p))
 
 
+VOLATILE_KEYS = ("threads", "device", "output_dir", "logger")  # how a run executes, not what it computes
+
+
+def is_completed(run_dir: Path, cfg: DictConfig) -> bool:
+    """True if ``run_dir`` holds a completed run of the same config (ignoring threads, device, output_dir,
+    logger): re-invoking a finished job then does nothing instead of training again."""
+    s = read_summary(run_dir)
+    old = read_config(run_dir)
+    if not s or s.get("status") != "completed" or old is None:
+        return False
+    new = resolved(cfg)
+    return all(old.get(k) == new.get(k) for k in set(old) | set(new) if k not in VOLATILE_KEYS)
+
+
 def slurm_job_id() -> Optional[str]:
     """This process's SLURM job id as squeue/scontrol/sacct read it unambiguously, or None outside SLURM.
 

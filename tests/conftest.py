@@ -22,7 +22,8 @@ TINY = ["data=folder", f"data.root={CIFAR}", "data.train_size=1000", "data.test_
 
 # Smaller still, for tests that check mechanics (layout, resume), not accuracy.
 MINI = ["data=folder", f"data.root={CIFAR}", "data.train_size=300", "data.test_size=100",
-        "autoencode.batch_size=50", "autoencode.image_epochs=[1]", "classify.epochs=3"]
+        "autoencode.batch_size=50", "autoencode.image_epochs=[1]", "classify.epochs=3",
+        "logger.projections=[pca]"]
 
 
 def embclf_env(tmp: Path) -> dict:

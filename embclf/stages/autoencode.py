@@ -5,6 +5,7 @@ a random permutation; evaluate on val; append train/val metrics to metrics.jsonl
 (model, optimizer, scheduler, epoch, RNG states, best-so-far) and, when val MSE improves,
 checkpoints/best.pt. After the last epoch: test metrics of the final model (``final_test_*``, what the
 reference study reported) and of the best-on-val checkpoint (``test_*``), images, summary.json.
+Every epoch also goes to the tracker (wandb, ``embclf.tracking``); on a terminal a tqdm bar shows the epoch.
 
 A run dir that already holds last.pt resumes from it (a requeued SLURM job, a re-invoked sweep); a run
 dir whose summary says completed for the same config is left as it is.
@@ -23,13 +24,14 @@ import torch
 from torchvision.utils import make_grid, save_image
 
 from .. import data as data_mod
-from .. import losses, runs, runtime
+from .. import losses, runs, runtime, tracking
 from ..models import build_model, count_parameters
 
 log = logging.getLogger(__name__)
 
 N_RECON = 16  # test images shown above their reconstructions
 N_SAMPLES = 64  # decoded draws from the prior N(0, I)
+N_INTERP_PAIRS, N_INTERP_STEPS = 8, 10  # images/interpolation.png: rows of pairs, decoded points per row
 ACTIVE_UNIT_THRESHOLD = 0.01  # Burda et al., "Importance Weighted Autoencoders" (2016), sec. 5.2
 
 
@@ -64,8 +66,10 @@ def evaluate(model, split: data_mod.Split, device, batch_size: int, beta: float)
 
 
 @torch.no_grad()
-def save_images(model, test: data_mod.Split, device, run_dir: Path, epoch: int) -> None:
-    """images/recon_eNNN.png (test images above reconstructions) and images/samples_eNNN.png (z ~ N(0, I))."""
+def save_images(model, test: data_mod.Split, device, run_dir: Path, epoch: int) -> Dict[str, Path]:
+    """images/recon_eNNN.png (test images above reconstructions) and images/samples_eNNN.png (z ~ N(0, I)).
+
+    Returns {"recon": path, "samples": path}."""
     model.eval()
     x = data_mod.to_float(test.images[:N_RECON].to(device))
     x_hat = model(x, sample=False)["x_hat"]
@@ -75,6 +79,29 @@ def save_images(model, test: data_mod.Split, device, run_dir: Path, epoch: int) 
     g = torch.Generator().manual_seed(0)  # the same z at every epoch: samples are comparable over training
     save_image(make_grid(model.sample(N_SAMPLES, generator=g).cpu(), nrow=8, padding=1),
                img_dir / f"samples_e{epoch:03d}.png")
+    return {"recon": img_dir / f"recon_e{epoch:03d}.png", "samples": img_dir / f"samples_e{epoch:03d}.png"}
+
+
+@torch.no_grad()
+def save_interpolation(model, test: data_mod.Split, device, run_dir: Path) -> Path:
+    """images/interpolation.png: one row per pair of test images (i, j): image i, the decoded points of the
+    straight line (1 - t) z_i + t z_j for 10 values of t in [0, 1] (z = mu for a VAE), image j.
+
+    The pairs are a fixed random draw (seed 0), so rows usually join different classes (the test split is
+    ordered by class) and every run of a sweep shows the same pairs."""
+    model.eval()
+    n = min(N_INTERP_PAIRS, len(test) // 2)
+    pick = torch.randperm(len(test), generator=torch.Generator().manual_seed(0))[:2 * n]
+    x = data_mod.to_float(test.images[pick.to(test.images.device)].to(device))
+    z = model.encode(x)[0]
+    t = torch.linspace(0, 1, N_INTERP_STEPS, device=device).view(1, -1, 1)
+    line = (1 - t) * z[:n, None] + t * z[n:, None]  # [n, steps, latent]
+    decoded = model.decode(line.flatten(0, 1)).view(n, N_INTERP_STEPS, *x.shape[1:])
+    rows = torch.cat([x[:n, None], decoded, x[n:, None]], dim=1).flatten(0, 1)
+    path = run_dir / "images" / "interpolation.png"
+    path.parent.mkdir(exist_ok=True)
+    save_image(make_grid(rows.cpu(), nrow=N_INTERP_STEPS + 2, padding=1), path)
+    return path
 
 
 def _rng_state() -> dict:
@@ -98,7 +125,7 @@ def run(cfg, run_dir: Path, overrides: List[str]) -> Path:
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     prior = runs.read_summary(run_dir)
-    if prior and prior.get("status") == "completed" and runs.read_config(run_dir) == runs.resolved(cfg):
+    if runs.is_completed(run_dir, cfg):
         log.info("%s already completed with this config; nothing to do", run_dir)
         return run_dir
     ac = cfg.autoencode
@@ -121,8 +148,10 @@ def run(cfg, run_dir: Path, overrides: List[str]) -> Path:
     runs.write_config(run_dir, cfg)
     summary.update(device=str(device), device_name=env["name"], device_fallback=env["fallback"],
                    parameters=count_parameters(model), data_fingerprint=ds.fingerprint,
-                   n_train=len(ds.train), n_val=len(val), n_test=len(test))
+                   n_train=len(ds.train), n_val=len(val), n_test=len(test),
+                   provenance=tracking.provenance(cfg, ds.fingerprint, env["name"]))
     runs.write_json_atomic(run_dir / runs.SUMMARY, summary)
+    tracker = tracking.start(cfg, run_dir, "autoencode")  # wandb (or nothing); closed by finish below
 
     ckpt_dir = run_dir / "checkpoints"
     g = torch.Generator().manual_seed(int(cfg.seed))  # batch order; saved in checkpoints for exact resumes
@@ -154,6 +183,7 @@ def run(cfg, run_dir: Path, overrides: List[str]) -> Path:
             model.train()
             tot = {"loss": 0.0, "sse": 0.0, "mse": 0.0, "psnr": 0.0, "kl": 0.0}
             lr = opt.param_groups[0]["lr"]
+            bar = tracking.progress(len(train_x), f"epoch {epoch}/{ac.epochs}")  # only on a terminal
             for idx in data_mod.batches(len(train_x), int(ac.batch_size), device, shuffle=True, generator=g):
                 x = data_mod.to_float(train_x[idx])
                 out = model(x)
@@ -170,6 +200,10 @@ def run(cfg, run_dir: Path, overrides: List[str]) -> Path:
                     tot["psnr"] += losses.psnr_per_image(out["x_hat"], x).sum().item()
                     if model.variational:
                         tot["kl"] += losses.kl_normal(out["mu"], out["logvar"]).sum().item()
+                if not bar.disable:
+                    bar.update(b)
+                    bar.set_postfix(loss=f"{tot['loss'] / bar.n:.4g}", refresh=False)  # running mean per image
+            bar.close()
             if not model.variational:
                 tot.pop("kl")
             sched.step()
@@ -179,6 +213,8 @@ def run(cfg, run_dir: Path, overrides: List[str]) -> Path:
             runs.append_metrics(run_dir, {"epoch": epoch, "split": "train", **train_m, "lr": lr, "seconds": seconds,
                                           "images_per_second": len(train_x) / seconds})
             runs.append_metrics(run_dir, {"epoch": epoch, "split": "val", **val_m, "lr": lr})
+            tracker.log_epoch(epoch, train={**train_m, "seconds": seconds, "images_per_second": len(train_x) / seconds},
+                              val=val_m, lr=lr)
             log.info("epoch %d/%d  train mse %.5f psnr %.2f dB | val mse %.5f psnr %.2f dB%s | %.1fs (%.0f img/s)",
                      epoch, ac.epochs, train_m["mse"], train_m["psnr"], val_m["mse"], val_m["psnr"],
                      f" kl {val_m['kl']:.2f}" if "kl" in val_m else "", seconds, len(train_x) / seconds)
@@ -188,7 +224,7 @@ def run(cfg, run_dir: Path, overrides: List[str]) -> Path:
                 checkpoint(ckpt_dir / "best.pt", val=val_m)
             checkpoint(last)
             if epoch in image_epochs:
-                save_images(model, test, device, run_dir, epoch)
+                tracker.log_images(epoch, **save_images(model, test, device, run_dir, epoch))
 
         # still inside the handler: a signal during the test evaluation must not leave "running" behind
         final = evaluate(model, test, device, int(ac.eval_batch_size), beta)
@@ -196,12 +232,14 @@ def run(cfg, run_dir: Path, overrides: List[str]) -> Path:
         best_ck = torch.load(ckpt_dir / "best.pt", map_location=device, weights_only=False)
         model.load_state_dict(best_ck["model"])
         best = evaluate(model, test, device, int(ac.eval_batch_size), beta)
+        tracker.log_images(int(ac.epochs), interpolation=save_interpolation(model, test, device, run_dir))  # best-on-val
         summary.update({f"test_{k}": v for k, v in best.items()})
         summary.update({f"final_test_{k}": v for k, v in final.items()})
         summary.update({f"val_{k}": v for k, v in best_ck["val"].items()})
         summary.update(status="completed", best_epoch=state["best_epoch"], end_time=time.time())
         summary["wall_seconds"] = summary["end_time"] - summary["start_time"]
         runs.write_json_atomic(run_dir / runs.SUMMARY, summary)
+        tracker.finish(summary)
         log.info("test (best epoch %d): mse %.5f psnr %.2f dB%s", state["best_epoch"], best["mse"], best["psnr"],
                  f" kl {best['kl']:.2f} active units {best['active_units']}" if "kl" in best else "")
     return run_dir

@@ -7,6 +7,8 @@
 3. Train the head (cross-entropy, Adam, cosine annealing per epoch), keep the best epoch on val accuracy.
 4. Report test accuracy (best-on-val head: ``test_accuracy``; last epoch: ``final_test_accuracy``),
    per-class accuracy and the confusion matrix (JSON and images/confusion.png).
+5. Project the test embeddings to 2-D (images/pca.png, tsne.png, umap.png; ``embclf.plots``) and log them,
+   a table of test embeddings and the confusion matrix to the tracker (wandb, ``embclf.tracking``).
 """
 from __future__ import annotations
 
@@ -20,7 +22,7 @@ import torch
 from omegaconf import OmegaConf
 
 from .. import data as data_mod
-from .. import losses, runs, runtime
+from .. import losses, plots, runs, runtime, tracking
 from ..heads import build_head
 from ..models import build_model
 
@@ -104,8 +106,7 @@ def run(cfg, run_dir: Path, overrides: List[str], encoder: Optional[Path] = None
 
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
-    prior = runs.read_summary(run_dir)
-    if prior and prior.get("status") == "completed" and runs.read_config(run_dir) == runs.resolved(cfg):
+    if runs.is_completed(run_dir, cfg):
         log.info("%s already completed with this config; nothing to do", run_dir)
         return run_dir
     cc = cfg.classify
@@ -128,10 +129,13 @@ def run(cfg, run_dir: Path, overrides: List[str], encoder: Optional[Path] = None
     summary.update(encoder_run=str(encoder_run.resolve()), encoder_checkpoint=str(ckpt_path.resolve()),
                    encoder_epoch=int(ck["state"]["epoch"]), model=enc_cfg["model"]["name"],
                    latent=int(enc_cfg["latent"]), device=str(device), device_name=env["name"],
-                   device_fallback=env["fallback"], head=cfg.head.name)
+                   device_fallback=env["fallback"], head=cfg.head.name,
+                   provenance=tracking.provenance(cfg, ds.fingerprint, env["name"]))
 
     emb_path = run_dir / "embeddings.pt"
     summary["data_fingerprint"] = ds.fingerprint
+    runs.write_json_atomic(run_dir / runs.SUMMARY, summary)  # a failure from here on keeps the encoder and provenance
+    tracker = tracking.start(cfg, run_dir, "classify", encoder_cfg=enc_cfg)  # wandb (or nothing); closed by finish below
     if emb_path.is_file():  # computed once per run dir; a resumed job reuses them
         emb = torch.load(emb_path, weights_only=False)
     else:
@@ -173,6 +177,7 @@ def run(cfg, run_dir: Path, overrides: List[str], encoder: Optional[Path] = None
         val_m, _ = _eval(head, z["val"], y["val"], 4096)
         runs.append_metrics(run_dir, {"epoch": epoch, "split": "train", **train_m, "lr": lr, "seconds": time.time() - t0})
         runs.append_metrics(run_dir, {"epoch": epoch, "split": "val", **val_m, "lr": lr})
+        tracker.log_epoch(epoch, train=train_m, val=val_m, lr=lr)
         log.info("epoch %d/%d  train ce %.4f acc %.4f | val ce %.4f acc %.4f", epoch, cc.epochs,
                  train_m["loss"], train_m["accuracy"], val_m["loss"], val_m["accuracy"])
         if val_m["accuracy"] > best_acc:
@@ -193,11 +198,19 @@ def run(cfg, run_dir: Path, overrides: List[str], encoder: Optional[Path] = None
     per_class = {c: float(cm[i, i] / max(1, cm[i].sum())) for i, c in enumerate(classes)}
     save_confusion_png(cm, classes, run_dir / "images" / "confusion.png",
                        f"{enc_cfg['model']['name']} z{enc_cfg['latent']} {cfg.head.name}: test acc {test_m['accuracy']:.3f}")
+    lc = cfg.logger
+    images = plots.save_projections(emb["test"]["z"].numpy(), true, classes, run_dir / "images", list(lc.projections),
+                                    int(lc.projection_points), f"{enc_cfg['model']['name']}-z{enc_cfg['latent']}",
+                                    seed=int(cfg.seed))
+    tracker.log_images(int(cc.epochs), confusion=run_dir / "images" / "confusion.png", **images)
+    tracker.log_embeddings(emb["test"]["z"].numpy(), true, classes, int(lc.wandb.table_rows), seed=int(cfg.seed))
+    tracker.log_confusion(true, pred, classes)
     summary.update(status="completed", best_epoch=best_epoch, test_accuracy=test_m["accuracy"], test_loss=test_m["loss"],
                    val_accuracy=best["val"]["accuracy"], final_test_accuracy=final_m["accuracy"],
                    per_class_accuracy=per_class, confusion_matrix=cm.tolist(), classes=classes, end_time=time.time())
     summary["wall_seconds"] = summary["end_time"] - summary["start_time"]
     runs.write_json_atomic(run_dir / runs.SUMMARY, summary)
+    tracker.finish(summary)
     log.info("test accuracy %.4f (best epoch %d on val %.4f); final-epoch test accuracy %.4f",
              test_m["accuracy"], best_epoch, best_acc, final_m["accuracy"])
     return run_dir

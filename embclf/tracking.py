@@ -1,0 +1,339 @@
+"""Tracking: the wandb run of a stage run, progress bars, provenance, and the "where do outputs go" line.
+
+The stages call a small object and nothing else::
+
+    tracker = tracking.start(cfg, run_dir, "autoencode")    # after summary.json says "running"
+    tracker.log_epoch(epoch, train=train_m, val=val_m, lr=lr)  # once per epoch
+    tracker.log_images(epoch, recon=path, samples=path)     # PNGs already written to images/
+    tracker.finish(summary)                                 # at the end; failures: see finish_active()
+
+``logger=none`` or ``logger.wandb.mode=disabled`` gives a tracker that does nothing and never imports
+wandb. Otherwise there is exactly one wandb run per stage run, also when the basic launcher runs several
+jobs in one process: ``finish`` closes it, and ``embclf.__main__.run_job`` calls ``finish_active(1)`` when
+a stage raises, so a failed job shows as failed (exit code 1) and the next job starts a fresh run.
+
+Mode (``logger.wandb.mode``): ``online``/``offline``/``disabled`` as given; ``auto`` (the default) uses
+``WANDB_MODE`` if set, else online only when the user is logged in (``WANDB_API_KEY`` or a netrc entry for
+the wandb host) *and* the host accepts a TCP connection within 2 s; otherwise offline. The mode is decided
+before ``wandb.init``, so a node without network never waits on wandb's own time-outs, and nothing prompts.
+The API key is only ever tested for presence; it is never read into a config, a log or a run dir.
+"""
+from __future__ import annotations
+
+import logging
+import netrc
+import os
+import platform
+import socket
+import subprocess
+import sys
+import threading
+import time
+from importlib import metadata
+from pathlib import Path
+from typing import Any, Dict, List, Optional
+from urllib.parse import urlparse
+
+from hydra.experimental.callback import Callback
+
+from . import runs
+
+log = logging.getLogger(__name__)
+
+DEFAULT_HOST = "https://api.wandb.ai"
+PROBE_SECONDS = 2.0
+
+
+# --- mode -----------------------------------------------------------------------------------------
+
+def _wandb_host() -> str:
+    return os.environ.get("WANDB_BASE_URL") or DEFAULT_HOST
+
+
+def logged_in() -> bool:
+    """True when wandb would find credentials without prompting: ``WANDB_API_KEY``, an identity token file,
+    or a netrc entry (``$NETRC`` or ``~/.netrc``) for the wandb host. Never reads the key's value out."""
+    if os.environ.get("WANDB_API_KEY") or os.environ.get("WANDB_IDENTITY_TOKEN_FILE"):
+        return True
+    host = urlparse(_wandb_host()).hostname or ""
+    path = os.environ.get("NETRC") or os.path.expanduser("~/.netrc")
+    try:
+        return netrc.netrc(path).authenticators(host) is not None
+    except (OSError, netrc.NetrcParseError):
+        return False
+
+
+def reachable(url: str, timeout: float = PROBE_SECONDS) -> bool:
+    """True if ``url``'s host accepts a TCP connection within ``timeout`` seconds (DNS included).
+
+    Runs in a daemon thread because ``getaddrinfo`` ignores socket time-outs: a node without network
+    may hang in DNS far longer than ``timeout``.
+    """
+    u = urlparse(url)
+    port = u.port or (443 if u.scheme == "https" else 80)
+    ok = []
+
+    def probe():
+        try:
+            socket.create_connection((u.hostname, port), timeout=timeout).close()
+            ok.append(True)
+        except OSError:
+            pass
+
+    t = threading.Thread(target=probe, daemon=True)
+    t.start()
+    t.join(timeout)
+    return bool(ok)
+
+
+def resolve_mode(requested: str) -> tuple:
+    """Decide the wandb mode before ``wandb.init``. Returns ``(mode, reason)``, mode in online|offline|disabled.
+
+    ``requested``: ``logger.wandb.mode`` (auto|online|offline|disabled). An online mode whose server does not
+    answer within 2 s becomes offline (a one-line warning), so a job never waits on the network.
+    """
+    if requested == "auto":
+        env = (os.environ.get("WANDB_MODE") or "").strip().lower()
+        if os.environ.get("WANDB_DISABLED", "").lower() in ("1", "true", "yes"):
+            return "disabled", "WANDB_DISABLED is set"
+        if env:
+            mode = {"dryrun": "offline", "run": "online"}.get(env, env)
+            if mode not in ("online", "offline", "disabled"):
+                log.warning("WANDB_MODE=%s is not online/offline/disabled; using offline", env)
+                mode = "offline"
+            reason = f"WANDB_MODE={env}"
+        elif logged_in():
+            mode, reason = "online", "logged in"
+        else:
+            return "offline", "not logged in (wandb login, or WANDB_API_KEY, enables online)"
+    else:
+        mode, reason = requested, f"logger.wandb.mode={requested}"
+    if mode == "online" and not reachable(_wandb_host()):
+        log.warning("wandb: %s does not answer within %.0f s; logging offline instead (upload later with "
+                    "`wandb sync`)", _wandb_host(), PROBE_SECONDS)
+        return "offline", f"{reason}, but {_wandb_host()} unreachable"
+    return mode, reason
+
+
+# --- the tracker ----------------------------------------------------------------------------------
+
+_active: Optional["Tracker"] = None  # the tracker with an open wandb run in this process, if any
+
+
+class Tracker:
+    """The wandb side of one stage run. Every method is a no-op when ``self.run`` is None (no wandb)."""
+
+    def __init__(self, run=None, run_dir: Optional[Path] = None):
+        self.run = run
+        self.run_dir = run_dir
+
+    def log_epoch(self, epoch: int, lr: Optional[float] = None, **splits: Dict[str, float]) -> None:
+        """Log one epoch's metrics, e.g. ``log_epoch(3, train={"mse": ...}, val={...}, lr=1e-3)`` as
+        ``train/mse``, ``val/mse``, ..., ``lr`` against the x-axis ``epoch``."""
+        if self.run is None:
+            return
+        row: Dict[str, Any] = {"epoch": epoch}
+        for split, m in splits.items():
+            row.update({f"{split}/{k}": v for k, v in m.items() if isinstance(v, (int, float))})
+        if lr is not None:
+            row["lr"] = lr
+        self.run.log(row)
+
+    def log_images(self, epoch: Optional[int] = None, **paths: Path) -> None:
+        """Log PNG files already written to the run dir as wandb images, keyed ``images/<name>``."""
+        if self.run is None:
+            return
+        import wandb
+
+        row: Dict[str, Any] = {f"images/{k}": wandb.Image(str(p)) for k, p in paths.items() if Path(p).is_file()}
+        if epoch is not None:
+            row["epoch"] = epoch
+        self.run.log(row)
+
+    def log_embeddings(self, z, labels, classes: List[str], rows: int, seed: int = 0) -> None:
+        """Log up to ``rows`` test embeddings as the table ``embeddings`` (columns z0..z{D-1}, class).
+
+        ``z``: float [N, D], ``labels``: int [N] indexing ``classes``. A fixed random subset (``seed``) keeps
+        the table the same across reruns. wandb's 2-D projection panel (PCA / t-SNE / UMAP) reads it.
+        """
+        if self.run is None or rows <= 0:
+            return
+        import numpy as np
+        import wandb
+
+        z, labels = np.asarray(z, dtype=np.float32), np.asarray(labels)
+        pick = np.random.default_rng(seed).permutation(len(z))[:rows]
+        pick.sort()
+        cols = [f"z{i}" for i in range(z.shape[1])] + ["class"]
+        data = [[*map(float, z[i]), classes[int(labels[i])]] for i in pick]
+        self.run.log({"embeddings": wandb.Table(columns=cols, data=data)})
+
+    def log_confusion(self, y_true, y_pred, classes: List[str]) -> None:
+        """Log the test confusion matrix as wandb's interactive confusion-matrix chart."""
+        if self.run is None:
+            return
+        import wandb
+
+        self.run.log({"confusion_matrix": wandb.plot.confusion_matrix(
+            y_true=[int(v) for v in y_true], preds=[int(v) for v in y_pred], class_names=list(classes))})
+
+    def finish(self, summary: Optional[dict] = None, exit_code: int = 0) -> None:
+        """Copy the numeric headline values of ``summary`` into the wandb summary and close the run.
+
+        ``exit_code`` != 0 marks the run failed in wandb. Safe to call twice.
+        """
+        global _active
+        if self.run is None:
+            return
+        try:
+            if summary:
+                self.run.summary.update({k: v for k, v in summary.items()
+                                         if isinstance(v, (int, float)) and not isinstance(v, bool)
+                                         and k not in ("pid", "start_time", "end_time")})
+            self.run.finish(exit_code=exit_code)
+        except Exception as e:  # tracking must never turn a finished training run into a failed job
+            log.warning("wandb finish failed: %s", e)
+        finally:
+            self.run = None
+            if _active is self:
+                _active = None
+
+
+def _group(run_dir: Path) -> str:
+    """The sweep dir's name (multirun), the job dir's name (single run), or the run dir's parent's name."""
+    try:
+        from hydra.core.hydra_config import HydraConfig
+        from hydra.types import RunMode
+
+        if HydraConfig.initialized():
+            hc = HydraConfig.get()
+            return Path(hc.sweep.dir if hc.mode == RunMode.MULTIRUN else hc.runtime.output_dir).name
+    except Exception:  # outside a Hydra app (tests, notebooks)
+        pass
+    return Path(run_dir).resolve().parent.name
+
+
+def start(cfg, run_dir: Path, stage: str, encoder_cfg: Optional[dict] = None) -> Tracker:
+    """Open the wandb run of this stage run (or a no-op tracker; see module docstring).
+
+    The run is named ``<model>-z<latent>-s<seed>`` (e.g. ``vae-z64-s0``), grouped by sweep, typed by stage and
+    tagged ``model=``, ``latent=``, ``data=``; its config is the resolved config as plain values. A classify
+    run passes its encoder's resolved config as ``encoder_cfg``: the model and latent it really ran on (which
+    ``classify.encoder=PATH`` may make differ from its own ``model``/``latent`` keys) then name, tag and
+    configure the run, so filtering runs by ``latent`` finds the classifier too.
+
+    If wandb.init itself fails (bad credentials, an unwritable dir) the job goes on without wandb after a
+    one-line warning: tracking is never a reason to lose a training run.
+    """
+    global _active
+    lc = cfg.get("logger")
+    if lc is None or lc.name == "none":
+        return Tracker()
+    requested = getattr(lc.wandb.mode, "value", lc.wandb.mode)
+    if requested == "disabled":
+        return Tracker()
+    mode, reason = resolve_mode(str(requested))
+    if mode == "disabled":
+        log.info("wandb disabled (%s)", reason)
+        return Tracker()
+    finish_active(0)  # a previous job in this process that forgot to finish: close it, never reuse it
+    import wandb
+
+    config = runs.resolved(cfg)
+    if encoder_cfg is not None:
+        config.update(model=encoder_cfg["model"], latent=encoder_cfg["latent"])
+    model, latent, data = config["model"]["name"], int(config["latent"]), config["data"]["source"]
+    try:
+        run = wandb.init(
+            mode=mode, dir=str(run_dir), project=lc.wandb.project, entity=lc.wandb.entity,
+            group=_group(run_dir), job_type=stage, name=f"{model}-z{latent}-s{int(cfg.seed)}",
+            tags=[f"model={model}", f"latent={latent}", f"data={data}", *lc.wandb.tags],
+            config=config, reinit="finish_previous",
+            # silent: the one line below says what matters; wandb's banner would repeat per job in a sweep
+            settings=wandb.Settings(silent=True, init_timeout=60),
+        )
+    except Exception as e:
+        log.warning("wandb.init failed (%s: %s); continuing without wandb (set logger=none to skip it)",
+                    type(e).__name__, e)
+        return Tracker()
+    run.define_metric("epoch")
+    for prefix in ("train/*", "val/*", "lr", "images/*"):
+        run.define_metric(prefix, step_metric="epoch")
+    where = run.url if mode == "online" else f"upload later with: wandb sync {Path(run.dir).parent}"
+    log.info("wandb %s run %s (%s); %s", mode, run.id, reason, where)
+    _active = Tracker(run, Path(run_dir))
+    return _active
+
+
+def finish_active(exit_code: int = 1) -> None:
+    """Close the wandb run left open by a stage that raised (marked failed unless ``exit_code`` is 0)."""
+    if _active is not None:
+        _active.finish(exit_code=exit_code)
+
+
+# --- progress -------------------------------------------------------------------------------------
+
+def progress(total: int, desc: str):
+    """A tqdm bar over ``total`` images (rate shown in img/s) when stderr is a terminal; disabled otherwise,
+    so batch logs (SLURM, CI) get only the one line per epoch the stages log."""
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, desc=desc, unit="img", unit_scale=True, leave=False, dynamic_ncols=True,
+                disable=None, file=sys.stderr)
+
+
+class AnnounceOutputs(Callback):
+    """Hydra callback (``hydra.callbacks`` in conf/config.yaml): a sweep says where its outputs go, and at the
+    end how to summarise them."""
+
+    def on_multirun_start(self, config, **kwargs) -> None:
+        log.info("sweep outputs: %s", Path(str(config.hydra.sweep.dir)).resolve())
+
+    def on_multirun_end(self, config, **kwargs) -> None:
+        log.info("sweep done; summarise it with: python -m embclf.report %s", Path(str(config.hydra.sweep.dir)).resolve())
+
+
+# --- provenance -----------------------------------------------------------------------------------
+
+def _git(*args: str) -> Optional[str]:
+    root = Path(__file__).resolve().parent.parent
+    try:
+        out = subprocess.run(["git", "-C", str(root), *args], capture_output=True, text=True, timeout=10)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return out.stdout.strip() if out.returncode == 0 else None
+
+
+def _version(dist: str) -> Optional[str]:
+    try:
+        return metadata.version(dist)
+    except metadata.PackageNotFoundError:
+        return None
+
+
+def provenance(cfg, fingerprint: Optional[str] = None, device_name: Optional[str] = None) -> Dict[str, Any]:
+    """What produced a run: code (git commit, dirty flag; None outside a git checkout, e.g. a wheel),
+    package versions, data (source, root, sizes, ``fingerprint`` = sha1 of the decoded pixels and labels),
+    host, device and command line. Stored under ``provenance`` in summary.json; start/end time are the
+    summary's ``start_time``/``end_time`` (unix seconds)."""
+    from . import __version__
+
+    commit = _git("rev-parse", "HEAD")
+    # tracked files only: outputs/ and caches inside the checkout do not make the code dirty
+    dirty = None if commit is None else bool(_git("status", "--porcelain", "--untracked-files=no"))
+    d = cfg.data
+    return {
+        "git_commit": commit,
+        "git_dirty": dirty,
+        "embclf_version": __version__,
+        "versions": {"python": platform.python_version(), **{k: _version(k) for k in
+                     ("torch", "torchvision", "hydra-core", "omegaconf", "wandb", "numpy", "scikit-learn")}},
+        "data": {"source": getattr(d.source, "value", d.source), "root": str(Path(os.path.expanduser(str(d.root)))),
+                 "train_size": d.train_size, "test_size": d.test_size, "val_size": d.val_size,
+                 "subset_seed": d.subset_seed, "fingerprint": fingerprint},
+        "hostname": socket.gethostname(),
+        "platform": platform.platform(),
+        "device_name": device_name,
+        "argv": list(sys.argv),
+        "start_time_iso": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+    }
