@@ -95,12 +95,12 @@ def plan_jobs(launcher: Any, job_overrides: Sequence[Sequence[str]], initial_job
                 run_dir = sweep_dir / str(OmegaConf.select(cfg, "hydra.sweep.subdir"))
                 # Resolve the whole app config now: a broken interpolation fails here, not in a job.
                 app_cfg = OmegaConf.masked_copy(cfg, [k for k in cfg.keys() if k != "hydra"])
-                OmegaConf.to_container(app_cfg, resolve=True, throw_on_missing=True)
+                app = OmegaConf.to_container(app_cfg, resolve=True, throw_on_missing=True, enum_to_str=True)
             except Exception as e:  # noqa: BLE001 -- every composition error is reported together
                 label = " ".join(filter_overrides(overrides))
                 errors.append(f"  #{idx} {label}: {type(e).__name__}: {_one_line(str(e))}")
                 continue
-            planned.append(PlannedJob(idx=idx, overrides=overrides, cfg=cfg, run_dir=run_dir))
+            planned.append(PlannedJob(idx=idx, overrides=overrides, cfg=cfg, run_dir=run_dir, extra={"app": app}))
     finally:
         if saved is not None:
             HydraConfig.instance().set_config(saved)
@@ -149,8 +149,9 @@ def is_completed(job: PlannedJob) -> bool:
     """True when a previous invocation already completed this job in this run dir.
 
     The job counts as completed when its ``.hydra/overrides.yaml`` holds the same overrides (the run
-    dir name is a shortened form, so a hash collision or a hand-made dir must not count) and every
-    stage run dir's ``summary.json`` says ``completed``.  Anything else (no dir, running, failed, a
+    dir name is a shortened form, so a hash collision or a hand-made dir must not count), every
+    stage run dir's ``summary.json`` says ``completed`` and, by the core's ``embclf.runs.is_completed``,
+    was run with the same resolved config (a changed default retrains).  Anything else (no dir, running, failed, a
     ``last.pt`` only) is launched again; the core then resumes from ``checkpoints/last.pt``.
     """
     previous = job.run_dir / ".hydra" / "overrides.yaml"
@@ -162,10 +163,21 @@ def is_completed(job: PlannedJob) -> bool:
             return False
     except Exception:  # noqa: BLE001 -- unreadable: treat as not completed and run the job
         return False
-    for run_dir in stage_run_dirs(job):
+    try:  # the core's own test: same resolved config (defaults may have changed since)
+        from embclf.runs import is_completed as same_completed_run
+    except ImportError:
+        same_completed_run = None
+    dirs = stage_run_dirs(job)
+    for run_dir in dirs:
         summary = _read_json(run_dir / "summary.json")
         if not summary or summary.get("status") != "completed":
             return False
+        if same_completed_run is not None and "app" in job.extra:
+            app = dict(job.extra["app"])
+            if len(dirs) > 1:  # stage=all: each stage run dir holds its own stage's config
+                app["stage"] = run_dir.name
+            if not same_completed_run(run_dir, OmegaConf.create(app)):
+                return False
     return True
 
 
