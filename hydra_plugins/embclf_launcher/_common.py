@@ -102,8 +102,7 @@ def plan_jobs(launcher: Any, job_overrides: Sequence[Sequence[str]], initial_job
                 continue
             planned.append(PlannedJob(idx=idx, overrides=overrides, cfg=cfg, run_dir=run_dir, extra={"app": app}))
     finally:
-        if saved is not None:
-            HydraConfig.instance().set_config(saved)
+        HydraConfig.instance().cfg = saved  # as Hydra had it (set_config rejects None)
     if errors:
         raise SweepConfigError(
             f"{len(errors)} of {len(job_overrides)} sweep jobs have an invalid config, so nothing was "
@@ -116,7 +115,7 @@ def plan_jobs(launcher: Any, job_overrides: Sequence[Sequence[str]], initial_job
             raise SweepConfigError(
                 f"sweep jobs #{dirs[job.run_dir].idx} ({dirs[job.run_dir].label}) and #{job.idx} "
                 f"({job.label}) would share the run dir {job.run_dir}. hydra.sweep.subdir must be "
-                "distinct per job; keep the default (${embclf_safe:${hydra.job.override_dirname}}) "
+                "distinct per job; keep embclf's default (${embclf_safe:${hydra.overrides.task}}) "
                 "or include ${hydra.job.num} in it."
             )
         dirs[job.run_dir] = job
