@@ -176,7 +176,8 @@ def test_killed_job_is_recorded_failed_and_reinvoking_resumes_it(tmp_path):
 
 
 def test_stopping_the_launcher_stops_its_jobs(tmp_path):
-    """SIGTERM (or Ctrl-C) to the launcher stops every running job -- no orphaned workers -- and
+    """While a sweep runs, a second invocation into its sweep dir refuses to start its jobs again.
+    SIGTERM (or Ctrl-C) to the launcher stops every running job -- no orphaned workers -- and
     records them failed ("interrupted"), so a re-invoked sweep runs them again."""
     sweep_dir = tmp_path / "sweep"
     args = [*tiny_args(tmp_path), "autoencode.epochs=40", "seed=1,2,3", "hydra.launcher.gpus=[]",
@@ -184,6 +185,10 @@ def test_stopping_the_launcher_stops_its_jobs(tmp_path):
     proc = _start_sweep(args)
     try:
         running = _wait_training(sweep_dir, "*", 2, proc)
+        # a second invocation into the same sweep dir refuses to start the jobs a second time
+        second = run_embclf(*args, timeout=120)
+        assert second.returncode != 0 and "still running from an earlier invocation" in second.stdout, second.stdout[-3000:]
+        assert second.stdout.count("on this host") == 2 and "start #" not in second.stdout
         proc.send_signal(signal.SIGTERM)
         out, _ = proc.communicate(timeout=60)
     finally:

@@ -10,6 +10,8 @@ which is what resuming, skipping and failure recording need.
 import json
 import logging
 import os
+import socket
+import subprocess
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -178,6 +180,64 @@ def is_completed(job: PlannedJob) -> bool:
             if not same_completed_run(run_dir, OmegaConf.create(app)):
                 return False
     return True
+
+
+def _pid_runs_python(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            return b"python" in f.read()
+    except OSError:
+        return False
+
+
+def still_running(job: PlannedJob) -> Optional[str]:
+    """Describe where this job is still running from an earlier invocation, or None.
+
+    Its run dir's ``summary.json`` says "running" and either names a SLURM job that ``squeue``
+    still lists, or (no SLURM) a process on this host that is still alive.  Starting the job again
+    would put two processes into one run dir.  A stale "running" (killed machine, finished job)
+    returns None, so the job is resumed.
+    """
+    for run_dir in stage_run_dirs(job):
+        s = _read_json(run_dir / "summary.json") or {}
+        if s.get("status") != "running":
+            continue
+        jid = s.get("slurm_job_id")
+        if jid:
+            try:
+                out = subprocess.run(["squeue", "-h", "-j", str(jid), "-o", "%T"], stdout=subprocess.PIPE,
+                                     stderr=subprocess.DEVNULL, text=True, timeout=60)
+            except (OSError, subprocess.SubprocessError):
+                continue  # no SLURM client here: cannot tell, so do not block
+            if out.returncode == 0 and out.stdout.strip():
+                return f"SLURM job {jid} ({out.stdout.split()[0]}); see squeue -j {jid}"
+        elif s.get("hostname") == socket.gethostname() and s.get("pid"):
+            pid = int(s["pid"])
+            try:
+                os.kill(pid, 0)
+            except ProcessLookupError:
+                continue
+            except PermissionError:
+                pass  # exists, owned by someone else
+            if _pid_runs_python(pid):
+                return f"process {pid} on this host"
+    return None
+
+
+def refuse_if_running(jobs: Sequence[PlannedJob], sweep_dir: Any) -> None:
+    """Raise :class:`SweepConfigError` naming every job an earlier invocation is still running.
+
+    Re-invoking a sweep into its sweep dir while its jobs still run (a launcher that was stopped
+    while its SLURM jobs went on, or a second terminal) would start them twice in the same run dirs.
+    """
+    busy = [(job, where) for job in jobs for where in [still_running(job)] if where]
+    if busy:
+        lines = "\n".join(f"  #{job.idx} {job.label}: {where}" for job, where in busy)
+        raise SweepConfigError(
+            f"{len(busy)} job(s) of this sweep are still running from an earlier invocation in "
+            f"{sweep_dir}, so nothing was started (two runs in one run dir would corrupt it). Wait for "
+            f"them to end, or stop them (scancel / kill), then run the same command again:\n{lines}"
+        )
 
 
 def record_failure(job: PlannedJob, error: str) -> None:

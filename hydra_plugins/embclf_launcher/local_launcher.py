@@ -32,6 +32,7 @@ from ._common import (
     outcome_from_result,
     plan_jobs,
     record_failure,
+    refuse_if_running,
     report,
     skipped_return,
 )
@@ -241,6 +242,7 @@ class LocalPoolLauncher(BaseSubmititLauncher):
                 log.info("skip  #%d %s: already completed in %s", job.idx, job.label, job.run_dir)
             else:
                 todo.append(job)
+        refuse_if_running(todo, sweep_dir)
         slots, threads = self.slots(len(todo))
         gpus = sorted({g for g in slots if g is not None})
         mode = f"GPUs {gpus}, {len(slots) // len(gpus)} job(s) per GPU" if gpus else "CPU"

@@ -30,7 +30,16 @@ from hydra_plugins.hydra_submitit_launcher.config import BaseQueueConf
 from hydra_plugins.hydra_submitit_launcher.submitit_launcher import SlurmLauncher
 from omegaconf import OmegaConf
 
-from ._common import PlannedJob, is_completed, now, outcome_from_result, plan_jobs, report, skipped_return
+from ._common import (
+    PlannedJob,
+    is_completed,
+    now,
+    outcome_from_result,
+    plan_jobs,
+    refuse_if_running,
+    report,
+    skipped_return,
+)
 
 log = logging.getLogger("embclf.launcher")
 
@@ -79,6 +88,7 @@ class EmbclfSlurmLauncher(SlurmLauncher):
                 log.info("skip  #%d %s: already completed in %s", job.idx, job.label, job.run_dir)
             else:
                 todo.append(job)
+        refuse_if_running(todo, sweep_dir)
         if todo:
             executor = self._executor()
             state = Singleton.get_state()
