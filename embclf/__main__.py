@@ -69,9 +69,11 @@ def run_job(cfg: DictConfig, job_dir: Path, overrides) -> Path:
             return classify.run(_stage_cfg(cfg, Stage.classify), current, overrides, encoder=ae_dir)
     except BaseException as e:  # KeyboardInterrupt/SystemExit too: the summary must not say "running"
         if (current / runs.SUMMARY).is_file():  # else it failed on bad input before writing anything
-            runs.mark_failed(current, f"{type(e).__name__}: {e}")
+            # a signal or a requeue (submitit exits with SystemExit) is an interruption, not a failure
+            stopped = isinstance(e, (SystemExit, KeyboardInterrupt))
+            runs.mark_failed(current, f"{type(e).__name__}: {e}", "interrupted" if stopped else "failed")
         tracking.finish_active(exit_code=1)  # the wandb run shows failed; the next job in this process starts fresh
-        if not isinstance(e, (EmbclfError, DataError)):
+        if not isinstance(e, (EmbclfError, DataError, SystemExit, KeyboardInterrupt)):
             log.error("failed:\n%s", traceback.format_exc())
         raise
 

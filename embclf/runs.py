@@ -168,17 +168,18 @@ def base_summary(cfg: DictConfig, stage: str, overrides: List[str]) -> Dict[str,
     }
 
 
-def mark_failed(run_dir: Path, error: str) -> None:
+def mark_failed(run_dir: Path, error: str, status: str = "failed") -> None:
     """Record a failure in ``summary.json`` unless the run already completed.
 
-    Used by the stages on an exception and by launchers for a job killed from outside. Keeps every
-    other field already written (and never touches checkpoints or metrics).
+    Used by the stages on an exception and by launchers for a job killed from outside. ``status`` is
+    "failed", or "interrupted" for a run stopped by a signal or a requeue (it resumes from last.pt).
+    Keeps every other field already written (and never touches checkpoints or metrics).
     """
     run_dir = Path(run_dir)
     s = read_summary(run_dir) or {}
     if s.get("status") == "completed":
         return
-    s.update(status="failed", error=str(error)[-4000:], end_time=time.time())
+    s.update(status=status, error=str(error)[-4000:], end_time=time.time())
     if "start_time" in s:
         s["wall_seconds"] = s["end_time"] - s["start_time"]
     write_json_atomic(run_dir / SUMMARY, s)
@@ -225,10 +226,15 @@ def find_encoder_run(cfg: DictConfig, output_dir: Path) -> Optional[Path]:
 # --- signals --------------------------------------------------------------------------------------
 
 class CheckpointOnSignal:
-    """Context manager: on SIGUSR2/SIGTERM call ``save()`` and then the handler that was installed before.
+    """Context manager: on SIGUSR2/SIGTERM, save at the next safe point, then run the previous handler.
 
     submitit installs its own SIGUSR2 handler to requeue a job near its time limit (and ignores SIGTERM);
-    we must save first and then hand on to it rather than replace it. On exit the old handlers are restored.
+    we must save first and then hand on to it rather than replace it. The handler itself only records
+    the signal: saving inside it could catch the optimizer between two parameter updates (on the CPU,
+    Adam updates parameters in a Python loop). The training loop calls ``poll()`` after every optimizer
+    step and epoch, where the state is consistent; ``poll`` saves, then calls the old handler (for the
+    default action it raises ``SystemExit(128 + signum)`` so the stage records "interrupted").
+    On exit the old handlers are restored.
     """
 
     SIGNALS = (signal.SIGUSR2, signal.SIGTERM)
@@ -236,9 +242,18 @@ class CheckpointOnSignal:
     def __init__(self, save: Callable[[], None]):
         self.save = save
         self.old: Dict[int, Any] = {}
+        self.pending: Optional[tuple] = None
 
     def _handler(self, signum, frame):
-        log.warning("received signal %d: saving checkpoint before handing on", signum)
+        log.warning("received signal %d: saving checkpoint at the next step", signum)
+        self.pending = (signum, frame)
+
+    def poll(self) -> None:
+        """If a signal arrived: save, then hand on to the previously installed handler."""
+        if self.pending is None:
+            return
+        signum, frame = self.pending
+        self.pending = None
         try:
             self.save()
         except Exception:  # saving must not stop the requeue
@@ -247,8 +262,6 @@ class CheckpointOnSignal:
         if callable(old):
             old(signum, frame)
         elif old in (signal.SIG_DFL, None):
-            # the default action would kill us without a word: exit through Python instead, so the
-            # stage's error path records status "failed" (resumable) before the process ends
             raise SystemExit(128 + signum)
 
     def __enter__(self):
@@ -262,4 +275,6 @@ class CheckpointOnSignal:
     def __exit__(self, *exc):
         for s, h in self.old.items():
             signal.signal(s, h)
+        if exc[0] is None:
+            self.poll()  # a signal during the last steps is still handed on
         return False

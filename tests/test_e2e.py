@@ -98,7 +98,7 @@ def test_resume_after_sigterm_and_skip_completed(tmp_path, cifar_root):
     proc.send_signal(signal.SIGTERM)  # as SLURM does at a time limit / preemption
     assert proc.wait(timeout=120) != 0
     s = json.loads((run_dir / "summary.json").read_text())
-    assert s["status"] == "failed" and (run_dir / "checkpoints/last.pt").is_file()
+    assert s["status"] == "interrupted" and (run_dir / "checkpoints/last.pt").is_file()
     done = torch.load(run_dir / "checkpoints/last.pt", weights_only=False)["state"]["epoch"]
     assert 1 <= done < 6
     run_embclf(args, tmp_path)  # same command, same run dir: resumes

@@ -176,8 +176,9 @@ def run(cfg, run_dir: Path, overrides: List[str]) -> Path:
 
     image_epochs = set(int(e) for e in ac.image_epochs) | {int(ac.epochs)}
     # On SIGUSR2/SIGTERM (SLURM time limit, preemption) save the current weights as last.pt with the
-    # last *completed* epoch, then hand on to submitit's requeue handler: a resume redoes this epoch.
-    with runs.CheckpointOnSignal(lambda: checkpoint(last)):
+    # last *completed* epoch at the next optimizer step, then hand on to submitit's requeue handler:
+    # a resume redoes this epoch from the partly trained weights.
+    with runs.CheckpointOnSignal(lambda: checkpoint(last)) as signals:
         for epoch in range(state["epoch"] + 1, int(ac.epochs) + 1):
             t0 = time.time()
             model.train()
@@ -192,6 +193,7 @@ def run(cfg, run_dir: Path, overrides: List[str]) -> Path:
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 opt.step()
+                signals.poll()  # a pending SIGUSR2/SIGTERM: save a consistent state, then hand on
                 with torch.no_grad():
                     b = len(idx)
                     tot["loss"] += loss.item() * b
@@ -223,6 +225,7 @@ def run(cfg, run_dir: Path, overrides: List[str]) -> Path:
                 state.update(best_val_mse=val_m["mse"], best_epoch=epoch)
                 checkpoint(ckpt_dir / "best.pt", val=val_m)
             checkpoint(last)
+            signals.poll()
             if epoch in image_epochs:
                 tracker.log_images(epoch, **save_images(model, test, device, run_dir, epoch))
 
