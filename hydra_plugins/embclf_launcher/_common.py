@@ -339,3 +339,25 @@ def report(jobs: Sequence[PlannedJob], sweep_dir: Any, what: str) -> None:
 
 def now() -> float:
     return time.time()
+
+
+def prepare_sweep(launcher: Any, job_overrides: Sequence[Sequence[str]], initial_job_idx: int):
+    """What both launchers do before starting anything: plan and validate every job, make the sweep dir,
+    skip completed jobs (logging each), refuse if earlier jobs of this sweep dir still run.
+
+    Returns (all jobs, jobs to run, sweep dir). Raises what ``plan_jobs``/``refuse_if_running`` raise.
+    """
+    jobs = plan_jobs(launcher, job_overrides, initial_job_idx)
+    sweep_dir = Path(str(launcher.config.hydra.sweep.dir))
+    sweep_dir.mkdir(parents=True, exist_ok=True)
+    if "mode" in launcher.config.hydra.sweep:
+        os.chmod(sweep_dir, mode=int(str(launcher.config.hydra.sweep.mode), 8))
+    todo: List[PlannedJob] = []
+    for job in jobs:
+        if is_completed(job):
+            job.status, job.job_return = "skipped", skipped_return(job)
+            log.info("skip  #%d %s: already completed in %s", job.idx, job.label, job.run_dir)
+        else:
+            todo.append(job)
+    refuse_if_running(todo, sweep_dir)
+    return jobs, todo, sweep_dir

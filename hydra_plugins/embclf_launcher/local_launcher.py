@@ -18,7 +18,6 @@ import signal
 import threading
 import time
 from contextlib import contextmanager
-from pathlib import Path
 from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple
 
 from hydra.core.singleton import Singleton
@@ -27,14 +26,11 @@ from hydra_plugins.hydra_submitit_launcher.submitit_launcher import BaseSubmitit
 
 from ._common import (
     PlannedJob,
-    is_completed,
     now,
     outcome_from_result,
-    plan_jobs,
+    prepare_sweep,
     record_failure,
-    refuse_if_running,
     report,
-    skipped_return,
 )
 
 log = logging.getLogger("embclf.launcher")
@@ -229,20 +225,7 @@ class LocalPoolLauncher(BaseSubmititLauncher):
     def launch(self, job_overrides: Sequence[Sequence[str]], initial_job_idx: int) -> Sequence[JobReturn]:
         """Run every job of the batch, at most one per slot at a time; see the class docstring."""
         assert self.config is not None
-        jobs = plan_jobs(self, job_overrides, initial_job_idx)
-        sweep_dir = Path(str(self.config.hydra.sweep.dir))
-        sweep_dir.mkdir(parents=True, exist_ok=True)
-        if "mode" in self.config.hydra.sweep:
-            os.chmod(sweep_dir, mode=int(str(self.config.hydra.sweep.mode), 8))
-
-        todo: List[PlannedJob] = []
-        for job in jobs:
-            if is_completed(job):
-                job.status, job.job_return = "skipped", skipped_return(job)
-                log.info("skip  #%d %s: already completed in %s", job.idx, job.label, job.run_dir)
-            else:
-                todo.append(job)
-        refuse_if_running(todo, sweep_dir)
+        jobs, todo, sweep_dir = prepare_sweep(self, job_overrides, initial_job_idx)
         slots, threads = self.slots(len(todo))
         gpus = sorted({g for g in slots if g is not None})
         mode = f"GPUs {gpus}, {len(slots) // len(gpus)} job(s) per GPU" if gpus else "CPU"

@@ -19,9 +19,7 @@ requeued job runs the same overrides in the same run dir and resumes from ``last
 """
 
 import logging
-import os
 import time
-from pathlib import Path
 from typing import Any, Dict, List, Sequence
 
 from hydra.core.singleton import Singleton
@@ -32,13 +30,10 @@ from omegaconf import OmegaConf
 
 from ._common import (
     PlannedJob,
-    is_completed,
     now,
     outcome_from_result,
-    plan_jobs,
-    refuse_if_running,
+    prepare_sweep,
     report,
-    skipped_return,
 )
 
 log = logging.getLogger("embclf.launcher")
@@ -75,20 +70,7 @@ class EmbclfSlurmLauncher(SlurmLauncher):
     def launch(self, job_overrides: Sequence[Sequence[str]], initial_job_idx: int) -> Sequence[JobReturn]:
         """Validate, submit the unfinished jobs as one array, wait for all, report; see the class."""
         assert self.config is not None
-        jobs = plan_jobs(self, job_overrides, initial_job_idx)
-        sweep_dir = Path(str(self.config.hydra.sweep.dir))
-        sweep_dir.mkdir(parents=True, exist_ok=True)
-        if "mode" in self.config.hydra.sweep:
-            os.chmod(sweep_dir, mode=int(str(self.config.hydra.sweep.mode), 8))
-
-        todo: List[PlannedJob] = []
-        for job in jobs:
-            if is_completed(job):
-                job.status, job.job_return = "skipped", skipped_return(job)
-                log.info("skip  #%d %s: already completed in %s", job.idx, job.label, job.run_dir)
-            else:
-                todo.append(job)
-        refuse_if_running(todo, sweep_dir)
+        jobs, todo, sweep_dir = prepare_sweep(self, job_overrides, initial_job_idx)
         if todo:
             executor = self._executor()
             state = Singleton.get_state()
