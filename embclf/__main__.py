@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 import shutil
 import sys
 import traceback
@@ -52,6 +53,10 @@ def run_job(cfg: DictConfig, job_dir: Path, overrides) -> Path:
     """Run the stage(s) of ``cfg`` into ``job_dir``; on any error mark the run dir failed and re-raise."""
     stage = cfg.stage
     current = job_dir
+    with open_dict(cfg):
+        # a relative data.root means "relative to where I launched": store it absolute, so lookups and
+        # resumes from another directory compare the same path
+        cfg.data.root = _abs_root(cfg.data.root)
     try:
         if stage == Stage.autoencode:
             return autoencode.run(cfg, job_dir, overrides)
@@ -68,14 +73,26 @@ def run_job(cfg: DictConfig, job_dir: Path, overrides) -> Path:
         with _log_to(current):
             return classify.run(_stage_cfg(cfg, Stage.classify), current, overrides, encoder=ae_dir)
     except BaseException as e:  # KeyboardInterrupt/SystemExit too: the summary must not say "running"
-        if (current / runs.SUMMARY).is_file():  # else it failed on bad input before writing anything
-            # a signal or a requeue (submitit exits with SystemExit) is an interruption, not a failure
-            stopped = isinstance(e, (SystemExit, KeyboardInterrupt))
+        # a signal or a requeue (submitit exits with SystemExit) is an interruption, not a failure
+        stopped = isinstance(e, (SystemExit, KeyboardInterrupt))
+        if not (current / runs.SUMMARY).is_file() and HydraConfig.get().mode == RunMode.MULTIRUN:
+            # bad input before anything was written: a sweep still records who failed and why (for the
+            # launcher's table and the report); a single run leaves no run dir at all (see main)
+            sub = current.name if current.name in ("autoencode", "classify") and stage == Stage.all else \
+                ("autoencode" if stage == Stage.all else stage.value)
+            runs.write_json_atomic(current / runs.SUMMARY, runs.base_summary(cfg, sub, overrides))
+        if (current / runs.SUMMARY).is_file():
             runs.mark_failed(current, f"{type(e).__name__}: {e}", "interrupted" if stopped else "failed")
         tracking.finish_active(exit_code=1)  # the wandb run shows failed; the next job in this process starts fresh
         if not isinstance(e, (EmbclfError, DataError, SystemExit, KeyboardInterrupt)):
             log.error("failed:\n%s", traceback.format_exc())
         raise
+
+
+def _abs_root(root):
+    if root in (None, "", "???"):
+        return root
+    return os.path.abspath(os.path.expanduser(str(root)))
 
 
 def _remove_if_empty(job_dir: Path) -> None:

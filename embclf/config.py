@@ -69,7 +69,7 @@ class DataConfig:
     """``data`` group: where images come from and how much of them is used."""
 
     source: Source = Source.cifar10
-    root: str = "~/.cache/embclf/datasets/cifar10"
+    root: Optional[str] = "~/.cache/embclf/datasets/cifar10"  # data=folder: required
     train_size: Optional[int] = None  # null = all; int = class-stratified subset (fixed seed)
     test_size: Optional[int] = None
     val_size: float = 0.1  # in (0,1): fraction of the (subsetted) train split; >= 1: a count
@@ -177,21 +177,29 @@ class Config:
 MAX_NAME = 120
 # identity keys lead the name, so a sweep's varying keys stay readable even when the rest is cut
 NAME_FIRST = ("model", "latent", "stage", "seed", "head", "data", "experiment")
-# paths make names long and unreadable; they stay in .hydra/overrides.yaml and config.yaml
-NAME_EXCLUDE = ("classify.encoder", "output_dir", "data.root", "data.cache_dir")
+# full paths make names long and unreadable: they appear by their last component (data.root=cifar10);
+# the full values stay in .hydra/overrides.yaml and config.yaml. output_dir is already the parent.
+NAME_BASENAME = ("classify.encoder", "data.root", "data.cache_dir")
+NAME_EXCLUDE = ("output_dir",)
+
+
+def _basename(override: str) -> str:
+    key, _, value = override.partition("=")
+    return f"{key}={os.path.basename(value.strip(chr(39) + chr(34)).rstrip('/')) or value}"
 
 
 def safe_name(overrides: Any) -> str:
     """One flat, filesystem-safe directory name from a job's overrides (``hydra.overrides.task``).
 
     Accepts the override list (or one string). Identity keys (model, latent, stage, seed, ...) come first,
-    paths, ``hydra.*`` and ``logger*`` keys are left out; ``/`` and other unsafe characters become ``_``; a name longer
+    paths appear by their last component, ``hydra.*`` and ``output_dir`` are left out; ``/`` and other unsafe characters become ``_``; a name longer
     than 120 characters is cut and suffixed with 8 hex digits of the SHA-1 of all overrides, so distinct
     jobs stay distinct. No overrides gives ``run``. E.g. ``['latent=64', 'model=vae']`` -> ``model=vae,latent=64``.
     """
     items = [overrides] if isinstance(overrides, str) else [str(o) for o in overrides]
     items = [o for o in items if o and o.split("=", 1)[0].lstrip("+~") not in NAME_EXCLUDE
-             and not o.lstrip("+~").startswith(("hydra.", "logger"))]
+             and not o.lstrip("+~").startswith("hydra.")]
+    items = [_basename(o) if o.split("=", 1)[0].lstrip("+~") in NAME_BASENAME else o for o in items]
     rank = {k: i for i, k in enumerate(NAME_FIRST)}
     items.sort(key=lambda o: (rank.get(o.split("=", 1)[0], len(rank)), o))
     full = ",".join(items)

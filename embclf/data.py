@@ -118,8 +118,9 @@ def _folder_split(cfg, train: bool):
     from torchvision.datasets import ImageFolder
     from torchvision.transforms.functional import pil_to_tensor
 
-    if str(cfg.root) in ("???", "", "None"):
-        raise DataError("data=folder needs data.root=PATH, a directory with train/<class>/* and test/<class>/*.")
+    if cfg.root in (None, "", "???"):
+        raise DataError("data=folder needs data.root=PATH, a directory with train/<class>/* and test/<class>/* "
+                        "(e.g. data.root=../shared/data/cifar10).")
     root = Path(os.path.expanduser(str(cfg.root))) / ("train" if train else "test")
     if not root.is_dir():
         raise DataError(
@@ -155,7 +156,8 @@ def _stratified(targets: np.ndarray, k: Optional[int], seed: int, what: str):
     if k is None or k == n:
         return np.arange(n), np.arange(0)
     if not 0 < k < n:
-        raise DataError(f"{what}={k} must be between 1 and the {n} images available (or null for all).")
+        raise DataError(f"{what}={k} must be between 1 and the {n} images available"
+                        f"{'' if what == 'data.val_size' else ' (or null for all)'}.")
     try:
         keep, rest = train_test_split(np.arange(n), train_size=k, stratify=targets, random_state=seed)
     except ValueError as e:  # e.g. fewer items than classes

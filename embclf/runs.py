@@ -149,6 +149,25 @@ def slurm_job_id() -> Optional[str]:
     return os.environ.get("SLURM_JOB_ID")
 
 
+def config_differences(old: dict, cfg: DictConfig) -> List[str]:
+    """Top-level/nested keys whose values differ between a stored resolved config and ``cfg``, ignoring
+    how the run executes (``VOLATILE_KEYS``) and ``stage`` (stage=all stores its sub-stage)."""
+    new = resolved(cfg)
+    diffs = []
+
+    def walk(a, b, prefix):
+        if isinstance(a, dict) and isinstance(b, dict):
+            for k in sorted(set(a) | set(b)):
+                if not prefix and k in VOLATILE_KEYS + ("stage",):
+                    continue
+                walk(a.get(k), b.get(k), f"{prefix}{k}.")
+        elif a != b:
+            diffs.append(prefix.rstrip("."))
+
+    walk(old, new, "")
+    return diffs
+
+
 def base_summary(cfg: DictConfig, stage: str, overrides: List[str]) -> Dict[str, Any]:
     """Fields every ``summary.json`` carries, filled at the start of a run (status "running")."""
     return {

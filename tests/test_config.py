@@ -78,7 +78,7 @@ def test_cfg_job_prints_composed_config(tmp_path):
 
 def test_safe_name_is_flat_and_bounded():
     assert safe_name(["latent=64", "model=vae"]) == "model=vae,latent=64"
-    assert safe_name(["data.root=/a/b/c", "model=ae", "hydra.run.dir=x"]) == "model=ae"
+    assert safe_name(["data.root=/a/b/c", "model=ae", "hydra.run.dir=x", "output_dir=/o"]) == "model=ae,data.root=c"
     assert "/" not in safe_name(["data.train_size=1", "x=a/b"])
     long = "x=" + "y" * 500
     a, b = safe_name([long]), safe_name([long + "z"])

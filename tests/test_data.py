@@ -59,3 +59,15 @@ def test_impossible_sizes(tmp_path, cifar_root, key, value):
     cfg[key] = value
     with pytest.raises(data.DataError, match=f"data.{key}"):
         data.load(cfg)
+
+
+def test_folder_requires_root():
+    from hydra import compose, initialize_config_dir
+
+    from embclf.config import conf_dir
+
+    with initialize_config_dir(config_dir=conf_dir(), version_base=None):
+        cfg = compose("config", overrides=["data=folder"])
+    assert cfg.data.root is None  # not the cifar10 default path
+    with pytest.raises(data.DataError, match="data=folder needs data.root=PATH"):
+        data.load(cfg.data)

@@ -109,3 +109,14 @@ def test_resume_after_sigterm_and_skip_completed(tmp_path, cifar_root):
     before = metrics.read_text()
     proc = run_embclf(args, tmp_path)  # completed: nothing retrained
     assert "already completed" in proc.stderr + proc.stdout and metrics.read_text() == before
+    # another config into the same run dir would mix two experiments: refused, naming the key
+    other = [a.replace("autoencode.epochs=6", "autoencode.epochs=7") for a in args]
+    proc = run_embclf(other, tmp_path, check=False)
+    assert proc.returncode == 2 and "differs in: autoencode.epochs" in proc.stderr
+    assert metrics.read_text() == before and json.loads((run_dir / "summary.json").read_text())["status"] == "completed"
+
+
+@pytest.mark.parametrize("bad", ["autoencode.epochs=0", "classify.epochs=0 stage=classify"])
+def test_zero_epochs_is_a_clear_error(tmp_path, bad):
+    proc = run_embclf([*MINI, *bad.split(), f"output_dir={tmp_path / 'o'}"], tmp_path, check=False)
+    assert proc.returncode == 2 and "epochs=0 must be at least 1" in proc.stderr and "Traceback" not in proc.stderr

@@ -131,6 +131,16 @@ def run(cfg, run_dir: Path, overrides: List[str]) -> Path:
     ac = cfg.autoencode
     if int(cfg.latent) < 1:
         raise runtime.EmbclfError(f"latent={cfg.latent} must be a positive integer (e.g. latent=64).")
+    if int(ac.epochs) < 1:
+        raise runtime.EmbclfError(f"autoencode.epochs={ac.epochs} must be at least 1.")
+    last = run_dir / "checkpoints" / "last.pt"
+    if last.is_file():  # resuming: only the same computation may continue in this run dir
+        diffs = runs.config_differences(torch.load(last, map_location="cpu", weights_only=False)["config"], cfg)
+        if diffs:
+            raise runtime.EmbclfError(
+                f"run dir {run_dir} holds a run with a different config (differs in: {', '.join(diffs)}); "
+                "resuming it would mix two experiments. Use the original settings to resume it, or a new run dir "
+                "(leave hydra.run.dir / hydra.sweep.dir at their defaults).")
     summary = runs.base_summary(cfg, "autoencode", overrides)
     env = runtime.setup(cfg)
     device = env["device"]
@@ -153,10 +163,9 @@ def run(cfg, run_dir: Path, overrides: List[str]) -> Path:
     runs.write_json_atomic(run_dir / runs.SUMMARY, summary)
     tracker = tracking.start(cfg, run_dir, "autoencode")  # wandb (or nothing); closed by finish below
 
-    ckpt_dir = run_dir / "checkpoints"
+    ckpt_dir = last.parent
     g = torch.Generator().manual_seed(int(cfg.seed))  # batch order; saved in checkpoints for exact resumes
     state = {"epoch": 0, "best_val_mse": math.inf, "best_epoch": 0}
-    last = ckpt_dir / "last.pt"
     if last.is_file():
         ck = torch.load(last, map_location=device, weights_only=False)
         model.load_state_dict(ck["model"])

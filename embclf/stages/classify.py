@@ -50,16 +50,27 @@ def resolve_encoder(cfg) -> Path:
         ident = runs.encoder_identity(cfg)
         ae = ident["autoencode"]
         d = ident["data"]
-        data_bits = " ".join(f"data.{k}={v}" for k, v in d.items() if k in ("train_size", "test_size", "val_size") and v is not None)
+        # every setting that makes the identity, so the printed command really trains the missing encoder
+        keys = [f"data={d['source']}"] + [f"data.{k}={_q(v)}" for k, v in d.items() if k != "source"] + \
+               [f"autoencode.{k}={_q(v)}" for k, v in ae.items()]
         raise runtime.EmbclfError(
             f"stage=classify found no completed autoencode run under output_dir={out} matching model={ident['model']['name']} "
             f"latent={ident['latent']} seed={ident['seed']} data={d['source']} (root {d['root']}, train_size "
             f"{d['train_size']}, test_size {d['test_size']}, val_size {d['val_size']}) autoencode.epochs={ae['epochs']} "
-            f"batch_size={ae['batch_size']} lr={ae['lr']}. Train it first with the same command line and stage=autoencode, "
-            f"e.g. `python -m embclf stage=autoencode model={ident['model']['name']} latent={ident['latent']} "
-            f"seed={ident['seed']} data={d['source']} data.root={d['root']} {data_bits} autoencode.epochs={ae['epochs']}`, "
+            f"batch_size={ae['batch_size']} lr={ae['lr']}. Train it first with the same command line and stage=autoencode "
+            f"(or run stage=all), e.g. `python -m embclf stage=autoencode model={ident['model']['name']} "
+            f"latent={ident['latent']} seed={ident['seed']} {' '.join(keys)} output_dir={out}`, "
             "or pass classify.encoder=PATH (a run dir or checkpoint).")
     return found / "checkpoints" / "best.pt"
+
+
+def _q(v) -> str:
+    """A config value as a Hydra override value (lists without spaces, null for None)."""
+    if v is None:
+        return "null"
+    if isinstance(v, (list, tuple)):
+        return "[" + ",".join(_q(x) for x in v) + "]"
+    return str(v)
 
 
 @torch.no_grad()
@@ -110,6 +121,8 @@ def run(cfg, run_dir: Path, overrides: List[str], encoder: Optional[Path] = None
         log.info("%s already completed with this config; nothing to do", run_dir)
         return run_dir
     cc = cfg.classify
+    if int(cc.epochs) < 1:
+        raise runtime.EmbclfError(f"classify.epochs={cc.epochs} must be at least 1.")
     summary = runs.base_summary(cfg, "classify", overrides)
     ckpt_path = (Path(encoder) / "checkpoints" / "best.pt") if encoder else resolve_encoder(cfg)
     encoder_run = ckpt_path.parent.parent
@@ -123,6 +136,10 @@ def run(cfg, run_dir: Path, overrides: List[str], encoder: Optional[Path] = None
     device = env["device"]
     ck = torch.load(ckpt_path, map_location=device, weights_only=False)
     enc_cfg = ck["config"]
+    if (enc_cfg["model"]["name"], int(enc_cfg["latent"])) != (cfg.model.name, int(cfg.latent)):
+        log.warning("classify.encoder is a model=%s latent=%d encoder; the command line's model=%s latent=%d "
+                    "do not apply (summary.json records the encoder's)", enc_cfg["model"]["name"],
+                    int(enc_cfg["latent"]), cfg.model.name, int(cfg.latent))
     model = build_model(OmegaConf.create(enc_cfg["model"]), int(enc_cfg["latent"]), int(enc_cfg["data"]["image_size"]))
     model.load_state_dict(ck["model"])
     model.to(device).eval().requires_grad_(False)
