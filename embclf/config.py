@@ -123,6 +123,14 @@ class ClassifyConfig:
     encoder: Optional[str] = None  # null = find the matching autoencode run; else run dir or .pt path
 
 
+class Precision(Enum):
+    """``precision``: ``fp32`` (default) or ``bf16`` autocast for the forward pass (CUDA and CPU); losses,
+    metric sums, optimizer state and checkpoints stay fp32."""
+
+    fp32 = "fp32"
+    bf16 = "bf16"
+
+
 class WandbMode(Enum):
     """``logger.wandb.mode``. ``auto``: ``WANDB_MODE`` if set, else online when logged in (``WANDB_API_KEY`` or a
     netrc entry) and the server answers within 2 s, else offline. It never prompts and never waits on a time-out."""
@@ -165,6 +173,9 @@ class Config:
     seed: int = 0
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     threads: Optional[int] = None  # null = torch default (honours OMP_NUM_THREADS)
+    precision: Precision = Precision.fp32  # bf16: autocast forward passes (embclf/runtime.py)
+    compile: bool = False  # torch.compile the model's training/eval step, once per job
+    tf32: bool = True  # CUDA only: TF32 matmuls and convolutions (recorded in the summary)
     output_dir: str = "outputs"
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)

@@ -45,8 +45,18 @@ def psnr_per_image(x_hat: torch.Tensor, x: torch.Tensor, data_range: float = 1.0
         float [B] in dB. A perfect reconstruction gives 100 dB (MSE floored at 1e-10).
     Reference: the standard definition, e.g. ``skimage.metrics.peak_signal_noise_ratio``.
     """
-    mse = mse_per_image(x_hat, x).clamp_min(EPS)
-    return 10.0 * torch.log10(data_range**2 / mse)
+    return psnr_from_sse(sse_per_image(x_hat, x), x[0].numel(), data_range)
+
+
+def psnr_from_sse(sse: torch.Tensor, values_per_image: int, data_range: float = 1.0) -> torch.Tensor:
+    """PSNR in dB of each image from its SSE, so one squared error per batch gives SSE, MSE and PSNR.
+
+    Args:
+        sse: float [B], squared error summed over each image's ``values_per_image`` = C*H*W values.
+    Returns:
+        float [B]: ``10 log10(data_range^2 / max(sse / values_per_image, 1e-10))`` dB.
+    """
+    return 10.0 * torch.log10(data_range**2 / (sse / values_per_image).clamp_min(EPS))
 
 
 def kl_normal(mu: torch.Tensor, logvar: torch.Tensor) -> torch.Tensor:

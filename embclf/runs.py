@@ -19,7 +19,9 @@ from __future__ import annotations
 import json
 import logging
 import os
+import pickle
 import signal
+import zipfile
 import socket
 import time
 from pathlib import Path
@@ -27,6 +29,8 @@ from typing import Any, Callable, Dict, Iterator, List, Optional
 
 import torch
 from omegaconf import DictConfig, OmegaConf
+
+from .runtime import EmbclfError
 
 log = logging.getLogger(__name__)
 
@@ -56,6 +60,49 @@ def write_json_atomic(path: Path, obj: Any) -> None:
 def save_atomic(obj: Any, path: Path) -> None:
     """``torch.save`` to ``path`` atomically, so a kill mid-write keeps the previous checkpoint."""
     _atomic(path, lambda t: torch.save(obj, t))
+
+
+def load_checkpoint(path: Path, expect: tuple = (), what: str = "checkpoint") -> dict:
+    """Read a checkpoint written by embclf: always onto the CPU, always with ``weights_only=True``.
+
+    Mapping to the CPU first is what makes a GPU run resumable: RNG states must come back as CPU byte
+    tensors (``torch.set_rng_state`` and ``Generator.set_state`` accept nothing else), and the caller then
+    moves what belongs on the device there (``Module.load_state_dict`` copies into the parameters wherever
+    they live; ``Optimizer.load_state_dict`` casts its state to each parameter's device). ``weights_only``
+    restricts unpickling to tensors and plain containers, so a crafted file cannot run code.
+
+    Args:
+        path: the ``.pt`` file. expect: top-level keys it must hold (e.g. ``("model", "config")``).
+        what: how to name the file in errors (e.g. ``"classify.encoder"``).
+    Returns:
+        the checkpoint dict; every tensor in it is on the CPU.
+    Raises:
+        EmbclfError: missing, truncated or not a torch file, holds anything but tensors and plain values,
+            or lacks an ``expect`` key (one paragraph naming the path and what was expected).
+    """
+    path = Path(path)
+    not_readable = (f"{what}: {path} is not a readable torch checkpoint (truncated, or another kind of file{{}}). "
+                    "Point it at a complete checkpoint written by embclf (checkpoints/best.pt of a run).")
+    if not path.is_file():
+        raise EmbclfError(f"{what}: {path} does not exist or is not a file.")
+    if not zipfile.is_zipfile(path):  # torch.save has written zip archives since PyTorch 1.6
+        raise EmbclfError(not_readable.format(""))
+    try:
+        ck = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:  # weights_only refused a global: code or an unknown object inside
+        said = [ln.strip() for ln in str(e).splitlines() if "Unsupported global" in ln] or ["unsupported content"]
+        raise EmbclfError(
+            f"{what}: {path} holds objects other than tensors and plain values ({said[0][:200]}), so it was not "
+            "loaded: unpickling it could run code. embclf checkpoints hold only tensors and plain values; use one "
+            "written by embclf (checkpoints/best.pt of an autoencode run).") from None
+    except (RuntimeError, EOFError, OSError, ValueError, KeyError, zipfile.BadZipFile) as e:
+        raise EmbclfError(not_readable.format(f": {type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}")) \
+            from None
+    missing = [k for k in expect if not isinstance(ck, dict) or k not in ck]
+    if missing:
+        raise EmbclfError(f"{what}: {path} is a torch file but not the expected checkpoint (missing "
+                          f"{', '.join(missing)}; expected keys {', '.join(expect)}).")
+    return ck
 
 
 def read_json(path: Path) -> Optional[dict]:
@@ -123,7 +170,9 @@ def read_config(run_dir: Path) -> Optional[dict]:
     return OmegaConf.to_container(OmegaConf.load(p))
 
 
-VOLATILE_KEYS = ("threads", "device", "output_dir", "logger")  # how a run executes, not what it computes
+# how a run executes, not what it computes (compile and TF32 change speed, not the experiment; precision
+# does change the numbers, so it is not here)
+VOLATILE_KEYS = ("threads", "device", "output_dir", "logger", "compile", "tf32")
 
 
 def is_completed(run_dir: Path, cfg: DictConfig) -> bool:
@@ -218,11 +267,12 @@ def iter_run_dirs(root: Path) -> Iterator[Path]:
 
 
 def encoder_identity(cfg) -> dict:
-    """What makes two autoencode runs the same: data, model, latent, seed and ``autoencode.*``."""
+    """What makes two autoencode runs the same: data, model, latent, seed, precision and ``autoencode.*``
+    (runs written before ``precision`` existed were fp32)."""
     c = cfg if isinstance(cfg, dict) else resolved(cfg)
     data = {k: v for k, v in c["data"].items() if k not in ("cache_dir", "download")}
     return {"data": data, "model": c["model"], "latent": c["latent"], "seed": c["seed"],
-            "autoencode": c["autoencode"]}
+            "precision": c.get("precision", "fp32"), "autoencode": c["autoencode"]}
 
 
 def find_encoder_run(cfg: DictConfig, output_dir: Path) -> Optional[Path]:

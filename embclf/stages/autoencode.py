@@ -35,33 +35,99 @@ N_INTERP_PAIRS, N_INTERP_STEPS = 8, 10  # images/interpolation.png: rows of pair
 ACTIVE_UNIT_THRESHOLD = 0.01  # Burda et al., "Importance Weighted Autoencoders" (2016), sec. 5.2
 
 
-@torch.no_grad()
-def evaluate(model, split: data_mod.Split, device, batch_size: int, beta: float) -> Dict[str, float]:
-    """Deterministic metrics on a split (VAE decodes the posterior mean mu).
+SUMS = ("loss", "sse", "psnr", "kl")  # per-image quantities summed over an epoch, on the device
 
-    Returns loss (objective per image), mse (per pixel), sse (per image), psnr (dB, mean of per-image),
-    and for a VAE kl (nats/sample) and active_units (dims whose Var_x[mu] > 0.01).
+
+def batch_step(model, x: torch.Tensor, beta: float, precision: str = "fp32"):
+    """Forward pass and objective of one batch; the one place the squared error is computed.
+
+    The objective per image is SSE + beta * KL (VAE) or SSE (AE), as ``losses.vae_loss`` / ``losses.ae_loss``;
+    SSE, MSE (= SSE / values per image) and PSNR (``losses.psnr_from_sse``) all derive from one squared
+    error. The forward pass runs under ``runtime.autocast`` (bf16 when ``precision == "bf16"``); the loss
+    and the sums are computed in fp32.
+
+    Args:
+        model: ``Autoencoder`` (in train mode a VAE samples z; in eval mode it decodes mu).
+        x: float32 [B, 3, S, S], pixels in [0, 1], on the model's device.
+    Returns:
+        (loss: fp32 scalar, mean objective per image, differentiable;
+         sums: fp32 [4] detached, the batch's sums of objective, SSE, PSNR (dB) and KL (nats; 0 for an AE);
+         mu: [B, latent] detached).
+    """
+    with runtime.autocast(x.device, precision):
+        out = model(x)
+    x_hat = out["x_hat"].float()
+    sse = losses.sse_per_image(x_hat, x)
+    if model.variational:
+        kl = losses.kl_normal(out["mu"].float(), out["logvar"].float())
+        per_image = sse + beta * kl
+    else:
+        kl = torch.zeros_like(sse)
+        per_image = sse
+    loss = per_image.mean()
+    d_sse = sse.detach()
+    sums = torch.stack([per_image.detach().sum(), d_sse.sum(), losses.psnr_from_sse(d_sse, x[0].numel()).sum(),
+                        kl.detach().sum()])
+    return loss, sums, out["mu"].detach()
+
+
+def train_epoch(step, model, opt, images: torch.Tensor, batch_size: int, generator: torch.Generator,
+                fmt: torch.memory_format = torch.contiguous_format, on_step=None) -> torch.Tensor:
+    """One pass over ``images`` (uint8 [N, 3, S, S] on the training device) in the random order drawn from
+    ``generator``: forward (``step``, i.e. ``batch_step`` or its compiled form), backward, optimizer step.
+
+    Never reads a value back to the host: the per-image sums accumulate on the device, so the GPU is never
+    stalled inside the epoch. ``on_step(batch_images)`` runs after every optimizer step (signals, progress bar).
+    Returns:
+        fp32 [4] on the device: sums over the epoch's images of objective, SSE, PSNR (dB), KL (nats).
+    """
+    model.train()
+    sums = torch.zeros(len(SUMS), device=images.device)
+    for idx in data_mod.batches(len(images), batch_size, images.device, shuffle=True, generator=generator):
+        x = data_mod.to_float(images[idx]).contiguous(memory_format=fmt)
+        loss, s, _ = step(x)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        sums += s
+        if on_step is not None:
+            on_step(len(idx))
+    return sums
+
+
+def _means(sums: list, n: int, values_per_image: int, variational: bool) -> Dict[str, float]:
+    m = dict(zip(SUMS, (v / n for v in sums)))
+    m["mse"] = m["sse"] / values_per_image
+    if not variational:
+        m.pop("kl")
+    return m
+
+
+@torch.no_grad()
+def evaluate(step, model, split: data_mod.Split, batch_size: int,
+             fmt: torch.memory_format = torch.contiguous_format) -> Dict[str, float]:
+    """Deterministic metrics on a split whose images are on the model's device (a VAE decodes mu).
+
+    Sums stay on the device and are read once at the end. Returns floats: loss (objective per image),
+    mse (per pixel), sse (per image), psnr (dB, mean of per-image), and for a VAE kl (nats/sample) and
+    active_units (latent dims whose Var_x[mu] > 0.01, Burda et al. 2016).
     """
     model.eval()
-    tot = {"sse": 0.0, "mse": 0.0, "psnr": 0.0, "kl": 0.0}
+    device = split.images.device
+    sums = torch.zeros(len(SUMS), device=device)
     mus = []
     for idx in data_mod.batches(len(split), batch_size, device, shuffle=False):
-        x = data_mod.to_float(split.images[idx.to(split.images.device)].to(device, non_blocking=True))
-        out = model(x, sample=False)
-        tot["sse"] += losses.sse_per_image(out["x_hat"], x).sum().item()
-        tot["mse"] += losses.mse_per_image(out["x_hat"], x).sum().item()
-        tot["psnr"] += losses.psnr_per_image(out["x_hat"], x).sum().item()
+        _, s, mu = step(data_mod.to_float(split.images[idx]).contiguous(memory_format=fmt))
+        sums += s
         if model.variational:
-            tot["kl"] += losses.kl_normal(out["mu"], out["logvar"]).sum().item()
-            mus.append(out["mu"].float().cpu())
-    n = len(split)
-    m = {k: v / n for k, v in tot.items()}
+            mus.append(mu.float())
     if model.variational:
-        m["loss"] = m["sse"] + beta * m["kl"]
-        m["active_units"] = int((torch.cat(mus).var(0) > ACTIVE_UNIT_THRESHOLD).sum())
-    else:
-        m.pop("kl")
-        m["loss"] = m["sse"]
+        active = (torch.cat(mus).var(0) > ACTIVE_UNIT_THRESHOLD).sum().float().view(1)
+        sums = torch.cat([sums, active])
+    host = sums.tolist()  # the one read-back of this evaluation
+    m = _means(host[:len(SUMS)], len(split), split.images[0].numel(), model.variational)
+    if model.variational:
+        m["active_units"] = int(host[-1])
     return m
 
 
@@ -92,7 +158,7 @@ def save_interpolation(model, test: data_mod.Split, device, run_dir: Path) -> Pa
     model.eval()
     n = min(N_INTERP_PAIRS, len(test) // 2)
     pick = torch.randperm(len(test), generator=torch.Generator().manual_seed(0))[:2 * n]
-    x = data_mod.to_float(test.images[pick.to(test.images.device)].to(device))
+    x = data_mod.to_float(test.images[pick.to(test.images.device)].to(device))  # a no-op when on the device
     z = model.encode(x)[0]
     t = torch.linspace(0, 1, N_INTERP_STEPS, device=device).view(1, -1, 1)
     line = (1 - t) * z[:n, None] + t * z[n:, None]  # [n, steps, latent]
@@ -105,16 +171,46 @@ def save_interpolation(model, test: data_mod.Split, device, run_dir: Path) -> Pa
 
 
 def _rng_state() -> dict:
-    return {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate(),
+    """Every RNG's state as tensors and plain values (loadable with ``weights_only=True``)."""
+    name, keys, pos, has_gauss, cached = np.random.get_state()
+    version, internal, gauss = random.getstate()
+    return {"torch": torch.get_rng_state(), "numpy": [name, keys.tolist(), pos, has_gauss, cached],
+            "python": [version, list(internal), gauss],
             "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}
 
 
 def _set_rng_state(s: dict) -> None:
+    """Restore ``_rng_state()``'s output (CPU tensors, as ``runs.load_checkpoint`` returns them).
+
+    A checkpoint written on a GPU and resumed on a CPU-only machine (or on fewer GPUs) restores the CPU
+    generators and the CUDA generators that exist, and says so."""
     torch.set_rng_state(s["torch"])
-    np.random.set_state(s["numpy"])
-    random.setstate(s["python"])
-    if s.get("cuda") is not None and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(s["cuda"])
+    name, keys, pos, has_gauss, cached = s["numpy"]
+    np.random.set_state((name, np.asarray(keys, dtype=np.uint32), pos, has_gauss, cached))
+    version, internal, gauss = s["python"]
+    random.setstate((version, tuple(internal), gauss))
+    cuda = s.get("cuda")
+    if cuda:
+        n = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if n < len(cuda):
+            log.warning("the checkpoint holds the RNG states of %d CUDA device(s), %d are usable here: the "
+                        "others are not restored (random draws on the GPU differ from an uninterrupted run)",
+                        len(cuda), n)
+        for i, st in enumerate(cuda[:n]):
+            torch.cuda.set_rng_state(st, i)
+
+
+def restore_training_state(ck: dict, model, opt, sched, generator: torch.Generator) -> dict:
+    """Continue from a ``last.pt`` read by ``runs.load_checkpoint`` (all tensors on the CPU), whatever device
+    the model and optimizer live on: ``load_state_dict`` copies weights into the device's parameters and the
+    optimizer casts its state to each parameter's device, while RNG states stay CPU tensors. Returns the
+    saved loop state {"epoch", "best_val_mse", "best_epoch"}."""
+    model.load_state_dict(ck["model"])
+    opt.load_state_dict(ck["optimizer"])
+    sched.load_state_dict(ck["scheduler"])
+    _set_rng_state(ck["rng"])
+    generator.set_state(ck["batch_rng"])
+    return dict(ck["state"])
 
 
 def run(cfg, run_dir: Path, overrides: List[str]) -> Path:
@@ -134,8 +230,10 @@ def run(cfg, run_dir: Path, overrides: List[str]) -> Path:
     if int(ac.epochs) < 1:
         raise runtime.EmbclfError(f"autoencode.epochs={ac.epochs} must be at least 1.")
     last = run_dir / "checkpoints" / "last.pt"
-    if last.is_file():  # resuming: only the same computation may continue in this run dir
-        diffs = runs.config_differences(torch.load(last, map_location="cpu", weights_only=False)["config"], cfg)
+    resume = runs.load_checkpoint(last, ("model", "optimizer", "scheduler", "rng", "batch_rng", "state", "config"),
+                                  "resume") if last.is_file() else None
+    if resume is not None:  # resuming: only the same computation may continue in this run dir
+        diffs = runs.config_differences(resume["config"], cfg)
         if diffs:
             raise runtime.EmbclfError(
                 f"run dir {run_dir} holds a run with a different config (differs in: {', '.join(diffs)}); "
@@ -144,21 +242,30 @@ def run(cfg, run_dir: Path, overrides: List[str]) -> Path:
     summary = runs.base_summary(cfg, "autoencode", overrides)
     env = runtime.setup(cfg)
     device = env["device"]
+    precision = runtime.precision(cfg)
+    fmt = runtime.memory_format(device)
     ds = data_mod.load(cfg.data)
-    # airbench-style: the whole split lives on the training device; batches are index lookups
-    train_x, val, test = ds.train.images.to(device), ds.val, ds.test
-    model = build_model(cfg.model, int(cfg.latent), int(cfg.data.image_size)).to(device)
+    # airbench-style: every split lives on the training device as uint8; batches are index lookups there
+    train, val, test = (s.to(device) for s in (ds.train, ds.val, ds.test))
+    model = build_model(cfg.model, int(cfg.latent), int(cfg.data.image_size)).to(device, memory_format=fmt)
     beta = float(cfg.model.beta)
-    opt = torch.optim.Adam(model.parameters(), lr=ac.lr, weight_decay=ac.weight_decay)
+    opt = runtime.adam(model.parameters(), device, float(ac.lr), float(ac.weight_decay))
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=int(ac.epochs))
+
+    def step(x):
+        return batch_step(model, x, beta, precision)
+
+    step = runtime.maybe_compile(step, bool(cfg.compile))  # one compiled step per job, train and eval
     log.info("model %s, latent %d, %d parameters", cfg.model.name, cfg.latent, count_parameters(model))
     # bad input has failed by now; only from here on does the run dir hold a config and a summary
     if prior and prior.get("start_time"):  # resumed: the clock started with the first attempt
         summary["start_time"] = prior["start_time"]
     runs.write_config(run_dir, cfg)
     summary.update(device=str(device), device_name=env["name"], device_fallback=env["fallback"],
+                   precision=precision, compile=bool(cfg.compile), tf32=env["tf32"],
+                   cudnn_benchmark=env["cudnn_benchmark"], channels_last=fmt == torch.channels_last,
                    parameters=count_parameters(model), data_fingerprint=ds.fingerprint,
-                   n_train=len(ds.train), n_val=len(val), n_test=len(test),
+                   n_train=len(train), n_val=len(val), n_test=len(test),
                    provenance=tracking.provenance(cfg, ds.fingerprint, env["name"]))
     runs.write_json_atomic(run_dir / runs.SUMMARY, summary)
     tracker = tracking.start(cfg, run_dir, "autoencode")  # wandb (or nothing); closed by finish below
@@ -166,14 +273,9 @@ def run(cfg, run_dir: Path, overrides: List[str]) -> Path:
     ckpt_dir = last.parent
     g = torch.Generator().manual_seed(int(cfg.seed))  # batch order; saved in checkpoints for exact resumes
     state = {"epoch": 0, "best_val_mse": math.inf, "best_epoch": 0}
-    if last.is_file():
-        ck = torch.load(last, map_location=device, weights_only=False)
-        model.load_state_dict(ck["model"])
-        opt.load_state_dict(ck["optimizer"])
-        sched.load_state_dict(ck["scheduler"])
-        _set_rng_state(ck["rng"])
-        g.set_state(ck["batch_rng"])
-        state = ck["state"]
+    if resume is not None:
+        state = restore_training_state(resume, model, opt, sched, g)
+        del resume
         runs.truncate_metrics(run_dir, state["epoch"])  # epochs after the checkpoint are redone
         log.info("resuming from %s at epoch %d", last, state["epoch"])
         summary["resumed_from_epoch"] = state["epoch"]
@@ -184,51 +286,38 @@ def run(cfg, run_dir: Path, overrides: List[str]) -> Path:
                           "config": runs.resolved(cfg), **extra}, path)
 
     image_epochs = set(int(e) for e in ac.image_epochs) | {int(ac.epochs)}
+    values_per_image = train.images[0].numel()
+    train_images = train_seconds = 0.0
     # On SIGUSR2/SIGTERM (SLURM time limit, preemption) save the current weights as last.pt with the
     # last *completed* epoch at the next optimizer step, then hand on to submitit's requeue handler:
     # a resume redoes this epoch from the partly trained weights.
     with runs.CheckpointOnSignal(lambda: checkpoint(last)) as signals:
         for epoch in range(state["epoch"] + 1, int(ac.epochs) + 1):
             t0 = time.time()
-            model.train()
-            tot = {"loss": 0.0, "sse": 0.0, "mse": 0.0, "psnr": 0.0, "kl": 0.0}
             lr = opt.param_groups[0]["lr"]
-            bar = tracking.progress(len(train_x), f"epoch {epoch}/{ac.epochs}")  # only on a terminal
-            for idx in data_mod.batches(len(train_x), int(ac.batch_size), device, shuffle=True, generator=g):
-                x = data_mod.to_float(train_x[idx])
-                out = model(x)
-                loss = (losses.vae_loss(out["x_hat"], x, out["mu"], out["logvar"], beta) if model.variational
-                        else losses.ae_loss(out["x_hat"], x))
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                opt.step()
+            bar = tracking.progress(len(train), f"epoch {epoch}/{ac.epochs}")  # only on a terminal
+
+            def on_step(n_images: int) -> None:
                 signals.poll()  # a pending SIGUSR2/SIGTERM: save a consistent state, then hand on
-                with torch.no_grad():
-                    b = len(idx)
-                    tot["loss"] += loss.item() * b
-                    tot["sse"] += losses.sse_per_image(out["x_hat"], x).sum().item()
-                    tot["mse"] += losses.mse_per_image(out["x_hat"], x).sum().item()
-                    tot["psnr"] += losses.psnr_per_image(out["x_hat"], x).sum().item()
-                    if model.variational:
-                        tot["kl"] += losses.kl_normal(out["mu"], out["logvar"]).sum().item()
                 if not bar.disable:
-                    bar.update(b)
-                    bar.set_postfix(loss=f"{tot['loss'] / bar.n:.4g}", refresh=False)  # running mean per image
+                    bar.update(n_images)
+
+            sums = train_epoch(step, model, opt, train.images, int(ac.batch_size), g, fmt, on_step)
+            train_m = _means(sums.tolist(), len(train), values_per_image, model.variational)  # one sync per epoch
             bar.close()
-            if not model.variational:
-                tot.pop("kl")
             sched.step()
             seconds = time.time() - t0
-            train_m = {k: v / len(train_x) for k, v in tot.items()}
-            val_m = evaluate(model, val, device, int(ac.eval_batch_size), beta)
+            train_images += len(train)
+            train_seconds += seconds
+            val_m = evaluate(step, model, val, int(ac.eval_batch_size), fmt)
             runs.append_metrics(run_dir, {"epoch": epoch, "split": "train", **train_m, "lr": lr, "seconds": seconds,
-                                          "images_per_second": len(train_x) / seconds})
+                                          "images_per_second": len(train) / seconds})
             runs.append_metrics(run_dir, {"epoch": epoch, "split": "val", **val_m, "lr": lr})
-            tracker.log_epoch(epoch, train={**train_m, "seconds": seconds, "images_per_second": len(train_x) / seconds},
+            tracker.log_epoch(epoch, train={**train_m, "seconds": seconds, "images_per_second": len(train) / seconds},
                               val=val_m, lr=lr)
             log.info("epoch %d/%d  train mse %.5f psnr %.2f dB | val mse %.5f psnr %.2f dB%s | %.1fs (%.0f img/s)",
                      epoch, ac.epochs, train_m["mse"], train_m["psnr"], val_m["mse"], val_m["psnr"],
-                     f" kl {val_m['kl']:.2f}" if "kl" in val_m else "", seconds, len(train_x) / seconds)
+                     f" kl {val_m['kl']:.2f}" if "kl" in val_m else "", seconds, len(train) / seconds)
             state["epoch"] = epoch
             if val_m["mse"] < state["best_val_mse"]:
                 state.update(best_val_mse=val_m["mse"], best_epoch=epoch)
@@ -239,15 +328,17 @@ def run(cfg, run_dir: Path, overrides: List[str]) -> Path:
                 tracker.log_images(epoch, **save_images(model, test, device, run_dir, epoch))
 
         # still inside the handler: a signal during the test evaluation must not leave "running" behind
-        final = evaluate(model, test, device, int(ac.eval_batch_size), beta)
+        final = evaluate(step, model, test, int(ac.eval_batch_size), fmt)
         runs.append_metrics(run_dir, {"epoch": int(ac.epochs), "split": "test", **final})
-        best_ck = torch.load(ckpt_dir / "best.pt", map_location=device, weights_only=False)
+        best_ck = runs.load_checkpoint(ckpt_dir / "best.pt", ("model", "val"), "best checkpoint")
         model.load_state_dict(best_ck["model"])
-        best = evaluate(model, test, device, int(ac.eval_batch_size), beta)
+        best = evaluate(step, model, test, int(ac.eval_batch_size), fmt)
         tracker.log_images(int(ac.epochs), interpolation=save_interpolation(model, test, device, run_dir))  # best-on-val
         summary.update({f"test_{k}": v for k, v in best.items()})
         summary.update({f"final_test_{k}": v for k, v in final.items()})
         summary.update({f"val_{k}": v for k, v in best_ck["val"].items()})
+        if train_seconds:
+            summary.update(train_seconds=train_seconds, train_images_per_second=train_images / train_seconds)
         summary.update(status="completed", best_epoch=state["best_epoch"], end_time=time.time())
         summary["wall_seconds"] = summary["end_time"] - summary["start_time"]
         runs.write_json_atomic(run_dir / runs.SUMMARY, summary)

@@ -74,21 +74,30 @@ def _q(v) -> str:
 
 
 @torch.no_grad()
-def embed(encoder, split: data_mod.Split, device, batch_size: int) -> torch.Tensor:
-    """Embeddings of a split: float32 [N, latent] (mu for a VAE), on the CPU."""
+def embed(encoder, split: data_mod.Split, device, batch_size: int, precision: str = "fp32") -> torch.Tensor:
+    """Embeddings of a split: float32 [N, latent] (mu for a VAE), on the CPU.
+
+    The split's images are moved to ``device`` once; the batches' embeddings stay there and come back to
+    the host in one copy at the end (no per-batch sync)."""
     encoder.eval()
+    images = split.images.to(device)
+    fmt = runtime.memory_format(device)
     out = []
-    for i in range(0, len(split), batch_size):
-        x = data_mod.to_float(split.images[i:i + batch_size].to(device))
-        out.append(encoder.encode(x)[0].float().cpu())
-    return torch.cat(out)
+    for i in range(0, len(images), batch_size):
+        x = data_mod.to_float(images[i:i + batch_size]).contiguous(memory_format=fmt)
+        with runtime.autocast(device, precision):
+            out.append(encoder.encode(x)[0].float())
+    return torch.cat(out).cpu()
 
 
 @torch.no_grad()
-def _eval(head, z, y, batch_size: int) -> Dict[str, float]:
+def _eval(head, z, y, batch_size: int):
+    """Cross-entropy (nats) and accuracy of ``head`` on embeddings z [N, latent] with labels y [N]; one
+    host read. Returns ({"loss", "accuracy"}, logits [N, classes] on z's device)."""
     head.eval()
     logits = torch.cat([head(z[i:i + batch_size]) for i in range(0, len(z), batch_size)])
-    return {"loss": losses.cross_entropy(logits, y).item(), "accuracy": losses.accuracy(logits, y)}, logits
+    loss, acc = torch.stack([losses.cross_entropy(logits, y), (logits.argmax(1) == y).float().mean()]).tolist()
+    return {"loss": loss, "accuracy": acc}, logits
 
 
 def save_confusion_png(cm, classes: List[str], path: Path, title: str) -> None:
@@ -106,6 +115,26 @@ def save_confusion_png(cm, classes: List[str], path: Path, title: str) -> None:
     path.parent.mkdir(exist_ok=True)
     fig.savefig(path, dpi=100)
     plt.close(fig)
+
+
+def train_head_epoch(head, opt, z: torch.Tensor, y: torch.Tensor, batch_size: int,
+                     generator: torch.Generator) -> torch.Tensor:
+    """One epoch of cross-entropy training of ``head`` on embeddings z float32 [N, latent] with labels
+    y int64 [N] (both on the device), in the random order drawn from ``generator``.
+
+    Returns fp32 [2] on the device: the epoch's summed cross-entropy (nats) and number of correct
+    predictions; nothing is read back to the host inside the loop."""
+    head.train()
+    sums = torch.zeros(2, device=z.device)
+    for idx in data_mod.batches(len(z), batch_size, z.device, shuffle=True, generator=generator):
+        logits = head(z[idx])
+        loss = losses.cross_entropy(logits, y[idx])
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        with torch.no_grad():
+            sums += torch.stack([loss.detach() * len(idx), (logits.argmax(1) == y[idx]).sum().float()])
+    return sums
 
 
 def run(cfg, run_dir: Path, overrides: List[str], encoder: Optional[Path] = None) -> Path:
@@ -134,15 +163,16 @@ def run(cfg, run_dir: Path, overrides: List[str], encoder: Optional[Path] = None
 
     env = runtime.setup(cfg)
     device = env["device"]
-    ck = torch.load(ckpt_path, map_location=device, weights_only=False)
+    ck = runs.load_checkpoint(ckpt_path, ("model", "config", "state"),
+                              "classify.encoder" if cfg.classify.encoder else "encoder checkpoint")
     enc_cfg = ck["config"]
     if (enc_cfg["model"]["name"], int(enc_cfg["latent"])) != (cfg.model.name, int(cfg.latent)):
         log.warning("classify.encoder is a model=%s latent=%d encoder; the command line's model=%s latent=%d "
                     "do not apply (summary.json records the encoder's)", enc_cfg["model"]["name"],
                     int(enc_cfg["latent"]), cfg.model.name, int(cfg.latent))
     model = build_model(OmegaConf.create(enc_cfg["model"]), int(enc_cfg["latent"]), int(enc_cfg["data"]["image_size"]))
-    model.load_state_dict(ck["model"])
-    model.to(device).eval().requires_grad_(False)
+    model.load_state_dict(ck["model"])  # CPU weights; then onto the device
+    model.to(device, memory_format=runtime.memory_format(device)).eval().requires_grad_(False)
     summary.update(encoder_run=str(encoder_run.resolve()), encoder_checkpoint=str(ckpt_path.resolve()),
                    encoder_epoch=int(ck["state"]["epoch"]), model=enc_cfg["model"]["name"],
                    latent=int(enc_cfg["latent"]), device=str(device), device_name=env["name"],
@@ -154,10 +184,11 @@ def run(cfg, run_dir: Path, overrides: List[str], encoder: Optional[Path] = None
     runs.write_json_atomic(run_dir / runs.SUMMARY, summary)  # a failure from here on keeps the encoder and provenance
     tracker = tracking.start(cfg, run_dir, "classify", encoder_cfg=enc_cfg)  # wandb (or nothing); closed by finish below
     if emb_path.is_file():  # computed once per run dir; a resumed job reuses them
-        emb = torch.load(emb_path, weights_only=False)
+        emb = runs.load_checkpoint(emb_path, ("train", "val", "test", "classes"), "embeddings")
     else:
         t0 = time.time()
-        emb = {s: {"z": embed(model, ds.split(s), device, 1000), "labels": ds.split(s).labels.clone()}
+        prec = enc_cfg.get("precision", "fp32")  # embed as the encoder was trained
+        emb = {s: {"z": embed(model, ds.split(s), device, 1000, prec), "labels": ds.split(s).labels.clone()}
                for s in ("train", "val", "test")}
         emb["classes"] = ds.classes
         runs.save_atomic(emb, emb_path)
@@ -170,24 +201,15 @@ def run(cfg, run_dir: Path, overrides: List[str], encoder: Optional[Path] = None
     head = build_head(cfg.head, z["train"].shape[1], len(classes)).to(device)
     if hasattr(head, "fit_standardizer"):
         head.fit_standardizer(z["train"])
-    opt = torch.optim.Adam(head.parameters(), lr=cc.lr, weight_decay=cc.weight_decay)
+    opt = runtime.adam(head.parameters(), device, float(cc.lr), float(cc.weight_decay))
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=int(cc.epochs))
     g = torch.Generator().manual_seed(int(cfg.seed))
     best_acc, best_epoch = -math.inf, 0
     ckpt_dir = run_dir / "checkpoints"
     for epoch in range(1, int(cc.epochs) + 1):
         t0 = time.time()
-        head.train()
-        tot_loss = tot_correct = 0.0
         lr = opt.param_groups[0]["lr"]
-        for idx in data_mod.batches(len(z["train"]), int(cc.batch_size), device, shuffle=True, generator=g):
-            logits = head(z["train"][idx])
-            loss = losses.cross_entropy(logits, y["train"][idx])
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            tot_loss += loss.item() * len(idx)
-            tot_correct += (logits.argmax(1) == y["train"][idx]).sum().item()
+        tot_loss, tot_correct = train_head_epoch(head, opt, z["train"], y["train"], int(cc.batch_size), g).tolist()
         sched.step()
         n = len(z["train"])
         train_m = {"loss": tot_loss / n, "accuracy": tot_correct / n}
@@ -206,7 +228,7 @@ def run(cfg, run_dir: Path, overrides: List[str], encoder: Optional[Path] = None
 
     final_m, _ = _eval(head, z["test"], y["test"], 4096)
     runs.append_metrics(run_dir, {"epoch": int(cc.epochs), "split": "test", **final_m})
-    best = torch.load(ckpt_dir / "best.pt", map_location=device, weights_only=False)
+    best = runs.load_checkpoint(ckpt_dir / "best.pt", ("head", "val"), "best head checkpoint")
     head.load_state_dict(best["head"])
     test_m, logits = _eval(head, z["test"], y["test"], 4096)
     pred = logits.argmax(1).cpu().numpy()
