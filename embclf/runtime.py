@@ -57,9 +57,22 @@ def setup(cfg) -> dict:
         raise EmbclfError(f"device={want!r} is not a device; use auto, cpu, cuda or cuda:N.")
     name = torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu"
     backends = configure_backends(dev, bool(cfg.get("tf32", True)))
+    if precision(cfg) == "bf16" and dev.type == "cpu" and not cpu_has_fast_bf16():
+        log.warning("precision=bf16 on a CPU without native bf16 (%s; no AVX512-BF16/AMX): the convolutions run "
+                    "in emulated bf16, ~15-30x slower than fp32 (benchmarks/run.py, row 5). Use precision=fp32 "
+                    "on this machine.", torch.backends.cpu.get_cpu_capability())
     log.info("device %s (%s), %d threads, seed %d, precision %s%s", dev, name, torch.get_num_threads(), seed,
              precision(cfg), ", TF32" if backends["tf32"] else "")
     return {"device": dev, "fallback": fallback, "name": name, **backends}
+
+
+def cpu_has_fast_bf16() -> bool:
+    """True when oneDNN has native bf16 kernels on this CPU (AVX512-BF16 or AMX); without them bf16
+    convolutions are emulated and far slower than fp32."""
+    try:
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):
+        return False
 
 
 def precision(cfg) -> str:

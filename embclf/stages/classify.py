@@ -80,6 +80,7 @@ def embed(encoder, split: data_mod.Split, device, batch_size: int, precision: st
     The split's images are moved to ``device`` once; the batches' embeddings stay there and come back to
     the host in one copy at the end (no per-batch sync)."""
     encoder.eval()
+    device = torch.device(device)
     images = split.images.to(device)
     fmt = runtime.memory_format(device)
     out = []
