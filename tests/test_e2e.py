@@ -120,3 +120,24 @@ def test_resume_after_sigterm_and_skip_completed(tmp_path, cifar_root):
 def test_zero_epochs_is_a_clear_error(tmp_path, bad):
     proc = run_embclf([*MINI, *bad.split(), f"output_dir={tmp_path / 'o'}"], tmp_path, check=False)
     assert proc.returncode == 2 and "epochs=0 must be at least 1" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_classify_encoder_that_would_run_code_is_refused(tmp_path, cifar_root):
+    marker = tmp_path / "pwned"
+
+    class Evil:
+        def __reduce__(self):
+            import os
+            return (os.system, (f"touch {marker}",))
+
+    torch.save({"model": Evil(), "config": {}, "state": {}}, tmp_path / "evil.pt")
+    (tmp_path / "head.pt").write_bytes(b"\x00" * 64)  # not a checkpoint at all
+    out = tmp_path / "o"
+    for bad, said in (("evil.pt", "holds objects other than tensors and plain values"),
+                      ("head.pt", "is not a readable torch checkpoint")):
+        proc = run_embclf(["stage=classify", *MINI, f"classify.encoder={tmp_path / bad}", f"output_dir={out}"],
+                          tmp_path, check=False)
+        assert proc.returncode == 2 and f"classify.encoder: {tmp_path / bad} {said}" in proc.stderr, proc.stderr
+        assert "Traceback" not in proc.stderr
+    assert not marker.exists()  # the pickle's command never ran
+    assert not out.exists() or not any(out.iterdir())  # nothing half-written

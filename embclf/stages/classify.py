@@ -157,6 +157,9 @@ def run(cfg, run_dir: Path, overrides: List[str], encoder: Optional[Path] = None
     ckpt_path = (Path(encoder) / "checkpoints" / "best.pt") if encoder else resolve_encoder(cfg)
     encoder_run = ckpt_path.parent.parent
     log.info("encoder: %s", ckpt_path)
+    # read onto the CPU (weights_only: a checkpoint is data, never code); a file of another kind fails here
+    ck = runs.load_checkpoint(ckpt_path, ("model", "config", "state"),
+                              "classify.encoder" if cfg.classify.encoder else "encoder checkpoint")
     ds = data_mod.load(cfg.data)
     # bad input has failed by now; only from here on does the run dir hold a config and a summary
     runs.write_config(run_dir, cfg)
@@ -164,8 +167,6 @@ def run(cfg, run_dir: Path, overrides: List[str], encoder: Optional[Path] = None
 
     env = runtime.setup(cfg)
     device = env["device"]
-    ck = runs.load_checkpoint(ckpt_path, ("model", "config", "state"),
-                              "classify.encoder" if cfg.classify.encoder else "encoder checkpoint")
     enc_cfg = ck["config"]
     if (enc_cfg["model"]["name"], int(enc_cfg["latent"])) != (cfg.model.name, int(cfg.latent)):
         log.warning("classify.encoder is a model=%s latent=%d encoder; the command line's model=%s latent=%d "
