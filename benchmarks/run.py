@@ -107,7 +107,7 @@ def _decode(folder, idx) -> torch.Tensor:
 
 # --- row 1 --------------------------------------------------------------------------------------------
 
-def row1(root: Path, repeats: int, n_images: int = 2000, batch: int = 200) -> dict:
+def row1(root: Path, repeats: int, n_images: int = 1000, batch: int = 200) -> dict:
     from torch.utils.data import DataLoader, Subset
     from torchvision import transforms
     from torchvision.datasets import ImageFolder
@@ -169,7 +169,7 @@ def row1(root: Path, repeats: int, n_images: int = 2000, batch: int = 200) -> di
 
 # --- row 2 --------------------------------------------------------------------------------------------
 
-def row2(root: Path, repeats: int, n_train: int = 600, n_val: int = 200, epochs: int = 50, batch: int = 200) -> dict:
+def row2(root: Path, repeats: int, n_train: int = 400, n_val: int = 200, epochs: int = 50, batch: int = 200) -> dict:
     folder, idx = _subset_indices(root, n_train + n_val, seed=1)
     images = _decode(folder, idx)
     labels = torch.as_tensor([folder.targets[i] for i in idx])

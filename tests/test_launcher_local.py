@@ -8,9 +8,12 @@ records what it was given in its own summary.json.
 """
 import json
 import os
+import re
 import signal
 import subprocess
+import sys
 import time
+from pathlib import Path
 
 import pytest
 
@@ -61,6 +64,11 @@ def test_one_gpu_per_concurrent_job(gpu_sweep):
     # one start and one end line per job, naming the GPU
     out = proc.stdout
     assert out.count("start #") == 5 and out.count("end   #") == 5, out[-3000:]
+    # the workers were forked from the launcher (the default) and each used the threads it was given
+    assert "workers forked from the launcher" in out, out[-3000:]
+    threads = int(re.search(r"(\d+) thread\(s\) per job", out).group(1))
+    for d in dirs:
+        assert _threads_used(d) == threads, d
     assert "CUDA_VISIBLE_DEVICES=0" in out and "CUDA_VISIBLE_DEVICES=1" in out
     # each job keeps its own log and full overrides in its run dir (data.root has '/', the dir is flat)
     for d in dirs:
@@ -232,3 +240,139 @@ def test_invalid_job_config_fails_before_any_job_starts(tmp_path):
     assert "2 of 3 sweep jobs have an invalid config, so nothing was started" in out, out[-3000:]
     assert "EMBCLF_TEST_UNSET_A" in out and "EMBCLF_TEST_UNSET_B" in out and "start #" not in out
     assert not (sweep_dir / ".submitit").exists()
+
+
+def _threads_used(run_dir):
+    """The torch thread count the job logged at its start (``device cpu (cpu), 1 threads, ...``)."""
+    m = re.search(r"device .*?, (\d+) threads", (run_dir / "embclf.log").read_text())
+    assert m, f"no thread count in {run_dir}/embclf.log"
+    return int(m.group(1))
+
+
+def test_fork_false_runs_each_job_in_a_fresh_interpreter(tmp_path):
+    """hydra.launcher.fork=false: submitit's own local executor (a controller process and a fresh
+    ``python -m submitit.core._submit`` per job) -- the fallback where forking is unsafe."""
+    sweep_dir = tmp_path / "sweep"
+    proc = run_embclf(*tiny_args(tmp_path), "seed=1", "hydra.launcher.fork=false", "hydra.launcher.gpus=[]",
+                      "hydra.launcher.threads_per_job=1", f"hydra.sweep.dir={sweep_dir}")
+    assert proc.returncode == 0, proc.stdout[-4000:]
+    assert "workers fresh python per job (hydra.launcher.fork=false)" in proc.stdout, proc.stdout[-3000:]
+    (d,) = run_dirs(sweep_dir)
+    rec = summary(d)
+    assert rec["status"] == "completed", rec
+    # the job ran in submitit's task process, a child of the controller that names the job folder
+    (folder,) = [f for f in (sweep_dir / ".submitit").iterdir() if f.is_dir() and f.name.isdigit()]
+    assert rec["pid"] != int(folder.name) and (folder / f"{folder.name}_0_result.pkl").is_file()
+    assert _threads_used(d) == 1
+
+
+# --- ForkedJob on its own: plain functions instead of Hydra jobs, run in forks of this test process.
+# (Module-level functions, so that cloudpickle pickles them by reference.)
+
+def _return_value(x):
+    return {"x": x, "pid": os.getpid(), "omp": os.environ.get("OMP_NUM_THREADS"),
+            "cuda": os.environ.get("CUDA_VISIBLE_DEVICES"), "job": os.environ.get("SUBMITIT_LOCAL_JOB_ID")}
+
+
+def _raise_value_error(msg):
+    raise ValueError(msg)
+
+
+def _requeue_once(marker):
+    """First start: ask to be requeued (what submitit's USR2 handler does after a checkpoint)."""
+    from submitit.local.local import LOCAL_REQUEUE_RETURN_CODE
+
+    marker = Path(marker)
+    if not marker.exists():
+        marker.write_text("started once")
+        sys.exit(LOCAL_REQUEUE_RETURN_CODE)
+    return os.getpid()
+
+
+def _sleep(seconds):
+    time.sleep(seconds)
+    return "slept"
+
+
+def _sleep_ignoring_signals(seconds):
+    for sig in (signal.SIGUSR2, signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, signal.SIG_IGN)
+    time.sleep(seconds)
+    return "slept"
+
+
+def _forked(tmp_path, fn, *args, timeout_s=600.0, signal_delay_s=60.0):
+    from submitit.core.utils import DelayedSubmission
+
+    from hydra_plugins.embclf_launcher.local_launcher import ForkedJob
+
+    delayed = DelayedSubmission(fn, *args)
+    delayed.set_timeout(1, 3)
+    tmp = tmp_path / f"{fn.__name__}.pkl"
+    delayed.dump(tmp)
+    env = {"SUBMITIT_EXECUTOR": "local", "SUBMITIT_LOCAL_NTASKS": "1", "SUBMITIT_LOCAL_GLOBALID": "0",
+           "SUBMITIT_LOCAL_LOCALID": "0", "CUDA_VISIBLE_DEVICES": "3", "OMP_NUM_THREADS": "1",
+           "MKL_NUM_THREADS": "1"}
+    return ForkedJob(str(tmp_path / "submitit" / "%j"), tmp, env, 1, timeout_s=timeout_s,
+                     signal_delay_s=signal_delay_s, plan=(0, (), None))
+
+
+def _wait(job, limit=60.0):
+    deadline = time.time() + limit
+    while not job.done():
+        assert time.time() < deadline, "forked job did not end"
+        time.sleep(0.05)
+
+
+def test_forked_job_returns_fails_requeues_and_dies_like_a_submitit_job(tmp_path):
+    from submitit.core.utils import FailedJobError, UncompletedJobError
+
+    ok = _forked(tmp_path, _return_value, 7)
+    _wait(ok)
+    value = ok.result()
+    # the worker is a separate process with the job's environment; its folder is named after its pid
+    assert value["x"] == 7 and value["pid"] == ok.pid != os.getpid(), value
+    assert (value["omp"], value["cuda"], value["job"]) == ("1", "3", ok.job_id), value
+    folder = tmp_path / "submitit" / ok.job_id
+    assert sorted(p.name for p in folder.iterdir()) == sorted(
+        f"{ok.job_id}_{n}" for n in ("0_log.err", "0_log.out", "0_result.pkl", "submitted.pkl"))
+    assert os.environ.get("SUBMITIT_LOCAL_JOB_ID") is None  # nothing leaked into this process
+
+    bad = _forked(tmp_path, _raise_value_error, "no good")
+    _wait(bad)
+    with pytest.raises(FailedJobError, match="ValueError: no good"):
+        bad.result()
+
+    again = _forked(tmp_path, _requeue_once, str(tmp_path / "marker"))
+    _wait(again)
+    # a second worker (its own pid) under the same job id and folder
+    assert again.starts == 2 and again.result() == again.pid != int(again.job_id)
+
+    t0 = time.time()
+    killed = _forked(tmp_path, _sleep, 60)
+    time.sleep(0.5)
+    os.kill(killed.pid, signal.SIGKILL)
+    _wait(killed)
+    with pytest.raises(UncompletedJobError, match="SIGKILL"):
+        killed.result()
+    assert time.time() - t0 < 10  # no waiting for a result file that a dead worker cannot write
+
+
+def test_forked_job_is_signalled_then_stopped_at_its_time_limit(tmp_path):
+    """USR2 ``signal_delay_s`` before the limit (submitit's handler: not checkpointable, so the job
+    ends with an error result), and a job still running at the limit is stopped."""
+    from submitit.core.utils import UncompletedJobError
+
+    job = _forked(tmp_path, _sleep, 60, timeout_s=3.0, signal_delay_s=2.0)
+    t0 = time.time()
+    _wait(job, limit=20)
+    assert time.time() - t0 < 10
+    with pytest.raises(UncompletedJobError, match="timed-out and not checkpointable"):
+        job.result()
+
+    deaf = _forked(tmp_path, _sleep_ignoring_signals, 60, timeout_s=2.0, signal_delay_s=1.0)
+    t0 = time.time()
+    _wait(deaf, limit=20)
+    assert time.time() - t0 < 10  # SIGINT at the limit is ignored: SIGKILL a second later
+    with pytest.raises(UncompletedJobError, match="SIGKILL"):
+        deaf.result()

@@ -30,8 +30,14 @@ class LocalLauncherConf:
     """
 
     _target_: str = "hydra_plugins.embclf_launcher.local_launcher.LocalPoolLauncher"
-    # submitit's per-job folder (pickles, stdout/stderr of the worker); %j = the worker's pid
+    # submitit's per-job folder (pickles, stdout/stderr of the worker); %j = the pid of the job's
+    # first worker (fork: true) or of its submitit controller (fork: false)
     submitit_folder: str = "${hydra.sweep.dir}/.submitit/%j"
+    # true: start each job as a fork() of the launcher, which has imported torch & co. and composed
+    # the job's config already (a fresh interpreter spends seconds on both, per job); used on Linux
+    # when safe (no other thread, CUDA not initialised in the launcher), else as false.
+    # false: a fresh `python -m submitit.core._submit` under submitit's local controller per job.
+    fork: bool = True
     # GPU ids (as in nvidia-smi / CUDA_VISIBLE_DEVICES). null = all visible: the parent's
     # CUDA_VISIBLE_DEVICES if set, else torch.cuda.device_count(). [] = CPU mode. An explicit list is
     # used as given even where no GPU exists (the jobs then fall back to CPU; tests rely on that).
@@ -45,8 +51,9 @@ class LocalLauncherConf:
     # a job running longer than this is signalled (USR2, checkpoint) and then killed; 3 days
     timeout_min: int = 4320
     signal_delay_s: int = 60
-    # seconds between polls of the running jobs
-    poll_interval_s: float = 0.25
+    # seconds between polls of the running jobs (a poll is a waitpid per job: cheap; a job's end is
+    # noticed, and the next queued job started, on average half of this later)
+    poll_interval_s: float = 0.1
 
 
 @dataclass

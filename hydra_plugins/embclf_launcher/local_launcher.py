@@ -5,24 +5,44 @@ starts every job at once and gives each the *same* first ``gpus_per_node`` GPUs 
 ``range(n_gpus)``).  This launcher keeps a pool of slots -- ``len(gpus) * jobs_per_gpu`` with GPUs,
 ``max_parallel`` without -- starts one job per free slot and queues the rest.
 
-The process part is submitit's: each job is one ``submitit.LocalExecutor`` submission (pickled
-launcher + overrides, a controller process, logs and the result pickle in
-``<sweep dir>/.submitit/<pid>/``), with ``visible_gpus=[gpu]`` so submitit sets that job's
-``CUDA_VISIBLE_DEVICES``.  Only the slot scheduling is ours.  Inside the worker the job runs through
-hydra-submitit-launcher's ``__call__`` (Hydra's ``run_job``), exactly as it would on SLURM.
-"""
+How a job's process starts (``hydra.launcher.fork``):
 
+* ``fork: true`` (the default, on Linux): the worker is a ``fork()`` of the launcher process
+  (:class:`ForkedJob`).  ``python -m embclf`` has already imported torch, torchvision, scikit-learn and
+  the stages and composed the job's config before the first job starts; a fresh interpreter would
+  do all of that again (measured: importing ``embclf.__main__`` is 3-8 s, tearing the interpreter
+  down at exit another ~2 s, each paid on the job's critical path) -- that was almost all of a 1-job
+  sweep's overhead over a plain run.  The forked worker still runs submitit's own job body
+  (``submitit.core.submission.process_job``: the pickled launcher + overrides, submitit's signal
+  handlers, requeue on USR2, logs and the result pickle in ``<sweep dir>/.submitit/<pid>/``) with the
+  environment submitit's local controller would give it; the launcher plays the controller's part
+  (time limit, requeue, stop).  It is used only where forking is safe: Linux, no other thread in the
+  launcher, CUDA not initialised in the launcher (see :func:`fork_unsafe_reason`).
+* ``fork: false``, or where forking is unsafe: each job is one ``submitit.LocalExecutor`` submission
+  (a controller process starting ``python -m submitit.core._submit``, a fresh interpreter).
+
+Either way each job gets its slot's ``CUDA_VISIBLE_DEVICES`` and ``OMP_NUM_THREADS``/``MKL_NUM_THREADS``
+and runs through hydra-submitit-launcher's ``__call__`` (Hydra's ``run_job``), exactly as it would on
+SLURM.  Only the slot scheduling and the process start are ours.
+"""
+import atexit
+import gc
 import logging
 import os
 import signal
+import sys
 import threading
 import time
+import traceback
+import uuid
 from contextlib import contextmanager
+from pathlib import Path
 from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple
 
 from hydra.core.singleton import Singleton
-from hydra.core.utils import JobReturn
+from hydra.core.utils import JobReturn, run_job, setup_globals
 from hydra_plugins.hydra_submitit_launcher.submitit_launcher import BaseSubmititLauncher
+from omegaconf import DictConfig, open_dict, read_write
 
 from ._common import (
     PlannedJob,
@@ -73,7 +93,26 @@ def visible_gpu_ids() -> List[int]:
         return ids
     import torch  # only here: plugin discovery must not pay for importing torch
 
-    return list(range(torch.cuda.device_count()))
+    # Count through NVML, which does not initialise CUDA in this process: forked workers (fork=true)
+    # could not use CUDA after that.  torch.cuda.device_count() tries NVML first as well but falls
+    # back to the CUDA runtime silently; do that fallback here, where it can be recorded.
+    # (A CPU-only or ROCm build of torch: device_count() as before, counted as possibly initialising.)
+    global _CUDA_RUNTIME_USED
+    n = -1
+    if torch.backends.cuda.is_built() and not torch.version.hip:
+        try:
+            n = int(torch.cuda._device_count_nvml())  # private, hence the guard; < 0: NVML unavailable
+        except Exception:  # noqa: BLE001
+            n = -1
+    if n < 0:
+        n = torch.cuda.device_count()
+        _CUDA_RUNTIME_USED = _CUDA_RUNTIME_USED or n > 0
+    return list(range(n))
+
+
+# True once the launcher asked the CUDA runtime (not NVML) how many GPUs there are: the CUDA driver is
+# then initialised in this process, and a forked child could not use CUDA.
+_CUDA_RUNTIME_USED = False
 
 
 @contextmanager
@@ -106,18 +145,286 @@ def _children(pid: int) -> List[int]:
         return []
 
 
+# --- workers forked from the launcher (hydra.launcher.fork=true) ------------------------------------
+
+# submitit's local controller restarts a task at most this often (submitit 1.5.4: Controller.run)
+_MAX_STARTS = 6
+
+# In a forked worker only: (job number, overrides, composed config) of the job it runs, so that
+# LocalPoolLauncher.__call__ reuses the config the launcher composed and checked in plan_jobs
+# instead of composing it a third time.  Never pickled: set in the child right after fork().
+_FORKED_PLAN: Optional[Tuple[int, Tuple[str, ...], DictConfig]] = None
+
+
+def fork_unsafe_reason() -> Optional[str]:
+    """Why a worker must not be forked from this process now, or None when it may.
+
+    fork() copies only the calling thread: a lock held by another thread stays locked forever in the
+    child, and CUDA cannot be used in the child of a process that initialised it.  macOS frameworks
+    are not fork-safe either, so forking is used on Linux only.
+    """
+    if not sys.platform.startswith("linux") or not hasattr(os, "fork"):
+        return f"no fork() on {sys.platform}"
+    others = [t.name for t in threading.enumerate() if t is not threading.current_thread()]
+    if others:
+        return f"other threads run in the launcher ({', '.join(others[:3])})"
+    torch = sys.modules.get("torch")
+    try:
+        cuda_initialized = bool(torch is not None and torch.cuda.is_initialized())
+    except Exception:  # noqa: BLE001 -- a partly imported torch: be safe
+        cuda_initialized = True
+    if cuda_initialized or _CUDA_RUNTIME_USED:
+        return "CUDA is initialised in the launcher process"
+    return None
+
+
+def _limit_threads(threads: int) -> None:
+    """Make this (forked) process use ``threads`` threads for torch, OpenMP and BLAS.
+
+    An exec'd worker gets that from ``OMP_NUM_THREADS``/``MKL_NUM_THREADS`` in its environment, read
+    when the libraries load; in a fork they were loaded by the launcher, with the launcher's
+    environment, so set the limits directly.  (The job's own ``threads`` key still wins: the core
+    calls ``torch.set_num_threads`` after this.)
+    """
+    os.environ["OMP_NUM_THREADS"] = os.environ["MKL_NUM_THREADS"] = str(threads)
+    torch = sys.modules.get("torch")
+    if torch is not None:
+        torch.set_num_threads(threads)
+    try:
+        from threadpoolctl import threadpool_limits  # scikit-learn's dependency: numpy/scipy BLAS, OpenMP
+
+        threadpool_limits(limits=threads)
+    except Exception:  # noqa: BLE001 -- not installed, or an unknown library: torch's limit still holds
+        pass
+
+
+def _forked_worker(folder: str, job_id: str, tmp_pickle: Optional[Path], env: Dict[str, str], threads: int,
+                   plan: Tuple[int, Tuple[str, ...], DictConfig], sigmask: Any) -> int:
+    """The body of a forked worker: what ``python -m submitit.core._submit <folder>`` does under
+    submitit's local controller, minus starting an interpreter.  Returns the exit status; never raises.
+
+    Order matters: the launcher's SIGTERM handler, exit handlers and log handlers are not the job's;
+    stdout/stderr go to submitit's log files before anything is logged; the submitted pickle is moved
+    to its final name (which holds this process's pid) before ``process_job`` looks for it.  At the
+    end the job's exit handlers run and the streams are flushed, but the interpreter is not torn down
+    (``os._exit`` in the caller, as ``multiprocessing`` does): tearing down torch & co. takes ~2 s
+    that the launcher would wait for before it saw the job end.
+    """
+    global _FORKED_PLAN
+    code = 1
+    try:
+        _FORKED_PLAN = plan
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)  # the launcher's: SIGTERM -> KeyboardInterrupt
+        signal.pthread_sigmask(signal.SIG_SETMASK, sigmask)  # blocked by the parent around fork()
+        clear = getattr(atexit, "_clear", None)
+        if clear is not None:
+            clear()  # the launcher's exit handlers; the job's own (registered from here on) run at the end
+        root = logging.getLogger()
+        for handler in list(root.handlers):  # the launcher's console (Hydra's hydra_logging); run_job
+            root.removeHandler(handler)      # sets up the job's logging, as in a fresh interpreter
+        os.environ.update(env)
+        from submitit.core.submission import process_job
+        from submitit.core.utils import JobPaths
+
+        paths = JobPaths(folder, job_id=job_id, task_id=0)
+        paths.folder.mkdir(parents=True, exist_ok=True)
+        for fd, path in ((1, paths.stdout), (2, paths.stderr)):  # as the controller opens them: append
+            log_fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+            os.dup2(log_fd, fd)
+            os.close(log_fd)
+        if tmp_pickle is not None:
+            paths.move_temporary_file(tmp_pickle, "submitted_pickle")
+        _limit_threads(threads)
+        process_job(folder)
+        code = 0
+    except SystemExit as e:  # submitit's requeue (LOCAL_REQUEUE_RETURN_CODE), or the job's sys.exit
+        if e.code is None or isinstance(e.code, int):
+            code = e.code or 0
+        else:
+            print(e.code, file=sys.stderr)
+    except BaseException:  # noqa: BLE001 -- as the interpreter would: traceback on stderr, status 1
+        try:
+            traceback.print_exc()
+        except BaseException:  # noqa: BLE001
+            pass
+    try:
+        # No more signals into Python code: an exception now would escape into the launcher's code.
+        for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGUSR2):
+            signal.signal(sig, signal.SIG_IGN)
+        run = getattr(atexit, "_run_exitfuncs", None)
+        if run is not None:
+            run()  # exit handlers the job registered (e.g. a tracker's)
+        logging.shutdown()
+        for stream in (sys.stdout, sys.stderr):
+            stream.flush()
+    except BaseException:  # noqa: BLE001
+        pass
+    return code
+
+
+class ForkedJob:
+    """One sweep job in a worker forked from the launcher; driven like a ``submitit.LocalJob``.
+
+    ``job_id`` is the first worker's pid and names the job's submitit folder (``%j``), as the
+    controller's pid does for submitit.  The launcher also plays the part of submitit's local
+    controller: :meth:`done` sends the preemption signal (USR2) ``signal_delay_s`` before
+    ``timeout_min``, stops the worker at ``timeout_min`` (SIGINT, then SIGKILL a second later), and
+    starts the job again when it exits with submitit's requeue status (it checkpointed on USR2; the
+    restarted job resumes from the rewritten submitted pickle), at most ``_MAX_STARTS`` times.
+    """
+
+    def __init__(self, folder: str, tmp_pickle: Path, env: Dict[str, str], threads: int, timeout_s: float,
+                 signal_delay_s: float, plan: Tuple[int, Tuple[str, ...], DictConfig]) -> None:
+        self.folder = folder
+        self.env = env
+        self.threads = threads
+        self.timeout_s = timeout_s
+        self.signal_delay_s = signal_delay_s
+        self.plan = plan
+        self.job_id = ""
+        self.pid = 0
+        self.exit_code: Optional[int] = None
+        self.starts = 0
+        self.stopping = False
+        self._start(tmp_pickle)
+
+    def _start(self, tmp_pickle: Optional[Path] = None) -> None:
+        for stream in (sys.stdout, sys.stderr):  # else the child inherits (and writes) buffered output
+            stream.flush()
+        # Objects that exist now are not garbage collected in the child: its collector then does not
+        # touch (and copy) the launcher's pages (the gc.freeze recipe in the Python docs).
+        gc.freeze()
+        env = dict(self.env)
+        # Hold back SIGINT/SIGTERM across fork(): in the child, a KeyboardInterrupt raised by the
+        # launcher's handlers before the worker's try block would run the launcher's code in the
+        # child.  The child unblocks them once its own handlers are in place; the parent at once.
+        mask = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM})
+        try:
+            pid = os.fork()
+        except BaseException:  # no child (out of memory, process limit): the launcher's error
+            signal.pthread_sigmask(signal.SIG_SETMASK, mask)
+            gc.unfreeze()
+            raise
+        if pid == 0:  # the worker: never returns into the launcher's code
+            code = 1
+            try:
+                job_id = self.job_id or str(os.getpid())
+                env.update(SUBMITIT_LOCAL_JOB_ID=job_id)
+                code = _forked_worker(self.folder, job_id, tmp_pickle, env, self.threads, self.plan, mask)
+            finally:
+                os._exit(code)
+        signal.pthread_sigmask(signal.SIG_SETMASK, mask)
+        gc.unfreeze()
+        self.pid = pid
+        self.job_id = self.job_id or str(pid)
+        self.starts += 1
+        self.started = time.time()
+        self.signalled = False
+        self.interrupted_at: Optional[float] = None
+
+    def _signal(self, sig: int) -> None:
+        try:
+            os.kill(self.pid, sig)
+        except OSError:
+            pass
+
+    def done(self) -> bool:
+        """Whether the job ended (reaps the worker); enforces the time limit and restarts a requeue."""
+        if self.exit_code is not None:
+            return True
+        try:
+            pid, status = os.waitpid(self.pid, os.WNOHANG)
+        except ChildProcessError:  # reaped elsewhere: it ended, status unknown
+            pid, status = self.pid, 1 << 8
+        if pid == 0:
+            self._enforce_time_limit()
+            return False
+        code = os.waitstatus_to_exitcode(status)
+        from submitit.local.local import LOCAL_REQUEUE_RETURN_CODE
+
+        if code == LOCAL_REQUEUE_RETURN_CODE and not self.stopping and self.starts < _MAX_STARTS:
+            log.info("job %s checkpointed and asked to be requeued: starting it again", self.job_id)
+            self._start()
+            return False
+        self.exit_code = code
+        return True
+
+    def _enforce_time_limit(self) -> None:
+        elapsed = time.time() - self.started
+        if not self.signalled and elapsed >= self.timeout_s - self.signal_delay_s:
+            self.signalled = True
+            from submitit.local.local import LocalJobEnvironment
+
+            log.warning("job %s reaches its time limit in %.0fs: signalling it to checkpoint",
+                        self.job_id, self.timeout_s - elapsed)
+            self._signal(LocalJobEnvironment._usr_sig())
+        if elapsed >= self.timeout_s:
+            if self.interrupted_at is None:
+                self.interrupted_at = time.time()
+                self._signal(signal.SIGINT)
+            elif time.time() - self.interrupted_at >= 1.0:
+                self._signal(signal.SIGKILL)
+
+    def cancel(self, check: bool = True) -> None:  # noqa: ARG002 -- submitit's signature
+        """SIGINT to the worker (as submitit's ``LocalJob.cancel`` sends to its controller)."""
+        self.stopping = True
+        if self.exit_code is None:
+            self._signal(signal.SIGINT)
+
+    def kill(self) -> None:
+        """SIGKILL the worker if it still runs, and reap it."""
+        self.stopping = True
+        if self.exit_code is None:
+            self._signal(signal.SIGKILL)
+            try:
+                os.waitpid(self.pid, 0)
+            except ChildProcessError:
+                pass
+            self.exit_code = -signal.SIGKILL
+
+    def result(self) -> Any:
+        """The job's return value (a Hydra ``JobReturn``), as ``submitit.LocalJob.result`` gives it.
+
+        Raises submitit's ``FailedJobError`` (with the job's traceback) when the job raised, and
+        ``UncompletedJobError`` at once when the worker ended without a result (killed, crashed) --
+        submitit would wait 15 s for a result file that a dead local process can no longer write.
+        """
+        from submitit.core.utils import JobPaths, UncompletedJobError
+        from submitit.local.local import LocalJob
+
+        paths = JobPaths(self.folder, job_id=self.job_id, task_id=0)
+        if not paths.result_pickle.exists():
+            code = self.exit_code
+            how = (f"was killed by {signal.Signals(-code).name}" if code is not None and code < 0
+                   else f"exited with status {code}")
+            message = [f"Job {self.job_id} (task: 0) with path {paths.result_pickle}",
+                       f"has not produced any output: the worker (pid {self.pid}) {how}"]
+            try:
+                err = paths.stderr.read_text(errors="replace").strip()
+            except OSError:
+                err = ""
+            if err:
+                message.extend(["Error stream produced:", "-" * 40, *err.splitlines()[-40:]])
+            raise UncompletedJobError("\n".join(message))
+        return LocalJob(folder=self.folder, job_id=self.job_id, process=None).result()
+
+
 def _stop_workers(jobs: List[Any], grace_s: float = 3.0) -> None:
-    """Stop submitit local jobs: each controller process and the task process under it.
+    """Stop local jobs: submitit ones (each controller process and the task process under it) and
+    forked ones (:class:`ForkedJob`, the worker itself).
 
     SIGTERM to the tasks first (the core's training loop saves ``last.pt`` on it, so a re-invoked
-    sweep resumes), SIGINT to the controllers (submitit's own cancel), then SIGKILL for whatever is
-    left after ``grace_s``: the controller forwards/ignores SIGTERM, and processes started from a
-    non-interactive shell in the background inherit SIGINT as ignored, so the polite signals alone
-    can leave orphans.  All jobs are signalled before waiting, so stopping N jobs takes one grace
-    period.  Never raises.
+    sweep resumes), SIGINT to the controllers (submitit's own cancel) or forked workers, then SIGKILL
+    for whatever is left after ``grace_s``: the controller forwards/ignores SIGTERM, submitit's job
+    body ignores SIGTERM, and processes started from a non-interactive shell in the background
+    inherit SIGINT as ignored, so the polite signals alone can leave orphans.  All jobs are signalled
+    before waiting, so stopping N jobs takes one grace period.  Never raises.
     """
-    procs = []  # (submitit job, controller pid, task pids)
+    procs = []  # (job, controller pid or None for a forked worker, task pids)
     for sj in jobs:
+        if isinstance(sj, ForkedJob):
+            procs.append((sj, None, [] if sj.exit_code is not None else [sj.pid]))
+            continue
         try:
             ctrl = int(sj.job_id)  # submitit names a local job after its controller's pid
         except (TypeError, ValueError):
@@ -137,6 +444,9 @@ def _stop_workers(jobs: List[Any], grace_s: float = 3.0) -> None:
     while time.time() < deadline and not all(sj.done() for sj, _, _ in procs):
         time.sleep(0.1)
     for sj, ctrl, tasks in procs:
+        if ctrl is None:
+            sj.kill()  # SIGKILL if still running, and reap
+            continue
         for pid in tasks + ([] if sj.done() else [ctrl]):
             try:
                 os.kill(pid, signal.SIGKILL)
@@ -202,7 +512,57 @@ class LocalPoolLauncher(BaseSubmititLauncher):
             raise ValueError(f"hydra.launcher.threads_per_job={threads} must be >= 1 (or null = auto).")
         return slots, int(threads)
 
+    def __call__(
+        self,
+        sweep_overrides: List[str],
+        job_dir_key: str,
+        job_num: int,
+        job_id: str,
+        singleton_state: Dict[type, Singleton],
+    ) -> JobReturn:
+        """Run one job inside its worker: hydra-submitit-launcher's ``__call__`` (compose the job's
+        config from the master config and the overrides, set ``hydra.job.id``, Hydra's ``run_job``).
+
+        In a forked worker the launcher composed (and checked) this very config in ``plan_jobs``
+        before forking; use that instead of composing it again on the job's critical path.  The
+        config is the same: same master config (resolver caches included), same overrides.  Any
+        other call (a fresh-interpreter worker, a mismatch) composes as the base class does.
+
+        The fork also already holds Hydra's ``Plugins`` singleton, which ``Singleton.get_state``
+        leaves out of the pickled state: keep it, or ``set_state`` would scan and execute every
+        plugin module again -- time, and new copies of the plugins' config classes, which the
+        launcher's config does not use, so cloudpickle would pickle the job's result with those
+        classes by value, searching all of ``sys.modules`` for each of their methods (~0.3 s).
+        """
+        plan = _FORKED_PLAN
+        if plan is None or plan[0] != job_num or plan[1] != tuple(sweep_overrides):
+            return super().__call__(sweep_overrides, job_dir_key, job_num, job_id, singleton_state)
+        import submitit  # lazy: keeps plugin discovery fast
+        from hydra.core.plugins import Plugins
+
+        assert self.hydra_context is not None and self.task_function is not None
+        plugins = Singleton._instances.get(Plugins)
+        if plugins is not None:
+            singleton_state = {**singleton_state, "instances": {**singleton_state["instances"], Plugins: plugins}}
+        Singleton.set_state(singleton_state)
+        setup_globals()
+        sweep_config = plan[2]
+        # plan_jobs made ``hydra`` read-only (HydraConfig.set_config); run_job expects that anyway
+        with read_write(sweep_config.hydra.job), open_dict(sweep_config.hydra.job):
+            sweep_config.hydra.job.id = submitit.JobEnvironment().job_id
+            sweep_config.hydra.job.num = job_num
+        return run_job(
+            hydra_context=self.hydra_context,
+            task_function=self.task_function,
+            config=sweep_config,
+            job_dir_key=job_dir_key,
+            job_subdir_key="hydra.sweep.subdir",
+        )
+
     def _submit(self, job: PlannedJob, gpu: Optional[int], threads: int) -> Any:
+        """Start one job: a forked worker where allowed (see the module docstring), else submitit's."""
+        if self.params.get("fork", True) and fork_unsafe_reason() is None:
+            return self._fork(job, gpu, threads)
         import submitit  # lazy: keeps plugin discovery fast
 
         executor = submitit.LocalExecutor(
@@ -222,6 +582,45 @@ class LocalPoolLauncher(BaseSubmititLauncher):
                 self, job.overrides, "hydra.sweep.dir", job.idx, f"job_id_for_{job.idx}", Singleton.get_state()
             )
 
+    def _fork(self, job: PlannedJob, gpu: Optional[int], threads: int) -> ForkedJob:
+        """Start one job in a worker forked from this process (:class:`ForkedJob`).
+
+        The submission is pickled here as submitit's ``LocalExecutor.submit`` pickles it (same
+        ``DelayedSubmission``, time limit and requeue count), so the worker's ``process_job``, a
+        requeue's ``checkpoint()`` and anyone reading ``.submitit/`` see what they would with submitit.
+        """
+        from submitit.core.utils import DelayedSubmission, JobPaths
+
+        folder = str(Path(str(self.params["submitit_folder"])).expanduser().absolute())
+        timeout_min = float(self.params["timeout_min"])
+        signal_delay_s = int(self.params["signal_delay_s"])
+        delayed = DelayedSubmission(
+            self, job.overrides, "hydra.sweep.dir", job.idx, f"job_id_for_{job.idx}", Singleton.get_state()
+        )
+        delayed.set_timeout(timeout_min, int(self.params.get("max_num_timeout", 3)))  # type: ignore[arg-type]
+        tmp = JobPaths.get_first_id_independent_folder(folder) / f"{uuid.uuid4().hex}.pkl"
+        tmp.parent.mkdir(parents=True, exist_ok=True)
+        delayed.dump(tmp)
+        # what submitit's start_controller and Controller.start_tasks put in a local task's environment
+        # (SUBMITIT_LOCAL_JOB_ID, the pid, is added in the child)
+        env = {
+            "SUBMITIT_EXECUTOR": "local",
+            "SUBMITIT_LOCAL_NTASKS": "1",
+            "SUBMITIT_LOCAL_TIMEOUT_S": str(int(60 * timeout_min)),
+            "SUBMITIT_LOCAL_SIGNAL_DELAY_S": str(signal_delay_s),
+            "SUBMITIT_LOCAL_NODEID": "0",
+            "SUBMITIT_LOCAL_JOB_NUM_NODES": "1",
+            "SUBMITIT_LOCAL_LOCALID": "0",
+            "SUBMITIT_LOCAL_GLOBALID": "0",
+            "SUBMITIT_STDERR_TO_STDOUT": "",
+            "SUBMITIT_LOCAL_WITH_SHELL": "",
+            "CUDA_VISIBLE_DEVICES": "" if gpu is None else str(gpu),
+            "OMP_NUM_THREADS": str(threads),
+            "MKL_NUM_THREADS": str(threads),
+        }
+        return ForkedJob(folder, tmp, env, threads, timeout_s=60 * timeout_min, signal_delay_s=signal_delay_s,
+                         plan=(job.idx, tuple(job.overrides), job.cfg))
+
     def launch(self, job_overrides: Sequence[Sequence[str]], initial_job_idx: int) -> Sequence[JobReturn]:
         """Run every job of the batch, at most one per slot at a time; see the class docstring."""
         assert self.config is not None
@@ -229,9 +628,14 @@ class LocalPoolLauncher(BaseSubmititLauncher):
         slots, threads = self.slots(len(todo))
         gpus = sorted({g for g in slots if g is not None})
         mode = f"GPUs {gpus}, {len(slots) // len(gpus)} job(s) per GPU" if gpus else "CPU"
+        if not self.params.get("fork", True):
+            start = "fresh python per job (hydra.launcher.fork=false)"
+        else:
+            unsafe = fork_unsafe_reason()
+            start = "forked from the launcher" if unsafe is None else f"fresh python per job ({unsafe})"
         log.info(
-            "local launcher: %d jobs (%d skipped), %d slots (%s), %d thread(s) per job, sweep dir %s",
-            len(jobs), len(jobs) - len(todo), len(slots), mode, threads, sweep_dir,
+            "local launcher: %d jobs (%d skipped), %d slots (%s), %d thread(s) per job, workers %s, sweep dir %s",
+            len(jobs), len(jobs) - len(todo), len(slots), mode, threads, start, sweep_dir,
         )
         self._run_pool(todo, slots, threads)
         report(jobs, sweep_dir, "local")
@@ -241,7 +645,7 @@ class LocalPoolLauncher(BaseSubmititLauncher):
         pending = list(todo)
         free = list(range(len(slots)))
         running: Dict[int, Tuple[PlannedJob, Any]] = {}  # slot index -> (job, submitit job)
-        poll = float(self.params.get("poll_interval_s", 0.25))
+        poll = float(self.params.get("poll_interval_s", 0.1))
         old_term = None
         if threading.current_thread() is threading.main_thread():
             # `kill <launcher>` (or a batch system stopping it) must stop the workers too, not orphan
