@@ -82,7 +82,8 @@ def run_job(cfg: DictConfig, job_dir: Path, overrides) -> Path:
                 ("autoencode" if stage == Stage.all else stage.value)
             runs.write_json_atomic(current / runs.SUMMARY, runs.base_summary(cfg, sub, overrides))
         if (current / runs.SUMMARY).is_file():
-            runs.mark_failed(current, f"{type(e).__name__}: {e}", "interrupted" if stopped else "failed")
+            runs.mark_failed(current, f"{type(e).__name__}: {e}", "interrupted" if stopped else "failed",
+                             reason=getattr(e, "reason", None))
         tracking.finish_active(exit_code=1)  # the wandb run shows failed; the next job in this process starts fresh
         if not isinstance(e, (EmbclfError, DataError, SystemExit, KeyboardInterrupt)):
             log.error("failed:\n%s", traceback.format_exc())

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import pickle
 import signal
@@ -52,9 +53,23 @@ def _atomic(path: Path, write: Callable[[Path], None]) -> None:
             tmp.unlink()
 
 
+def json_safe(obj: Any) -> Any:
+    """``obj`` with every non-finite float (NaN, +-inf) replaced by None, so the JSON written is valid for
+    every reader (Python's json would write bare ``NaN``/``Infinity``, which strict parsers reject)."""
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {k: json_safe(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [json_safe(v) for v in obj]
+    return obj
+
+
 def write_json_atomic(path: Path, obj: Any) -> None:
-    """Write ``obj`` as indented JSON to ``path`` atomically (temp file + rename)."""
-    _atomic(path, lambda t: t.write_text(json.dumps(obj, indent=2, default=str) + "\n"))
+    """Write ``obj`` as indented, strictly valid JSON to ``path`` atomically (temp file + rename); non-finite
+    floats become null."""
+    text = json.dumps(json_safe(obj), indent=2, default=str, allow_nan=False) + "\n"
+    _atomic(path, lambda t: t.write_text(text))
 
 
 def save_atomic(obj: Any, path: Path) -> None:
@@ -120,8 +135,9 @@ def read_summary(run_dir: Path) -> Optional[dict]:
 
 def append_metrics(run_dir: Path, record: Dict[str, Any]) -> None:
     """Append one JSON line to ``metrics.jsonl`` (one write call; flushed and fsynced)."""
+    line = json.dumps(json_safe(record), allow_nan=False) + "\n"  # NaN/inf -> null: valid JSON
     with open(Path(run_dir) / METRICS, "a") as f:
-        f.write(json.dumps(record) + "\n")
+        f.write(line)
         f.flush()
         os.fsync(f.fileno())
 
@@ -236,18 +252,21 @@ def base_summary(cfg: DictConfig, stage: str, overrides: List[str]) -> Dict[str,
     }
 
 
-def mark_failed(run_dir: Path, error: str, status: str = "failed") -> None:
+def mark_failed(run_dir: Path, error: str, status: str = "failed", reason: Optional[str] = None) -> None:
     """Record a failure in ``summary.json`` unless the run already completed.
 
     Used by the stages on an exception and by launchers for a job killed from outside. ``status`` is
     "failed", or "interrupted" for a run stopped by a signal or a requeue (it resumes from last.pt).
-    Keeps every other field already written (and never touches checkpoints or metrics).
+    Keeps every other field already written (and never touches checkpoints or metrics). ``reason``
+    (e.g. "diverged") is stored as ``reason`` beside the error message.
     """
     run_dir = Path(run_dir)
     s = read_summary(run_dir) or {}
     if s.get("status") == "completed":
         return
     s.update(status=status, error=str(error)[-4000:], end_time=time.time())
+    if reason:
+        s["reason"] = reason  # e.g. "diverged"
     if "start_time" in s:
         s["wall_seconds"] = s["end_time"] - s["start_time"]
     write_json_atomic(run_dir / SUMMARY, s)

@@ -141,3 +141,28 @@ def test_classify_encoder_that_would_run_code_is_refused(tmp_path, cifar_root):
         assert "Traceback" not in proc.stderr
     assert not marker.exists()  # the pickle's command never ran
     assert not out.exists() or not any(out.iterdir())  # nothing half-written
+
+
+def test_divergence_stops_the_run_and_is_recorded(tmp_path, cifar_root):
+    run_dir = tmp_path / "run"
+    proc = run_embclf(["model=vae", "latent=8", *MINI, "autoencode.epochs=3", "autoencode.lr=1e30",
+                       f"hydra.run.dir={run_dir}"], tmp_path, check=False)
+    assert proc.returncode == 2 and "non-finite loss at epoch 1, step " in proc.stderr, proc.stderr[-2000:]
+    s = json.loads((run_dir / "summary.json").read_text())
+    assert s["status"] == "failed" and s["reason"] == "diverged" and "test_mse" not in s
+    assert not (run_dir / "checkpoints" / "best.pt").exists()  # a NaN model is never kept as best
+    for line in (run_dir / "metrics.jsonl").read_text().splitlines() if (run_dir / "metrics.jsonl").exists() else []:
+        json.loads(line, parse_constant=lambda c: pytest.fail(f"bare {c} in metrics.jsonl"))
+
+
+def test_divergence_later_keeps_the_last_finite_checkpoint(tmp_path):
+    from embclf.stages.autoencode import Diverged, _check_finite
+
+    last = tmp_path / "last.pt"
+    last.write_bytes(b"x")
+    with pytest.raises(Diverged, match=r"non-finite loss at epoch 3, step 7 .* the last finite checkpoint, .*last.pt "
+                                       r"\(epoch 2\), is kept"):
+        _check_finite(3, 7, {"loss": 1.0}, {"mse": 0.1}, 1e-3, last)
+    with pytest.raises(Diverged, match="epoch 3, the end of the epoch \\(val mse\\)"):
+        _check_finite(3, 0, {"loss": 1.0}, {"mse": float("nan")}, 1e-3, last)
+    _check_finite(3, 0, {"loss": 1.0}, {"mse": 0.1}, 1e-3, last)  # finite: nothing happens

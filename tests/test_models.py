@@ -49,3 +49,22 @@ def test_parameter_counts(name, latent):
 def test_bad_latent_raises():
     with pytest.raises(ValueError, match="latent"):
         build_model(_model_cfg("ae"), 0)
+
+
+def test_vae_logvar_is_clamped_to_the_documented_range():
+    from hydra import compose, initialize_config_dir
+
+    from embclf.config import conf_dir
+    from embclf.models import autoencoder as ae_mod
+
+    with initialize_config_dir(config_dir=conf_dir(), version_base=None):
+        m = build_model(compose("config", overrides=["model=vae"]).model, 8)
+    x = torch.rand(2, 3, 32, 32)
+    with torch.no_grad():
+        m.fc_logvar.bias.fill_(1e4)
+        assert m.encode(x)[1].max().item() == ae_mod.LOGVAR_MAX == 20.0
+        m.fc_logvar.bias.fill_(-1e4)
+        assert m.encode(x)[1].min().item() == ae_mod.LOGVAR_MIN == -30.0
+        m.fc_logvar.bias.zero_()
+        lv = m.encode(x)[1]
+        assert (lv > -30).all() and (lv < 20).all()  # a healthy model is untouched

@@ -31,3 +31,12 @@ def test_metrics_skip_torn_line_and_truncate(tmp_path):
     assert [r["epoch"] for r in runs.read_metrics(tmp_path)] == [1, 2, 3]
     runs.truncate_metrics(tmp_path, 2)
     assert [r["epoch"] for r in runs.read_metrics(tmp_path)] == [1, 2]
+
+
+def test_json_files_never_hold_bare_nan(tmp_path):
+    runs.append_metrics(tmp_path, {"epoch": 1, "mse": float("nan"), "kl": float("inf"), "psnr": 12.5})
+    runs.write_json_atomic(tmp_path / "s.json", {"test_mse": float("nan"), "nested": [float("-inf"), 1.0]})
+    strict = dict(parse_constant=lambda c: (_ for _ in ()).throw(ValueError(c)))
+    assert json.loads((tmp_path / "metrics.jsonl").read_text(), **strict) == {"epoch": 1, "mse": None, "kl": None,
+                                                                              "psnr": 12.5}
+    assert json.loads((tmp_path / "s.json").read_text(), **strict) == {"test_mse": None, "nested": [None, 1.0]}

@@ -12,6 +12,9 @@ import torch
 from torch import nn
 
 
+LOGVAR_MIN, LOGVAR_MAX = -30.0, 20.0  # the range of log sigma^2 (see Autoencoder.encode)
+
+
 class Autoencoder(nn.Module):
     """(Variational) autoencoder.
 
@@ -40,9 +43,16 @@ class Autoencoder(nn.Module):
         self.fc_dec = nn.Sequential(nn.Linear(latent, n), nn.ReLU(inplace=True))
 
     def encode(self, x: torch.Tensor) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
-        """float [B, 3, S, S] in [0, 1] -> (mu float [B, latent], logvar float [B, latent] or None)."""
+        """float [B, 3, S, S] in [0, 1] -> (mu float [B, latent], logvar float [B, latent] or None).
+
+        log sigma^2 is clamped to [LOGVAR_MIN, LOGVAR_MAX] = [-30, 20] (sigma^2 from 1e-13 to 4.9e8), as in
+        the latent-diffusion VAE (Rombach et al. 2022, ``DiagonalGaussianDistribution``): exp() of an
+        unbounded log-variance overflows to inf in fp32/bf16 when training diverges, and the KL then
+        becomes NaN; inside the range the clamp never acts on a healthy model."""
         h = self.encoder(x).flatten(1)
-        return self.fc_mu(h), (self.fc_logvar(h) if self.variational else None)
+        if not self.variational:
+            return self.fc_mu(h), None
+        return self.fc_mu(h), self.fc_logvar(h).clamp(LOGVAR_MIN, LOGVAR_MAX)
 
     @staticmethod
     def reparameterize(mu: torch.Tensor, logvar: torch.Tensor) -> torch.Tensor:

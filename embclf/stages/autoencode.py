@@ -77,22 +77,50 @@ def train_epoch(step, model, opt, images: torch.Tensor, batch_size: int, generat
     ``generator``: forward (``step``, i.e. ``batch_step`` or its compiled form), backward, optimizer step.
 
     Never reads a value back to the host: the per-image sums accumulate on the device, so the GPU is never
-    stalled inside the epoch. ``on_step(batch_images)`` runs after every optimizer step (signals, progress bar).
+    stalled inside the epoch, and so does the divergence check (the first step whose loss is not finite).
+    ``on_step(batch_images)`` runs after every optimizer step (signals, progress bar).
     Returns:
-        fp32 [4] on the device: sums over the epoch's images of objective, SSE, PSNR (dB), KL (nats).
+        fp32 [5] on the device: sums over the epoch's images of objective, SSE, PSNR (dB), KL (nats), then
+        the 1-based number of the first step with a non-finite loss (0: none).
     """
     model.train()
-    sums = torch.zeros(len(SUMS), device=images.device)
-    for idx in data_mod.batches(len(images), batch_size, images.device, shuffle=True, generator=generator):
+    dev = images.device
+    sums = torch.zeros(len(SUMS), device=dev)
+    step_no = torch.zeros((), device=dev)
+    first_bad = torch.zeros((), device=dev)
+    for idx in data_mod.batches(len(images), batch_size, dev, shuffle=True, generator=generator):
         x = data_mod.to_float(images[idx]).contiguous(memory_format=fmt)
         loss, s, _ = step(x)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
         sums += s
+        step_no += 1
+        first_bad = torch.where((first_bad == 0) & ~torch.isfinite(loss.detach()), step_no, first_bad)
         if on_step is not None:
             on_step(len(idx))
-    return sums
+    return torch.cat([sums, first_bad.view(1)])
+
+
+class Diverged(runtime.EmbclfError):
+    """The training loss became NaN or infinite. ``reason`` is "diverged" (recorded in summary.json)."""
+
+    reason = "diverged"
+
+
+def _check_finite(epoch: int, first_bad: int, train_m: Dict[str, float], val_m: Dict[str, float], lr: float,
+                  last: Path) -> None:
+    """Raise ``Diverged`` (naming epoch, step, the learning rate and the last finite checkpoint) when this
+    epoch's loss or metrics are not finite; nothing of the epoch is then recorded or checkpointed."""
+    bad = [f"{split} {k}" for split, m in (("train", train_m), ("val", val_m)) for k, v in m.items()
+           if isinstance(v, float) and not math.isfinite(v)]
+    if not first_bad and not bad:
+        return
+    where = f"step {first_bad}" if first_bad else f"the end of the epoch ({', '.join(bad[:3])})"
+    kept = (f"the last finite checkpoint, {last} (epoch {epoch - 1}), is kept" if last.is_file() and epoch > 1
+            else "no epoch finished with finite values, so no checkpoint was kept")
+    raise Diverged(f"non-finite loss at epoch {epoch}, {where} (autoencode.lr={lr:g}): the training diverged "
+                   f"and was stopped; {kept}. Lower autoencode.lr (or model.beta for a VAE) and start a new run.")
 
 
 def _means(sums: list, n: int, values_per_image: int, variational: bool) -> Dict[str, float]:
@@ -302,14 +330,15 @@ def run(cfg, run_dir: Path, overrides: List[str]) -> Path:
                 if not bar.disable:
                     bar.update(n_images)
 
-            sums = train_epoch(step, model, opt, train.images, int(ac.batch_size), g, fmt, on_step)
-            train_m = _means(sums.tolist(), len(train), values_per_image, model.variational)  # one sync per epoch
+            sums = train_epoch(step, model, opt, train.images, int(ac.batch_size), g, fmt, on_step).tolist()
+            train_m = _means(sums[:len(SUMS)], len(train), values_per_image, model.variational)  # one sync per epoch
             bar.close()
             sched.step()
             seconds = time.time() - t0
             train_images += len(train)
             train_seconds += seconds
             val_m = evaluate(step, model, val, int(ac.eval_batch_size), fmt)
+            _check_finite(epoch, int(sums[-1]), train_m, val_m, lr, last)
             runs.append_metrics(run_dir, {"epoch": epoch, "split": "train", **train_m, "lr": lr, "seconds": seconds,
                                           "images_per_second": len(train) / seconds})
             runs.append_metrics(run_dir, {"epoch": epoch, "split": "val", **val_m, "lr": lr})
