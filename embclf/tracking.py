@@ -298,7 +298,10 @@ class AnnounceOutputs(Callback):
 def _git(*args: str) -> Optional[str]:
     root = Path(__file__).resolve().parent.parent
     try:
-        out = subprocess.run(["git", "-C", str(root), *args], capture_output=True, text=True, timeout=10)
+        # --no-optional-locks: `git status` would otherwise refresh the index under .git/index.lock in the
+        # user's checkout, clashing with their own git commands while jobs run
+        out = subprocess.run(["git", "--no-optional-locks", "-C", str(root), *args], capture_output=True, text=True,
+                             timeout=10)
     except (OSError, subprocess.SubprocessError):
         return None
     return out.stdout.strip() if out.returncode == 0 else None

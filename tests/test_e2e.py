@@ -166,3 +166,12 @@ def test_divergence_later_keeps_the_last_finite_checkpoint(tmp_path):
     with pytest.raises(Diverged, match="epoch 3, the end of the epoch \\(val mse\\)"):
         _check_finite(3, 0, {"loss": 1.0}, {"mse": float("nan")}, 1e-3, last)
     _check_finite(3, 0, {"loss": 1.0}, {"mse": 0.1}, 1e-3, last)  # finite: nothing happens
+
+
+def test_posterior_collapse_is_flagged(tmp_path, cifar_root):
+    run_dir = tmp_path / "run"
+    proc = run_embclf(["model=vae", "latent=8", *MINI, "autoencode.epochs=1", "model.beta=100",
+                       f"hydra.run.dir={run_dir}"], tmp_path)
+    s = json.loads((run_dir / "summary.json").read_text())
+    assert s["status"] == "completed" and s["test_active_units"] < 1 and s["posterior_collapse"] is True
+    assert "posterior collapse" in proc.stderr + proc.stdout

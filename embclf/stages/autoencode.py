@@ -33,6 +33,7 @@ N_RECON = 16  # test images shown above their reconstructions
 N_SAMPLES = 64  # decoded draws from the prior N(0, I)
 N_INTERP_PAIRS, N_INTERP_STEPS = 8, 10  # images/interpolation.png: rows of pairs, decoded points per row
 ACTIVE_UNIT_THRESHOLD = 0.01  # Burda et al., "Importance Weighted Autoencoders" (2016), sec. 5.2
+COLLAPSE_FRACTION = 0.1  # fewer active units than this fraction of the latent: flagged as posterior collapse
 
 
 SUMS = ("loss", "sse", "psnr", "kl")  # per-image quantities summed over an epoch, on the device
@@ -368,6 +369,13 @@ def run(cfg, run_dir: Path, overrides: List[str]) -> Path:
         summary.update({f"val_{k}": v for k, v in best_ck["val"].items()})
         if train_seconds:
             summary.update(train_seconds=train_seconds, train_images_per_second=train_images / train_seconds)
+        if model.variational:  # posterior collapse: most latent dims carry no information about the input
+            collapsed = best["active_units"] < COLLAPSE_FRACTION * int(cfg.latent)
+            summary["posterior_collapse"] = collapsed
+            if collapsed:
+                log.warning("posterior collapse: %d of %d latent dims are active (< %d%%); the embeddings carry little "
+                            "information. Lower model.beta.", best["active_units"], int(cfg.latent),
+                            round(100 * COLLAPSE_FRACTION))
         summary.update(status="completed", best_epoch=state["best_epoch"], end_time=time.time())
         summary["wall_seconds"] = summary["end_time"] - summary["start_time"]
         runs.write_json_atomic(run_dir / runs.SUMMARY, summary)
