@@ -234,7 +234,7 @@ def _stage_syncs(tmp_path, monkeypatch, name, stage_fn, *overrides):
 
 def test_no_host_sync_per_step(tmp_path, monkeypatch):
     """The number of host reads in a stage does not grow with the number of optimizer/eval steps."""
-    common = ("autoencode.epochs=2", "classify.epochs=2")
+    common = ("autoencode.epochs=1", "classify.epochs=2")
     ae = lambda cfg, d: autoencode.run(cfg, d, [])  # noqa: E731
     few = _stage_syncs(tmp_path, monkeypatch, "ae-few", ae, *common, "autoencode.batch_size=150",
                        "autoencode.eval_batch_size=100")
