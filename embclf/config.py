@@ -77,6 +77,7 @@ class DataConfig:
     download: bool = True  # torchvision sources only
     cache_dir: Optional[str] = None  # null = ~/.cache/embclf/data (never inside data.root)
     subset_seed: int = 0
+    skip_corrupt: bool = False  # data=folder: skip (and count) unreadable images instead of failing (docs/data.md)
 
 
 @dataclass

@@ -78,28 +78,91 @@ def cache_dir(cfg) -> Path:
 
 # --- raw sources: each returns (targets int64 [N], decode(indices) -> uint8 [n,3,S,S], classes) ------------
 
+DOWNLOAD_LOCK = ".embclf-download.lock"
+
+
+def download_once(root: Path, present, fetch) -> None:
+    """Run ``fetch()`` unless ``present()``, holding an exclusive file lock ``root/.embclf-download.lock``.
+
+    The jobs of a sweep start together with the same fresh ``data.root``; torchvision has no lock, so each
+    would download and extract the same archive into the same folder and corrupt it. Under the lock, the
+    first job downloads and the others wait, then find the files present. The lock is an OS lock (the
+    ``filelock`` package): a killed holder releases it, so it can never go stale.
+
+    Raises ``DataError`` when ``root`` cannot be created.
+    """
+    from filelock import FileLock, Timeout
+
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise DataError(f"data.root={root}: cannot create it to download into ({e}); set data.root to a "
+                        "writable directory.") from e
+    lock = FileLock(str(root / DOWNLOAD_LOCK))
+    try:
+        lock.acquire(timeout=0)
+    except Timeout:
+        log.info("another job is downloading into %s; waiting for it (lock %s)", root, lock.lock_file)
+        lock.acquire()
+    try:
+        if not present():
+            fetch()
+    finally:
+        lock.release()
+
+
+def _corrupt_files(cls, root: Path) -> List[Path]:
+    """Files of a torchvision CIFAR source under ``root`` whose MD5 does not match: the archive itself, or
+    the extracted folder (listed once) when one of its files is wrong."""
+    from torchvision.datasets.utils import check_integrity
+
+    bad = []
+    archive = root / cls.filename
+    if archive.is_file() and not check_integrity(str(archive), cls.tgz_md5):
+        bad.append(archive)
+    folder = root / cls.base_folder
+    for name, md5 in cls.train_list + cls.test_list + [(cls.meta["filename"], cls.meta["md5"])]:
+        if (folder / name).is_file() and not check_integrity(str(folder / name), md5):
+            bad.append(folder)
+            break
+    return bad
+
+
 def _torchvision_split(cfg, train: bool):
     from torchvision import datasets
 
     src = _source(cfg)
     cls = datasets.CIFAR10 if src == "cifar10" else datasets.CIFAR100
     root = Path(os.path.expanduser(str(cfg.root)))
-    try:
-        ds = cls(str(root), train=train, download=False)
-    except RuntimeError:
-        ds = None
-    if ds is None and cfg.download:
+
+    def present():
+        try:
+            return cls(str(root), train=train, download=False)
+        except RuntimeError:  # "Dataset not found or corrupted"
+            return None
+
+    def fetch():
         # torchvision's urllib download has no time-out; bound it so an offline machine fails in seconds
         old = socket.getdefaulttimeout()
         socket.setdefaulttimeout(15)
         try:
-            ds = cls(str(root), train=train, download=True)
-        except Exception as e:  # URLError, socket.timeout, OSError: all mean "could not fetch"
-            log.debug("download failed: %r", e)
-            ds = None
+            cls(str(root), train=train, download=True)
+        except Exception as e:  # URLError, socket.timeout, OSError, "File not found or corrupted": could not fetch
+            log.warning("data=%s: download into %s failed (%s: %s)", src, root, type(e).__name__, e)
         finally:
             socket.setdefaulttimeout(old)
+
+    ds = present()
+    if ds is None and cfg.download:
+        download_once(root, lambda: present() is not None, fetch)
+        ds = present()
     if ds is None:
+        corrupt = _corrupt_files(cls, root)
+        if corrupt:
+            raise DataError(
+                f"data={src}: checksum mismatch, delete {' and '.join(str(p) for p in corrupt)} and run again "
+                f"(a download that was cut off, or one written by two jobs at once); "
+                f"{'it is then downloaded again' if cfg.download else 'with data.download=true and network access it is downloaded again'}.")
         folder = cls.base_folder
         files = ", ".join(n for n, _ in cls.train_list + cls.test_list)
         raise DataError(
@@ -115,53 +178,204 @@ def _torchvision_split(cfg, train: bool):
     if images.shape[-1] != size:
         images = torch.nn.functional.interpolate(images.float(), size=(size, size), mode="bilinear",
                                                  antialias=True).round().clamp(0, 255).to(torch.uint8)
-    return targets, (lambda idx: images[torch.as_tensor(idx, dtype=torch.long)]), list(ds.classes)
+    return targets, (lambda idx: (images[torch.as_tensor(idx, dtype=torch.long)], None)), list(ds.classes)
 
 
-def _folder_split(cfg, train: bool):
+# Extensions read as images: torchvision's IMG_EXTENSIONS plus the other common ones Pillow opens
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".jpe", ".jfif", ".png", ".apng", ".ppm", ".pgm", ".pbm", ".pnm", ".bmp",
+                    ".tif", ".tiff", ".webp", ".gif", ".tga", ".qoi", ".avif")
+# Folders and files that are never classes or images: dot-names (.ipynb_checkpoints/, .DS_Store, macOS's
+# AppleDouble ._x.jpg, .git/) and the __MACOSX/ folder macOS zips carry
+HIDDEN_NAMES = ("__MACOSX",)
+# Transparent pixels are composited onto this background (what a viewer shows on a white page); dropping
+# the alpha channel instead would expose whatever colour the file stores under transparent pixels
+ALPHA_BACKGROUND = (255, 255, 255)
+
+
+def _hidden(name: str) -> bool:
+    return name.startswith(".") or name in HIDDEN_NAMES
+
+
+def to_rgb(im):
+    """A Pillow image of any mode as an 8-bit RGB Pillow image with the pixels a viewer shows.
+
+    * EXIF orientation is applied (a phone photo stored sideways is turned upright, as viewers show it).
+    * 16-bit and 32-bit integer grayscale (modes ``I;16*``, ``I``: 16-bit PNG/TIFF/PGM) is scaled from
+      0..65535 to 0..255 (round(v / 257); values outside are clipped). Pillow's own ``convert`` clips at
+      255, which turns almost every 16-bit image white.
+    * Transparency (RGBA, LA, PA, RGBa, a palette or L/RGB image with a ``transparency`` entry) is
+      composited onto white (``ALPHA_BACKGROUND``).
+    * Everything else (L, 1, P, CMYK, YCbCr, LAB, HSV, RGBX) uses Pillow's ``convert("RGB")``; CMYK is
+      converted without a colour profile.
+
+    Raises ``ValueError`` for 32-bit float images (mode ``F``): they have no defined pixel range.
+    """
+    from PIL import Image, ImageOps
+
+    ImageOps.exif_transpose(im, in_place=True)
+    if im.mode == "F":
+        raise ValueError("32-bit float pixels (mode F) have no defined range; save the image with 8-bit pixels")
+    if im.mode == "I" or im.mode.startswith("I;16"):
+        a = np.asarray(im).astype(np.int64)
+        im = Image.fromarray(((np.clip(a, 0, 65535) * 255 + 32767) // 65535).astype(np.uint8), "L")
+    if im.mode in ("RGBA", "LA", "PA", "RGBa", "La") or "transparency" in im.info:
+        im = im.convert("RGBA")
+        im = Image.alpha_composite(Image.new("RGBA", im.size, ALPHA_BACKGROUND + (255,)), im)
+    return im.convert("RGB")
+
+
+def read_image(path: str, size: int) -> torch.Tensor:
+    """Decode one image file to uint8 [3, size, size] (pixels 0..255), via ``to_rgb``.
+
+    Images of another size are resized to size x size (not cropped: the aspect ratio is not kept) with
+    Pillow's bicubic filter, which is antialiased when shrinking. An animated or multi-page file gives
+    its first frame.
+
+    Raises ``DataError`` naming ``path`` when the file cannot be decoded (truncated, corrupt, not an image,
+    too large for Pillow's decompression-bomb limit, or a mode ``to_rgb`` refuses).
+    """
     from PIL import Image
-    from torchvision.datasets import ImageFolder
     from torchvision.transforms.functional import pil_to_tensor
 
+    try:
+        with Image.open(path) as im:
+            im = to_rgb(im)
+            if im.size != (size, size):
+                im = im.resize((size, size), Image.BICUBIC)
+            return pil_to_tensor(im)
+    except Exception as e:  # OSError, UnidentifiedImageError, DecompressionBombError, SyntaxError, ValueError...
+        raise DataError(f"cannot read image {path}: {type(e).__name__}: {e}. Remove or replace the file, or set "
+                        "data.skip_corrupt=true to skip unreadable images (they are counted in the log).") from e
+
+
+def _scan_folder(split_dir: Path, class_to_idx: dict) -> tuple:
+    """(samples [(path, label)], skipped {"hidden": n, "other": n, "example": path}) of an ImageFolder split,
+    with torchvision's ``make_dataset``; hidden and non-image files are skipped and counted."""
+    from torchvision.datasets.folder import make_dataset
+
+    skipped = {"hidden": 0, "other": 0, "example": None}
+    prefix = len(os.path.join(str(split_dir), ""))
+
+    def valid(path: str) -> bool:  # called once per file: plain string operations (60,000 files in ~0.1 s)
+        rel = path[prefix:]
+        if (rel.startswith(".") or os.sep + "." in rel or "__MACOSX" in rel) and \
+                any(_hidden(part) for part in rel.split(os.sep)):
+            skipped["hidden"] += 1
+            return False
+        if not path.lower().endswith(IMAGE_EXTENSIONS):
+            skipped["other"] += 1
+            skipped["example"] = skipped["example"] or path
+            return False
+        return True
+
+    return make_dataset(str(split_dir), class_to_idx, is_valid_file=valid, allow_empty=True), skipped
+
+
+def _folder_tree(cfg) -> dict:
+    """Scan ``data.root``'s train/ and test/ trees. Returns {"train"|"test": (samples, classes)}.
+
+    The classes are train/'s class folders (sorted, hidden ones excluded) and their labels are used for
+    test/ as well, so a class missing from test/ cannot shift the labels of the others.
+
+    Raises ``DataError``: no train/ or test/, no class folder, an empty class folder in train/, or a class
+    folder in test/ that train/ does not have.
+    """
     if cfg.root in (None, "", "???"):
         raise DataError("data=folder needs data.root=PATH, a directory with train/<class>/* and test/<class>/* "
                         "(e.g. data.root=../shared/data/cifar10).")
-    root = Path(os.path.expanduser(str(cfg.root))) / ("train" if train else "test")
-    if not root.is_dir():
+    top = Path(os.path.expanduser(str(cfg.root)))
+    dirs = {}
+    for split in ("train", "test"):
+        d = top / split
+        if not d.is_dir():
+            raise DataError(
+                f"data.root={cfg.root}: no '{split}/' folder at {d}. data=folder expects an ImageFolder "
+                f"tree PATH/train/<class>/*.jpg and PATH/test/<class>/*.jpg; set data.root to its top directory.")
+        dirs[split] = sorted(e.name for e in os.scandir(d) if e.is_dir() and not _hidden(e.name))
+    classes = dirs["train"]
+    if not classes:
+        loose = sum(1 for e in os.scandir(top / "train") if e.is_file() and e.name.lower().endswith(IMAGE_EXTENSIONS))
+        raise DataError(f"data.root={cfg.root}: {top / 'train'} has no class folder"
+                        f"{f' (it holds {loose} images directly)' if loose else ''}. data=folder expects one folder "
+                        f"per class: PATH/train/<class>/*.jpg and PATH/test/<class>/*.jpg.")
+    extra = [c for c in dirs["test"] if c not in classes]
+    if extra:
         raise DataError(
-            f"data.root={cfg.root}: no '{root.name}/' folder at {root}. data=folder expects an ImageFolder "
-            f"tree PATH/train/<class>/*.jpg and PATH/test/<class>/*.jpg; set data.root to its top directory."
-        )
-    try:
-        folder = ImageFolder(str(root))
-    except (FileNotFoundError, RuntimeError) as e:
-        raise DataError(f"data.root={cfg.root}: {root} is not an ImageFolder tree ({e}).") from e
+            f"data.root={cfg.root}: test/ has class folder(s) {', '.join(str(top / 'test' / c) for c in extra[:5])} "
+            f"that train/ does not have ({len(classes)} classes: {', '.join(classes[:10])}"
+            f"{', ...' if len(classes) > 10 else ''}). The labels come from train/'s class folders; rename or "
+            f"remove the extra folder(s) so test/ holds only classes of train/.")
+    class_to_idx = {c: i for i, c in enumerate(classes)}
+    out = {}
+    for split in ("train", "test"):
+        d = top / split
+        samples, skipped = _scan_folder(d, class_to_idx)
+        if skipped["hidden"] or skipped["other"]:
+            log.info("%s: skipped %d hidden file(s) and %d non-image file(s)%s", d, skipped["hidden"],
+                     skipped["other"], f" (e.g. {skipped['example']})" if skipped["example"] else "")
+        counts = np.bincount([t for _, t in samples], minlength=len(classes))
+        empty = [c for c, k in zip(classes, counts) if k == 0]
+        if empty and split == "train":
+            raise DataError(
+                f"data.root={cfg.root}: class folder(s) {', '.join(str(d / c) for c in empty[:5])}"
+                f"{f' (and {len(empty) - 5} more)' if len(empty) > 5 else ''} hold no images (files with "
+                f"{', '.join(IMAGE_EXTENSIONS[:5])}, ... extensions; hidden files never count). Add images or "
+                "remove the folder(s).")
+        if empty:
+            log.warning("data.root=%s: test/ has no images of class(es) %s (no folder, or an empty one); their "
+                        "labels stay those of train/, and their test accuracy is undefined", cfg.root,
+                        ", ".join(empty[:10]))
+        out[split] = samples
+    return {"classes": classes, "samples": out, "dir": {s: top / s for s in ("train", "test")}}
+
+
+def _folder_split(cfg, tree: dict, train: bool):
+    """An ImageFolder split of ``tree`` (from ``_folder_tree``) as (targets, decode, classes)."""
+    from PIL import ImageFile
+
+    split = "train" if train else "test"
+    samples, root = tree["samples"][split], tree["dir"][split]
     size = int(cfg.image_size)
+    skip = bool(getattr(cfg, "skip_corrupt", False))
 
-    def decode_one(path: str) -> torch.Tensor:
+    def decode_one(path: str):
         try:
-            with Image.open(path) as im:
-                im = im.convert("RGB")
-                if im.size != (size, size):
-                    im = im.resize((size, size), Image.BICUBIC)
-                return pil_to_tensor(im)
-        except OSError as e:
-            raise DataError(f"cannot read image {path}: {e}. Remove or replace the file.") from e
+            return read_image(path, size)
+        except DataError as e:
+            if not skip:
+                raise
+            return e
 
-    def decode(idx) -> torch.Tensor:
-        paths = [folder.samples[int(i)][0] for i in idx]
+    def decode(idx):
+        paths = [samples[int(i)][0] for i in idx]
         workers = _decode_workers()
         log.info("decoding %d images of %s with %d thread(s); cached for later runs under %s", len(paths), root,
                  workers, cache_dir(cfg))
         out = torch.empty(len(paths), 3, size, size, dtype=torch.uint8)
-        # Pillow releases the GIL while it decodes, so threads use every core (CIFAR-10's 60,000 JPEGs take
-        # ~14 s on one core); map keeps the order, and the first failure is raised with its path
-        with ThreadPoolExecutor(max_workers=workers) as pool:
-            for k, img in enumerate(pool.map(decode_one, paths, chunksize=256)):
-                out[k] = img
-        return out
+        keep = torch.ones(len(paths), dtype=torch.bool)
+        bad = []
+        # a library that set LOAD_TRUNCATED_IMAGES would make truncated files decode as grey padding
+        old, ImageFile.LOAD_TRUNCATED_IMAGES = ImageFile.LOAD_TRUNCATED_IMAGES, False
+        try:
+            # Pillow releases the GIL while it decodes, so threads use every core (CIFAR-10's 60,000 JPEGs take
+            # ~14 s on one core); map keeps the order, and the first failure is raised with its path
+            with ThreadPoolExecutor(max_workers=workers) as pool:
+                for k, img in enumerate(pool.map(decode_one, paths, chunksize=256)):
+                    if isinstance(img, DataError):
+                        keep[k] = False
+                        bad.append(img)
+                    else:
+                        out[k] = img
+        finally:
+            ImageFile.LOAD_TRUNCATED_IMAGES = old
+        if bad:
+            log.warning("data.skip_corrupt=true: skipped %d unreadable image(s) of %s; first: %s", len(bad), root,
+                        bad[0])
+            return out[keep], keep
+        return out, None
 
-    return torch.as_tensor(folder.targets, dtype=torch.int64), decode, list(folder.classes)
+    targets = torch.as_tensor([t for _, t in samples], dtype=torch.int64)
+    return targets, decode, list(tree["classes"])
 
 
 def _decode_workers() -> int:
@@ -172,25 +386,61 @@ def _decode_workers() -> int:
         return max(1, os.cpu_count() or 1)
 
 
-def _stratified(targets: np.ndarray, k: Optional[int], seed: int, what: str):
-    """Indices (kept, rest) of a class-stratified draw of ``k`` items out of ``len(targets)``; all if k is None."""
+def _typed(v) -> str:
+    """A config number as the user wrote it: 0.1 stays 0.1, a count 10.0 reads 10."""
+    return str(int(v)) if isinstance(v, float) and v.is_integer() else str(v)
+
+
+def _stratified(targets: np.ndarray, k: Optional[int], seed: int, key: str, typed: str, role: str, rest: str,
+                pool: str, name_class, suggest):
+    """Indices (kept, rest) of a class-stratified draw of ``k`` items out of ``len(targets)``; all if k is None.
+
+    ``key``/``typed``: the config key and the value the user wrote (quoted in errors); ``role``/``rest``:
+    what the drawn and the remaining images are ("validation"/"training"); ``pool``: what the
+    ``len(targets)`` images are; ``name_class(i)``: class i by name (and folder); ``suggest(k, lo, hi)``:
+    a working setting of ``key`` (as "key=value ...") for a draw of lo..hi items.
+
+    Raises ``DataError`` when no class-stratified draw exists: fewer drawn (or remaining) images than
+    classes, or a class with a single image (scikit-learn's ``train_test_split`` needs two per class).
+    """
     n = len(targets)
     if k is None or k == n:
         return np.arange(n), np.arange(0)
-    if not 0 < k < n:
-        raise DataError(f"{what}={k} must be between 1 and the {n} images available"
-                        f"{'' if what == 'data.val_size' else ' (or null for all)'}.")
-    try:
-        keep, rest = train_test_split(np.arange(n), train_size=k, stratify=targets, random_state=seed)
-    except ValueError as e:  # e.g. fewer items than classes
-        raise DataError(f"{what}={k}: cannot draw a class-stratified subset ({e}); use a larger value.") from e
-    return np.sort(keep), np.sort(rest)
+    counts = np.bincount(targets)
+    c = int((counts > 0).sum())
+    single = np.flatnonzero(counts == 1)
+    if len(single):
+        names = ", ".join(name_class(int(i)) for i in single[:5])
+        raise DataError(
+            f"{key}={typed}: class {names} {'has' if len(single) == 1 else 'have'} a single image among the {n} {pool}, "
+            f"and a class-stratified draw of {role} images needs at least 2 images of every class. Add images of "
+            f"that class, or remove its folder.")
+    if n < 2 * c and 0 < k < n:
+        raise DataError(
+            f"{key}={typed}: the {n} {pool} cannot be split into {role} and {rest} images with at least one image of "
+            f"each of the {c} classes on both sides (that needs at least {2 * c} images).")
+    if k >= n:
+        raise DataError(f"{key}={typed}: there are only {n} {pool}; use {suggest(k, c, n - c)}.")
+    if k < c or n - k < c:
+        what = f"gives {k} {role} images" if k < c else f"leaves {n - k} {rest} images"
+        raise DataError(
+            f"{key}={typed} {what} for {c} classes (of the {n} {pool}), and a class-stratified draw needs at least "
+            f"one image of every class on both sides; use {suggest(k, c, n - c)}.")
+    keep, rest_idx = train_test_split(np.arange(n), train_size=k, stratify=targets, random_state=seed)
+    return np.sort(keep), np.sort(rest_idx)
 
 
 def _cached_decode(cfg, split: str, idx: np.ndarray, decode, targets: torch.Tensor) -> Split:
-    """Decode ``idx`` once and cache it; a later run with the same source, root, size and indices loads the .pt."""
-    key = json.dumps([_source(cfg), os.path.abspath(os.path.expanduser(str(cfg.root))), split,
-                      int(cfg.image_size), hashlib.sha1(idx.tobytes()).hexdigest()])
+    """Decode ``idx`` once and cache it; a later run with the same source, root, size and indices loads the .pt.
+
+    ``decode(idx)`` returns (uint8 images, keep) where keep is None or a bool mask of the decoded indices
+    (``data.skip_corrupt``: unreadable images are left out)."""
+    key = [_source(cfg), os.path.abspath(os.path.expanduser(str(cfg.root))), split,
+           int(cfg.image_size), hashlib.sha1(idx.tobytes()).hexdigest()]
+    if _source(cfg) == "folder":
+        # v2: 16-bit, transparency and EXIF orientation decode differently than before; skipped files are not in it
+        key += ["decode-v2"] + (["skip_corrupt"] if getattr(cfg, "skip_corrupt", False) else [])
+    key = json.dumps(key)
     path = cache_dir(cfg) / f"{_source(cfg)}-{split}-{hashlib.sha1(key.encode()).hexdigest()[:16]}.pt"
     if path.is_file():
         try:
@@ -198,8 +448,10 @@ def _cached_decode(cfg, split: str, idx: np.ndarray, decode, targets: torch.Tens
             return Split(blob["images"], blob["labels"])
         except Exception as e:  # a truncated cache file is rebuilt, never trusted
             log.warning("ignoring unreadable data cache %s (%s)", path, e)
-    images = decode(idx)
+    images, keep = decode(idx)
     labels = targets[torch.as_tensor(idx, dtype=torch.long)].clone()
+    if keep is not None:
+        labels = labels[keep]
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_suffix(f".tmp{os.getpid()}")
@@ -219,22 +471,46 @@ def load(cfg) -> Dataset:
     source = _source(cfg)
     if source in ("cifar10", "cifar100"):
         raw = {s: _torchvision_split(cfg, s == "train") for s in ("train", "test")}
+        where = {s: (lambda i, s=s: repr(raw[s][2][i])) for s in ("train", "test")}
     elif source == "folder":
-        raw = {s: _folder_split(cfg, s == "train") for s in ("train", "test")}
+        tree = _folder_tree(cfg)
+        raw = {s: _folder_split(cfg, tree, s == "train") for s in ("train", "test")}
+        where = {s: (lambda i, s=s: f"{tree['classes'][i]!r} ({tree['dir'][s] / tree['classes'][i]})")
+                 for s in ("train", "test")}
     else:  # unreachable through the schema's enum; kept for direct callers
         raise DataError(f"data.source={source!r} is unknown; use cifar10, cifar100 or folder")
     seed = int(cfg.subset_seed)
     tr_targets, tr_decode, classes = raw["train"]
     te_targets, te_decode, _ = raw["test"]
-    train_idx, _ = _stratified(tr_targets.numpy(), cfg.train_size, seed, "data.train_size")
-    test_idx, _ = _stratified(te_targets.numpy(), cfg.test_size, seed, "data.test_size")
+
+    def count(key, n):  # a working count for data.train_size / data.test_size
+        return lambda k, lo, hi: f"{key}={lo} or more" if k < lo else f"{key}={hi} or less (or null for all {n})"
+
+    train_idx, _ = _stratified(tr_targets.numpy(), cfg.train_size, seed, "data.train_size", _typed(cfg.train_size),
+                               "training", "unused", "training images", where["train"],
+                               count("data.train_size", len(tr_targets)))
+    test_idx, _ = _stratified(te_targets.numpy(), cfg.test_size, seed, "data.test_size", _typed(cfg.test_size),
+                              "test", "unused", "test images", where["test"], count("data.test_size", len(te_targets)))
     # val is held out of the (subsetted) train split: model selection never looks at test
     v = float(cfg.val_size)
-    n_val = round(v * len(train_idx)) if 0 < v < 1 else int(v)
-    if v <= 0 or n_val < 1 or (v >= 1 and v != int(v)):
-        raise DataError(f"data.val_size={cfg.val_size} must be a fraction in (0, 1) or a positive count: "
+    n_train = len(train_idx)
+    n_val = round(v * n_train) if 0 < v < 1 else int(v)
+    if v <= 0 or (v >= 1 and v != int(v)):
+        raise DataError(f"data.val_size={_typed(cfg.val_size)} must be a fraction in (0, 1) or a positive count: "
                         "the best checkpoint is chosen on val, never on test.")
-    val_pos, rest = _stratified(tr_targets.numpy()[train_idx], n_val, seed + 1, "data.val_size")
+
+    def val_fix(k, lo, hi):
+        if v >= 1:
+            return f"data.val_size={lo} or more" if k < lo else f"data.val_size={hi} or less"
+        # the smallest (or largest) fraction in steps of 0.01 whose count lands in lo..hi
+        fracs = [f / 100 for f in range(1, 100) if lo <= round(f / 100 * n_train) <= hi]
+        frac = (f"data.val_size={fracs[0]}" if k < lo else f"data.val_size={fracs[-1]}") if fracs else None
+        count_ = f"data.val_size={lo}" if k < lo else f"data.val_size={hi}"
+        return f"{frac} or a count such as {count_}" if frac else f"a count such as {count_}"
+
+    pool = "training images" + (f" of data.train_size={_typed(cfg.train_size)}" if cfg.train_size is not None else "")
+    val_pos, rest = _stratified(tr_targets.numpy()[train_idx], n_val, seed + 1, "data.val_size", _typed(cfg.val_size),
+                                "validation", "training", pool, where["train"], val_fix)
     val_idx, train_idx = train_idx[val_pos], train_idx[rest]
     train = _cached_decode(cfg, "train", train_idx, tr_decode, tr_targets)
     val = _cached_decode(cfg, "train", val_idx, tr_decode, tr_targets)
@@ -248,8 +524,18 @@ def load(cfg) -> Dataset:
 
 
 def batches(n: int, batch_size: int, device, shuffle: bool, generator: Optional[torch.Generator] = None):
-    """Yield index tensors (int64, on ``device``) covering range(n) in batches; a random permutation if shuffle."""
+    """Yield index tensors (int64, on ``device``) covering range(n) in batches; a random permutation if shuffle.
+
+    Training batches (``shuffle=True``) never have a single image: a size-1 tail is merged into the batch
+    before it (one batch of ``batch_size + 1``), because BatchNorm in training mode cannot normalise one value
+    per channel (the conv trunk's last BatchNorm sees a 1x1 feature map at ``data.image_size=8``, and the batch
+    is then its only statistic). Every image is still seen once per epoch. Evaluation (``shuffle=False``)
+    cuts batches as given: BatchNorm then uses its running statistics.
+    """
     order = torch.randperm(n, generator=generator) if shuffle else torch.arange(n)
     order = order.to(device)
-    for i in range(0, n, batch_size):
-        yield order[i:i + batch_size]
+    starts = list(range(0, n, batch_size))
+    if shuffle and len(starts) > 1 and n - starts[-1] == 1:
+        starts.pop()
+    for j, i in enumerate(starts):
+        yield order[i:starts[j + 1] if j + 1 < len(starts) else n]

@@ -19,14 +19,35 @@ log = logging.getLogger(__name__)
 
 METHODS = ("pca", "tsne", "umap")
 TITLES = {"pca": "PCA", "tsne": "t-SNE", "umap": "UMAP"}
+MIN_POINTS = 3  # fewer test points than this: no projection (t-SNE's perplexity and UMAP's neighbours need more)
+
+
+class DegenerateError(ValueError):
+    """The embeddings cannot be projected meaningfully (identical or non-finite points)."""
+
+
+def degenerate(z: np.ndarray) -> str:
+    """Why ``z`` float [N, D] cannot be projected ("" when it can): too few points, non-finite values, or
+    all points identical (a collapsed or dead encoder). Such input crashes t-SNE and UMAP natively."""
+    if len(z) < MIN_POINTS:
+        return f"only {len(z)} point(s), fewer than {MIN_POINTS}"
+    if not np.isfinite(z).all():
+        return "the embeddings hold NaN or infinite values"
+    if np.ptp(z, axis=0).max() == 0:
+        return f"all {len(z)} embeddings are identical (a collapsed or dead encoder)"
+    return ""
 
 
 def project(z: np.ndarray, method: str, seed: int = 0) -> np.ndarray:
     """float [N, D] -> float [N, 2] by ``method`` (pca | tsne | umap).
 
-    Raises ``ImportError`` for umap without umap-learn, ``ValueError`` for an unknown method.
+    Raises ``ImportError`` for umap without umap-learn, ``ValueError`` for an unknown method,
+    ``DegenerateError`` for input that ``degenerate`` rejects or that has no spread for t-SNE's PCA start.
     A latent of size 1 is padded with zeros, since every method needs two output dimensions.
     """
+    why = degenerate(z)
+    if why:
+        raise DegenerateError(why)
     if z.shape[1] < 2:
         z = np.concatenate([z, np.zeros_like(z)], axis=1)
     if method == "pca":
@@ -34,14 +55,25 @@ def project(z: np.ndarray, method: str, seed: int = 0) -> np.ndarray:
 
         return PCA(n_components=2, random_state=seed).fit_transform(z)
     if method == "tsne":
+        from sklearn.decomposition import PCA
         from sklearn.manifold import TSNE
 
+        # scikit-learn's init="pca", computed here so a degenerate start is caught: it divides the first
+        # component by its standard deviation, which is 0 for identical points, and Barnes-Hut t-SNE then
+        # segfaults on the NaN start (scikit-learn 1.9, np.ones((200, 32))) -- a crash no except can catch
+        init = PCA(n_components=2, random_state=seed).fit_transform(z).astype(np.float32)
+        sd = float(np.std(init[:, 0]))
+        if not np.isfinite(init).all() or not np.isfinite(sd) or sd == 0.0:
+            raise DegenerateError("the embeddings have no spread along any direction")
         # perplexity must stay below the number of points; 30 is scikit-learn's default
-        return TSNE(n_components=2, init="pca", perplexity=min(30.0, (len(z) - 1) / 3), random_state=seed).fit_transform(z)
+        return TSNE(n_components=2, init=init / sd * 1e-4, perplexity=min(30.0, (len(z) - 1) / 3),
+                    random_state=seed).fit_transform(z)
     if method == "umap":
         import umap  # optional extra
 
-        return umap.UMAP(n_components=2, n_neighbors=min(15, len(z) - 1), random_state=seed, n_jobs=1).fit_transform(z)
+        # n_neighbors must be at least 2 and below the number of points; 15 is umap-learn's default
+        return umap.UMAP(n_components=2, n_neighbors=max(2, min(15, len(z) - 1)), random_state=seed,
+                         n_jobs=1).fit_transform(z)
     raise ValueError(f"unknown projection {method!r}; use one of {', '.join(METHODS)} in logger.projections")
 
 
@@ -76,8 +108,10 @@ def save_projections(z, labels, classes: List[str], out_dir: Path, methods: Sequ
     """Write ``out_dir/<method>.png`` for each method; returns {method: path} of those written.
 
     ``z``: float [N, D] embeddings, ``labels``: int [N]. At most ``n_points`` points (a fixed random subset)
-    are projected. UMAP without umap-learn is skipped with one log line; any other method that fails is
-    logged and skipped too, since a plot must not fail a finished run.
+    are projected. Degenerate input (``degenerate``: too few, non-finite or identical points) is skipped
+    with one warning before any method runs, since t-SNE and UMAP crash the process on it (a segfault, which
+    no ``except`` catches). UMAP without umap-learn is skipped with one log line; any other method that fails
+    is logged and skipped too, since a plot must not fail a finished run.
     """
     z = np.asarray(z, dtype=np.float32)
     labels = np.asarray(labels)
@@ -85,6 +119,10 @@ def save_projections(z, labels, classes: List[str], out_dir: Path, methods: Sequ
         pick = np.sort(np.random.default_rng(seed).permutation(len(z))[:n_points])
         z, labels = z[pick], labels[pick]
     out = {}
+    why = degenerate(z)
+    if why and methods:
+        log.warning("projections %s skipped: %s", ", ".join(methods), why)
+        return out
     for method in methods:
         t0 = time.time()
         try:
@@ -95,7 +133,7 @@ def save_projections(z, labels, classes: List[str], out_dir: Path, methods: Sequ
         except ImportError:
             log.info("umap-learn is not installed: skipping images/umap.png (pip install 'embclf[umap]')")
             continue
-        except Exception as e:  # e.g. too few points for t-SNE
+        except Exception as e:  # e.g. no spread for t-SNE's start
             log.warning("projection %s failed (%s: %s); skipped", method, type(e).__name__, e)
             continue
         out[method] = scatter(xy, labels, classes, Path(out_dir) / f"{method}.png",

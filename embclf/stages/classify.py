@@ -7,8 +7,10 @@
 3. Train the head (cross-entropy, Adam, cosine annealing per epoch), keep the best epoch on val accuracy.
 4. Report test accuracy (best-on-val head: ``test_accuracy``; last epoch: ``final_test_accuracy``),
    per-class accuracy and the confusion matrix (JSON and images/confusion.png).
-5. Project the test embeddings to 2-D (images/pca.png, tsne.png, umap.png; ``embclf.plots``) and log them,
-   a table of test embeddings and the confusion matrix to the tracker (wandb, ``embclf.tracking``).
+5. Write the result (summary.json, status "completed") first; only then the optional extras: project the
+   test embeddings to 2-D (images/pca.png, tsne.png, umap.png; ``embclf.plots``) and log them, a table of
+   test embeddings and the confusion matrix to the tracker (wandb, ``embclf.tracking``). A failure of an
+   extra is a warning and never loses the result.
 """
 from __future__ import annotations
 
@@ -116,6 +118,17 @@ def save_confusion_png(cm, classes: List[str], path: Path, title: str) -> None:
     path.parent.mkdir(exist_ok=True)
     fig.savefig(path, dpi=100)
     plt.close(fig)
+
+
+def _optional(what: str, fn, *args, **kwargs):
+    """``fn(*args, **kwargs)`` for an optional extra run after the result is written (a figure, a projection,
+    tracker logging): an exception is one warning naming ``what``, never a failed run. Returns fn's value or None."""
+    try:
+        return fn(*args, **kwargs)
+    except Exception as e:  # noqa: BLE001 -- any failure of an extra; the result is already on disk
+        log.warning("%s failed after the result was written (%s: %s); skipped, the run stays completed", what,
+                    type(e).__name__, e)
+        return None
 
 
 def train_head_epoch(head, opt, z: torch.Tensor, y: torch.Tensor, batch_size: int,
@@ -237,21 +250,23 @@ def run(cfg, run_dir: Path, overrides: List[str], encoder: Optional[Path] = None
     true = y["test"].cpu().numpy()
     cm = confusion_matrix(true, pred, labels=list(range(len(classes))))
     per_class = {c: float(cm[i, i] / max(1, cm[i].sum())) for i, c in enumerate(classes)}
-    save_confusion_png(cm, classes, run_dir / "images" / "confusion.png",
-                       f"{enc_cfg['model']['name']} z{enc_cfg['latent']} {cfg.head.name}: test acc {test_m['accuracy']:.3f}")
-    lc = cfg.logger
-    images = plots.save_projections(emb["test"]["z"].numpy(), true, classes, run_dir / "images", list(lc.projections),
-                                    int(lc.projection_points), f"{enc_cfg['model']['name']}-z{enc_cfg['latent']}",
-                                    seed=int(cfg.seed))
-    tracker.log_images(int(cc.epochs), confusion=run_dir / "images" / "confusion.png", **images)
-    tracker.log_embeddings(emb["test"]["z"].numpy(), true, classes, int(lc.wandb.table_rows), seed=int(cfg.seed))
-    tracker.log_confusion(true, pred, classes)
+    # the result first: nothing optional below (figures, projections, wandb) can lose or hide it
     summary.update(status="completed", best_epoch=best_epoch, test_accuracy=test_m["accuracy"], test_loss=test_m["loss"],
                    val_accuracy=best["val"]["accuracy"], final_test_accuracy=final_m["accuracy"],
                    per_class_accuracy=per_class, confusion_matrix=cm.tolist(), classes=classes, end_time=time.time())
     summary["wall_seconds"] = summary["end_time"] - summary["start_time"]
     runs.write_json_atomic(run_dir / runs.SUMMARY, summary)
-    tracker.finish(summary)
+    lc, png = cfg.logger, run_dir / "images" / "confusion.png"
+    _optional("images/confusion.png", save_confusion_png, cm, classes, png,
+              f"{enc_cfg['model']['name']} z{enc_cfg['latent']} {cfg.head.name}: test acc {test_m['accuracy']:.3f}")
+    images = _optional("projections", plots.save_projections, emb["test"]["z"].numpy(), true, classes,
+                       run_dir / "images", list(lc.projections), int(lc.projection_points),
+                       f"{enc_cfg['model']['name']}-z{enc_cfg['latent']}", seed=int(cfg.seed)) or {}
+    _optional("tracker images", tracker.log_images, int(cc.epochs), confusion=png, **images)
+    _optional("tracker embeddings table", tracker.log_embeddings, emb["test"]["z"].numpy(), true, classes,
+              int(lc.wandb.table_rows), seed=int(cfg.seed))
+    _optional("tracker confusion matrix", tracker.log_confusion, true, pred, classes)
+    _optional("tracker finish", tracker.finish, summary)
     log.info("test accuracy %.4f (best epoch %d on val %.4f); final-epoch test accuracy %.4f",
              test_m["accuracy"], best_epoch, best_acc, final_m["accuracy"])
     return run_dir
