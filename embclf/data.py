@@ -502,8 +502,9 @@ def load(cfg) -> Dataset:
     def val_fix(k, lo, hi):
         if v >= 1:
             return f"data.val_size={lo} or more" if k < lo else f"data.val_size={hi} or less"
-        # the smallest (or largest) fraction in steps of 0.01 whose count lands in lo..hi
-        fracs = [f / 100 for f in range(1, 100) if lo <= round(f / 100 * n_train) <= hi]
+        # the smallest (or largest) fraction whose count lands in lo..hi: a multiple of 0.05 if one works
+        fracs = [f / 100 for f in range(5, 100, 5) if lo <= round(f / 100 * n_train) <= hi] or \
+            [f / 100 for f in range(1, 100) if lo <= round(f / 100 * n_train) <= hi]
         frac = (f"data.val_size={fracs[0]}" if k < lo else f"data.val_size={fracs[-1]}") if fracs else None
         count_ = f"data.val_size={lo}" if k < lo else f"data.val_size={hi}"
         return f"{frac} or a count such as {count_}" if frac else f"a count such as {count_}"
