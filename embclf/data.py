@@ -212,7 +212,10 @@ def to_rgb(im):
     """
     from PIL import Image, ImageOps
 
-    ImageOps.exif_transpose(im, in_place=True)
+    try:
+        ImageOps.exif_transpose(im, in_place=True)
+    except Exception as e:  # a malformed EXIF block must not make a readable image unreadable
+        log.debug("ignoring unreadable EXIF orientation of %s (%s)", getattr(im, "filename", "image"), e)
     if im.mode == "F":
         raise ValueError("32-bit float pixels (mode F) have no defined range; save the image with 8-bit pixels")
     if im.mode == "I" or im.mode.startswith("I;16"):
@@ -392,13 +395,14 @@ def _typed(v) -> str:
 
 
 def _stratified(targets: np.ndarray, k: Optional[int], seed: int, key: str, typed: str, role: str, rest: str,
-                pool: str, name_class, suggest):
+                pool: str, name_class, suggest, pool_key: str = ""):
     """Indices (kept, rest) of a class-stratified draw of ``k`` items out of ``len(targets)``; all if k is None.
 
     ``key``/``typed``: the config key and the value the user wrote (quoted in errors); ``role``/``rest``:
     what the drawn and the remaining images are ("validation"/"training"); ``pool``: what the
     ``len(targets)`` images are; ``name_class(i)``: class i by name (and folder); ``suggest(k, lo, hi)``:
-    a working setting of ``key`` (as "key=value ...") for a draw of lo..hi items.
+    a working setting of ``key`` (as "key=value ...") for a draw of lo..hi items; ``pool_key``: the key whose
+    value made the pool (``data.train_size`` for the val draw from a subset), advised when the pool is too small.
 
     Raises ``DataError`` when no class-stratified draw exists: fewer drawn (or remaining) images than
     classes, or a class with a single image (scikit-learn's ``train_test_split`` needs two per class).
@@ -409,16 +413,17 @@ def _stratified(targets: np.ndarray, k: Optional[int], seed: int, key: str, type
     counts = np.bincount(targets)
     c = int((counts > 0).sum())
     single = np.flatnonzero(counts == 1)
+    if n < 2 * c and 0 < k < n:
+        raise DataError(
+            f"{key}={typed}: the {n} {pool} cannot be split into {role} and {rest} images with at least one image of "
+            f"each of the {c} classes on both sides (that needs at least {2 * c} images)"
+            f"{f'; use {pool_key}={2 * c} or more' if pool_key else ''}.")
     if len(single):
         names = ", ".join(name_class(int(i)) for i in single[:5])
         raise DataError(
             f"{key}={typed}: class {names} {'has' if len(single) == 1 else 'have'} a single image among the {n} {pool}, "
-            f"and a class-stratified draw of {role} images needs at least 2 images of every class. Add images of "
-            f"that class, or remove its folder.")
-    if n < 2 * c and 0 < k < n:
-        raise DataError(
-            f"{key}={typed}: the {n} {pool} cannot be split into {role} and {rest} images with at least one image of "
-            f"each of the {c} classes on both sides (that needs at least {2 * c} images).")
+            f"and a class-stratified draw of {role} images needs at least 2 images of every class. "
+            f"{f'Use a larger {pool_key}, or add' if pool_key else 'Add'} images of that class, or remove its folder.")
     if k >= n:
         raise DataError(f"{key}={typed}: there are only {n} {pool}; use {suggest(k, c, n - c)}.")
     if k < c or n - k < c:
@@ -511,7 +516,8 @@ def load(cfg) -> Dataset:
 
     pool = "training images" + (f" of data.train_size={_typed(cfg.train_size)}" if cfg.train_size is not None else "")
     val_pos, rest = _stratified(tr_targets.numpy()[train_idx], n_val, seed + 1, "data.val_size", _typed(cfg.val_size),
-                                "validation", "training", pool, where["train"], val_fix)
+                                "validation", "training", pool, where["train"], val_fix,
+                                "data.train_size" if cfg.train_size is not None else "")
     val_idx, train_idx = train_idx[val_pos], train_idx[rest]
     train = _cached_decode(cfg, "train", train_idx, tr_decode, tr_targets)
     val = _cached_decode(cfg, "train", val_idx, tr_decode, tr_targets)

@@ -204,6 +204,9 @@ def test_impossible_subset_messages_quote_the_typed_value(tmp_path):
         data.load(_cfg(tmp_path, root, val_size=0.9))
     with pytest.raises(data.DataError, match="data.train_size=5 gives 5 training images for 10 classes.*data.train_size=10 or more"):
         data.load(_cfg(tmp_path, root, train_size=5))
+    with pytest.raises(data.DataError, match="data.val_size=0.1: the 15 training images of data.train_size=15 cannot be "
+                                             "split.*use data.train_size=20 or more"):
+        data.load(_cfg(tmp_path, root, train_size=15))
     with pytest.raises(data.DataError, match="data.test_size=500: there are only 20 test images"):
         data.load(_cfg(tmp_path, root, test_size=500))
     _tree(root, {"train/lonely": 1, "test/lonely": 1})
