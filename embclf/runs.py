@@ -287,9 +287,10 @@ def iter_run_dirs(root: Path) -> Iterator[Path]:
 
 def encoder_identity(cfg) -> dict:
     """What makes two autoencode runs the same: data, model, latent, seed, precision and ``autoencode.*``
-    (runs written before ``precision`` existed were fp32)."""
+    (runs written before ``precision`` existed were fp32, before ``data.skip_corrupt`` existed did not skip)."""
     c = cfg if isinstance(cfg, dict) else resolved(cfg)
     data = {k: v for k, v in c["data"].items() if k not in ("cache_dir", "download")}
+    data.setdefault("skip_corrupt", False)
     return {"data": data, "model": c["model"], "latent": c["latent"], "seed": c["seed"],
             "precision": c.get("precision", "fp32"), "autoencode": c["autoencode"]}
 
