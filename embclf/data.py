@@ -1,9 +1,10 @@
 """Data path: decode each split once into a uint8 tensor [N, 3, S, S], keep it in memory, batch by index.
 
-Sources (``data.source``): torchvision's CIFAR10 / CIFAR100 (download into ``data.root`` when online) or any
-ImageFolder tree (``<root>/train/<class>/*``, ``<root>/test/<class>/*``). Decoded splits are cached as
-``.pt`` files under ``data.cache_dir`` (default ``~/.cache/embclf/data``, never inside ``data.root``, which
-may be read-only). Subsets are class-stratified (scikit-learn's ``train_test_split``) with a fixed seed, so
+Sources (``data.source``): torchvision's CIFAR10 / CIFAR100 (downloaded into ``data.root`` when online, under
+a file lock so the jobs of a sweep download once) or any ImageFolder tree (``<root>/train/<class>/*``,
+``<root>/test/<class>/*``; what it may hold and how each image mode is decoded: ``docs/data.md``).
+Decoded splits are cached as ``.pt`` files under ``data.cache_dir`` (default ``~/.cache/embclf/data``, never
+inside ``data.root``, which may be read-only). Subsets are class-stratified (scikit-learn's ``train_test_split``) with a fixed seed, so
 the same config always sees the same images; the validation split is held out of train the same way.
 There are no per-sample Python transforms in the training loop: the stages index these tensors.
 """
@@ -159,10 +160,11 @@ def _torchvision_split(cfg, train: bool):
     if ds is None:
         corrupt = _corrupt_files(cls, root)
         if corrupt:
+            again = "it is then downloaded again" if cfg.download else \
+                "with data.download=true and network access it is downloaded again"
             raise DataError(
                 f"data={src}: checksum mismatch, delete {' and '.join(str(p) for p in corrupt)} and run again "
-                f"(a download that was cut off, or one written by two jobs at once); "
-                f"{'it is then downloaded again' if cfg.download else 'with data.download=true and network access it is downloaded again'}.")
+                f"(a download that was cut off, or one written by two jobs at once); {again}.")
         folder = cls.base_folder
         files = ", ".join(n for n, _ in cls.train_list + cls.test_list)
         raise DataError(
