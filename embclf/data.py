@@ -277,7 +277,10 @@ def _scan_folder(split_dir: Path, class_to_idx: dict) -> tuple:
 
 
 def _folder_tree(cfg) -> dict:
-    """Scan ``data.root``'s train/ and test/ trees. Returns {"train"|"test": (samples, classes)}.
+    """Scan ``data.root``'s train/ and test/ trees with torchvision's ``make_dataset``.
+
+    Returns {"classes": [name, ...] (index = label), "samples": {"train"|"test": [(path, label), ...]},
+    "dir": {"train"|"test": Path}}. Hidden and non-image files are skipped and counted in the log.
 
     The classes are train/'s class folders (sorted, hidden ones excluded) and their labels are used for
     test/ as well, so a class missing from test/ cannot shift the labels of the others.
