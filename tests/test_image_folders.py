@@ -321,3 +321,14 @@ def test_classify_result_survives_failing_extras(tmp_path, caplog):
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["status"] == "completed" and 0 <= summary["test_accuracy"] <= 1
     assert "images/confusion.png failed after the result was written" in caplog.text
+
+
+def test_degenerate_embeddings_are_recognised():
+    from embclf import plots
+
+    rng = np.random.default_rng(0)
+    assert "identical" in plots.degenerate(np.ones((200, 32), np.float32))
+    assert "NaN" in plots.degenerate(np.r_[rng.normal(size=(10, 4)), [[np.nan] * 4]])
+    assert "fewer than 3" in plots.degenerate(rng.normal(size=(2, 4)))
+    assert plots.degenerate(rng.normal(size=(20, 4))) == ""
+    assert plots.project(rng.normal(size=(3, 1)), "tsne").shape == (3, 2)  # 3 points, latent 1: still works
