@@ -20,6 +20,7 @@ The API key is only ever tested for presence; it is never read into a config, a 
 """
 from __future__ import annotations
 
+import atexit
 import logging
 import netrc
 import os
@@ -282,12 +283,25 @@ def progress(total: int, desc: str):
                 disable=None, file=sys.stderr)
 
 
+def _remove_if_only_multirun_yaml(sweep_dir: Path) -> None:
+    """Remove ``sweep_dir`` if it holds nothing but Hydra's ``multirun.yaml`` (no job ever started)."""
+    try:
+        if sweep_dir.is_dir() and {p.name for p in sweep_dir.iterdir()} == {"multirun.yaml"}:
+            (sweep_dir / "multirun.yaml").unlink()
+            sweep_dir.rmdir()
+    except OSError:
+        pass
+
+
 class AnnounceOutputs(Callback):
     """Hydra callback (``hydra.callbacks`` in conf/config.yaml): a sweep says where its outputs go, and at the
     end how to summarise them."""
 
     def on_multirun_start(self, config, **kwargs) -> None:
-        log.info("sweep outputs: %s", Path(str(config.hydra.sweep.dir)).resolve())
+        sweep_dir = Path(str(config.hydra.sweep.dir)).resolve()
+        log.info("sweep outputs: %s", sweep_dir)
+        # a sweep refused before any job started (a composition error, an invalid value) leaves nothing behind
+        atexit.register(_remove_if_only_multirun_yaml, sweep_dir)
 
     def on_multirun_end(self, config, **kwargs) -> None:
         log.info("sweep done; summarise it with: python -m embclf.report %s", Path(str(config.hydra.sweep.dir)).resolve())

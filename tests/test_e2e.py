@@ -111,15 +111,20 @@ def test_resume_after_sigterm_and_skip_completed(tmp_path, cifar_root):
     assert "already completed" in proc.stderr + proc.stdout and metrics.read_text() == before
     # another config into the same run dir would mix two experiments: refused, naming the key
     other = [a.replace("autoencode.epochs=6", "autoencode.epochs=7") for a in args]
+    record = {p.name: p.read_bytes() for p in (run_dir / ".hydra").iterdir()}
     proc = run_embclf(other, tmp_path, check=False)
     assert proc.returncode == 2 and "differs in: autoencode.epochs" in proc.stderr
     assert metrics.read_text() == before and json.loads((run_dir / "summary.json").read_text())["status"] == "completed"
+    # a refused run changes nothing: Hydra's record of the run (.hydra/) is still the original one
+    assert {p.name: p.read_bytes() for p in (run_dir / ".hydra").iterdir()} == record
+    assert not (run_dir / ".hydra.new").exists()
 
 
 @pytest.mark.parametrize("bad", ["autoencode.epochs=0", "classify.epochs=0 stage=classify"])
 def test_zero_epochs_is_a_clear_error(tmp_path, bad):
     proc = run_embclf([*MINI, *bad.split(), f"output_dir={tmp_path / 'o'}"], tmp_path, check=False)
-    assert proc.returncode == 2 and "epochs=0 must be at least 1" in proc.stderr and "Traceback" not in proc.stderr
+    assert proc.returncode == 2 and "epochs=0 is invalid: it must be at least 1" in proc.stderr
+    assert "Traceback" not in proc.stderr and not (tmp_path / "o").exists() or not any((tmp_path / "o").iterdir())
 
 
 def test_classify_encoder_that_would_run_code_is_refused(tmp_path, cifar_root):
