@@ -10,6 +10,7 @@ import contextlib
 import logging
 import os
 import shutil
+import signal
 import sys
 import traceback
 from pathlib import Path
@@ -126,8 +127,11 @@ def _run_stages(cfg: DictConfig, job_dir: Path, overrides, before: dict) -> Path
                 ("autoencode" if stage == Stage.all else stage.value)
             runs.write_json_atomic(current / runs.SUMMARY, runs.base_summary(cfg, sub, overrides))
         if ours and (current / runs.SUMMARY).is_file():
-            runs.mark_failed(current, f"{type(e).__name__}: {e}", "interrupted" if stopped else "failed",
-                             reason=getattr(e, "reason", None))
+            try:
+                runs.mark_failed(current, f"{type(e).__name__}: {e}", "interrupted" if stopped else "failed",
+                                 reason=getattr(e, "reason", None))
+            except runs.WriteError as w:  # e.g. the disk is still full: the original error is what matters
+                log.error("could not record the failure in %s: %s", current, w)
         tracking.finish_active(exit_code=1)  # the wandb run shows failed; the next job in this process starts fresh
         if not isinstance(e, (EmbclfError, DataError, SystemExit, KeyboardInterrupt)):
             log.error("failed:\n%s", traceback.format_exc())
@@ -153,6 +157,8 @@ def main(cfg: DictConfig) -> None:
     """Hydra task function (see module docstring)."""
     hc = HydraConfig.get()
     job_dir = Path(hc.runtime.output_dir)
+    if hasattr(signal, "SIGXFSZ"):  # past `ulimit -f` a write then fails with a message instead of killing the job
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
     try:
         run_job(cfg, job_dir, list(hc.overrides.task))
     except (EmbclfError, DataError) as e:

@@ -180,3 +180,20 @@ def test_posterior_collapse_is_flagged(tmp_path, cifar_root):
     s = json.loads((run_dir / "summary.json").read_text())
     assert s["status"] == "completed" and s["test_active_units"] < 1 and s["posterior_collapse"] is True
     assert "posterior collapse" in proc.stderr + proc.stdout
+
+
+def test_disk_full_during_a_checkpoint_fails_clearly_and_leaves_nothing_half_written(tmp_path, cifar_root):
+    """`ulimit -f` (4 MB: the data cache and JSON fit, a checkpoint does not) stands in for a full disk."""
+    import resource
+
+    run_dir = tmp_path / "run"
+    limit = 4 * 2**20
+    proc = subprocess.run(
+        [sys.executable, "-m", "embclf", "model=ae", "latent=8", *MINI, "autoencode.epochs=1", "logger=none",
+         f"hydra.run.dir={run_dir}"], cwd=tmp_path, env=embclf_env(tmp_path), capture_output=True, text=True,
+        timeout=600, preexec_fn=lambda: resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit)))
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    assert "cannot write" in proc.stderr and "/checkpoints/" in proc.stderr and "Traceback" not in proc.stderr
+    s = json.loads((run_dir / "summary.json").read_text())
+    assert s["status"] == "failed" and s["reason"] == "disk full", s
+    assert not [p for p in run_dir.rglob("*") if ".tmp" in p.name], list(run_dir.rglob("*.tmp*"))

@@ -32,6 +32,10 @@ class SweepJobsFailedError(CompactHydraException, RuntimeError):
     """Raised at the end of a sweep in which at least one job failed; names every failed job."""
 
 
+class SweepInterruptedError(CompactHydraException, KeyboardInterrupt):
+    """Raised when Ctrl-C or SIGTERM stopped a sweep: its running jobs were stopped and recorded "interrupted"."""
+
+
 class SweepConfigError(CompactHydraException, ValueError):
     """Raised before any job starts when the composed config of one or more jobs is invalid."""
 
@@ -323,9 +327,10 @@ def record_failure(job: PlannedJob, error: str, status: str = "failed", extra: O
     # stage=all: mark the stage that was running (or the first one that never started), not both
     statuses = [(_read_json(d / "summary.json") or {}).get("status") for d in dirs]
     targets = [d for d, s in zip(dirs, statuses) if s != "completed"][:1]
-    if status == "failed":
-        # a stage that raised was marked failed by the core itself, with its own error: keep that
-        targets = [d for d in targets if (_read_json(d / "summary.json") or {}).get("status") != "failed"]
+    if status in ("failed", "interrupted"):
+        # a stage that raised (or saw the interruption) recorded it itself, with its own error: keep that
+        targets = [d for d in targets
+                   if (_read_json(d / "summary.json") or {}).get("status") not in ("failed", "interrupted")]
     for run_dir in targets:
         try:
             run_dir.mkdir(parents=True, exist_ok=True)

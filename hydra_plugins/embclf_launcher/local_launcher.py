@@ -45,6 +45,7 @@ from hydra_plugins.hydra_submitit_launcher.submitit_launcher import BaseSubmitit
 from omegaconf import DictConfig, open_dict, read_write
 
 from ._common import (
+    SweepInterruptedError,
     announce_outcome,
     timed_out,
     mark_timeout,
@@ -711,11 +712,19 @@ class LocalPoolLauncher(BaseSubmititLauncher):
             for job, _ in running.values():
                 log.warning("stopping #%d %s", job.idx, job.label)
             _stop_workers([sj for _, sj in running.values()])
+            why = "Ctrl-C" if isinstance(e, KeyboardInterrupt) and not str(e) else f"{type(e).__name__}: {e}"
             for job, _ in running.values():
-                job.end, job.status = now(), "failed"
-                job.error = f"interrupted: the launcher stopped ({type(e).__name__}: {e})"
-                record_failure(job, job.error)
-            raise
+                job.end, job.status = now(), "interrupted"
+                job.error = f"interrupted: the launcher stopped ({why}); it resumes from last.pt when re-run"
+                record_failure(job, job.error, status="interrupted")
+            if not isinstance(e, KeyboardInterrupt):
+                raise
+            sweep_dir = self.config.hydra.sweep.dir if self.config is not None else "<sweep dir>"
+            # one message, not a traceback per frame: the user asked for this
+            raise SweepInterruptedError(
+                f"sweep interrupted ({why}): stopped {len(running)} running job(s) (recorded \"interrupted\"), "
+                f"{len(pending)} not started. Re-run the same command with hydra.sweep.dir={sweep_dir} to resume "
+                "them; completed jobs are skipped.") from None
         finally:
             if old_term is not None:
                 signal.signal(signal.SIGTERM, old_term)
