@@ -21,6 +21,7 @@ The API key is only ever tested for presence; it is never read into a config, a 
 from __future__ import annotations
 
 import atexit
+import json
 import logging
 import netrc
 import os
@@ -328,6 +329,19 @@ def _version(dist: str) -> Optional[str]:
         return None
 
 
+COMMAND_ENV = "EMBCLF_COMMAND"  # the user's command line, set by embclf's launchers for their jobs
+
+
+def command_line() -> List[str]:
+    """The command the user typed: in a sweep job (a submitit worker, whose own argv is submitit's) the
+    launcher's argv, which embclf's launchers pass in ``EMBCLF_COMMAND`` (JSON); else this process's argv."""
+    try:
+        given = json.loads(os.environ.get(COMMAND_ENV, "null"))
+    except ValueError:
+        given = None
+    return [str(a) for a in given] if isinstance(given, list) else list(sys.argv)
+
+
 def provenance(cfg, fingerprint: Optional[str] = None, device_name: Optional[str] = None) -> Dict[str, Any]:
     """What produced a run: code (git commit, dirty flag; None outside a git checkout, e.g. a wheel),
     package versions, data (source, root, sizes, ``fingerprint`` = sha1 of the decoded pixels and labels),
@@ -351,6 +365,6 @@ def provenance(cfg, fingerprint: Optional[str] = None, device_name: Optional[str
         "hostname": socket.gethostname(),
         "platform": platform.platform(),
         "device_name": device_name,
-        "argv": list(sys.argv),
+        "argv": command_line(),
         "start_time_iso": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     }

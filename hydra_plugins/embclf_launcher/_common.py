@@ -432,6 +432,10 @@ def prepare_sweep(launcher: Any, job_overrides: Sequence[Sequence[str]], initial
     Returns (all jobs, jobs to run, sweep dir). Raises what ``plan_jobs``/``refuse_if_running`` raise.
     """
     jobs = plan_jobs(launcher, job_overrides, initial_job_idx)
+    # every job's provenance records the user's command, not the worker's (submitit's) argv; a SLURM job
+    # inherits the environment of the sbatch call
+    argv = [sys.executable, "-m", "embclf", *sys.argv[1:]] if sys.argv[0].endswith("__main__.py") else sys.argv
+    os.environ.setdefault("EMBCLF_COMMAND", json.dumps(argv))
     sweep_dir = Path(str(launcher.config.hydra.sweep.dir))
     sweep_dir.mkdir(parents=True, exist_ok=True)
     if "mode" in launcher.config.hydra.sweep:
