@@ -10,6 +10,7 @@ import contextlib
 import logging
 import os
 import shutil
+import signal
 import sys
 import traceback
 from pathlib import Path
@@ -20,7 +21,7 @@ from hydra.types import RunMode
 from omegaconf import DictConfig, open_dict
 
 from . import runs, tracking
-from .config import Stage, conf_dir
+from .config import Stage, absolute_paths, conf_dir, problems
 from .data import DataError
 from .runtime import EmbclfError
 from .stages import autoencode, classify
@@ -51,21 +52,63 @@ def _log_to(run_dir: Path):
 
 def run_job(cfg: DictConfig, job_dir: Path, overrides) -> Path:
     """Run the stage(s) of ``cfg`` into ``job_dir``; on any error mark the run dir failed and re-raise."""
+    before = _config_mtimes(job_dir)
+    try:
+        return _run_stages(cfg, job_dir, overrides, before)
+    finally:
+        _settle_hydra_record(job_dir, before)
+
+
+# Hydra writes its record of a job (config, hydra config, overrides) before the task function runs; here it
+# goes to .hydra.new (hydra.output_subdir in conf/config.yaml) and becomes .hydra only once a stage accepted
+# the run dir, so a refused re-run (a different config, bad input) leaves the run dir exactly as it was.
+PENDING_HYDRA = ".hydra.new"
+
+
+def _config_mtimes(job_dir: Path) -> dict:
+    found = {}
+    for d in (job_dir, job_dir / "autoencode", job_dir / "classify"):
+        with contextlib.suppress(OSError):
+            found[str(d)] = (d / runs.CONFIG).stat().st_mtime_ns
+    return found
+
+
+def _settle_hydra_record(job_dir: Path, before: dict) -> None:
+    pending = job_dir / PENDING_HYDRA
+    if not pending.is_dir():
+        return
+    if (job_dir / ".hydra").is_dir() and _config_mtimes(job_dir) == before:
+        # an earlier run's record, and no stage wrote its config this time (refused, failed on input, or
+        # already completed): keep the run dir as it was
+        shutil.rmtree(pending, ignore_errors=True)
+        return
+    old = job_dir / ".hydra.old"
+    shutil.rmtree(old, ignore_errors=True)
+    if (job_dir / ".hydra").exists():
+        os.replace(job_dir / ".hydra", old)
+    os.replace(pending, job_dir / ".hydra")
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def _run_stages(cfg: DictConfig, job_dir: Path, overrides, before: dict) -> Path:
+    bad = problems(cfg)
+    if bad:  # before anything is written: one paragraph naming every bad key
+        raise EmbclfError("invalid config, nothing was run: " + " ".join(bad))
     stage = cfg.stage
     current = job_dir
-    with open_dict(cfg):
-        # a relative data.root means "relative to where I launched": store it absolute, so lookups and
-        # resumes from another directory compare the same path
-        cfg.data.root = _abs_root(cfg.data.root)
+    # a relative path means "relative to where I launched" (not the job's working dir, which
+    # hydra.job.chdir=true moves into the run dir): store it absolute, so lookups and resumes compare one path
+    absolute_paths(cfg, _launch_dir())
     try:
         if stage == Stage.autoencode:
             return autoencode.run(cfg, job_dir, overrides)
         if stage == Stage.classify:
             return classify.run(cfg, job_dir, overrides)
         # stage=all: two complete run dirs; each gets its own copy of .hydra so it stands alone
+        record = next((d for d in (job_dir / PENDING_HYDRA, job_dir / ".hydra") if d.is_dir()), None)
         for name in ("autoencode", "classify"):
-            if (job_dir / ".hydra").is_dir() and not (job_dir / name / ".hydra").exists():
-                shutil.copytree(job_dir / ".hydra", job_dir / name / ".hydra")
+            if record is not None and not (job_dir / name / ".hydra").exists():
+                shutil.copytree(record, job_dir / name / ".hydra")
         current = job_dir / "autoencode"
         with _log_to(current):
             ae_dir = autoencode.run(_stage_cfg(cfg, Stage.autoencode), current, overrides)
@@ -75,30 +118,37 @@ def run_job(cfg: DictConfig, job_dir: Path, overrides) -> Path:
     except BaseException as e:  # KeyboardInterrupt/SystemExit too: the summary must not say "running"
         # a signal or a requeue (submitit exits with SystemExit) is an interruption, not a failure
         stopped = isinstance(e, (SystemExit, KeyboardInterrupt))
+        # a run dir no stage accepted this time (a refused re-run: another config is in it) is not ours to mark
+        ours = _config_mtimes(job_dir) != before or not (current / runs.SUMMARY).is_file()
         if not (current / runs.SUMMARY).is_file() and HydraConfig.get().mode == RunMode.MULTIRUN:
             # bad input before anything was written: a sweep still records who failed and why (for the
             # launcher's table and the report); a single run leaves no run dir at all (see main)
             sub = current.name if current.name in ("autoencode", "classify") and stage == Stage.all else \
                 ("autoencode" if stage == Stage.all else stage.value)
             runs.write_json_atomic(current / runs.SUMMARY, runs.base_summary(cfg, sub, overrides))
-        if (current / runs.SUMMARY).is_file():
-            runs.mark_failed(current, f"{type(e).__name__}: {e}", "interrupted" if stopped else "failed",
-                             reason=getattr(e, "reason", None))
+        if ours and (current / runs.SUMMARY).is_file():
+            try:
+                runs.mark_failed(current, f"{type(e).__name__}: {e}", "interrupted" if stopped else "failed",
+                                 reason=getattr(e, "reason", None))
+            except runs.WriteError as w:  # e.g. the disk is still full: the original error is what matters
+                log.error("could not record the failure in %s: %s", current, w)
         tracking.finish_active(exit_code=1)  # the wandb run shows failed; the next job in this process starts fresh
         if not isinstance(e, (EmbclfError, DataError, SystemExit, KeyboardInterrupt)):
             log.error("failed:\n%s", traceback.format_exc())
         raise
 
 
-def _abs_root(root):
-    if root in (None, "", "???"):
-        return root
-    return os.path.abspath(os.path.expanduser(str(root)))
+def _launch_dir() -> str:
+    """The directory the command was launched from (Hydra's runtime.cwd; the job may run elsewhere)."""
+    try:
+        return str(HydraConfig.get().runtime.cwd)
+    except Exception:  # noqa: BLE001 -- called outside a Hydra job (tests): the working directory
+        return os.getcwd()
 
 
 def _remove_if_empty(job_dir: Path) -> None:
     """Remove a run dir that holds only what Hydra wrote before the job failed on bad input."""
-    if job_dir.is_dir() and {p.name for p in job_dir.iterdir()} <= {".hydra", "embclf.log"}:
+    if job_dir.is_dir() and {p.name for p in job_dir.iterdir()} <= {".hydra", PENDING_HYDRA, "embclf.log"}:
         shutil.rmtree(job_dir, ignore_errors=True)
 
 
@@ -107,6 +157,8 @@ def main(cfg: DictConfig) -> None:
     """Hydra task function (see module docstring)."""
     hc = HydraConfig.get()
     job_dir = Path(hc.runtime.output_dir)
+    if hasattr(signal, "SIGXFSZ"):  # past `ulimit -f` a write then fails with a message instead of killing the job
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
     try:
         run_job(cfg, job_dir, list(hc.overrides.task))
     except (EmbclfError, DataError) as e:

@@ -9,6 +9,7 @@ One group per module: ``data`` -> ``embclf/data.py``, ``model`` -> ``embclf/mode
 """
 from __future__ import annotations
 
+import difflib
 import hashlib
 import os
 import re
@@ -18,7 +19,7 @@ from pathlib import Path
 from typing import Any, List, Optional
 
 from hydra.core.config_store import ConfigStore
-from omegaconf import MISSING, OmegaConf
+from omegaconf import MISSING, DictConfig, OmegaConf, open_dict
 
 CONF_DIR_NAME = "conf"
 
@@ -186,6 +187,137 @@ class Config:
     logger: LoggerConfig = field(default_factory=LoggerConfig)
 
 
+# --- checks that need the whole composed config ----------------------------------------------------
+# The schema types every key, but Hydra's `+key=value` adds keys the schema does not have (a typo such as
+# `+autoencode.epoch=1` would sit beside `epochs` and be ignored), and types say nothing about ranges.
+# `problems` finds both, so that a single run and every job of a sweep (checked by the launcher before
+# anything starts) fail the same way, naming the key.
+
+def _positive(v) -> bool:
+    return v >= 1
+
+
+def _non_negative(v) -> bool:
+    return v >= 0
+
+
+def _all_positive(v) -> bool:
+    return all(x >= 1 for x in v)
+
+
+# key -> (check, what a valid value is). Keys a config does not have are skipped.
+VALUE_RULES = {
+    "latent": (_positive, "a positive integer (e.g. latent=64)"),
+    "threads": (lambda v: v is None or v >= 1, "null (torch's default) or at least 1"),
+    "data.train_size": (lambda v: v is None or v >= 1, "null (all images) or a positive count"),
+    "data.test_size": (lambda v: v is None or v >= 1, "null (all images) or a positive count"),
+    "data.val_size": (lambda v: v > 0, "a fraction in (0, 1) or a positive count (e.g. 0.1 or 5000)"),
+    "data.image_size": (_positive, "a positive number of pixels (e.g. 32)"),
+    "model.beta": (_non_negative, "a KL weight >= 0 (e.g. 0.1)"),
+    "model.channels": (_all_positive, "a list of positive channel counts"),
+    "model.strides": (_all_positive, "a list of strides >= 1"),
+    "head.hidden": (_all_positive, "a list of positive layer widths ([] for none)"),
+    "head.dropout": (lambda v: 0 <= v < 1, "a probability in [0, 1)"),
+    "autoencode.epochs": (_positive, "at least 1"),
+    "autoencode.batch_size": (_positive, "at least 1"),
+    "autoencode.eval_batch_size": (_positive, "at least 1"),
+    "autoencode.lr": (lambda v: v > 0, "a learning rate > 0 (e.g. 1e-3)"),
+    "autoencode.weight_decay": (_non_negative, ">= 0"),
+    "autoencode.image_epochs": (_all_positive, "a list of epoch numbers >= 1"),
+    "classify.epochs": (_positive, "at least 1"),
+    "classify.batch_size": (_positive, "at least 1"),
+    "classify.lr": (lambda v: v > 0, "a learning rate > 0 (e.g. 1e-3)"),
+    "classify.weight_decay": (_non_negative, ">= 0"),
+    "logger.projection_points": (lambda v: v >= 2, "at least 2 points"),
+    "logger.wandb.table_rows": (_non_negative, ">= 0 (0 = no table)"),
+}
+_ABSENT = object()
+
+
+def _unknown_keys(node: Any, schema: Any, prefix: str, out: List[str]) -> None:
+    """Append a message for every key of ``node`` that its structured ``schema`` node does not define."""
+    if not isinstance(node, DictConfig) or not isinstance(schema, DictConfig):
+        return
+    if OmegaConf.get_type(schema) in (dict, None):  # a free-form Dict[str, ...] field: any key is fine
+        return
+    known = [str(k) for k in schema.keys()]
+    for key in node.keys():
+        key = str(key)
+        full = f"{prefix}{key}"
+        if full == "hydra":
+            continue
+        if key not in known:
+            close = difflib.get_close_matches(key, known, n=1, cutoff=0.6)
+            hint = f"did you mean {prefix}{close[0]}?" if close else \
+                f"valid keys here: {', '.join(prefix + k for k in known)}"
+            out.append(f"{full} is not a config key ({hint}); `+{full}=...` adds a key that nothing reads. "
+                       f"Remove it or fix its name.")
+            continue
+        _unknown_keys(node._get_node(key), schema._get_node(key), f"{full}.", out)
+
+
+def problems(cfg: DictConfig) -> List[str]:
+    """Every reason why the composed ``cfg`` (with or without its ``hydra`` node) cannot run, one line each.
+
+    Checks values left missing (``???``), keys outside the schema (added with ``+key=``; each names the closest
+    valid key) and the value ranges of ``VALUE_RULES`` (``latent > 0``, ``epochs >= 1``, ``β >= 0``, ...).
+    Returns [] for a valid config; never raises for a config Hydra composed.
+    """
+    out: List[str] = []
+    for key in OmegaConf.missing_keys(cfg):
+        if not str(key).startswith("hydra."):
+            out.append(f"{key} has no value (???): set it on the command line, e.g. {key}=VALUE.")
+    _unknown_keys(cfg, OmegaConf.structured(Config), "", out)
+    for key, (ok, what) in VALUE_RULES.items():
+        try:
+            v = OmegaConf.select(cfg, key, default=_ABSENT, throw_on_missing=True)
+        except Exception:  # noqa: BLE001 -- missing or unresolvable: reported above or by Hydra
+            continue
+        if v is _ABSENT:
+            continue
+        try:
+            good = ok(v)
+        except TypeError:
+            good = False
+        if not good:
+            shown = OmegaConf.to_container(v) if isinstance(v, (DictConfig,)) or OmegaConf.is_list(v) else v
+            out.append(f"{key}={shown} is invalid: it must be {what}.")
+    return out
+
+
+# paths a user may give relative to where they launched; stored absolute so that lookups, resumes and the
+# launcher's "already completed?" test compare one spelling, whatever the job's working directory
+# (hydra.job.chdir=true runs the job inside its run dir)
+PATH_KEYS = ("output_dir", "data.root", "data.cache_dir", "classify.encoder")
+
+
+def absolute_path(value: Any, base: str) -> Any:
+    """``value`` as an absolute path (``~`` expanded, relative to ``base``); None, '' and '???' unchanged."""
+    if value in (None, "", "???"):
+        return value
+    return os.path.normpath(os.path.join(base, os.path.expanduser(str(value))))
+
+
+def absolute_paths(cfg: Any, base: str) -> Any:
+    """Make every ``PATH_KEYS`` value of ``cfg`` (a DictConfig or a plain nested dict) absolute against
+    ``base`` (the directory the command was launched from), in place; returns ``cfg``."""
+    for key in PATH_KEYS:
+        *parents, leaf = key.split(".")
+        node = cfg
+        for p in parents:
+            node = node.get(p) if isinstance(node, (dict, DictConfig)) else None
+        if not isinstance(node, (dict, DictConfig)) or leaf not in node:
+            continue
+        if isinstance(node, DictConfig):
+            if OmegaConf.is_missing(node, leaf):
+                continue
+            with open_dict(node):
+                node[leaf] = absolute_path(node[leaf], base)
+        else:
+            node[leaf] = absolute_path(node[leaf], base)
+    return cfg
+
+
 MAX_NAME = 120
 # identity keys lead the name, so a sweep's varying keys stay readable even when the rest is cut
 NAME_FIRST = ("model", "latent", "stage", "seed", "head", "data", "experiment")
@@ -195,30 +327,61 @@ NAME_BASENAME = ("classify.encoder", "data.root", "data.cache_dir")
 NAME_EXCLUDE = ("output_dir",)
 
 
+# trailing parts of a classify.encoder path that say nothing about which encoder it is
+_ENCODER_TAILS = ("best.pt", "last.pt", "checkpoints", "autoencode")
+
+
 def _basename(override: str) -> str:
     key, _, value = override.partition("=")
-    return f"{key}={os.path.basename(value.strip(chr(39) + chr(34)).rstrip('/')) or value}"
+    parts = [p for p in value.strip(chr(39) + chr(34)).replace(os.sep, "/").split("/") if p]
+    if key.lstrip("+~") == "classify.encoder":
+        while len(parts) > 1 and parts[-1] in _ENCODER_TAILS:
+            parts.pop()
+    return f"{key}={parts[-1] if parts else value}"
+
+
+# characters replaced in names whose replacement cannot make two real overrides collide (list brackets,
+# quotes and spaces of the override grammar); any other replacement, a shortened path or a cut name adds a hash
+_HARMLESS = set("[]'\" ")
 
 
 def safe_name(overrides: Any) -> str:
     """One flat, filesystem-safe directory name from a job's overrides (``hydra.overrides.task``).
 
     Accepts the override list (or one string). Identity keys (model, latent, stage, seed, ...) come first,
-    paths appear by their last component, ``hydra.*`` and ``output_dir`` are left out; ``/`` and other unsafe characters become ``_``; a name longer
-    than 120 characters is cut and suffixed with 8 hex digits of the SHA-1 of all overrides, so distinct
-    jobs stay distinct. No overrides gives ``run``. E.g. ``['latent=64', 'model=vae']`` -> ``model=vae,latent=64``.
+    paths appear by their last component, ``hydra.*`` and ``output_dir`` are left out; ``/`` and other unsafe
+    characters become ``_``. Whenever the name loses information (a path shortened to its last component, a
+    character such as ``/`` replaced, or a name longer than 120 characters cut) it ends with ``-`` and 8 hex
+    digits of the SHA-1 of all overrides, so distinct jobs never share a run dir. A long name is cut by leaving
+    out its longest non-identity overrides first, so the short swept values (``model.beta=0.5``) stay readable.
+    No overrides gives ``run``. E.g. ``['latent=64', 'model=vae']`` -> ``model=vae,latent=64``.
     """
     items = [overrides] if isinstance(overrides, str) else [str(o) for o in overrides]
     items = [o for o in items if o and o.split("=", 1)[0].lstrip("+~") not in NAME_EXCLUDE
              and not o.lstrip("+~").startswith("hydra.")]
-    items = [_basename(o) if o.split("=", 1)[0].lstrip("+~") in NAME_BASENAME else o for o in items]
     rank = {k: i for i, k in enumerate(NAME_FIRST)}
     items.sort(key=lambda o: (rank.get(o.split("=", 1)[0], len(rank)), o))
     full = ",".join(items)
-    name = re.sub(r"[^A-Za-z0-9=,._+\-]", "_", full).strip("._") or "run"
+    shown = [_basename(o) if o.split("=", 1)[0].lstrip("+~") in NAME_BASENAME else o for o in items]
+    lossy = shown != items
+    clean = []
+    for o in shown:
+        c = re.sub(r"[^A-Za-z0-9=,._+\-]", "_", o)
+        lossy = lossy or any(a != b and a not in _HARMLESS for a, b in zip(o, c))
+        clean.append(c)
+    name = ",".join(clean).strip("._") or "run"
     if len(name) > MAX_NAME:
-        digest = hashlib.sha1(full.encode()).hexdigest()[:8]
-        name = f"{name[:MAX_NAME - 9]}-{digest}"
+        lossy = True
+        keep = list(range(len(clean)))
+        # drop the longest non-identity overrides until the rest fits beside the hash
+        droppable = sorted((i for i in keep if clean[i].split("=", 1)[0] not in rank), key=lambda i: -len(clean[i]))
+        for i in droppable:
+            if len(",".join(clean[k] for k in keep)) <= MAX_NAME - 9:
+                break
+            keep.remove(i)
+        name = (",".join(clean[k] for k in keep).strip("._") or "run")[:MAX_NAME - 9]
+    if lossy:
+        name = f"{name}-{hashlib.sha1(full.encode()).hexdigest()[:8]}"
     return name
 
 
@@ -233,9 +396,25 @@ def sweep_token() -> str:
     return _SWEEP_TOKEN
 
 
+def _output_dir(*, _root_: Any) -> Any:
+    """``${embclf_output_dir:}`` in ``hydra.run.dir``/``hydra.sweep.dir``: the config's ``output_dir``.
+
+    A plain ``${output_dir}`` cannot resolve when Hydra shows its own node alone (``--cfg hydra --resolve``
+    drops the app keys); Hydra then still holds the whole composed config as the hydra node's parent.
+    """
+    if "output_dir" in _root_:
+        return _root_.output_dir
+    try:
+        from hydra.core.hydra_config import HydraConfig
+        return HydraConfig.instance().cfg.hydra._get_parent().output_dir
+    except Exception:  # noqa: BLE001 -- no composed config at hand: the schema's default
+        return Config.output_dir
+
+
 def register() -> None:
     """Register the schemas and resolvers. Idempotent; called on import of ``embclf``."""
     cs = ConfigStore.instance()
     cs.store(name="config_schema", node=Config)
     OmegaConf.register_new_resolver("embclf_safe", safe_name, replace=True)
     OmegaConf.register_new_resolver("embclf_token", sweep_token, use_cache=True, replace=True)
+    OmegaConf.register_new_resolver("embclf_output_dir", _output_dir, replace=True)

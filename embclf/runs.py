@@ -16,15 +16,18 @@ half-written checkpoint or summary behind, and data already written is never tru
 """
 from __future__ import annotations
 
+import contextlib
+import errno
 import json
 import logging
 import math
 import os
 import pickle
+import shutil
 import signal
-import zipfile
 import socket
 import time
+import zipfile
 from pathlib import Path
 from typing import Any, Callable, Dict, Iterator, List, Optional
 
@@ -40,17 +43,55 @@ CONFIG = "config.yaml"
 METRICS = "metrics.jsonl"
 
 
+class WriteError(EmbclfError):
+    """A file of a run could not be written (disk full, file-size limit, permissions); ``reason`` says which.
+    The file's previous version, if any, is unchanged and no temporary file is left."""
+
+
 def _atomic(path: Path, write: Callable[[Path], None]) -> None:
+    """Write ``path`` through a temporary file renamed over it: readers see the old or the new file, never a
+    partial one. Raises ``WriteError`` naming ``path`` when the write fails (the old file stays)."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     # unique per call: a signal handler may save while another save of the same file is in progress
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}-{time.monotonic_ns()}")
     try:
+        path.parent.mkdir(parents=True, exist_ok=True)
         write(tmp)
         os.replace(tmp, path)
+    except OSError as e:
+        raise _write_error(path, e) from e
     finally:
-        if tmp.exists():
+        with contextlib.suppress(OSError):
             tmp.unlink()
+
+
+def _write_error(path: Path, e: OSError) -> WriteError:
+    kind = {errno.ENOSPC: "the disk is full", errno.EDQUOT: "the disk quota is exhausted",
+            errno.EFBIG: "the file-size limit (ulimit -f) is reached", errno.EACCES: "permission denied",
+            errno.EROFS: "the file system is read-only"}.get(e.errno, e.strerror or str(e))
+    err = WriteError(
+        f"cannot write {path}: {kind}. Nothing half-written was left behind and the previous {path.name} (if any) "
+        "is unchanged. Free space (or fix the limit/permissions) and run the same command again: the run resumes "
+        "from its last checkpoint.")
+    err.reason = "disk full" if e.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG) else "write failed"
+    return err
+
+
+def _torch_save(obj: Any, path: Path) -> None:
+    try:
+        torch.save(obj, path)
+    except RuntimeError as e:  # torch's zip writer reports a failed write as RuntimeError, not OSError
+        try:
+            free = shutil.disk_usage(path.parent).free
+        except OSError:
+            free = 1
+        raise OSError(errno.ENOSPC if free == 0 else errno.EFBIG if _fsize_limited() else errno.EIO,
+                      str(e).splitlines()[0]) from e
+
+
+def _fsize_limited() -> bool:
+    import resource
+    return resource.getrlimit(resource.RLIMIT_FSIZE)[0] != resource.RLIM_INFINITY
 
 
 def json_safe(obj: Any) -> Any:
@@ -74,7 +115,7 @@ def write_json_atomic(path: Path, obj: Any) -> None:
 
 def save_atomic(obj: Any, path: Path) -> None:
     """``torch.save`` to ``path`` atomically, so a kill mid-write keeps the previous checkpoint."""
-    _atomic(path, lambda t: torch.save(obj, t))
+    _atomic(path, lambda t: _torch_save(obj, t))
 
 
 def load_checkpoint(path: Path, expect: tuple = (), what: str = "checkpoint") -> dict:
@@ -136,10 +177,17 @@ def read_summary(run_dir: Path) -> Optional[dict]:
 def append_metrics(run_dir: Path, record: Dict[str, Any]) -> None:
     """Append one JSON line to ``metrics.jsonl`` (one write call; flushed and fsynced)."""
     line = json.dumps(json_safe(record), allow_nan=False) + "\n"  # NaN/inf -> null: valid JSON
-    with open(Path(run_dir) / METRICS, "a") as f:
-        f.write(line)
-        f.flush()
-        os.fsync(f.fileno())
+    path = Path(run_dir) / METRICS
+    with open(path, "a") as f:
+        size = f.tell()
+        try:
+            f.write(line)
+            f.flush()
+            os.fsync(f.fileno())
+        except OSError as e:  # disk full: cut the partial line, so the file stays valid JSON lines
+            with contextlib.suppress(OSError):
+                f.truncate(size)
+            raise _write_error(path, e) from e
 
 
 def read_metrics(run_dir: Path) -> List[dict]:

@@ -20,6 +20,8 @@ The API key is only ever tested for presence; it is never read into a config, a 
 """
 from __future__ import annotations
 
+import atexit
+import json
 import logging
 import netrc
 import os
@@ -282,12 +284,25 @@ def progress(total: int, desc: str):
                 disable=None, file=sys.stderr)
 
 
+def _remove_if_only_multirun_yaml(sweep_dir: Path) -> None:
+    """Remove ``sweep_dir`` if it holds nothing but Hydra's ``multirun.yaml`` (no job ever started)."""
+    try:
+        if sweep_dir.is_dir() and {p.name for p in sweep_dir.iterdir()} == {"multirun.yaml"}:
+            (sweep_dir / "multirun.yaml").unlink()
+            sweep_dir.rmdir()
+    except OSError:
+        pass
+
+
 class AnnounceOutputs(Callback):
     """Hydra callback (``hydra.callbacks`` in conf/config.yaml): a sweep says where its outputs go, and at the
     end how to summarise them."""
 
     def on_multirun_start(self, config, **kwargs) -> None:
-        log.info("sweep outputs: %s", Path(str(config.hydra.sweep.dir)).resolve())
+        sweep_dir = Path(str(config.hydra.sweep.dir)).resolve()
+        log.info("sweep outputs: %s", sweep_dir)
+        # a sweep refused before any job started (a composition error, an invalid value) leaves nothing behind
+        atexit.register(_remove_if_only_multirun_yaml, sweep_dir)
 
     def on_multirun_end(self, config, **kwargs) -> None:
         log.info("sweep done; summarise it with: python -m embclf.report %s", Path(str(config.hydra.sweep.dir)).resolve())
@@ -314,6 +329,19 @@ def _version(dist: str) -> Optional[str]:
         return None
 
 
+COMMAND_ENV = "EMBCLF_COMMAND"  # the user's command line, set by embclf's launchers for their jobs
+
+
+def command_line() -> List[str]:
+    """The command the user typed: in a sweep job (a submitit worker, whose own argv is submitit's) the
+    launcher's argv, which embclf's launchers pass in ``EMBCLF_COMMAND`` (JSON); else this process's argv."""
+    try:
+        given = json.loads(os.environ.get(COMMAND_ENV, "null"))
+    except ValueError:
+        given = None
+    return [str(a) for a in given] if isinstance(given, list) else list(sys.argv)
+
+
 def provenance(cfg, fingerprint: Optional[str] = None, device_name: Optional[str] = None) -> Dict[str, Any]:
     """What produced a run: code (git commit, dirty flag; None outside a git checkout, e.g. a wheel),
     package versions, data (source, root, sizes, ``fingerprint`` = sha1 of the decoded pixels and labels),
@@ -337,6 +365,6 @@ def provenance(cfg, fingerprint: Optional[str] = None, device_name: Optional[str
         "hostname": socket.gethostname(),
         "platform": platform.platform(),
         "device_name": device_name,
-        "argv": list(sys.argv),
+        "argv": command_line(),
         "start_time_iso": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     }

@@ -78,9 +78,55 @@ def test_cfg_job_prints_composed_config(tmp_path):
 
 def test_safe_name_is_flat_and_bounded():
     assert safe_name(["latent=64", "model=vae"]) == "model=vae,latent=64"
-    assert safe_name(["data.root=/a/b/c", "model=ae", "hydra.run.dir=x", "output_dir=/o"]) == "model=ae,data.root=c"
+    assert safe_name(["autoencode.image_epochs=[1]", "model=ae"]) == "model=ae,autoencode.image_epochs=_1"
     assert "/" not in safe_name(["data.train_size=1", "x=a/b"])
     long = "x=" + "y" * 500
     a, b = safe_name([long]), safe_name([long + "z"])
     assert len(a) <= 120 and a != b
     assert safe_name([]) == "run"
+
+
+@pytest.mark.parametrize("a, b", [
+    (["data.root=/x/cifar"], ["data.root=/y/cifar"]),  # same last component
+    (["logger.wandb.project=a/b"], ["logger.wandb.project=a_b"]),  # '/' replaced
+    (["classify.encoder=/s/model=ae,latent=8/autoencode"], ["classify.encoder=/s/model=ae,latent=16/autoencode"]),
+    (["classify.encoder=/s1/j/autoencode"], ["classify.encoder=/s2/j/autoencode"]),
+])
+def test_run_dir_names_never_collide_when_information_is_lost(a, b):
+    na, nb = safe_name(["model=ae", *a]), safe_name(["model=ae", *b])
+    assert na != nb and "/" not in na + nb
+    # paths stay readable by their last meaningful component (a stage=all job dir, not "autoencode")
+    if "classify.encoder" in a[0]:
+        assert "latent=8" in na or "j" in na
+
+
+def test_long_names_keep_the_short_swept_values_readable():
+    common = ["data.cache_dir=/" + "c" * 150, "data.root=/" + "r" * 90, "model=vae"]
+    n1, n2 = safe_name([*common, "model.beta=0.1"]), safe_name([*common, "model.beta=0.2"])
+    assert len(n1) <= 120 and n1 != n2
+    assert "model.beta=0.1" in n1 and "model.beta=0.2" in n2
+
+
+def _problems(*overrides):
+    from embclf.config import problems
+    return problems(_compose(*overrides))
+
+
+def test_config_problems_name_the_key_and_suggest_the_closest():
+    assert _problems() == [] and _problems("model=vae", "latent=8", "data=folder", "data.root=/x") == []
+    (p,) = _problems("+autoencode.epoch=3")
+    assert "autoencode.epoch is not a config key" in p and "did you mean autoencode.epochs?" in p
+    (p,) = _problems("+colour=red")
+    assert "colour is not a config key" in p
+    bad = _problems("latent=0", "model.beta=-0.5", "autoencode.batch_size=0", "head.dropout=1.0", "classify.lr=0")
+    assert [x.split("=")[0] for x in bad] == ["latent", "model.beta", "head.dropout", "autoencode.batch_size",
+                                             "classify.lr"], bad
+    assert any("data.root has no value" in x for x in _problems("data=folder", "data.root=???"))
+
+
+def test_relative_paths_are_stored_absolute_against_the_launch_dir():
+    from embclf.config import absolute_paths
+    cfg = {"output_dir": "outputs", "data": {"root": "../d", "cache_dir": None}, "classify": {"encoder": "~/e"}}
+    absolute_paths(cfg, "/home/u/proj")
+    assert cfg["output_dir"] == "/home/u/proj/outputs" and cfg["data"]["root"] == "/home/u/d"
+    assert cfg["data"]["cache_dir"] is None and cfg["classify"]["encoder"].startswith("/") and "~" not in cfg["classify"]["encoder"]

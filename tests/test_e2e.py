@@ -111,15 +111,20 @@ def test_resume_after_sigterm_and_skip_completed(tmp_path, cifar_root):
     assert "already completed" in proc.stderr + proc.stdout and metrics.read_text() == before
     # another config into the same run dir would mix two experiments: refused, naming the key
     other = [a.replace("autoencode.epochs=6", "autoencode.epochs=7") for a in args]
+    record = {p.name: p.read_bytes() for p in (run_dir / ".hydra").iterdir()}
     proc = run_embclf(other, tmp_path, check=False)
     assert proc.returncode == 2 and "differs in: autoencode.epochs" in proc.stderr
     assert metrics.read_text() == before and json.loads((run_dir / "summary.json").read_text())["status"] == "completed"
+    # a refused run changes nothing: Hydra's record of the run (.hydra/) is still the original one
+    assert {p.name: p.read_bytes() for p in (run_dir / ".hydra").iterdir()} == record
+    assert not (run_dir / ".hydra.new").exists()
 
 
 @pytest.mark.parametrize("bad", ["autoencode.epochs=0", "classify.epochs=0 stage=classify"])
 def test_zero_epochs_is_a_clear_error(tmp_path, bad):
     proc = run_embclf([*MINI, *bad.split(), f"output_dir={tmp_path / 'o'}"], tmp_path, check=False)
-    assert proc.returncode == 2 and "epochs=0 must be at least 1" in proc.stderr and "Traceback" not in proc.stderr
+    assert proc.returncode == 2 and "epochs=0 is invalid: it must be at least 1" in proc.stderr
+    assert "Traceback" not in proc.stderr and not (tmp_path / "o").exists() or not any((tmp_path / "o").iterdir())
 
 
 def test_classify_encoder_that_would_run_code_is_refused(tmp_path, cifar_root):
@@ -175,3 +180,20 @@ def test_posterior_collapse_is_flagged(tmp_path, cifar_root):
     s = json.loads((run_dir / "summary.json").read_text())
     assert s["status"] == "completed" and s["test_active_units"] < 1 and s["posterior_collapse"] is True
     assert "posterior collapse" in proc.stderr + proc.stdout
+
+
+def test_disk_full_during_a_checkpoint_fails_clearly_and_leaves_nothing_half_written(tmp_path, cifar_root):
+    """`ulimit -f` (4 MB: the data cache and JSON fit, a checkpoint does not) stands in for a full disk."""
+    import resource
+
+    run_dir = tmp_path / "run"
+    limit = 4 * 2**20
+    proc = subprocess.run(
+        [sys.executable, "-m", "embclf", "model=ae", "latent=8", *MINI, "autoencode.epochs=1", "logger=none",
+         f"hydra.run.dir={run_dir}"], cwd=tmp_path, env=embclf_env(tmp_path), capture_output=True, text=True,
+        timeout=600, preexec_fn=lambda: resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit)))
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    assert "cannot write" in proc.stderr and "/checkpoints/" in proc.stderr and "Traceback" not in proc.stderr
+    s = json.loads((run_dir / "summary.json").read_text())
+    assert s["status"] == "failed" and s["reason"] == "disk full", s
+    assert not [p for p in run_dir.rglob("*") if ".tmp" in p.name], list(run_dir.rglob("*.tmp*"))

@@ -40,3 +40,33 @@ def test_json_files_never_hold_bare_nan(tmp_path):
     assert json.loads((tmp_path / "metrics.jsonl").read_text(), **strict) == {"epoch": 1, "mse": None, "kl": None,
                                                                               "psnr": 12.5}
     assert json.loads((tmp_path / "s.json").read_text(), **strict) == {"test_mse": None, "nested": [None, 1.0]}
+
+
+def test_a_failed_checkpoint_write_keeps_the_previous_one_and_leaves_no_temp_file(tmp_path):
+    """Past the file-size limit (as on a full disk) torch.save fails mid-write: the error names the file,
+    the previous checkpoint still loads, and no temporary file is left."""
+    import resource
+    import signal
+
+    import pytest
+    import torch
+
+    path = tmp_path / "checkpoints" / "last.pt"
+    runs.save_atomic({"model": {"w": torch.zeros(10)}, "state": {"epoch": 1}}, path)
+    soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
+    old = signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # as embclf's main does: fail, do not die
+    resource.setrlimit(resource.RLIMIT_FSIZE, (200_000, hard))
+    try:
+        with pytest.raises(runs.WriteError, match=r"cannot write .*last\.pt: the file-size limit") as e:
+            runs.save_atomic({"model": {"w": torch.zeros(1_000_000)}, "state": {"epoch": 2}}, path)
+        assert e.value.reason == "disk full"
+        (tmp_path / "m").mkdir()
+        runs.append_metrics(tmp_path / "m", {"epoch": 1, "split": "train"})
+        with pytest.raises(runs.WriteError, match="metrics.jsonl"):
+            runs.append_metrics(tmp_path / "m", {"epoch": 2, "split": "train", "pad": "x" * 300_000})
+    finally:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
+        signal.signal(signal.SIGXFSZ, old)
+    assert runs.load_checkpoint(path, ("model", "state"))["state"]["epoch"] == 1
+    assert [p.name for p in path.parent.iterdir()] == ["last.pt"]
+    assert runs.read_metrics(tmp_path / "m") == [{"epoch": 1, "split": "train"}]  # no torn line left

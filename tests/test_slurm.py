@@ -52,6 +52,9 @@ def test_sweep_2x2_one_gpu_per_job(ae_sweep):
         assert r["cuda_visible_devices"] in ("0", "1"), r  # SLURM gave it one GPU
         assert r["device"] == "cpu" and r["device_fallback"] is True, r
         assert "test_mse" in r and (d / "checkpoints" / "last.pt").is_file()
+        # provenance holds the user's sweep command, not the SLURM worker's `submitit` command line
+        argv = r["provenance"]["argv"]
+        assert argv[1:3] == ["-m", "embclf"] and "model=ae,vae" in argv, argv
     assert_no_gpu_shared_while_overlapping(records)
     # submitit's folder (submission scripts, worker logs, result pickles) lives in the sweep dir
     logs = list((sweep_dir / ".submitit").rglob("*_log.out"))

@@ -40,12 +40,15 @@ def resolve_encoder(cfg) -> Path:
     given = cfg.classify.encoder
     if given:
         p = Path(str(given)).expanduser()
-        ck = p / "checkpoints" / "best.pt" if p.is_dir() else p
-        if not ck.is_file():
-            raise runtime.EmbclfError(
-                f"classify.encoder={given}: no checkpoint there (expected an autoencode run dir with "
-                "checkpoints/best.pt, or a .pt file). Point it at a completed autoencode run.")
-        return ck
+        # a .pt file, an autoencode run dir, or a stage=all job dir (its encoder is in autoencode/)
+        tried = [p] if not p.is_dir() else [p / "checkpoints" / "best.pt", p / "autoencode" / "checkpoints" / "best.pt"]
+        for ck in tried:
+            if ck.is_file():
+                return ck
+        raise runtime.EmbclfError(
+            f"classify.encoder={given}: no encoder checkpoint there (looked for {' and '.join(map(str, tried))}). "
+            "Point it at a completed autoencode run dir, a stage=all job dir (holding autoencode/), or a "
+            "checkpoint .pt file; a run that has not completed has no best.pt yet.")
     out = Path(str(cfg.output_dir))
     found = runs.find_encoder_run(cfg, out)
     if found is None:
@@ -182,9 +185,13 @@ def run(cfg, run_dir: Path, overrides: List[str], encoder: Optional[Path] = None
     device = env["device"]
     enc_cfg = ck["config"]
     if (enc_cfg["model"]["name"], int(enc_cfg["latent"])) != (cfg.model.name, int(cfg.latent)):
-        log.warning("classify.encoder is a model=%s latent=%d encoder; the command line's model=%s latent=%d "
-                    "do not apply (summary.json records the encoder's)", enc_cfg["model"]["name"],
-                    int(enc_cfg["latent"]), cfg.model.name, int(cfg.latent))
+        named = [o for o in overrides if o.split("=", 1)[0].lstrip("+~") in ("model", "latent")]
+        where = f"the command line's {' '.join(named)}" if named else \
+            f"the config's defaults (model={cfg.model.name} latent={int(cfg.latent)})"
+        log.info("classify.encoder is a model=%s latent=%d encoder; %s are not used (summary.json records the "
+                 "encoder's)", enc_cfg["model"]["name"], int(enc_cfg["latent"]), where)
+        if named:
+            log.warning("classify.encoder decides the model and latent: %s do not apply", " ".join(named))
     model = build_model(OmegaConf.create(enc_cfg["model"]), int(enc_cfg["latent"]), int(enc_cfg["data"]["image_size"]))
     model.load_state_dict(ck["model"])  # CPU weights; then onto the device
     model.to(device, memory_format=runtime.memory_format(device)).eval().requires_grad_(False)

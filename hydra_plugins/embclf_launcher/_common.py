@@ -12,6 +12,7 @@ import logging
 import os
 import socket
 import subprocess
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -29,6 +30,10 @@ log = logging.getLogger("embclf.launcher")
 # job), not a launcher traceback, and exits 1.
 class SweepJobsFailedError(CompactHydraException, RuntimeError):
     """Raised at the end of a sweep in which at least one job failed; names every failed job."""
+
+
+class SweepInterruptedError(CompactHydraException, KeyboardInterrupt):
+    """Raised when Ctrl-C or SIGTERM stopped a sweep: its running jobs were stopped and recorded "interrupted"."""
 
 
 class SweepConfigError(CompactHydraException, ValueError):
@@ -78,6 +83,13 @@ def plan_jobs(launcher: Any, job_overrides: Sequence[Sequence[str]], initial_job
     # ``embclf_token`` cache their value there, and Hydra copies that cache into every job's config
     # (load_sweep_config -> copy_cache), so all jobs, here and in the workers, agree on one sweep dir.
     sweep_dir = Path(str(master.hydra.sweep.dir))
+    if "%" in str(sweep_dir):
+        # submitit expands %j, %t, %A... in its folder and SLURM in its script paths: a literal '%' would put
+        # logs and results somewhere else than the run dirs (or nowhere), so refuse before anything starts
+        raise SweepConfigError(
+            f"the sweep dir {sweep_dir} contains '%', which submitit and SLURM read as a pattern (%j = job id), "
+            "so nothing was started. Choose an output_dir (and hydra.sweep.dir) without '%', e.g. "
+            f"output_dir={str(OmegaConf.select(master, 'output_dir', default='outputs')).replace('%', 'pct')}.")
     planned: List[PlannedJob] = []
     errors: List[str] = []
     saved = HydraConfig.instance().cfg
@@ -97,10 +109,17 @@ def plan_jobs(launcher: Any, job_overrides: Sequence[Sequence[str]], initial_job
                 run_dir = sweep_dir / str(OmegaConf.select(cfg, "hydra.sweep.subdir"))
                 # Resolve the whole app config now: a broken interpolation fails here, not in a job.
                 app_cfg = OmegaConf.masked_copy(cfg, [k for k in cfg.keys() if k != "hydra"])
+                bad = _config_problems(app_cfg)
+                if bad:  # unknown `+keys`, values out of range: the same check a single run makes
+                    raise ValueError(" ".join(bad))
                 app = OmegaConf.to_container(app_cfg, resolve=True, throw_on_missing=True, enum_to_str=True)
+                # paths as the job stores them (absolute against the launch dir), so "already completed?"
+                # compares one spelling of data.root (the job resolves it the same way)
+                app = _absolute_paths(app, os.getcwd())
             except Exception as e:  # noqa: BLE001 -- every composition error is reported together
                 label = " ".join(filter_overrides(overrides))
-                errors.append(f"  #{idx} {label}: {type(e).__name__}: {_one_line(str(e))}")
+                kind = "" if isinstance(e, ValueError) and type(e) is ValueError else f"{type(e).__name__}: "
+                errors.append(f"  #{idx} {label}: {kind}{_one_line(str(e))}")
                 continue
             planned.append(PlannedJob(idx=idx, overrides=overrides, cfg=cfg, run_dir=run_dir, extra={"app": app}))
     finally:
@@ -122,6 +141,22 @@ def plan_jobs(launcher: Any, job_overrides: Sequence[Sequence[str]], initial_job
             )
         dirs[job.run_dir] = job
     return planned
+
+
+def _config_problems(cfg: DictConfig) -> List[str]:
+    try:
+        from embclf.config import problems
+    except ImportError:  # the launcher without embclf installed: Hydra's own checks only
+        return []
+    return problems(cfg)
+
+
+def _absolute_paths(app: dict, base: str) -> dict:
+    try:
+        from embclf.config import absolute_paths
+    except ImportError:
+        return app
+    return absolute_paths(app, base)
 
 
 def _one_line(text: str) -> str:
@@ -240,7 +275,42 @@ def refuse_if_running(jobs: Sequence[PlannedJob], sweep_dir: Any) -> None:
         )
 
 
-def record_failure(job: PlannedJob, error: str) -> None:
+def announce_outcome(ret: JobReturn) -> JobReturn:
+    """In the worker, before handing the job's result to submitit: say in the worker log that the job failed.
+
+    Hydra catches the task's exception and returns it inside the ``JobReturn``, so submitit, which only
+    sees a returned value, ends every worker log with "Job completed successfully".
+    """
+    if ret.status == JobStatus.FAILED:
+        err = ret._return_value
+        print(f"[embclf] the job FAILED: {type(err).__name__}: {_one_line(str(err))} (submitit's "
+              "'completed successfully' below only means the worker returned this result)", file=sys.stderr, flush=True)
+    return ret
+
+
+def timed_out(error: Optional[str], state: Optional[str] = None) -> bool:
+    """Whether a failed job ended because of its time limit: submitit's worker stopped requeuing it
+    ("timed-out too many times"), or SLURM's state says TIMEOUT."""
+    return "timed-out" in (error or "") or (state or "").upper().startswith("TIMEOUT")
+
+
+def mark_timeout(job: PlannedJob, timeout_min: float, max_num_timeout: int, hits: Optional[int] = None) -> None:
+    """Turn a failed job that ran out of time into status "timeout" (launcher table, run dir, report).
+
+    ``hits``: how many times the job reached the limit (each time it was told, saved last.pt and was started
+    again, up to ``max_num_timeout`` restarts). The run dir's summary gets status "timeout", the limit and the
+    error; a re-invoked sweep resumes the job from last.pt.
+    """
+    runs_ = f" {hits} time(s)" if hits else ""
+    job.status = "timeout"
+    job.error = (f"timed out: reached hydra.launcher.timeout_min={timeout_min:g}{runs_}, restarted at most "
+                 f"hydra.launcher.max_num_timeout={max_num_timeout} time(s); raise either to let it finish "
+                 f"(last error: {job.error})")
+    record_failure(job, job.error, status="timeout", extra={"timeout_min": timeout_min,
+                                                            "max_num_timeout": max_num_timeout})
+
+
+def record_failure(job: PlannedJob, error: str, status: str = "failed", extra: Optional[dict] = None) -> None:
     """Write status "failed" and ``error`` into the job's run dir(s) with ``embclf.runs.mark_failed``.
 
     The core already does this for an exception inside a stage; this covers a worker that was killed
@@ -249,7 +319,7 @@ def record_failure(job: PlannedJob, error: str) -> None:
     failure must not hide the other jobs' results.
     """
     try:
-        from embclf.runs import mark_failed
+        from embclf.runs import SUMMARY, base_summary, mark_failed, write_json_atomic
     except Exception as e:  # noqa: BLE001
         log.warning("cannot record the failure of %s: embclf.runs unavailable (%s)", job.label, e)
         return
@@ -257,12 +327,26 @@ def record_failure(job: PlannedJob, error: str) -> None:
     # stage=all: mark the stage that was running (or the first one that never started), not both
     statuses = [(_read_json(d / "summary.json") or {}).get("status") for d in dirs]
     targets = [d for d, s in zip(dirs, statuses) if s != "completed"][:1]
-    # a stage that raised was marked failed by the core itself, with its own error: keep that
-    targets = [d for d in targets if (_read_json(d / "summary.json") or {}).get("status") != "failed"]
+    if status in ("failed", "interrupted"):
+        # a stage that raised (or saw the interruption) recorded it itself, with its own error: keep that
+        targets = [d for d in targets
+                   if (_read_json(d / "summary.json") or {}).get("status") not in ("failed", "interrupted")]
     for run_dir in targets:
         try:
             run_dir.mkdir(parents=True, exist_ok=True)
-            mark_failed(run_dir, error)
+            if not (run_dir / SUMMARY).is_file() and "app" in job.extra:
+                # died before its stage wrote anything: still a row with its model, latent, seed, overrides
+                app = OmegaConf.create(job.extra["app"])
+                stage = run_dir.name if len(dirs) > 1 else str(app.stage)
+                base = base_summary(app, stage, job.overrides)
+                for k in ("pid", "hostname", "start_time"):  # the launcher's, not the job's
+                    base.pop(k, None)
+                write_json_atomic(run_dir / SUMMARY, base)
+            mark_failed(run_dir, error, status=status)
+            if extra:
+                s = _read_json(run_dir / SUMMARY) or {}
+                s.update(extra)
+                write_json_atomic(run_dir / SUMMARY, s)
         except Exception as e:  # noqa: BLE001
             log.warning("cannot record the failure of %s in %s: %s", job.label, run_dir, e)
 
@@ -327,7 +411,7 @@ def report(jobs: Sequence[PlannedJob], sweep_dir: Any, what: str) -> None:
     widths = [max(len(r[i]) for r in rows) for i in range(4)]
     lines = ["  ".join(c.ljust(w) for c, w in zip(r[:4], widths)) + "  " + r[4] for r in rows]
     log.info("%s sweep finished (%s):\n%s", what, sweep_dir, "\n".join(lines))
-    failed = [j for j in jobs if j.status == "failed"]
+    failed = [j for j in jobs if j.status in ("failed", "timeout")]
     if failed:
         names = "\n".join(f"  #{j.idx} {j.label}: {j.error}  (run dir: {j.run_dir})" for j in failed)
         raise SweepJobsFailedError(
@@ -348,6 +432,10 @@ def prepare_sweep(launcher: Any, job_overrides: Sequence[Sequence[str]], initial
     Returns (all jobs, jobs to run, sweep dir). Raises what ``plan_jobs``/``refuse_if_running`` raise.
     """
     jobs = plan_jobs(launcher, job_overrides, initial_job_idx)
+    # every job's provenance records the user's command, not the worker's (submitit's) argv; a SLURM job
+    # inherits the environment of the sbatch call
+    argv = [sys.executable, "-m", "embclf", *sys.argv[1:]] if sys.argv[0].endswith("__main__.py") else sys.argv
+    os.environ.setdefault("EMBCLF_COMMAND", json.dumps(argv))
     sweep_dir = Path(str(launcher.config.hydra.sweep.dir))
     sweep_dir.mkdir(parents=True, exist_ok=True)
     if "mode" in launcher.config.hydra.sweep:

@@ -48,9 +48,14 @@ class LocalLauncherConf:
     max_parallel: Optional[int] = None
     # OMP/MKL threads per job; null = max(1, cores // concurrent jobs)
     threads_per_job: Optional[int] = None
-    # a job running longer than this is signalled (USR2, checkpoint) and then killed; 3 days
-    timeout_min: int = 4320
+    # a job running longer than this is signalled (USR2: it saves last.pt and is started again, resuming)
+    # and, if still running at the limit, stopped; 3 days. Each start gets the whole limit again.
+    timeout_min: float = 4320
+    # USR2 this many seconds before the limit; at most a quarter of the limit (timeout_min=1 is signalled
+    # 15 s before its end, not at its start)
     signal_delay_s: int = 60
+    # restarts allowed after reaching the time limit; when they run out the job ends with status "timeout"
+    max_num_timeout: int = 3
     # seconds between polls of the running jobs (a poll is a waitpid per job: cheap; a job's end is
     # noticed, and the next queued job started, on average half of this later)
     poll_interval_s: float = 0.1

@@ -45,6 +45,10 @@ from hydra_plugins.hydra_submitit_launcher.submitit_launcher import BaseSubmitit
 from omegaconf import DictConfig, open_dict, read_write
 
 from ._common import (
+    SweepInterruptedError,
+    announce_outcome,
+    timed_out,
+    mark_timeout,
     PlannedJob,
     now,
     outcome_from_result,
@@ -274,8 +278,10 @@ class ForkedJob:
     """
 
     def __init__(self, folder: str, tmp_pickle: Path, env: Dict[str, str], threads: int, timeout_s: float,
-                 signal_delay_s: float, plan: Tuple[int, Tuple[str, ...], DictConfig]) -> None:
+                 signal_delay_s: float, plan: Tuple[int, Tuple[str, ...], DictConfig], max_num_timeout: int = 3) -> None:
         self.folder = folder
+        self.max_num_timeout = max_num_timeout
+        self.timeouts = 0  # starts that reached the time limit (the job is then told, and later stopped)
         self.env = env
         self.threads = threads
         self.timeout_s = timeout_s
@@ -342,7 +348,7 @@ class ForkedJob:
         code = os.waitstatus_to_exitcode(status)
         from submitit.local.local import LOCAL_REQUEUE_RETURN_CODE
 
-        if code == LOCAL_REQUEUE_RETURN_CODE and not self.stopping and self.starts < _MAX_STARTS:
+        if code == LOCAL_REQUEUE_RETURN_CODE and not self.stopping and self.starts < _MAX_STARTS + self.max_num_timeout:
             log.info("job %s checkpointed and asked to be requeued: starting it again", self.job_id)
             self._start()
             return False
@@ -353,6 +359,7 @@ class ForkedJob:
         elapsed = time.time() - self.started
         if not self.signalled and elapsed >= self.timeout_s - self.signal_delay_s:
             self.signalled = True
+            self.timeouts += 1
             from submitit.local.local import LocalJobEnvironment
 
             log.warning("job %s reaches its time limit in %.0fs: signalling it to checkpoint",
@@ -407,6 +414,14 @@ class ForkedJob:
                 message.extend(["Error stream produced:", "-" * 40, *err.splitlines()[-40:]])
             raise UncompletedJobError("\n".join(message))
         return LocalJob(folder=self.folder, job_id=self.job_id, process=None).result()
+
+
+def _timed_out(sj: Any, error: Optional[str]) -> bool:
+    """Whether a failed job ended because of its time limit (forked: it reached the limit; submitit's own
+    local job: its worker said so when it stopped requeuing)."""
+    if isinstance(sj, ForkedJob):
+        return sj.timeouts > 0
+    return timed_out(error)
 
 
 def _stop_workers(jobs: List[Any], grace_s: float = 3.0) -> None:
@@ -536,7 +551,7 @@ class LocalPoolLauncher(BaseSubmititLauncher):
         """
         plan = _FORKED_PLAN
         if plan is None or plan[0] != job_num or plan[1] != tuple(sweep_overrides):
-            return super().__call__(sweep_overrides, job_dir_key, job_num, job_id, singleton_state)
+            return announce_outcome(super().__call__(sweep_overrides, job_dir_key, job_num, job_id, singleton_state))
         import submitit  # lazy: keeps plugin discovery fast
         from hydra.core.plugins import Plugins
 
@@ -551,13 +566,13 @@ class LocalPoolLauncher(BaseSubmititLauncher):
         with read_write(sweep_config.hydra.job), open_dict(sweep_config.hydra.job):
             sweep_config.hydra.job.id = submitit.JobEnvironment().job_id
             sweep_config.hydra.job.num = job_num
-        return run_job(
+        return announce_outcome(run_job(
             hydra_context=self.hydra_context,
             task_function=self.task_function,
             config=sweep_config,
             job_dir_key=job_dir_key,
             job_subdir_key="hydra.sweep.subdir",
-        )
+        ))
 
     def _submit(self, job: PlannedJob, gpu: Optional[int], threads: int) -> Any:
         """Start one job: a forked worker where allowed (see the module docstring), else submitit's."""
@@ -570,7 +585,7 @@ class LocalPoolLauncher(BaseSubmititLauncher):
         )
         executor.update_parameters(
             timeout_min=self.params["timeout_min"],
-            signal_delay_s=self.params["signal_delay_s"],
+            signal_delay_s=self.signal_delay_s(),
             # gpus_per_node=0 makes submitit set CUDA_VISIBLE_DEVICES="" (no GPU) for CPU jobs
             gpus_per_node=0 if gpu is None else 1,
             visible_gpus=() if gpu is None else (gpu,),
@@ -593,7 +608,7 @@ class LocalPoolLauncher(BaseSubmititLauncher):
 
         folder = str(Path(str(self.params["submitit_folder"])).expanduser().absolute())
         timeout_min = float(self.params["timeout_min"])
-        signal_delay_s = int(self.params["signal_delay_s"])
+        signal_delay_s = self.signal_delay_s()
         delayed = DelayedSubmission(
             self, job.overrides, "hydra.sweep.dir", job.idx, f"job_id_for_{job.idx}", Singleton.get_state()
         )
@@ -619,7 +634,13 @@ class LocalPoolLauncher(BaseSubmititLauncher):
             "MKL_NUM_THREADS": str(threads),
         }
         return ForkedJob(folder, tmp, env, threads, timeout_s=60 * timeout_min, signal_delay_s=signal_delay_s,
-                         plan=(job.idx, tuple(job.overrides), job.cfg))
+                         plan=(job.idx, tuple(job.overrides), job.cfg),
+                         max_num_timeout=int(self.params.get("max_num_timeout", 3)))
+
+    def signal_delay_s(self) -> int:
+        """``signal_delay_s``, at most a quarter of ``timeout_min`` (a short limit is not signalled at once)."""
+        limit_s = 60 * float(self.params["timeout_min"])
+        return int(max(1, min(int(self.params["signal_delay_s"]), limit_s / 4)))
 
     def launch(self, job_overrides: Sequence[Sequence[str]], initial_job_idx: int) -> Sequence[JobReturn]:
         """Run every job of the batch, at most one per slot at a time; see the class docstring."""
@@ -676,6 +697,9 @@ class LocalPoolLauncher(BaseSubmititLauncher):
                     job, sj = running.pop(slot)
                     job.end = now()
                     outcome_from_result(job, sj.result)
+                    if job.status == "failed" and _timed_out(sj, job.error):
+                        mark_timeout(job, float(self.params["timeout_min"]),
+                                     int(self.params.get("max_num_timeout", 3)), getattr(sj, "timeouts", None))
                     free.append(slot)
                     log.info(
                         "end   #%d %s | %s | %s in %.1fs%s", job.idx, job.label, job.device, job.status,
@@ -688,11 +712,19 @@ class LocalPoolLauncher(BaseSubmititLauncher):
             for job, _ in running.values():
                 log.warning("stopping #%d %s", job.idx, job.label)
             _stop_workers([sj for _, sj in running.values()])
+            why = "Ctrl-C" if isinstance(e, KeyboardInterrupt) and not str(e) else f"{type(e).__name__}: {e}"
             for job, _ in running.values():
-                job.end, job.status = now(), "failed"
-                job.error = f"interrupted: the launcher stopped ({type(e).__name__}: {e})"
-                record_failure(job, job.error)
-            raise
+                job.end, job.status = now(), "interrupted"
+                job.error = f"interrupted: the launcher stopped ({why}); it resumes from last.pt when re-run"
+                record_failure(job, job.error, status="interrupted")
+            if not isinstance(e, KeyboardInterrupt):
+                raise
+            sweep_dir = self.config.hydra.sweep.dir if self.config is not None else "<sweep dir>"
+            # one message, not a traceback per frame: the user asked for this
+            raise SweepInterruptedError(
+                f"sweep interrupted ({why}): stopped {len(running)} running job(s) (recorded \"interrupted\"), "
+                f"{len(pending)} not started. Re-run the same command with hydra.sweep.dir={sweep_dir} to resume "
+                "them; completed jobs are skipped.") from None
         finally:
             if old_term is not None:
                 signal.signal(signal.SIGTERM, old_term)

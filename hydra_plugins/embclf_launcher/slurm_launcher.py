@@ -30,7 +30,10 @@ from omegaconf import OmegaConf
 
 from ._common import (
     PlannedJob,
+    announce_outcome,
+    mark_timeout,
     now,
+    timed_out,
     outcome_from_result,
     prepare_sweep,
     report,
@@ -49,6 +52,10 @@ class EmbclfSlurmLauncher(SlurmLauncher):
 
     # seconds between checks of the array's state (submitit's watcher batches the squeue/sacct calls)
     poll_interval_s: float = 2.0
+
+    def __call__(self, *args: Any, **kwargs: Any) -> JobReturn:
+        """Run one job in its SLURM worker (the base class's), saying in the worker log when it failed."""
+        return announce_outcome(super().__call__(*args, **kwargs))
 
     def _executor(self) -> Any:
         """The submitit executor, built from the launcher parameters as the base class does."""
@@ -109,6 +116,8 @@ class EmbclfSlurmLauncher(SlurmLauncher):
                 job.end = now()
                 outcome_from_result(job, lambda sj=sj: sj.results()[0])
                 job.device = f"SLURM job {sj.job_id}"
+                if job.status == "failed" and timed_out(job.error, sj.state):
+                    mark_timeout(job, float(self.params["timeout_min"]), int(self.params["max_num_timeout"]))
                 log.info(
                     "end   #%d %s | %s | %s after %.1fs%s", job.idx, job.label, job.device, job.status,
                     job.seconds, f": {job.error}" if job.error else "",
