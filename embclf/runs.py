@@ -246,6 +246,7 @@ def is_completed(run_dir: Path, cfg: DictConfig) -> bool:
     old = read_config(run_dir)
     if not s or s.get("status") != "completed" or old is None:
         return False
+    old = with_schema_defaults(old)
     new = resolved(cfg)
     return all(old.get(k) == new.get(k) for k in set(old) | set(new) if k not in VOLATILE_KEYS)
 
@@ -266,6 +267,7 @@ def config_differences(old: dict, cfg: DictConfig) -> List[str]:
     """Top-level/nested keys whose values differ between a stored resolved config and ``cfg``, ignoring
     how the run executes (``VOLATILE_KEYS``) and ``stage`` (stage=all stores its sub-stage)."""
     new = resolved(cfg)
+    old = with_schema_defaults(old)
     diffs = []
 
     def walk(a, b, prefix):
@@ -333,12 +335,38 @@ def iter_run_dirs(root: Path) -> Iterator[Path]:
                 yield p.parent
 
 
+def with_schema_defaults(stored: dict) -> dict:
+    """A stored resolved config with every key it lacks filled with the schema's default (``embclf.config``).
+
+    A run written before a key existed ran with that key's default behaviour (e.g. fp32 before ``precision``,
+    no skipping before ``data.skip_corrupt``), so comparisons of an old run with a new config (already
+    completed? the same encoder? may it resume?) must not see the new key as a difference. Returns a new dict.
+    """
+    from .config import Config
+
+    defaults = OmegaConf.to_container(OmegaConf.structured(Config), enum_to_str=True)
+    defaults.pop("defaults", None)  # Hydra's defaults list, not part of a resolved config
+
+    def fill(old, default):
+        if not isinstance(old, dict) or not isinstance(default, dict):
+            return old
+        out = dict(old)
+        for k, v in default.items():
+            if k not in out:
+                if v != "???":
+                    out[k] = v
+            else:
+                out[k] = fill(out[k], v)
+        return out
+
+    return fill(stored, defaults)
+
+
 def encoder_identity(cfg) -> dict:
     """What makes two autoencode runs the same: data, model, latent, seed, precision and ``autoencode.*``
-    (runs written before ``precision`` existed were fp32, before ``data.skip_corrupt`` existed did not skip)."""
-    c = cfg if isinstance(cfg, dict) else resolved(cfg)
+    (a stored config lacking a newer key counts as having its default: ``with_schema_defaults``)."""
+    c = with_schema_defaults(cfg) if isinstance(cfg, dict) else resolved(cfg)
     data = {k: v for k, v in c["data"].items() if k not in ("cache_dir", "download")}
-    data.setdefault("skip_corrupt", False)
     return {"data": data, "model": c["model"], "latent": c["latent"], "seed": c["seed"],
             "precision": c.get("precision", "fp32"), "autoencode": c["autoencode"]}
 

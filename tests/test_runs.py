@@ -70,3 +70,19 @@ def test_a_failed_checkpoint_write_keeps_the_previous_one_and_leaves_no_temp_fil
     assert runs.load_checkpoint(path, ("model", "state"))["state"]["epoch"] == 1
     assert [p.name for p in path.parent.iterdir()] == ["last.pt"]
     assert runs.read_metrics(tmp_path / "m") == [{"epoch": 1, "split": "train"}]  # no torn line left
+
+
+def test_a_run_written_before_a_key_existed_compares_equal_with_its_default():
+    """Upgrading embclf must not turn finished runs into 'different configs': a key missing from a stored
+    config counts as its schema default in every comparison (completed? resumable? the same encoder?)."""
+    from hydra import compose, initialize_config_dir
+    from embclf.config import conf_dir
+
+    with initialize_config_dir(config_dir=conf_dir(), version_base=None):
+        cfg = compose("config", overrides=["data=folder", "data.root=/d"])
+    stored = runs.resolved(cfg)
+    del stored["data"]["skip_corrupt"], stored["precision"], stored["model"]["beta"]
+    assert runs.config_differences(stored, cfg) == []
+    assert runs.encoder_identity(stored) == runs.encoder_identity(runs.resolved(cfg))
+    stored["model"]["beta"] = 0.5  # a real difference still is one
+    assert runs.config_differences(stored, cfg) == ["model.beta"]
