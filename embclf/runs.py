@@ -285,13 +285,21 @@ def iter_run_dirs(root: Path) -> Iterator[Path]:
                 yield p.parent
 
 
+# keys added to the model / autoencode groups after runs were written, with the value those runs had in effect
+# (no joint head, no decorrelation, no warm-up; the best epoch was chosen on val MSE)
+MODEL_OBJECTIVE_DEFAULTS = {"ce_weight": 0.0, "decorrelation_weight": 0.0, "decorrelation": "class", "kl_warmup_epochs": 0}
+_AUTOENCODE_BEFORE = {"select_on": "mse"}
+
+
 def encoder_identity(cfg) -> dict:
-    """What makes two autoencode runs the same: data, model, latent, seed, precision and ``autoencode.*``
-    (runs written before ``precision`` existed were fp32)."""
+    """What makes two autoencode runs the same: data, model (including the objective's ``model.ce_weight``,
+    ``decorrelation*``, ``kl_warmup_epochs``), latent, seed, precision and ``autoencode.*`` (with
+    ``select_on``). Keys missing from older runs' configs get the value those runs had in effect (fp32, no
+    extra objective terms, best epoch on val MSE)."""
     c = cfg if isinstance(cfg, dict) else resolved(cfg)
     data = {k: v for k, v in c["data"].items() if k not in ("cache_dir", "download")}
-    return {"data": data, "model": c["model"], "latent": c["latent"], "seed": c["seed"],
-            "precision": c.get("precision", "fp32"), "autoencode": c["autoencode"]}
+    return {"data": data, "model": {**MODEL_OBJECTIVE_DEFAULTS, **c["model"]}, "latent": c["latent"], "seed": c["seed"],
+            "precision": c.get("precision", "fp32"), "autoencode": {**_AUTOENCODE_BEFORE, **c["autoencode"]}}
 
 
 def find_encoder_run(cfg: DictConfig, output_dir: Path) -> Optional[Path]:
