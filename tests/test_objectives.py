@@ -83,8 +83,14 @@ def test_batch_step_adds_the_terms_to_the_objective():
     loss.backward()
     assert obj.head.weight.grad is not None  # the head trains jointly
     # the label-free penalty needs no labels; without any term the objective is the plain one
-    feat = build_objective(_compose("model=ae", "model.decorrelation_weight=1", "model.decorrelation=feature").model, 4, 3)
+    ae_cfg = _compose("model=ae", "model.decorrelation_weight=2", "model.decorrelation=feature",
+                      "model.channels=[4,8]", "model.strides=[2,2]")
+    feat = build_objective(ae_cfg.model, 4, 3)
     assert feat.head is None and not feat.needs_labels
+    ae = build_model(ae_cfg.model, 4, 8).eval()
+    loss, sums, mu = autoencode.batch_step(ae, x, 0.1, "fp32", None, feat)
+    want = losses.ae_loss(ae(x)["x_hat"], x) + 2 * losses.feature_decorrelation(mu)
+    assert torch.allclose(loss, want, rtol=1e-5) and sums[3] == 0 and sums[4] == 0
     plain = build_objective(_compose("model=ae").model, 4, 3)
     assert plain.head is None and not plain.needs_labels and plain.decorrelation_weight == 0
 
