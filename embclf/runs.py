@@ -298,8 +298,10 @@ def encoder_identity(cfg) -> dict:
     extra objective terms, best epoch on val MSE)."""
     c = cfg if isinstance(cfg, dict) else resolved(cfg)
     data = {k: v for k, v in c["data"].items() if k not in ("cache_dir", "download")}
-    return {"data": data, "model": {**MODEL_OBJECTIVE_DEFAULTS, **c["model"]}, "latent": c["latent"], "seed": c["seed"],
-            "precision": c.get("precision", "fp32"), "autoencode": {**_AUTOENCODE_BEFORE, **c["autoencode"]}}
+    model = {**c["model"], **{k: v for k, v in MODEL_OBJECTIVE_DEFAULTS.items() if k not in c["model"]}}
+    autoencode = {**c["autoencode"], **{k: v for k, v in _AUTOENCODE_BEFORE.items() if k not in c["autoencode"]}}
+    return {"data": data, "model": model, "latent": c["latent"], "seed": c["seed"],
+            "precision": c.get("precision", "fp32"), "autoencode": autoencode}
 
 
 def find_encoder_run(cfg: DictConfig, output_dir: Path) -> Optional[Path]:
