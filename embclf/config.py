@@ -58,6 +58,20 @@ class Source(Enum):
     folder = "folder"
 
 
+# ``model.decorrelation``: which penalty ``model.decorrelation_weight`` weights (docs/objectives.md).
+# ``class``: squared cosine between the batch's class-mean mu's (needs labels); ``feature``: squared
+# off-diagonal correlation between mu's dims over the batch (label-free). Functional API: ``class`` is a keyword.
+Decorrelation = Enum("Decorrelation", {"class": "class", "feature": "feature"})
+
+
+class SelectOn(Enum):
+    """``autoencode.select_on``: the val metric that picks the best epoch (checkpoints/best.pt).
+    ``loss``: the val objective at the full weights (β after warm-up, γ, λ); ``mse``: val MSE alone."""
+
+    loss = "loss"
+    mse = "mse"
+
+
 class Arch(Enum):
     """Encoder/decoder family: the reference study's small conv net or a ResNet-18."""
 
@@ -91,6 +105,11 @@ class ModelConfig:
     beta: float = 0.1  # KL weight (VAE only), on SSE summed over pixels per image
     channels: List[int] = field(default_factory=lambda: [32, 64, 128, 256, 256])
     strides: List[int] = field(default_factory=lambda: [2, 1, 2, 1, 2])
+    # objective per image: SSE + beta_e*KL + ce_weight*CE + decorrelation_weight*R (docs/objectives.md)
+    ce_weight: float = 0.0  # gamma: CE (nats) of a joint linear head on mu; 0 = off. AE, VAE, ResNet alike
+    decorrelation_weight: float = 0.0  # lambda: weight of the batch penalty R in [0, 1]; 0 = off
+    decorrelation: Decorrelation = Decorrelation['class']  # class (labels) | feature (label-free)
+    kl_warmup_epochs: int = 0  # VAE: beta_e = beta * min(1, (e-1)/kl_warmup_epochs); 0 = full beta from epoch 1
 
 
 @dataclass
@@ -112,6 +131,7 @@ class AutoencodeConfig:
     weight_decay: float = 0.0
     image_epochs: List[int] = field(default_factory=lambda: [1, 10, 40])  # plus the last epoch
     eval_batch_size: int = 1000
+    select_on: SelectOn = SelectOn.loss  # best epoch: lowest val objective (full weights) | lowest val MSE
 
 
 @dataclass
@@ -214,6 +234,9 @@ VALUE_RULES = {
     "data.val_size": (lambda v: v > 0, "a fraction in (0, 1) or a positive count (e.g. 0.1 or 5000)"),
     "data.image_size": (_positive, "a positive number of pixels (e.g. 32)"),
     "model.beta": (_non_negative, "a KL weight >= 0 (e.g. 0.1)"),
+    "model.ce_weight": (_non_negative, "a cross-entropy weight >= 0 (0 = no joint head)"),
+    "model.decorrelation_weight": (_non_negative, "a weight >= 0 (0 = off)"),
+    "model.kl_warmup_epochs": (_non_negative, "a number of epochs >= 0 (0 = no warm-up)"),
     "model.channels": (_all_positive, "a list of positive channel counts"),
     "model.strides": (_all_positive, "a list of strides >= 1"),
     "head.hidden": (_all_positive, "a list of positive layer widths ([] for none)"),

@@ -347,19 +347,28 @@ def with_schema_defaults(stored: dict) -> dict:
     defaults = OmegaConf.to_container(OmegaConf.structured(Config), enum_to_str=True)
     defaults.pop("defaults", None)  # Hydra's defaults list, not part of a resolved config
 
-    def fill(old, default):
+    def fill(old, default, prefix):
         if not isinstance(old, dict) or not isinstance(default, dict):
             return old
         out = dict(old)
         for k, v in default.items():
             if k not in out:
+                v = BEFORE_KEY_EXISTED.get(prefix + k, v)
                 if v != "???":
                     out[k] = v
             else:
-                out[k] = fill(out[k], v)
+                out[k] = fill(out[k], v, f"{prefix}{k}.")
         return out
 
-    return fill(stored, defaults)
+    return fill(stored, defaults, "")
+
+
+# the objective's options in the model group and their "off" values (classify's hint prints the ones that are on)
+MODEL_OBJECTIVE_DEFAULTS = {"ce_weight": 0.0, "decorrelation_weight": 0.0, "decorrelation": "class", "kl_warmup_epochs": 0}
+
+# keys whose schema default is not what runs written before the key existed did: those runs chose their best
+# epoch on val MSE (the default is now the val objective)
+BEFORE_KEY_EXISTED = {"autoencode.select_on": "mse"}
 
 
 def encoder_identity(cfg) -> dict:

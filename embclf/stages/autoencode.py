@@ -2,9 +2,12 @@
 
 Per epoch: train (Adam, cosine annealing stepped per epoch) on the in-memory uint8 train tensor batched by
 a random permutation; evaluate on val; append train/val metrics to metrics.jsonl; save checkpoints/last.pt
-(model, optimizer, scheduler, epoch, RNG states, best-so-far) and, when val MSE improves,
-checkpoints/best.pt. After the last epoch: test metrics of the final model (``final_test_*``, what the
-reference study reported) and of the best-on-val checkpoint (``test_*``), images, summary.json.
+(model, optimizer, scheduler, epoch, RNG states, best-so-far, the joint head) and, when the val metric
+named by ``autoencode.select_on`` improves (the val objective at full weights by default, or val MSE),
+checkpoints/best.pt. The objective (SSE + β·KL, plus the optional joint-head CE, decorrelation penalty and KL
+warm-up of ``embclf.models.objectives``; docs/objectives.md) is computed in ``batch_step``. After the last
+epoch: test metrics of the final model (``final_test_*``, what the reference study reported) and of the
+best-on-val checkpoint (``test_*``), images, summary.json.
 Every epoch also goes to the tracker (wandb, ``embclf.tracking``); on a terminal a tqdm bar shows the epoch.
 
 A run dir that already holds last.pt resumes from it (a requeued SLURM job, a re-invoked sweep); a run
@@ -17,7 +20,7 @@ import math
 import random
 import time
 from pathlib import Path
-from typing import Dict, List
+from typing import Dict, List, Optional
 
 import numpy as np
 import torch
@@ -26,6 +29,7 @@ from torchvision.utils import make_grid, save_image
 from .. import data as data_mod
 from .. import losses, runs, runtime, tracking
 from ..models import build_model, count_parameters
+from ..models.objectives import Objective, build_objective
 
 log = logging.getLogger(__name__)
 
@@ -36,23 +40,31 @@ ACTIVE_UNIT_THRESHOLD = 0.01  # Burda et al., "Importance Weighted Autoencoders"
 COLLAPSE_FRACTION = 0.1  # fewer active units than this fraction of the latent: flagged as posterior collapse
 
 
-SUMS = ("loss", "sse", "psnr", "kl")  # per-image quantities summed over an epoch, on the device
+# per-image quantities summed over an epoch, on the device: objective, SSE, PSNR (dB), KL (nats), the joint
+# head's cross-entropy (nats) and correct predictions, and the batch penalty R (counted once per image)
+SUMS = ("loss", "sse", "psnr", "kl", "ce", "joint_head_accuracy", "decorrelation")
 
 
-def batch_step(model, x: torch.Tensor, beta: float, precision: str = "fp32"):
+def batch_step(model, x: torch.Tensor, beta, precision: str = "fp32", y: Optional[torch.Tensor] = None,
+               objective: Optional[Objective] = None):
     """Forward pass and objective of one batch; the one place the squared error is computed.
 
-    The objective per image is SSE + beta * KL (VAE) or SSE (AE), as ``losses.vae_loss`` / ``losses.ae_loss``;
-    SSE, MSE (= SSE / values per image) and PSNR (``losses.psnr_from_sse``) all derive from one squared
-    error. The forward pass runs under ``runtime.autocast`` (bf16 when ``precision == "bf16"``); the loss
-    and the sums are computed in fp32.
+    The objective per image is ``SSE + beta * KL + gamma * CE + lambda * R`` (``embclf.models.objectives``;
+    KL only for a VAE, the last two only when ``objective`` turns them on), which is ``losses.vae_loss`` /
+    ``losses.ae_loss`` without them; SSE, MSE (= SSE / values per image) and PSNR (``losses.psnr_from_sse``)
+    all derive from one squared error. The forward pass runs under ``runtime.autocast`` (bf16 when
+    ``precision == "bf16"``); the loss and the sums are computed in fp32.
 
     Args:
         model: ``Autoencoder`` (in train mode a VAE samples z; in eval mode it decodes mu).
         x: float32 [B, 3, S, S], pixels in [0, 1], on the model's device.
+        beta: KL weight, a float or a 0-dim tensor (a tensor changes per epoch without recompiling a
+            ``torch.compile``d step). y: int64 [B] labels, needed when ``objective.needs_labels``.
+        objective: the extra terms (None: none).
     Returns:
         (loss: fp32 scalar, mean objective per image, differentiable;
-         sums: fp32 [4] detached, the batch's sums of objective, SSE, PSNR (dB) and KL (nats; 0 for an AE);
+         sums: fp32 [7] detached, the batch's sums of the ``SUMS`` quantities (KL 0 for an AE; CE, correct
+         predictions and R 0 when off);
          mu: [B, latent] detached).
     """
     with runtime.autocast(x.device, precision):
@@ -65,24 +77,33 @@ def batch_step(model, x: torch.Tensor, beta: float, precision: str = "fp32"):
     else:
         kl = torch.zeros_like(sse)
         per_image = sse
+    zero = torch.zeros_like(sse)
+    ce, correct, r = zero, zero, zero.sum()
+    if objective is not None:
+        extra, ce, correct, r = objective.terms(out["mu"].float(), y)
+        per_image = per_image + extra
     loss = per_image.mean()
     d_sse = sse.detach()
     sums = torch.stack([per_image.detach().sum(), d_sse.sum(), losses.psnr_from_sse(d_sse, x[0].numel()).sum(),
-                        kl.detach().sum()])
+                        kl.detach().sum(), ce.sum(), correct.sum(), r * len(x)])
     return loss, sums, out["mu"].detach()
 
 
 def train_epoch(step, model, opt, images: torch.Tensor, batch_size: int, generator: torch.Generator,
-                fmt: torch.memory_format = torch.contiguous_format, on_step=None) -> torch.Tensor:
+                fmt: torch.memory_format = torch.contiguous_format, on_step=None,
+                labels: Optional[torch.Tensor] = None) -> torch.Tensor:
     """One pass over ``images`` (uint8 [N, 3, S, S] on the training device) in the random order drawn from
     ``generator``: forward (``step``, i.e. ``batch_step`` or its compiled form), backward, optimizer step.
+    With ``labels`` (int64 [N], same device) the step is called as ``step(x, y)`` with the batch's labels
+    (the joint head and the class penalty need them), else as ``step(x)``.
 
     Never reads a value back to the host: the per-image sums accumulate on the device, so the GPU is never
     stalled inside the epoch, and so does the divergence check (the first step whose loss is not finite).
     ``on_step(batch_images)`` runs after every optimizer step (signals, progress bar).
     Returns:
-        fp32 [5] on the device: sums over the epoch's images of objective, SSE, PSNR (dB), KL (nats), then
-        the 1-based number of the first step with a non-finite loss (0: none).
+        fp32 [8] on the device: sums over the epoch's images of the ``SUMS`` quantities (objective, SSE, PSNR
+        (dB), KL (nats), CE (nats), correct predictions, R), then the 1-based number of the first step with a
+        non-finite loss (0: none).
     """
     model.train()
     dev = images.device
@@ -91,7 +112,7 @@ def train_epoch(step, model, opt, images: torch.Tensor, batch_size: int, generat
     first_bad = torch.zeros((), device=dev)
     for idx in data_mod.batches(len(images), batch_size, dev, shuffle=True, generator=generator):
         x = data_mod.to_float(images[idx]).contiguous(memory_format=fmt)
-        loss, s, _ = step(x)
+        loss, s, _ = step(x) if labels is None else step(x, labels[idx])
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -124,29 +145,40 @@ def _check_finite(epoch: int, first_bad: int, train_m: Dict[str, float], val_m: 
                    f"and was stopped; {kept}. Lower autoencode.lr (or model.beta for a VAE) and start a new run.")
 
 
-def _means(sums: list, n: int, values_per_image: int, variational: bool) -> Dict[str, float]:
+def _means(sums: list, n: int, values_per_image: int, variational: bool,
+           objective: Optional[Objective] = None) -> Dict[str, float]:
+    """Per-image means of the ``SUMS``, plus mse; the terms a run does not have are left out."""
     m = dict(zip(SUMS, (v / n for v in sums)))
     m["mse"] = m["sse"] / values_per_image
     if not variational:
         m.pop("kl")
+    if objective is None or objective.head is None:
+        m.pop("ce"), m.pop("joint_head_accuracy")
+    if objective is None or not objective.decorrelation_weight:
+        m.pop("decorrelation")
     return m
 
 
 @torch.no_grad()
 def evaluate(step, model, split: data_mod.Split, batch_size: int,
-             fmt: torch.memory_format = torch.contiguous_format) -> Dict[str, float]:
+             fmt: torch.memory_format = torch.contiguous_format, objective: Optional[Objective] = None) -> Dict[str, float]:
     """Deterministic metrics on a split whose images are on the model's device (a VAE decodes mu).
 
-    Sums stay on the device and are read once at the end. Returns floats: loss (objective per image),
-    mse (per pixel), sse (per image), psnr (dB, mean of per-image), and for a VAE kl (nats/sample) and
-    active_units (latent dims whose Var_x[mu] > 0.01, Burda et al. 2016).
+    Sums stay on the device and are read once at the end. Returns floats: loss (objective per image, at the
+    weights ``step`` applies), mse (per pixel), sse (per image), psnr (dB, mean of per-image), for a VAE kl
+    (nats/sample) and active_units (latent dims whose Var_x[mu] > 0.01, Burda et al. 2016), and with an
+    ``objective`` whose terms are on: ce (nats/image) and joint_head_accuracy (the joint head's), decorrelation
+    (R, over batches of ``batch_size``). With an objective that needs labels, ``step`` is called as
+    ``step(x, y)``.
     """
+    with_labels = objective is not None and objective.needs_labels
     model.eval()
     device = split.images.device
     sums = torch.zeros(len(SUMS), device=device)
     mus = []
     for idx in data_mod.batches(len(split), batch_size, device, shuffle=False):
-        _, s, mu = step(data_mod.to_float(split.images[idx]).contiguous(memory_format=fmt))
+        x = data_mod.to_float(split.images[idx]).contiguous(memory_format=fmt)
+        _, s, mu = step(x, split.labels[idx]) if with_labels else step(x)
         sums += s
         if model.variational:
             mus.append(mu.float())
@@ -154,7 +186,7 @@ def evaluate(step, model, split: data_mod.Split, batch_size: int,
         active = (torch.cat(mus).var(0) > ACTIVE_UNIT_THRESHOLD).sum().float().view(1)
         sums = torch.cat([sums, active])
     host = sums.tolist()  # the one read-back of this evaluation
-    m = _means(host[:len(SUMS)], len(split), split.images[0].numel(), model.variational)
+    m = _means(host[:len(SUMS)], len(split), split.images[0].numel(), model.variational, objective)
     if model.variational:
         m["active_units"] = int(host[-1])
     return m
@@ -229,6 +261,16 @@ def _set_rng_state(s: dict) -> None:
             torch.cuda.set_rng_state(st, i)
 
 
+def is_better(val_m: Dict[str, float], best: float, select_on: str) -> bool:
+    """Whether this epoch's val metrics beat the best so far on ``autoencode.select_on``.
+
+    ``loss``: the val objective (SSE + β·KL + γ·CE + λ·R per image at the *full* weights, whatever the KL
+    warm-up gave the epoch's training, so every epoch is scored by the same function); ``mse``: val MSE alone,
+    which for a VAE can pick an epoch whose KL is enormous. Strictly lower wins, so ties keep the earlier epoch.
+    Raises ``KeyError`` for an unknown metric name."""
+    return val_m[select_on] < best
+
+
 def restore_training_state(ck: dict, model, opt, sched, generator: torch.Generator) -> dict:
     """Continue from a ``last.pt`` read by ``runs.load_checkpoint`` (all tensors on the CPU), whatever device
     the model and optimizer live on: ``load_state_dict`` copies weights into the device's parameters and the
@@ -258,6 +300,13 @@ def run(cfg, run_dir: Path, overrides: List[str]) -> Path:
         raise runtime.EmbclfError(f"latent={cfg.latent} must be a positive integer (e.g. latent=64).")
     if int(ac.epochs) < 1:
         raise runtime.EmbclfError(f"autoencode.epochs={ac.epochs} must be at least 1.")
+    if int(cfg.model.kl_warmup_epochs) < 0:
+        raise runtime.EmbclfError(f"model.kl_warmup_epochs={cfg.model.kl_warmup_epochs} must be >= 0 "
+                                  "(0 = the full model.beta from the first epoch).")
+    try:  # the objective's weights, checked before anything is written (the head is rebuilt below)
+        build_objective(cfg.model, int(cfg.latent), 2)
+    except ValueError as e:
+        raise runtime.EmbclfError(f"{e}.") from None
     last = run_dir / "checkpoints" / "last.pt"
     resume = runs.load_checkpoint(last, ("model", "optimizer", "scheduler", "rng", "batch_rng", "state", "config"),
                                   "resume") if last.is_file() else None
@@ -277,14 +326,32 @@ def run(cfg, run_dir: Path, overrides: List[str]) -> Path:
     # airbench-style: every split lives on the training device as uint8; batches are index lookups there
     train, val, test = (s.to(device) for s in (ds.train, ds.val, ds.test))
     model = build_model(cfg.model, int(cfg.latent), int(cfg.data.image_size)).to(device, memory_format=fmt)
+    # the joint head (model.ce_weight) and the decorrelation penalty; the head trains with the model's optimizer
+    objective = build_objective(cfg.model, int(cfg.latent), len(ds.classes))
+    head = objective.head.to(device) if objective.head is not None else None
+    need_labels = objective.needs_labels
     beta = float(cfg.model.beta)
-    opt = runtime.adam(model.parameters(), device, float(ac.lr), float(ac.weight_decay))
+    warmup = int(cfg.model.kl_warmup_epochs)
+    # KL weights as device tensors: the epoch's beta (warm-up) for training; the full beta for val and test, so
+    # the val objective of every epoch is the same function and select_on=loss compares like with like
+    beta_train = torch.tensor(beta, device=device)
+    beta_full = torch.tensor(beta, device=device)
+    params = list(model.parameters()) + (list(head.parameters()) if head is not None else [])
+    opt = runtime.adam(params, device, float(ac.lr), float(ac.weight_decay))
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=int(ac.epochs))
 
-    def step(x):
-        return batch_step(model, x, beta, precision)
+    def core(x, y, b):
+        return batch_step(model, x, b, precision, y, objective)
 
-    step = runtime.maybe_compile(step, bool(cfg.compile))  # one compiled step per job, train and eval
+    core = runtime.maybe_compile(core, bool(cfg.compile))  # one compiled step per job, train and eval
+
+    def step(x, y=None):  # training: this epoch's beta
+        return core(x, y, beta_train)
+
+    def eval_step(x, y=None):  # val/test: the full beta
+        return core(x, y, beta_full)
+
+    select_on = str(getattr(ac.select_on, "value", ac.select_on))
     log.info("model %s, latent %d, %d parameters", cfg.model.name, cfg.latent, count_parameters(model))
     # bad input has failed by now; only from here on does the run dir hold a config and a summary
     if prior and prior.get("start_time"):  # resumed: the clock started with the first attempt
@@ -301,9 +368,12 @@ def run(cfg, run_dir: Path, overrides: List[str]) -> Path:
 
     ckpt_dir = last.parent
     g = torch.Generator().manual_seed(int(cfg.seed))  # batch order; saved in checkpoints for exact resumes
-    state = {"epoch": 0, "best_val_mse": math.inf, "best_epoch": 0}
+    # best_val: the lowest val `select_on` metric so far (best_val_mse: that epoch's val MSE)
+    state = {"epoch": 0, "best_val_mse": math.inf, "best_epoch": 0, "best_val": math.inf}
     if resume is not None:
         state = restore_training_state(resume, model, opt, sched, g)
+        if head is not None:  # saved beside the model by checkpoint() below
+            head.load_state_dict(resume["joint_head"])
         del resume
         runs.truncate_metrics(run_dir, state["epoch"])  # epochs after the checkpoint are redone
         log.info("resuming from %s at epoch %d", last, state["epoch"])
@@ -312,7 +382,8 @@ def run(cfg, run_dir: Path, overrides: List[str]) -> Path:
     def checkpoint(path: Path, **extra) -> None:
         runs.save_atomic({"model": model.state_dict(), "optimizer": opt.state_dict(),
                           "scheduler": sched.state_dict(), "rng": _rng_state(), "batch_rng": g.get_state(), "state": dict(state),
-                          "config": runs.resolved(cfg), **extra}, path)
+                          "config": runs.resolved(cfg),
+                          **({"joint_head": head.state_dict()} if head is not None else {}), **extra}, path)
 
     image_epochs = set(int(e) for e in ac.image_epochs) | {int(ac.epochs)}
     values_per_image = train.images[0].numel()
@@ -331,26 +402,36 @@ def run(cfg, run_dir: Path, overrides: List[str]) -> Path:
                 if not bar.disable:
                     bar.update(n_images)
 
-            sums = train_epoch(step, model, opt, train.images, int(ac.batch_size), g, fmt, on_step).tolist()
-            train_m = _means(sums[:len(SUMS)], len(train), values_per_image, model.variational)  # one sync per epoch
+            beta_e = losses.kl_weight(epoch, beta, warmup)  # KL warm-up: the same value for the whole epoch
+            beta_train.fill_(beta_e)
+            sums = train_epoch(step, model, opt, train.images, int(ac.batch_size), g, fmt, on_step,
+                               train.labels if need_labels else None).tolist()
+            train_m = _means(sums[:len(SUMS)], len(train), values_per_image, model.variational,
+                             objective)  # one sync per epoch
+            if model.variational:
+                train_m["beta"] = beta_e
             bar.close()
             sched.step()
             seconds = time.time() - t0
             train_images += len(train)
             train_seconds += seconds
-            val_m = evaluate(step, model, val, int(ac.eval_batch_size), fmt)
+            val_m = evaluate(eval_step, model, val, int(ac.eval_batch_size), fmt, objective)
+            if model.variational:
+                val_m["beta"] = beta  # the val objective always uses the full beta (comparable across epochs)
             _check_finite(epoch, int(sums[-1]), train_m, val_m, lr, last)
             runs.append_metrics(run_dir, {"epoch": epoch, "split": "train", **train_m, "lr": lr, "seconds": seconds,
                                           "images_per_second": len(train) / seconds})
             runs.append_metrics(run_dir, {"epoch": epoch, "split": "val", **val_m, "lr": lr})
             tracker.log_epoch(epoch, train={**train_m, "seconds": seconds, "images_per_second": len(train) / seconds},
                               val=val_m, lr=lr)
-            log.info("epoch %d/%d  train mse %.5f psnr %.2f dB | val mse %.5f psnr %.2f dB%s | %.1fs (%.0f img/s)",
+            log.info("epoch %d/%d  train mse %.5f psnr %.2f dB | val mse %.5f psnr %.2f dB%s%s | %.1fs (%.0f img/s)",
                      epoch, ac.epochs, train_m["mse"], train_m["psnr"], val_m["mse"], val_m["psnr"],
-                     f" kl {val_m['kl']:.2f}" if "kl" in val_m else "", seconds, len(train) / seconds)
+                     f" kl {val_m['kl']:.2f} (train beta {beta_e:g})" if "kl" in val_m else "",
+                     f" joint head acc {val_m['joint_head_accuracy']:.3f}" if head is not None else "",
+                     seconds, len(train) / seconds)
             state["epoch"] = epoch
-            if val_m["mse"] < state["best_val_mse"]:
-                state.update(best_val_mse=val_m["mse"], best_epoch=epoch)
+            if is_better(val_m, state.get("best_val", math.inf), select_on):
+                state.update(best_val=val_m[select_on], best_val_mse=val_m["mse"], best_epoch=epoch)
                 checkpoint(ckpt_dir / "best.pt", val=val_m)
             checkpoint(last)
             signals.poll()
@@ -358,11 +439,14 @@ def run(cfg, run_dir: Path, overrides: List[str]) -> Path:
                 tracker.log_images(epoch, **save_images(model, test, device, run_dir, epoch))
 
         # still inside the handler: a signal during the test evaluation must not leave "running" behind
-        final = evaluate(step, model, test, int(ac.eval_batch_size), fmt)
+        final = evaluate(eval_step, model, test, int(ac.eval_batch_size), fmt, objective)
         runs.append_metrics(run_dir, {"epoch": int(ac.epochs), "split": "test", **final})
-        best_ck = runs.load_checkpoint(ckpt_dir / "best.pt", ("model", "val"), "best checkpoint")
+        best_ck = runs.load_checkpoint(ckpt_dir / "best.pt", ("model", "val") + (("joint_head",) if head else ()),
+                                       "best checkpoint")
         model.load_state_dict(best_ck["model"])
-        best = evaluate(step, model, test, int(ac.eval_batch_size), fmt)
+        if head is not None:
+            head.load_state_dict(best_ck["joint_head"])
+        best = evaluate(eval_step, model, test, int(ac.eval_batch_size), fmt, objective)
         tracker.log_images(int(ac.epochs), interpolation=save_interpolation(model, test, device, run_dir))  # best-on-val
         summary.update({f"test_{k}": v for k, v in best.items()})
         summary.update({f"final_test_{k}": v for k, v in final.items()})
@@ -376,7 +460,7 @@ def run(cfg, run_dir: Path, overrides: List[str]) -> Path:
                 log.warning("posterior collapse: %d of %d latent dims are active (< %d%%); the embeddings carry little "
                             "information. Lower model.beta.", best["active_units"], int(cfg.latent),
                             round(100 * COLLAPSE_FRACTION))
-        summary.update(status="completed", best_epoch=state["best_epoch"], end_time=time.time())
+        summary.update(status="completed", best_epoch=state["best_epoch"], select_on=select_on, end_time=time.time())
         summary["wall_seconds"] = summary["end_time"] - summary["start_time"]
         runs.write_json_atomic(run_dir / runs.SUMMARY, summary)
         tracker.finish(summary)

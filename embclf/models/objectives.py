@@ -1,0 +1,112 @@
+"""The terms of the autoencode objective beyond SSE + β·KL: a joint classification head and a decorrelation
+penalty (the ``model`` group's ``ce_weight``, ``decorrelation_weight``, ``decorrelation``; docs/objectives.md).
+
+The objective per image, with μ the encoder's mean (the AE's code z), y the label, h a linear head::
+
+    SSE + β_e·KL + γ·CE(h(μ), y) + λ·R(μ_batch, y_batch)
+
+γ = ``model.ce_weight``, λ = ``model.decorrelation_weight``, β_e the epoch's KL weight
+(``losses.kl_weight``: ``model.beta`` after ``model.kl_warmup_epochs``). γ·CE with a head on a VAE's mean is
+the "supervised VAE" the reference study proposed (a discriminative term added to the ELBO, as in the
+M2-style models of Kingma et al., "Semi-Supervised Learning with Deep Generative Models", NeurIPS 2014, here
+with the class predicted from μ rather than generated). R is ``losses.class_decorrelation`` (labels) or
+``losses.feature_decorrelation`` (label-free).
+
+The head and the penalty act on μ, not on the sampled z: the probes of ``stage=classify`` read μ
+(``Autoencoder.encode``), so μ is what must become linearly separable; a head on z would also learn to
+tolerate the sampling noise, which the probes never see. For an AE, z = μ.
+
+Like the models, nothing here reads the config except ``build_objective``, the one config -> object
+translation (torchtune's builder style). The head is an ``nn.Linear`` outside the ``Autoencoder``: encoder
+checkpoints keep the same ``model`` keys, and the stage saves the head beside them (``joint_head``).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+from torch import nn
+
+from .. import losses
+
+DECORRELATIONS = ("class", "feature")
+
+
+@dataclass
+class Objective:
+    """The extra terms of one run's objective; all off by default (``Objective()`` is SSE + β·KL).
+
+    Attributes:
+        head: linear head latent -> n_classes on μ, or None (ce_weight = 0).
+        ce_weight: γ, weight of the head's cross-entropy (nats per image) against the per-image SSE.
+        decorrelation_weight: λ, weight of the batch penalty R (in [0, 1], same value for every image).
+        decorrelation: "class" (``losses.class_decorrelation``, needs labels) or "feature"
+            (``losses.feature_decorrelation``, label-free).
+        n_classes: number of classes K (needed by the head and by the class penalty).
+    """
+
+    head: Optional[nn.Module] = None
+    ce_weight: float = 0.0
+    decorrelation_weight: float = 0.0
+    decorrelation: str = "class"
+    n_classes: int = 0
+
+    @property
+    def needs_labels(self) -> bool:
+        """True when a term reads the labels (the training loop must then pass them)."""
+        return self.head is not None or (self.decorrelation_weight > 0 and self.decorrelation == "class")
+
+    def terms(self, mu: torch.Tensor, y: Optional[torch.Tensor]):
+        """The extra terms of a batch.
+
+        Args:
+            mu: float32 [B, latent] (differentiable). y: int64 [B] labels, or None when ``needs_labels`` is False.
+        Returns:
+            (extra per image: float32 [B], γ·CE_i + λ·R, differentiable;
+             ce: float32 [B] per-image cross-entropy in nats (zeros without a head);
+             correct: float32 [B], 1 where the head's argmax is the label (zeros without a head);
+             r: float32 scalar, the penalty R (0 when λ = 0)).
+        Raises:
+            ValueError: labels needed but ``y`` is None.
+        """
+        if self.needs_labels and y is None:
+            raise ValueError("this objective needs the labels (model.ce_weight > 0 or model.decorrelation=class)")
+        zero = mu.new_zeros(len(mu))
+        extra, ce, correct = zero, zero, zero
+        if self.head is not None:
+            logits = self.head(mu)
+            ce = nn.functional.cross_entropy(logits, y, reduction="none")
+            correct = (logits.detach().argmax(1) == y).float()
+            extra = extra + self.ce_weight * ce
+        r = mu.new_zeros(())
+        if self.decorrelation_weight > 0:
+            r = (losses.class_decorrelation(mu, y, self.n_classes) if self.decorrelation == "class"
+                 else losses.feature_decorrelation(mu))
+            extra = extra + self.decorrelation_weight * r
+        return extra, ce.detach(), correct, r.detach()
+
+
+def build_objective(model_cfg, latent: int, n_classes: int) -> Objective:
+    """Build the extra objective terms named by the ``model`` group.
+
+    Args:
+        model_cfg: the ``model`` config (reads ce_weight, decorrelation_weight, decorrelation; missing keys = off).
+        latent: the latent size (the head's input). n_classes: the dataset's class count (the head's output).
+    Returns:
+        ``Objective``; its ``head`` (``nn.Linear(latent, n_classes)``, PyTorch's default init) when ce_weight > 0.
+    Raises:
+        ValueError: a negative weight, or an unknown ``model.decorrelation``, naming the key.
+    """
+    gamma = float(getattr(model_cfg, "ce_weight", 0.0) or 0.0)
+    lam = float(getattr(model_cfg, "decorrelation_weight", 0.0) or 0.0)
+    kind = getattr(model_cfg, "decorrelation", "class")
+    kind = str(getattr(kind, "value", kind))
+    if gamma < 0:
+        raise ValueError(f"model.ce_weight={gamma:g} must be >= 0 (0 = no joint classification head)")
+    if lam < 0:
+        raise ValueError(f"model.decorrelation_weight={lam:g} must be >= 0 (0 = off)")
+    if kind not in DECORRELATIONS:
+        raise ValueError(f"model.decorrelation={kind!r} is unknown; use class or feature")
+    head = nn.Linear(latent, n_classes) if gamma > 0 else None
+    return Objective(head=head, ce_weight=gamma, decorrelation_weight=lam, decorrelation=kind, n_classes=n_classes)
