@@ -244,7 +244,10 @@ def start(cfg, run_dir: Path, stage: str, encoder_cfg: Optional[dict] = None) ->
         config.update(model=encoder_cfg["model"], latent=encoder_cfg["latent"])
     model, latent, data = config["model"]["name"], int(config["latent"]), config["data"]["source"]
     try:
+        # one wandb run per run dir: a resumed job continues it (same id) instead of opening a second run
+        run_id = run_id_of(run_dir)
         run = wandb.init(
+            id=run_id, resume="allow",
             mode=mode, dir=str(run_dir), project=lc.wandb.project, entity=lc.wandb.entity,
             group=_group(run_dir), job_type=stage, name=f"{model}-z{latent}-s{int(cfg.seed)}",
             tags=[f"model={model}", f"latent={latent}", f"data={data}", *lc.wandb.tags],
@@ -263,6 +266,26 @@ def start(cfg, run_dir: Path, stage: str, encoder_cfg: Optional[dict] = None) ->
     log.info("wandb %s run %s (%s); %s", mode, run.id, reason, where)
     _active = Tracker(run, Path(run_dir))
     return _active
+
+
+WANDB_ID_FILE = "wandb_run_id"
+
+
+def run_id_of(run_dir: Path) -> str:
+    """The wandb run id of ``run_dir``: read from ``run_dir/wandb_run_id``, or made (``wandb.util.generate_id``)
+    and written there (atomically) before the first ``wandb.init``, so every attempt of a resumed job logs to
+    the same wandb run (``wandb.init(id=..., resume="allow")``)."""
+    path = Path(run_dir) / WANDB_ID_FILE
+    try:
+        run_id = path.read_text().strip()
+    except OSError:
+        run_id = ""
+    if not run_id:
+        import wandb
+
+        run_id = wandb.util.generate_id()
+        runs._atomic(path, lambda t: t.write_text(run_id + "\n"))
+    return run_id
 
 
 def finish_active(exit_code: int = 1) -> None:
