@@ -10,9 +10,12 @@ Layout of one run dir (one stage of one job)::
     checkpoints/       last.pt (every epoch), best.pt (best on val)
     images/            PNGs
     embeddings.pt      classify only: float32 [N, latent] per split, with labels
+    wandb_run_id       the wandb run's id: every attempt of a resumed run logs to that one run
 
 Every file is written to a temporary name and renamed into place, so a killed job never leaves a
-half-written checkpoint or summary behind, and data already written is never truncated.
+half-written checkpoint or summary behind, and data already written is never truncated. A run killed at
+any instant and started again with the same command continues from ``checkpoints/last.pt`` and ends with
+exactly the metrics of an uninterrupted run (docs/troubleshooting.md, "Resume").
 """
 from __future__ import annotations
 
@@ -287,13 +290,16 @@ def base_summary(cfg: DictConfig, stage: str, overrides: List[str]) -> Dict[str,
     }
 
 
-def mark_failed(run_dir: Path, error: str, status: str = "failed", reason: Optional[str] = None) -> None:
+def mark_failed(run_dir: Path, error: str, status: str = "failed", reason: Optional[str] = None,
+                extra: Optional[Dict[str, Any]] = None) -> None:
     """Record a failure in ``summary.json`` unless the run already completed.
 
     Used by the stages on an exception and by launchers for a job killed from outside. ``status`` is
-    "failed", or "interrupted" for a run stopped by a signal or a requeue (it resumes from last.pt).
-    Keeps every other field already written (and never touches checkpoints or metrics). ``reason``
-    (e.g. "diverged") is stored as ``reason`` beside the error message.
+    "failed", "interrupted" for a run stopped by a signal or a requeue (it resumes from last.pt), or
+    "killed" for a process that died from a signal it could not handle (SIGKILL: ``kill -9``, the OOM killer;
+    recorded by the launcher). Keeps every other field already written (and never touches checkpoints or
+    metrics). ``reason`` (e.g. "diverged", "out of memory") is stored as ``reason`` beside the error message;
+    ``extra`` fields (e.g. ``{"signal": "SIGKILL"}``) are added as they are.
     """
     run_dir = Path(run_dir)
     s = read_summary(run_dir) or {}
@@ -302,6 +308,7 @@ def mark_failed(run_dir: Path, error: str, status: str = "failed", reason: Optio
     s.update(status=status, error=str(error)[-4000:], end_time=time.time())
     if reason:
         s["reason"] = reason  # e.g. "diverged"
+    s.update(extra or {})
     if "start_time" in s:
         s["wall_seconds"] = s["end_time"] - s["start_time"]
     if s.get("pid") == os.getpid():  # this process's own attempt ends now (a launcher recording a dead job

@@ -9,7 +9,8 @@ The stages call a small object and nothing else::
 
 ``logger=none`` or ``logger.wandb.mode=disabled`` gives a tracker that does nothing and never imports
 wandb. Otherwise there is exactly one wandb run per stage run, also when the basic launcher runs several
-jobs in one process: ``finish`` closes it, and ``embclf.__main__.run_job`` calls ``finish_active(1)`` when
+jobs in one process, and also across the attempts of a resumed run (its id is kept in the run dir's
+``wandb_run_id``; ``wandb.init(id=..., resume="allow")``): ``finish`` closes it, and ``embclf.__main__.run_job`` calls ``finish_active(1)`` when
 a stage raises, so a failed job shows as failed (exit code 1) and the next job starts a fresh run.
 
 Mode (``logger.wandb.mode``): ``online``/``offline``/``disabled`` as given; ``auto`` (the default) uses
@@ -24,7 +25,9 @@ import logging
 import netrc
 import os
 import platform
+import secrets
 import socket
+import string
 import subprocess
 import sys
 import threading
@@ -272,7 +275,7 @@ WANDB_ID_FILE = "wandb_run_id"
 
 
 def run_id_of(run_dir: Path) -> str:
-    """The wandb run id of ``run_dir``: read from ``run_dir/wandb_run_id``, or made (``wandb.util.generate_id``)
+    """The wandb run id of ``run_dir``: read from ``run_dir/wandb_run_id``, or made (random, like wandb's own)
     and written there (atomically) before the first ``wandb.init``, so every attempt of a resumed job logs to
     the same wandb run (``wandb.init(id=..., resume="allow")``)."""
     path = Path(run_dir) / WANDB_ID_FILE
@@ -280,10 +283,8 @@ def run_id_of(run_dir: Path) -> str:
         run_id = path.read_text().strip()
     except OSError:
         run_id = ""
-    if not run_id:
-        import wandb
-
-        run_id = wandb.util.generate_id()
+    if not run_id:  # 8 characters of [a-z0-9], as wandb's own ids
+        run_id = "".join(secrets.choice(string.ascii_lowercase + string.digits) for _ in range(8))
         runs._atomic(path, lambda t: t.write_text(run_id + "\n"))
     return run_id
 

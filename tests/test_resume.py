@@ -135,11 +135,11 @@ def test_sigterm_mid_epoch_resumes_exactly(resumed):
     restart continues with step 4, so the result equals the uninterrupted run's."""
     attempts = resumed["attempts"]["term"]
     assert [(a["signal"], a["exit"]) for a in attempts] == [(None, 128 + signal.SIGTERM), (None, 0)], attempts
+    ref, term = resumed["runs"]["ref"] / "autoencode", resumed["runs"]["term"]
+    assert _records(term) == _records(ref), "metrics.jsonl differs from the uninterrupted run's"
+    assert _results(term) == _results(ref)
     log = _log(resumed, "term")
     assert "resuming from" in log and "at epoch 1, step 3 of epoch 2" in log, log[-3000:]
-    ref, term = resumed["runs"]["ref"] / "autoencode", resumed["runs"]["term"]
-    assert _records(term) == _records(ref)
-    assert _results(term) == _results(ref)
     s = json.loads((term / "summary.json").read_text())
     assert s["attempts"] == 2 and s["resumed_from_epoch"] == 1
 
@@ -180,3 +180,61 @@ def test_stale_temporaries_of_dead_writers_are_removed(tmp_path):
     live.write_bytes(b"x")
     assert runs.remove_stale_temporaries(tmp_path) == [stale]
     assert not stale.exists() and live.exists()
+
+
+def test_resumed_run_continues_its_wandb_run(tmp_path, monkeypatch):
+    """Each attempt of a run dir logs to the same wandb run: the id is kept in ``wandb_run_id`` and passed to
+    ``wandb.init(id=..., resume="allow")`` (offline here: each attempt writes an offline-run-*-<id> folder)."""
+    from hydra import compose, initialize_config_dir
+    from wandb_log import records
+
+    from embclf import tracking
+    from embclf.config import conf_dir
+
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    monkeypatch.delenv("WANDB_API_KEY", raising=False)
+    with initialize_config_dir(config_dir=conf_dir(), version_base=None):
+        cfg = compose("config", overrides=["logger=wandb", "logger.wandb.mode=offline", "logger.projections=[]",
+                                           "data=folder", f"data.root={CIFAR}", "latent=8"])
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    ids = []
+    for epoch, exit_code in ((1, 1), (2, 0)):  # a first attempt that failed, then the resumed one
+        tracker = tracking.start(cfg, run_dir, "autoencode")
+        assert tracker.run is not None
+        tracker.log_epoch(epoch, train={"mse": 0.1 / epoch})
+        ids.append(tracker.run.id)
+        tracker.finish({"test_mse": 0.05} if exit_code == 0 else None, exit_code=exit_code)
+    stored = (run_dir / tracking.WANDB_ID_FILE).read_text().strip()
+    assert ids == [stored, stored]
+    logs = sorted(run_dir.glob("wandb/offline-run-*/run-*.wandb"))
+    # what `wandb sync` uploads: one transaction log per attempt, both of the same run (the id names them)
+    assert [p.name for p in logs] == [f"run-{stored}.wandb"] * 2, logs
+    first = {r.run.run_id for r in records(logs[0]) if r.WhichOneof("record_type") == "run"}
+    assert first == {stored}
+
+
+def test_killed_outcome_names_the_signal_and_out_of_memory():
+    """How the local launcher records a worker that died from a signal (the kill -9 itself is exercised in
+    test_launcher_local.py); the OOM case is read from the memory cgroup's oom_kill counter."""
+    from hydra_plugins.embclf_launcher._common import killed_outcome, oom_kill_count
+
+    error, reason, extra = killed_outcome(signal.SIGKILL, 2, 3)
+    assert reason == "out of memory" and "out of memory" in error and extra == {"signal": "SIGKILL"}
+    error, reason, _ = killed_outcome(signal.SIGKILL, 2, 2)
+    assert reason == "SIGKILL" and error.startswith("killed by SIGKILL (signal 9)") and "kill -9" in error
+    assert killed_outcome(signal.SIGKILL, None, None)[1] == "SIGKILL"  # cannot tell: says both causes
+    assert killed_outcome(signal.SIGTERM, 0, 0)[:2] == ("killed by SIGTERM (signal 15) from outside the job", "SIGTERM")
+    n = oom_kill_count()
+    assert n is None or n >= 0
+
+
+def test_slurm_endings_are_recorded_as_what_they_are():
+    from hydra_plugins.embclf_launcher._common import slurm_outcome
+
+    assert slurm_outcome("OUT_OF_MEMORY")[:2] == ("killed", "out of memory")
+    status, reason, error = slurm_outcome("CANCELLED by 1000")
+    assert (status, reason) == ("cancelled", "cancelled") and "CANCELLED by 1000" in error
+    assert slurm_outcome("NODE_FAIL")[:2] == ("killed", "node failure")
+    assert slurm_outcome("FAILED") is None and slurm_outcome("COMPLETED") is None and slurm_outcome(None) is None

@@ -8,7 +8,10 @@ reference study reported) and of the best-on-val checkpoint (``test_*``), images
 Every epoch also goes to the tracker (wandb, ``embclf.tracking``); on a terminal a tqdm bar shows the epoch.
 
 A run dir that already holds last.pt resumes from it (a requeued SLURM job, a re-invoked sweep); a run
-dir whose summary says completed for the same config is left as it is.
+dir whose summary says completed for the same config is left as it is. The resume is exact wherever the
+previous attempt stopped: records of epochs after the checkpoint are replaced, not duplicated; best.pt is
+written before last.pt; on SIGTERM/SIGUSR2 last.pt holds the position inside the epoch (step, running sums,
+the batch generator's state at the epoch's start) and the resume continues with the next batch.
 """
 from __future__ import annotations
 
