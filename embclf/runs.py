@@ -10,9 +10,12 @@ Layout of one run dir (one stage of one job)::
     checkpoints/       last.pt (every epoch), best.pt (best on val)
     images/            PNGs
     embeddings.pt      classify only: float32 [N, latent] per split, with labels
+    wandb_run_id       the wandb run's id: every attempt of a resumed run logs to that one run
 
 Every file is written to a temporary name and renamed into place, so a killed job never leaves a
-half-written checkpoint or summary behind, and data already written is never truncated.
+half-written checkpoint or summary behind, and data already written is never truncated. A run killed at
+any instant and started again with the same command continues from ``checkpoints/last.pt`` and ends with
+exactly the metrics of an uninterrupted run (docs/troubleshooting.md, "Resume").
 """
 from __future__ import annotations
 
@@ -115,7 +118,38 @@ def write_json_atomic(path: Path, obj: Any) -> None:
 
 def save_atomic(obj: Any, path: Path) -> None:
     """``torch.save`` to ``path`` atomically, so a kill mid-write keeps the previous checkpoint."""
-    _atomic(path, lambda t: _torch_save(obj, t))
+    def write(tmp: Path) -> None:
+        _torch_save(obj, tmp)
+        fault_point("checkpoint")  # test-only: a kill while the new file is written but not yet in place
+
+    _atomic(path, write)
+
+
+def remove_stale_temporaries(run_dir: Path) -> List[Path]:
+    """Delete the temporary files (``.NAME.tmp<pid>-<ns>``) that a write killed with SIGKILL left in ``run_dir``
+    and its ``checkpoints/``: those of processes no longer alive on this host. Returns the paths removed."""
+    removed = []
+    for d in (Path(run_dir), Path(run_dir) / "checkpoints"):
+        for t in d.glob(".*.tmp*") if d.is_dir() else ():
+            try:
+                pid = int(t.name.rsplit(".tmp", 1)[1].split("-", 1)[0])
+            except (ValueError, IndexError):
+                continue  # not one of ours
+            if pid == os.getpid() or _pid_alive(pid):
+                continue
+            t.unlink(missing_ok=True)
+            removed.append(t)
+    return removed
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, OSError):
+        return True
+    return True
 
 
 def load_checkpoint(path: Path, expect: tuple = (), what: str = "checkpoint") -> dict:
@@ -206,8 +240,12 @@ def read_metrics(run_dir: Path) -> List[dict]:
 
 
 def truncate_metrics(run_dir: Path, after_epoch: int) -> None:
-    """Drop records of epochs > ``after_epoch`` (written after the checkpoint a resume starts from) and
-    test records (recomputed at the end of every attempt)."""
+    """Drop records of epochs > ``after_epoch`` (written after the checkpoint a resume starts from: a kill
+    between an epoch's metrics and its checkpoint), test records (recomputed at the end of every attempt) and a
+    torn last line. Called at the start of every attempt, ``after_epoch=0`` when no checkpoint exists, so a
+    redone epoch replaces its records instead of duplicating them."""
+    if not (Path(run_dir) / METRICS).exists():
+        return
     keep = [r for r in read_metrics(run_dir) if int(r.get("epoch", 0)) <= after_epoch and r.get("split") != "test"]
     _atomic(Path(run_dir) / METRICS, lambda t: t.write_text("".join(json.dumps(r) + "\n" for r in keep)))
 
@@ -302,13 +340,16 @@ def base_summary(cfg: DictConfig, stage: str, overrides: List[str]) -> Dict[str,
     }
 
 
-def mark_failed(run_dir: Path, error: str, status: str = "failed", reason: Optional[str] = None) -> None:
+def mark_failed(run_dir: Path, error: str, status: str = "failed", reason: Optional[str] = None,
+                extra: Optional[Dict[str, Any]] = None) -> None:
     """Record a failure in ``summary.json`` unless the run already completed.
 
     Used by the stages on an exception and by launchers for a job killed from outside. ``status`` is
-    "failed", or "interrupted" for a run stopped by a signal or a requeue (it resumes from last.pt).
-    Keeps every other field already written (and never touches checkpoints or metrics). ``reason``
-    (e.g. "diverged") is stored as ``reason`` beside the error message.
+    "failed", "interrupted" for a run stopped by a signal or a requeue (it resumes from last.pt), or
+    "killed" for a process that died from a signal it could not handle (SIGKILL: ``kill -9``, the OOM killer;
+    recorded by the launcher). Keeps every other field already written (and never touches checkpoints or
+    metrics). ``reason`` (e.g. "diverged", "out of memory") is stored as ``reason`` beside the error message;
+    ``extra`` fields (e.g. ``{"signal": "SIGKILL"}``) are added as they are.
     """
     run_dir = Path(run_dir)
     s = read_summary(run_dir) or {}
@@ -317,9 +358,83 @@ def mark_failed(run_dir: Path, error: str, status: str = "failed", reason: Optio
     s.update(status=status, error=str(error)[-4000:], end_time=time.time())
     if reason:
         s["reason"] = reason  # e.g. "diverged"
+    s.update(extra or {})
     if "start_time" in s:
         s["wall_seconds"] = s["end_time"] - s["start_time"]
+    if s.get("pid") == os.getpid():  # this process's own attempt ends now (a launcher recording a dead job
+        touch_attempt(s, s["end_time"])  # does not know when it died: its last recorded time stays)
     write_json_atomic(run_dir / SUMMARY, s)
+
+
+def start_attempt(summary: Dict[str, Any], prior: Optional[dict], resumed_from: Optional[int] = None) -> None:
+    """Record in ``summary`` (in place) that a new attempt of this run starts now, continuing ``prior`` (the
+    summary.json the previous attempt left, or None).
+
+    Fields: ``start_time`` (unix s) stays the first attempt's, so ``wall_seconds`` (set at the end:
+    ``end_time - start_time``) spans from the first start to the end, idle gaps between attempts included;
+    ``attempts`` counts the starts in this run dir; ``attempt_times`` holds [start, last recorded time] per
+    attempt (unix s) and ``compute_seconds`` their summed lengths: the time the run really ran. An attempt killed
+    with SIGKILL counts up to its last recorded time (the end of its last epoch). ``resumed_from_epoch``: the
+    epoch of the checkpoint this attempt resumed from (``resumed_from``; None: a fresh start), appended to the
+    earlier attempts' (an int after one resume, a list after several).
+    """
+    now = time.time()
+    started = summary.get("start_time") or now  # base_summary's: when this attempt's stage began
+    prior = prior or {}
+    times = [list(t) for t in prior.get("attempt_times") or []]
+    if not times and prior.get("start_time"):  # a summary written before attempts were recorded
+        times = [[prior["start_time"], prior.get("end_time") or prior["start_time"]]]
+    times.append([started, now])
+    summary["start_time"] = prior.get("start_time") or summary.get("start_time") or now
+    summary["attempts"] = len(times)
+    summary["attempt_times"] = times
+    summary["compute_seconds"] = sum(e - s for s, e in times)
+    if resumed_from is not None:
+        old = prior.get("resumed_from_epoch")
+        chain = ([] if old is None else list(old) if isinstance(old, list) else [old]) + [int(resumed_from)]
+        summary["resumed_from_epoch"] = chain[0] if len(chain) == 1 else chain
+
+
+def touch_attempt(summary: Dict[str, Any], now: Optional[float] = None) -> None:
+    """Extend the current attempt (``start_attempt``) to ``now`` and update ``compute_seconds``; call before
+    each write of summary.json, so an attempt killed later still counts up to here."""
+    times = summary.get("attempt_times")
+    if not times:
+        return
+    times[-1][1] = time.time() if now is None else now
+    summary["compute_seconds"] = sum(e - s for s, e in times)
+
+
+# --- test-only fault injection ----------------------------------------------------------------------
+
+KILL_AT_ENV = "EMBCLF_KILL_AT"
+_fault_counts: Dict[str, int] = {}
+
+
+def fault_point(name: str) -> None:
+    """Test-only fault injection: when ``EMBCLF_KILL_AT=NAME[:N[:SIGNAL]]`` names this point, the process sends
+    itself SIGNAL (default SIGKILL, e.g. ``TERM``) the N-th time (default 1) it reaches it.
+
+    The resume tests use it to kill a run at exact places and check that restarting the same command ends with
+    the metrics of an uninterrupted run. Points: ``startup`` (run dir and summary written, nothing trained),
+    ``autoencode.step`` (after an optimizer step), ``<stage>.metrics`` (an epoch's metrics appended, its
+    checkpoints not yet written), ``<stage>.best`` (best.pt written, last.pt not), ``checkpoint`` (a checkpoint
+    file written under its temporary name, not yet renamed into place), ``<stage>.test`` (during the final test
+    evaluation), ``<stage>.summary`` (just before the completed summary is written); ``<stage>`` is
+    ``autoencode`` or ``classify``. Unset (always, outside tests) it costs one dict lookup.
+    """
+    spec = os.environ.get(KILL_AT_ENV)
+    if not spec:
+        return
+    point, _, rest = spec.partition(":")
+    if point != name:
+        return
+    n, _, sig = rest.partition(":")
+    _fault_counts[name] = _fault_counts.get(name, 0) + 1
+    if _fault_counts[name] == int(n or 1):
+        signum = signal.Signals["SIG" + sig.upper().removeprefix("SIG")] if sig else signal.SIGKILL
+        log.warning("%s=%s: sending %s to myself", KILL_AT_ENV, spec, signum.name)
+        os.kill(os.getpid(), signum)
 
 
 # --- finding runs ---------------------------------------------------------------------------------

@@ -9,7 +9,8 @@ The stages call a small object and nothing else::
 
 ``logger=none`` or ``logger.wandb.mode=disabled`` gives a tracker that does nothing and never imports
 wandb. Otherwise there is exactly one wandb run per stage run, also when the basic launcher runs several
-jobs in one process: ``finish`` closes it, and ``embclf.__main__.run_job`` calls ``finish_active(1)`` when
+jobs in one process, and also across the attempts of a resumed run (its id is kept in the run dir's
+``wandb_run_id``; ``wandb.init(id=..., resume="allow")``): ``finish`` closes it, and ``embclf.__main__.run_job`` calls ``finish_active(1)`` when
 a stage raises, so a failed job shows as failed (exit code 1) and the next job starts a fresh run.
 
 Mode (``logger.wandb.mode``): ``online``/``offline``/``disabled`` as given; ``auto`` (the default) uses
@@ -26,7 +27,9 @@ import logging
 import netrc
 import os
 import platform
+import secrets
 import socket
+import string
 import subprocess
 import sys
 import threading
@@ -246,7 +249,10 @@ def start(cfg, run_dir: Path, stage: str, encoder_cfg: Optional[dict] = None) ->
         config.update(model=encoder_cfg["model"], latent=encoder_cfg["latent"])
     model, latent, data = config["model"]["name"], int(config["latent"]), config["data"]["source"]
     try:
+        # one wandb run per run dir: a resumed job continues it (same id) instead of opening a second run
+        run_id = run_id_of(run_dir)
         run = wandb.init(
+            id=run_id, resume="allow",
             mode=mode, dir=str(run_dir), project=lc.wandb.project, entity=lc.wandb.entity,
             group=_group(run_dir), job_type=stage, name=f"{model}-z{latent}-s{int(cfg.seed)}",
             tags=[f"model={model}", f"latent={latent}", f"data={data}", *lc.wandb.tags],
@@ -265,6 +271,24 @@ def start(cfg, run_dir: Path, stage: str, encoder_cfg: Optional[dict] = None) ->
     log.info("wandb %s run %s (%s); %s", mode, run.id, reason, where)
     _active = Tracker(run, Path(run_dir))
     return _active
+
+
+WANDB_ID_FILE = "wandb_run_id"
+
+
+def run_id_of(run_dir: Path) -> str:
+    """The wandb run id of ``run_dir``: read from ``run_dir/wandb_run_id``, or made (random, like wandb's own)
+    and written there (atomically) before the first ``wandb.init``, so every attempt of a resumed job logs to
+    the same wandb run (``wandb.init(id=..., resume="allow")``)."""
+    path = Path(run_dir) / WANDB_ID_FILE
+    try:
+        run_id = path.read_text().strip()
+    except OSError:
+        run_id = ""
+    if not run_id:  # 8 characters of [a-z0-9], as wandb's own ids
+        run_id = "".join(secrets.choice(string.ascii_lowercase + string.digits) for _ in range(8))
+        runs._atomic(path, lambda t: t.write_text(run_id + "\n"))
+    return run_id
 
 
 def finish_active(exit_code: int = 1) -> None:

@@ -166,9 +166,10 @@ def _alive(pid):
         return False
 
 
-def test_killed_job_is_recorded_failed_and_reinvoking_resumes_it(tmp_path):
+def test_killed_job_is_recorded_killed_and_reinvoking_resumes_it(tmp_path):
     """A worker killed from outside (SIGKILL, as the OOM killer does) writes nothing itself: the
-    launcher records it failed in its run dir, the other job completes, the command exits non-zero.
+    launcher records it in its run dir as status "killed" with the signal (not a bare log tail), the
+    sweep report shows it, the other job completes, the command exits non-zero.
     Re-invoking the same sweep into its sweep dir skips the completed job and resumes the killed one
     from its last.pt."""
     sweep_dir = tmp_path / "sweep"
@@ -186,7 +187,13 @@ def test_killed_job_is_recorded_failed_and_reinvoking_resumes_it(tmp_path):
     assert proc.returncode != 0, out[-3000:]
     assert "1 of 2 sweep jobs failed" in out and f"autoencode.epochs={epochs}" in out, out[-3000:]
     killed = summary(victim)
-    assert killed["status"] == "failed" and killed["error"], killed
+    assert killed["status"] == "killed" and killed["signal"] == "SIGKILL", killed
+    assert killed["error"].startswith("killed by SIGKILL (signal 9)") and "Traceback" not in killed["error"], killed
+    assert killed["reason"] in ("SIGKILL", "out of memory"), killed  # the OOM killer's own kill reads the latter
+    from embclf import report
+
+    row = next(r for r in report.collect([sweep_dir]) if Path(r["run_dir"]) == victim.resolve())
+    assert row["status"] == "killed" and "SIGKILL" in row["error"], row
     other = [d for d in run_dirs(sweep_dir) if d != victim]
     assert [summary(d)["status"] for d in other] == ["completed"]
     other_before = summary(other[0])

@@ -11,7 +11,10 @@ best-on-val checkpoint (``test_*``), images, summary.json.
 Every epoch also goes to the tracker (wandb, ``embclf.tracking``); on a terminal a tqdm bar shows the epoch.
 
 A run dir that already holds last.pt resumes from it (a requeued SLURM job, a re-invoked sweep); a run
-dir whose summary says completed for the same config is left as it is.
+dir whose summary says completed for the same config is left as it is. The resume is exact wherever the
+previous attempt stopped: records of epochs after the checkpoint are replaced, not duplicated; best.pt is
+written before last.pt; on SIGTERM/SIGUSR2 last.pt holds the position inside the epoch (step, running sums,
+the batch generator's state at the epoch's start) and the resume continues with the next batch.
 """
 from __future__ import annotations
 
@@ -91,7 +94,7 @@ def batch_step(model, x: torch.Tensor, beta, precision: str = "fp32", y: Optiona
 
 def train_epoch(step, model, opt, images: torch.Tensor, batch_size: int, generator: torch.Generator,
                 fmt: torch.memory_format = torch.contiguous_format, on_step=None,
-                labels: Optional[torch.Tensor] = None) -> torch.Tensor:
+                labels: Optional[torch.Tensor] = None, position: Optional[dict] = None) -> torch.Tensor:
     """One pass over ``images`` (uint8 [N, 3, S, S] on the training device) in the random order drawn from
     ``generator``: forward (``step``, i.e. ``batch_step`` or its compiled form), backward, optimizer step.
     With ``labels`` (int64 [N], same device) the step is called as ``step(x, y)`` with the batch's labels
@@ -100,6 +103,12 @@ def train_epoch(step, model, opt, images: torch.Tensor, batch_size: int, generat
     Never reads a value back to the host: the per-image sums accumulate on the device, so the GPU is never
     stalled inside the epoch, and so does the divergence check (the first step whose loss is not finite).
     ``on_step(batch_images)`` runs after every optimizer step (signals, progress bar).
+
+    ``position`` (optional dict) makes the epoch resumable mid-way: on entry ``{"step": k, "sums": fp32 [len(SUMS) + 1]}``
+    (from a mid-epoch checkpoint) skips the first k batches and continues the sums -- ``generator`` must then
+    hold its state from the start of the epoch, so the same permutation is drawn; during the epoch it is kept
+    current (``step``: batches done; ``sums`` fp32 [len(SUMS)] and ``first_bad`` [] the live device tensors), so a
+    signal handler in ``on_step`` can checkpoint the exact position (``epoch_position``).
     Returns:
         fp32 [8] on the device: sums over the epoch's images of the ``SUMS`` quantities (objective, SSE, PSNR
         (dB), KL (nats), CE (nats), correct predictions, R), then the 1-based number of the first step with a
@@ -110,7 +119,15 @@ def train_epoch(step, model, opt, images: torch.Tensor, batch_size: int, generat
     sums = torch.zeros(len(SUMS), device=dev)
     step_no = torch.zeros((), device=dev)
     first_bad = torch.zeros((), device=dev)
-    for idx in data_mod.batches(len(images), batch_size, dev, shuffle=True, generator=generator):
+    start = int(position.get("step", 0)) if position else 0
+    if start:  # resuming mid-epoch: the sums of the batches done before the checkpoint
+        saved = position["sums"].to(dev)
+        sums.copy_(saved[:len(SUMS)])
+        first_bad.copy_(saved[-1])
+        step_no.fill_(start)
+    for i, idx in enumerate(data_mod.batches(len(images), batch_size, dev, shuffle=True, generator=generator)):
+        if i < start:
+            continue  # trained before the mid-epoch checkpoint (the permutation is drawn all the same)
         x = data_mod.to_float(images[idx]).contiguous(memory_format=fmt)
         loss, s, _ = step(x) if labels is None else step(x, labels[idx])
         opt.zero_grad(set_to_none=True)
@@ -119,6 +136,8 @@ def train_epoch(step, model, opt, images: torch.Tensor, batch_size: int, generat
         sums += s
         step_no += 1
         first_bad = torch.where((first_bad == 0) & ~torch.isfinite(loss.detach()), step_no, first_bad)
+        if position is not None:
+            position.update(step=i + 1, sums=sums, first_bad=first_bad)
         if on_step is not None:
             on_step(len(idx))
     return torch.cat([sums, first_bad.view(1)])
@@ -354,8 +373,8 @@ def run(cfg, run_dir: Path, overrides: List[str]) -> Path:
     select_on = str(getattr(ac.select_on, "value", ac.select_on))
     log.info("model %s, latent %d, %d parameters", cfg.model.name, cfg.latent, count_parameters(model))
     # bad input has failed by now; only from here on does the run dir hold a config and a summary
-    if prior and prior.get("start_time"):  # resumed: the clock started with the first attempt
-        summary["start_time"] = prior["start_time"]
+    runs.remove_stale_temporaries(run_dir)  # of a write killed with SIGKILL
+    runs.start_attempt(summary, prior, resume["state"]["epoch"] if resume is not None else None)
     runs.write_config(run_dir, cfg)
     summary.update(device=str(device), device_name=env["name"], device_fallback=env["fallback"],
                    precision=precision, compile=bool(cfg.compile), tf32=env["tf32"],
@@ -365,19 +384,24 @@ def run(cfg, run_dir: Path, overrides: List[str]) -> Path:
                    provenance=tracking.provenance(cfg, ds.fingerprint, env["name"]))
     runs.write_json_atomic(run_dir / runs.SUMMARY, summary)
     tracker = tracking.start(cfg, run_dir, "autoencode")  # wandb (or nothing); closed by finish below
+    runs.fault_point("startup")
 
     ckpt_dir = last.parent
     g = torch.Generator().manual_seed(int(cfg.seed))  # batch order; saved in checkpoints for exact resumes
     # best_val: the lowest val `select_on` metric so far (best_val_mse: that epoch's val MSE)
     state = {"epoch": 0, "best_val_mse": math.inf, "best_epoch": 0, "best_val": math.inf}
+    position = None  # where a mid-epoch checkpoint stopped: {"epoch", "step", "sums", "batch_rng"}
     if resume is not None:
         state = restore_training_state(resume, model, opt, sched, g)
+        position = resume.get("epoch_position")
         if head is not None:  # saved beside the model by checkpoint() below
             head.load_state_dict(resume["joint_head"])
         del resume
-        runs.truncate_metrics(run_dir, state["epoch"])  # epochs after the checkpoint are redone
-        log.info("resuming from %s at epoch %d", last, state["epoch"])
-        summary["resumed_from_epoch"] = state["epoch"]
+        log.info("resuming from %s at epoch %d%s", last, state["epoch"],
+                 f", step {position['step']} of epoch {position['epoch']}" if position else "")
+    # epochs after the checkpoint are redone: their records (written before a kill reached the checkpoint)
+    # are replaced, not duplicated; with no checkpoint at all, everything is redone
+    runs.truncate_metrics(run_dir, state["epoch"])
 
     def checkpoint(path: Path, **extra) -> None:
         runs.save_atomic({"model": model.state_dict(), "optimizer": opt.state_dict(),
@@ -385,19 +409,37 @@ def run(cfg, run_dir: Path, overrides: List[str]) -> Path:
                           "config": runs.resolved(cfg),
                           **({"joint_head": head.state_dict()} if head is not None else {}), **extra}, path)
 
+    live: dict = {}  # the running epoch's position, kept current by train_epoch
+
+    def checkpoint_on_signal() -> None:
+        """last.pt at the exact point reached: inside an epoch, with the step, the running sums and the batch
+        generator's state at the epoch's start (the permutation), so a resume continues with the next batch."""
+        if live.get("epoch") == state["epoch"] + 1 and live.get("step"):
+            sums = torch.cat([live["sums"], live["first_bad"].view(1)]).cpu()
+            checkpoint(last, epoch_position={"epoch": live["epoch"], "step": int(live["step"]), "sums": sums,
+                                             "batch_rng": live["batch_rng"]})
+        else:
+            checkpoint(last)
+
     image_epochs = set(int(e) for e in ac.image_epochs) | {int(ac.epochs)}
     values_per_image = train.images[0].numel()
-    train_images = train_seconds = 0.0
-    # On SIGUSR2/SIGTERM (SLURM time limit, preemption) save the current weights as last.pt with the
-    # last *completed* epoch at the next optimizer step, then hand on to submitit's requeue handler:
-    # a resume redoes this epoch from the partly trained weights.
-    with runs.CheckpointOnSignal(lambda: checkpoint(last)) as signals:
+    # On SIGUSR2/SIGTERM (SLURM time limit, preemption) save last.pt at the next optimizer step, with the
+    # position inside the epoch, then hand on to submitit's requeue handler: a resume continues from there.
+    with runs.CheckpointOnSignal(checkpoint_on_signal) as signals:
         for epoch in range(state["epoch"] + 1, int(ac.epochs) + 1):
             t0 = time.time()
             lr = opt.param_groups[0]["lr"]
             bar = tracking.progress(len(train), f"epoch {epoch}/{ac.epochs}")  # only on a terminal
+            live.clear()
+            if position is not None and int(position["epoch"]) == epoch:  # continue a mid-epoch checkpoint
+                g.set_state(position["batch_rng"])
+                live.update(step=int(position["step"]), sums=position["sums"])
+                bar.update(min(len(train), int(position["step"]) * int(ac.batch_size)))
+            position = None
+            live.update(epoch=epoch, batch_rng=g.get_state())  # the state that draws this epoch's permutation
 
             def on_step(n_images: int) -> None:
+                runs.fault_point("autoencode.step")
                 signals.poll()  # a pending SIGUSR2/SIGTERM: save a consistent state, then hand on
                 if not bar.disable:
                     bar.update(n_images)
@@ -405,7 +447,7 @@ def run(cfg, run_dir: Path, overrides: List[str]) -> Path:
             beta_e = losses.kl_weight(epoch, beta, warmup)  # KL warm-up: the same value for the whole epoch
             beta_train.fill_(beta_e)
             sums = train_epoch(step, model, opt, train.images, int(ac.batch_size), g, fmt, on_step,
-                               train.labels if need_labels else None).tolist()
+                               labels=train.labels if need_labels else None, position=live).tolist()
             train_m = _means(sums[:len(SUMS)], len(train), values_per_image, model.variational,
                              objective)  # one sync per epoch
             if model.variational:
@@ -413,8 +455,6 @@ def run(cfg, run_dir: Path, overrides: List[str]) -> Path:
             bar.close()
             sched.step()
             seconds = time.time() - t0
-            train_images += len(train)
-            train_seconds += seconds
             val_m = evaluate(eval_step, model, val, int(ac.eval_batch_size), fmt, objective)
             if model.variational:
                 val_m["beta"] = beta  # the val objective always uses the full beta (comparable across epochs)
@@ -429,18 +469,25 @@ def run(cfg, run_dir: Path, overrides: List[str]) -> Path:
                      f" kl {val_m['kl']:.2f} (train beta {beta_e:g})" if "kl" in val_m else "",
                      f" joint head acc {val_m['joint_head_accuracy']:.3f}" if head is not None else "",
                      seconds, len(train) / seconds)
+            runs.fault_point("autoencode.metrics")
+            if epoch in image_epochs:  # before last.pt: a kill after it must not lose this epoch's images
+                tracker.log_images(epoch, **save_images(model, test, device, run_dir, epoch))
+            live.clear()
+            # best.pt before last.pt: a kill between the two redoes the epoch, which rewrites the same best.pt
             state["epoch"] = epoch
             if is_better(val_m, state.get("best_val", math.inf), select_on):
                 state.update(best_val=val_m[select_on], best_val_mse=val_m["mse"], best_epoch=epoch)
                 checkpoint(ckpt_dir / "best.pt", val=val_m)
+                runs.fault_point("autoencode.best")
             checkpoint(last)
+            runs.touch_attempt(summary)
+            runs.write_json_atomic(run_dir / runs.SUMMARY, summary)  # compute_seconds so far
             signals.poll()
-            if epoch in image_epochs:
-                tracker.log_images(epoch, **save_images(model, test, device, run_dir, epoch))
 
         # still inside the handler: a signal during the test evaluation must not leave "running" behind
         final = evaluate(eval_step, model, test, int(ac.eval_batch_size), fmt, objective)
         runs.append_metrics(run_dir, {"epoch": int(ac.epochs), "split": "test", **final})
+        runs.fault_point("autoencode.test")
         best_ck = runs.load_checkpoint(ckpt_dir / "best.pt", ("model", "val") + (("joint_head",) if head else ()),
                                        "best checkpoint")
         model.load_state_dict(best_ck["model"])
@@ -451,8 +498,11 @@ def run(cfg, run_dir: Path, overrides: List[str]) -> Path:
         summary.update({f"test_{k}": v for k, v in best.items()})
         summary.update({f"final_test_{k}": v for k, v in final.items()})
         summary.update({f"val_{k}": v for k, v in best_ck["val"].items()})
+        # from the records, so a resumed run counts the epochs of every attempt
+        trained = [r for r in runs.read_metrics(run_dir) if r.get("split") == "train" and r.get("seconds")]
+        train_seconds = sum(r["seconds"] for r in trained)
         if train_seconds:
-            summary.update(train_seconds=train_seconds, train_images_per_second=train_images / train_seconds)
+            summary.update(train_seconds=train_seconds, train_images_per_second=len(trained) * len(train) / train_seconds)
         if model.variational:  # posterior collapse: most latent dims carry no information about the input
             collapsed = best["active_units"] < COLLAPSE_FRACTION * int(cfg.latent)
             summary["posterior_collapse"] = collapsed
@@ -460,8 +510,10 @@ def run(cfg, run_dir: Path, overrides: List[str]) -> Path:
                 log.warning("posterior collapse: %d of %d latent dims are active (< %d%%); the embeddings carry little "
                             "information. Lower model.beta.", best["active_units"], int(cfg.latent),
                             round(100 * COLLAPSE_FRACTION))
+        runs.fault_point("autoencode.summary")
         summary.update(status="completed", best_epoch=state["best_epoch"], select_on=select_on, end_time=time.time())
-        summary["wall_seconds"] = summary["end_time"] - summary["start_time"]
+        summary["wall_seconds"] = summary["end_time"] - summary["start_time"]  # first start to end, gaps included
+        runs.touch_attempt(summary, summary["end_time"])
         runs.write_json_atomic(run_dir / runs.SUMMARY, summary)
         tracker.finish(summary)
         log.info("test (best epoch %d): mse %.5f psnr %.2f dB%s", state["best_epoch"], best["mse"], best["psnr"],

@@ -27,6 +27,7 @@ from .. import data as data_mod
 from .. import losses, plots, runs, runtime, tracking
 from ..heads import build_head
 from ..models import build_model
+from .autoencode import _rng_state, _set_rng_state
 
 log = logging.getLogger(__name__)
 
@@ -170,7 +171,22 @@ def run(cfg, run_dir: Path, overrides: List[str], encoder: Optional[Path] = None
     cc = cfg.classify
     if int(cc.epochs) < 1:
         raise runtime.EmbclfError(f"classify.epochs={cc.epochs} must be at least 1.")
+    prior = runs.read_summary(run_dir)
     summary = runs.base_summary(cfg, "classify", overrides)
+    ckpt_dir = run_dir / "checkpoints"
+    last = ckpt_dir / "last.pt"
+    resume = runs.load_checkpoint(last, ("head", "config"), "resume") if last.is_file() else None
+    if resume is not None and not {"optimizer", "scheduler", "rng", "batch_rng", "state"} <= set(resume):
+        log.warning("%s was written by an older embclf without the state to resume from: the head is trained "
+                    "again from the start", last)
+        resume = None
+    if resume is not None:  # resuming the head's training: only the same computation may continue here
+        diffs = runs.config_differences(resume["config"], cfg)
+        if diffs:
+            raise runtime.EmbclfError(
+                f"run dir {run_dir} holds a run with a different config (differs in: {', '.join(diffs)}); "
+                "resuming it would mix two experiments. Use the original settings to resume it, or a new run dir "
+                "(leave hydra.run.dir / hydra.sweep.dir at their defaults).")
     ckpt_path = (Path(encoder) / "checkpoints" / "best.pt") if encoder else resolve_encoder(cfg)
     encoder_run = ckpt_path.parent.parent
     log.info("encoder: %s", ckpt_path)
@@ -179,6 +195,8 @@ def run(cfg, run_dir: Path, overrides: List[str], encoder: Optional[Path] = None
                               "classify.encoder" if cfg.classify.encoder else "encoder checkpoint")
     ds = data_mod.load(cfg.data)
     # bad input has failed by now; only from here on does the run dir hold a config and a summary
+    runs.remove_stale_temporaries(run_dir)  # of a write killed with SIGKILL
+    runs.start_attempt(summary, prior, resume["state"]["epoch"] if resume is not None else None)
     runs.write_config(run_dir, cfg)
     runs.write_json_atomic(run_dir / runs.SUMMARY, summary)
 
@@ -206,6 +224,7 @@ def run(cfg, run_dir: Path, overrides: List[str], encoder: Optional[Path] = None
     summary["data_fingerprint"] = ds.fingerprint
     runs.write_json_atomic(run_dir / runs.SUMMARY, summary)  # a failure from here on keeps the encoder and provenance
     tracker = tracking.start(cfg, run_dir, "classify", encoder_cfg=enc_cfg)  # wandb (or nothing); closed by finish below
+    runs.fault_point("startup")
     if emb_path.is_file():  # computed once per run dir; a resumed job reuses them
         emb = runs.load_checkpoint(emb_path, ("train", "val", "test", "classes"), "embeddings")
     else:
@@ -227,30 +246,54 @@ def run(cfg, run_dir: Path, overrides: List[str], encoder: Optional[Path] = None
     opt = runtime.adam(head.parameters(), device, float(cc.lr), float(cc.weight_decay))
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=int(cc.epochs))
     g = torch.Generator().manual_seed(int(cfg.seed))
-    best_acc, best_epoch = -math.inf, 0
-    ckpt_dir = run_dir / "checkpoints"
-    for epoch in range(1, int(cc.epochs) + 1):
-        t0 = time.time()
-        lr = opt.param_groups[0]["lr"]
-        tot_loss, tot_correct = train_head_epoch(head, opt, z["train"], y["train"], int(cc.batch_size), g).tolist()
-        sched.step()
-        n = len(z["train"])
-        train_m = {"loss": tot_loss / n, "accuracy": tot_correct / n}
-        val_m, _ = _eval(head, z["val"], y["val"], 4096)
-        runs.append_metrics(run_dir, {"epoch": epoch, "split": "train", **train_m, "lr": lr, "seconds": time.time() - t0})
-        runs.append_metrics(run_dir, {"epoch": epoch, "split": "val", **val_m, "lr": lr})
-        tracker.log_epoch(epoch, train=train_m, val=val_m, lr=lr)
-        log.info("epoch %d/%d  train ce %.4f acc %.4f | val ce %.4f acc %.4f", epoch, cc.epochs,
-                 train_m["loss"], train_m["accuracy"], val_m["loss"], val_m["accuracy"])
-        if val_m["accuracy"] > best_acc:
-            best_acc, best_epoch = val_m["accuracy"], epoch
-            runs.save_atomic({"head": head.state_dict(), "epoch": epoch, "val": val_m, "config": runs.resolved(cfg)},
-                             ckpt_dir / "best.pt")
+    state = {"epoch": 0, "best_acc": -math.inf, "best_epoch": 0}
+    if resume is not None:  # continue the head's training exactly where last.pt left it
+        head.load_state_dict(resume["head"])
+        opt.load_state_dict(resume["optimizer"])
+        sched.load_state_dict(resume["scheduler"])
+        _set_rng_state(resume["rng"])
+        g.set_state(resume["batch_rng"])
+        state = dict(resume["state"])
+        del resume
+        log.info("resuming the head's training from %s at epoch %d", last, state["epoch"])
+    runs.truncate_metrics(run_dir, state["epoch"])  # epochs after the checkpoint are redone, not duplicated
+
+    def save_last() -> None:
         runs.save_atomic({"head": head.state_dict(), "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
-                          "epoch": epoch, "config": runs.resolved(cfg)}, ckpt_dir / "last.pt")
+                          "rng": _rng_state(), "batch_rng": g.get_state(), "state": dict(state),
+                          "epoch": state["epoch"], "config": runs.resolved(cfg)}, last)
+
+    # SIGUSR2/SIGTERM: last.pt after the current epoch (a head's epoch is short), then hand on (requeue)
+    with runs.CheckpointOnSignal(save_last) as signals:
+        for epoch in range(state["epoch"] + 1, int(cc.epochs) + 1):
+            t0 = time.time()
+            lr = opt.param_groups[0]["lr"]
+            tot_loss, tot_correct = train_head_epoch(head, opt, z["train"], y["train"], int(cc.batch_size), g).tolist()
+            sched.step()
+            n = len(z["train"])
+            train_m = {"loss": tot_loss / n, "accuracy": tot_correct / n}
+            val_m, _ = _eval(head, z["val"], y["val"], 4096)
+            runs.append_metrics(run_dir, {"epoch": epoch, "split": "train", **train_m, "lr": lr, "seconds": time.time() - t0})
+            runs.append_metrics(run_dir, {"epoch": epoch, "split": "val", **val_m, "lr": lr})
+            tracker.log_epoch(epoch, train=train_m, val=val_m, lr=lr)
+            log.info("epoch %d/%d  train ce %.4f acc %.4f | val ce %.4f acc %.4f", epoch, cc.epochs,
+                     train_m["loss"], train_m["accuracy"], val_m["loss"], val_m["accuracy"])
+            runs.fault_point("classify.metrics")
+            state["epoch"] = epoch
+            if val_m["accuracy"] > state["best_acc"]:  # best.pt before last.pt: a kill between redoes this epoch
+                state.update(best_acc=val_m["accuracy"], best_epoch=epoch)
+                runs.save_atomic({"head": head.state_dict(), "epoch": epoch, "val": val_m, "config": runs.resolved(cfg)},
+                                 ckpt_dir / "best.pt")
+                runs.fault_point("classify.best")
+            save_last()
+            runs.touch_attempt(summary)
+            runs.write_json_atomic(run_dir / runs.SUMMARY, summary)  # compute_seconds so far
+            signals.poll()
+    best_acc, best_epoch = state["best_acc"], state["best_epoch"]
 
     final_m, _ = _eval(head, z["test"], y["test"], 4096)
     runs.append_metrics(run_dir, {"epoch": int(cc.epochs), "split": "test", **final_m})
+    runs.fault_point("classify.test")
     best = runs.load_checkpoint(ckpt_dir / "best.pt", ("head", "val"), "best head checkpoint")
     head.load_state_dict(best["head"])
     test_m, logits = _eval(head, z["test"], y["test"], 4096)
@@ -262,7 +305,9 @@ def run(cfg, run_dir: Path, overrides: List[str], encoder: Optional[Path] = None
     summary.update(status="completed", best_epoch=best_epoch, test_accuracy=test_m["accuracy"], test_loss=test_m["loss"],
                    val_accuracy=best["val"]["accuracy"], final_test_accuracy=final_m["accuracy"],
                    per_class_accuracy=per_class, confusion_matrix=cm.tolist(), classes=classes, end_time=time.time())
-    summary["wall_seconds"] = summary["end_time"] - summary["start_time"]
+    summary["wall_seconds"] = summary["end_time"] - summary["start_time"]  # first start to end, gaps included
+    runs.touch_attempt(summary, summary["end_time"])
+    runs.fault_point("classify.summary")
     runs.write_json_atomic(run_dir / runs.SUMMARY, summary)
     lc, png = cfg.logger, run_dir / "images" / "confusion.png"
     _optional("images/confusion.png", save_confusion_png, cm, classes, png,

@@ -10,13 +10,14 @@ which is what resuming, skipping and failure recording need.
 import json
 import logging
 import os
+import signal
 import socket
 import subprocess
 import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, List, Optional, Sequence
+from typing import Any, List, Optional, Sequence, Tuple
 
 from hydra.core.hydra_config import HydraConfig
 from hydra.core.utils import JobReturn, JobStatus, filter_overrides
@@ -48,7 +49,7 @@ class PlannedJob:
     overrides: List[str]
     cfg: DictConfig
     run_dir: Path
-    status: str = "pending"  # pending | running | completed | skipped | failed
+    status: str = "pending"  # pending | running | completed | skipped | failed | killed | cancelled | interrupted
     error: Optional[str] = None
     device: str = ""
     start: Optional[float] = None
@@ -310,13 +311,15 @@ def mark_timeout(job: PlannedJob, timeout_min: float, max_num_timeout: int, hits
                                                             "max_num_timeout": max_num_timeout})
 
 
-def record_failure(job: PlannedJob, error: str, status: str = "failed", extra: Optional[dict] = None) -> None:
+def record_failure(job: PlannedJob, error: str, status: str = "failed", reason: Optional[str] = None,
+                   extra: Optional[dict] = None) -> None:
     """Write status "failed" and ``error`` into the job's run dir(s) with ``embclf.runs.mark_failed``.
 
     The core already does this for an exception inside a stage; this covers a worker that was killed
     (out of memory, scancel) or died before the stage started.  Stage run dirs that completed are
-    left alone (mark_failed never overwrites a completed summary).  Never raises: failing to record a
-    failure must not hide the other jobs' results.
+    left alone (mark_failed never overwrites a completed summary).  ``status``, ``reason`` and
+    ``extra`` are passed on to ``mark_failed`` ("killed", "out of memory", ``{"signal": "SIGKILL"}``).
+    Never raises: failing to record a failure must not hide the other jobs' results.
     """
     try:
         from embclf.runs import SUMMARY, base_summary, mark_failed, write_json_atomic
@@ -342,11 +345,7 @@ def record_failure(job: PlannedJob, error: str, status: str = "failed", extra: O
                 for k in ("pid", "hostname", "start_time"):  # the launcher's, not the job's
                     base.pop(k, None)
                 write_json_atomic(run_dir / SUMMARY, base)
-            mark_failed(run_dir, error, status=status)
-            if extra:
-                s = _read_json(run_dir / SUMMARY) or {}
-                s.update(extra)
-                write_json_atomic(run_dir / SUMMARY, s)
+            mark_failed(run_dir, error, status=status, reason=reason, extra=extra)
         except Exception as e:  # noqa: BLE001
             log.warning("cannot record the failure of %s in %s: %s", job.label, run_dir, e)
 
@@ -365,19 +364,103 @@ def failed_return(job: PlannedJob) -> JobReturn:
     return ret
 
 
-def outcome_from_result(job: PlannedJob, get_result: Any) -> None:
+def oom_kill_count() -> Optional[int]:
+    """How many processes the kernel's OOM killer has killed in this process's memory cgroup (cgroup v2
+    ``memory.events``, v1 ``memory.oom_control``: the ``oom_kill`` counter), or None where unreadable."""
+    try:
+        lines = Path("/proc/self/cgroup").read_text().splitlines()
+    except OSError:
+        return None
+    v2 = [ln.split(":", 2)[2] for ln in lines if ln.startswith("0::")]
+    v1 = [ln.split(":", 2)[2] for ln in lines if ":memory:" in ln or ln.split(":")[1:2] == ["memory"]]
+    root = Path("/sys/fs/cgroup")
+    # inside a container the cgroup namespace's root is mounted at /sys/fs/cgroup: try both places
+    candidates = [root / p.lstrip("/") / "memory.events" for p in v2] + [root / "memory.events"]
+    candidates += [root / "memory" / p.lstrip("/") / "memory.oom_control" for p in v1]
+    candidates += [root / "memory" / "memory.oom_control"]
+    for path in candidates:
+        try:
+            for line in path.read_text().splitlines():
+                key, _, value = line.partition(" ")
+                if key == "oom_kill":
+                    return int(value)
+        except (OSError, ValueError):
+            continue
+    return None
+
+
+def killed_outcome(signum: int, oom_before: Optional[int], oom_after: Optional[int]) -> Tuple[str, str, dict]:
+    """(error, reason, extra fields) for a worker that died from signal ``signum``.
+
+    SIGKILL while the cgroup's OOM-kill counter rose (``oom_before`` < ``oom_after``) reads "out of memory";
+    where the counter cannot be read, SIGKILL says that it may have been the OOM killer or ``kill -9``.
+    """
+    try:
+        name = signal.Signals(signum).name
+    except ValueError:
+        name = f"signal {signum}"
+    extra = {"signal": name}
+    if signum == signal.SIGKILL and oom_before is not None and oom_after is not None and oom_after > oom_before:
+        return (f"killed by {name} (signal {signum}): out of memory -- the kernel's OOM killer ended it (the "
+                "memory cgroup's oom_kill count rose while it ran); give it more memory or run fewer jobs at once "
+                "(hydra.launcher.max_parallel / jobs_per_gpu)", "out of memory", extra)
+    if signum == signal.SIGKILL:
+        cause = ("kill -9 or the system; not this cgroup's OOM killer, whose oom_kill count did not change"
+                 if oom_before is not None and oom_after is not None else "kill -9 or the kernel's OOM killer")
+        return f"killed by {name} (signal {signum}) from outside the job: {cause}", name, extra
+    return f"killed by {name} (signal {signum}) from outside the job", name, extra
+
+
+# SLURM job states (sacct's State, first word) of a job that ended from outside: (status, reason, what happened)
+SLURM_ENDINGS = {
+    "OUT_OF_MEMORY": ("killed", "out of memory", "SLURM killed it for exceeding its memory (--mem)"),
+    "CANCELLED": ("cancelled", "cancelled", "cancelled (scancel, or an administrator)"),
+    "NODE_FAIL": ("killed", "node failure", "its node failed"),
+    "BOOT_FAIL": ("killed", "node failure", "its node failed to boot"),
+    "PREEMPTED": ("interrupted", "preempted", "preempted by a higher-priority job"),
+}
+
+
+def slurm_outcome(state: Optional[str]) -> Optional[Tuple[str, str, str]]:
+    """(status, reason, error) for a SLURM job that ended in ``state`` (e.g. "OUT_OF_MEMORY", "CANCELLED by
+    1000") from outside, or None for any other state (its own error, or a time limit, is recorded elsewhere)."""
+    word = (state or "").split(" ")[0].upper()
+    if word not in SLURM_ENDINGS:
+        return None
+    status, reason, what = SLURM_ENDINGS[word]
+    return status, reason, f"SLURM state {state}: {what}"
+
+
+def outcome_from_result(job: PlannedJob, get_result: Any, killed_by: Optional[int] = None,
+                        slurm_state: Optional[str] = None) -> None:
     """Fill ``job.status``/``job.error``/``job.job_return`` from a submitit job's result.
 
     ``get_result`` is a zero-argument callable returning the worker's Hydra ``JobReturn`` or raising
     (submitit raises ``FailedJobError`` with the worker's traceback, ``UncompletedJobError`` when the
     worker died without a result).  Records failures in the run dir via :func:`record_failure`.
+    ``killed_by``: the signal that ended the worker, when the launcher knows it; a worker that died from
+    a signal without a result is recorded as status "killed" with the signal's name (and "out of memory"
+    when the OOM killer did it, see :func:`killed_outcome`), not as a bare log tail.  ``slurm_state``:
+    the SLURM job's final state (sacct), which names out of memory, cancelled, node failure and
+    preemption (:func:`slurm_outcome`).
     """
     try:
         ret = get_result()
     except Exception as e:  # noqa: BLE001 -- a dead worker is one failed job, not a failed sweep
+        job.job_return = failed_return(job)
+        if killed_by:
+            error, reason, extra = killed_outcome(killed_by, job.extra.get("oom_kills"), oom_kill_count())
+            job.status, job.error = "killed", error
+            record_failure(job, error, status="killed", reason=reason, extra=extra)
+            return
+        ending = slurm_outcome(slurm_state)
+        if ending is not None:
+            status, reason, error = ending
+            job.status, job.error = status, error
+            record_failure(job, error, status=status, reason=reason, extra={"slurm_state": slurm_state})
+            return
         job.status = "failed"
         job.error = f"{type(e).__name__}: {_tail(str(e))}"
-        job.job_return = failed_return(job)
         record_failure(job, job.error)
         return
     job.job_return = ret
@@ -411,7 +494,7 @@ def report(jobs: Sequence[PlannedJob], sweep_dir: Any, what: str) -> None:
     widths = [max(len(r[i]) for r in rows) for i in range(4)]
     lines = ["  ".join(c.ljust(w) for c, w in zip(r[:4], widths)) + "  " + r[4] for r in rows]
     log.info("%s sweep finished (%s):\n%s", what, sweep_dir, "\n".join(lines))
-    failed = [j for j in jobs if j.status in ("failed", "timeout")]
+    failed = [j for j in jobs if j.status in ("failed", "timeout", "killed", "cancelled", "interrupted")]
     if failed:
         names = "\n".join(f"  #{j.idx} {j.label}: {j.error}  (run dir: {j.run_dir})" for j in failed)
         raise SweepJobsFailedError(

@@ -51,6 +51,7 @@ from ._common import (
     mark_timeout,
     PlannedJob,
     now,
+    oom_kill_count,
     outcome_from_result,
     prepare_sweep,
     record_failure,
@@ -473,6 +474,17 @@ def _stop_workers(jobs: List[Any], grace_s: float = 3.0) -> None:
             pass
 
 
+def _killed_by(sj: Any) -> Optional[int]:
+    """The signal that ended a forked worker from outside (``kill -9``, the OOM killer), or None: it exited,
+    the launcher itself stopped it (time limit, Ctrl-C), or it is a submitit job (whose task's exit status
+    only submitit's controller sees)."""
+    if not isinstance(sj, ForkedJob) or sj.exit_code is None or sj.exit_code >= 0:
+        return None
+    if sj.stopping or getattr(sj, "interrupted_at", None) is not None:
+        return None
+    return -sj.exit_code
+
+
 class LocalPoolLauncher(BaseSubmititLauncher):
     """Hydra launcher running sweep jobs concurrently on this machine, one job per slot.
 
@@ -690,13 +702,14 @@ class LocalPoolLauncher(BaseSubmititLauncher):
                         else f"GPU {gpu} (CUDA_VISIBLE_DEVICES={gpu}), {threads} thread(s)"
                     )
                     job.status, job.start = "running", now()
+                    job.extra["oom_kills"] = oom_kill_count()  # to tell an OOM kill from a kill -9 at the end
                     log.info("start #%d %s | %s | %s", job.idx, job.label, job.device, job.run_dir)
                     running[slot] = (job, self._submit(job, gpu, threads))
                 finished = [slot for slot, (_, sj) in running.items() if sj.done()]
                 for slot in finished:
                     job, sj = running.pop(slot)
                     job.end = now()
-                    outcome_from_result(job, sj.result)
+                    outcome_from_result(job, sj.result, killed_by=_killed_by(sj))
                     if job.status == "failed" and _timed_out(sj, job.error):
                         mark_timeout(job, float(self.params["timeout_min"]),
                                      int(self.params.get("max_num_timeout", 3)), getattr(sj, "timeouts", None))

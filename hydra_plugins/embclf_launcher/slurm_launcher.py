@@ -20,7 +20,7 @@ requeued job runs the same overrides in the same run dir and resumes from ``last
 
 import logging
 import time
-from typing import Any, Dict, List, Sequence
+from typing import Any, Dict, List, Optional, Sequence
 
 from hydra.core.singleton import Singleton
 from hydra.core.utils import JobReturn
@@ -114,7 +114,7 @@ class EmbclfSlurmLauncher(SlurmLauncher):
                 job = remaining.pop(idx)
                 sj = job.extra["slurm_job"]
                 job.end = now()
-                outcome_from_result(job, lambda sj=sj: sj.results()[0])
+                outcome_from_result(job, lambda sj=sj: sj.results()[0], slurm_state=_final_state(sj))
                 job.device = f"SLURM job {sj.job_id}"
                 if job.status == "failed" and timed_out(job.error, sj.state):
                     mark_timeout(job, float(self.params["timeout_min"]), int(self.params["max_num_timeout"]))
@@ -124,3 +124,11 @@ class EmbclfSlurmLauncher(SlurmLauncher):
                 )
             if remaining and not ended:
                 time.sleep(self.poll_interval_s)
+
+
+def _final_state(sj: Any) -> Optional[str]:
+    """The ended job's SLURM state as sacct reports it (via submitit's watcher), or None if unknown."""
+    try:
+        return str(sj.state)
+    except Exception:  # noqa: BLE001 -- no sacct here: the job's own record stands
+        return None

@@ -1,0 +1,107 @@
+"""Test helper: run ``python -m embclf ARGS`` again and again in one run dir, killing it at named points.
+
+Usage: ``python tests/resume_harness.py SPEC.json`` where SPEC is
+``{"args": [...], "runs": {"name": {"run_dir": PATH, "kills": ["startup", "autoencode.step:3", ...],
+"extra_args": [...]}}}`` (``extra_args`` optional, appended to ``args`` for that run).
+For each run: one attempt per entry of ``kills`` with ``EMBCLF_KILL_AT`` set to it (see
+``embclf.runs.fault_point``), then attempts without it until one exits 0 (at most 3) -- the same command each
+time, as a user or a batch system restarting a killed job would. Prints one JSON object: for each run the
+list of attempts, ``{"kill_at": spec or null, "signal": name or null, "exit": code or null}``.
+
+Each attempt is a ``fork()`` of the calling process, which has imported embclf (torch, Hydra, the stages)
+once: an attempt then costs its own work, not an interpreter start (~10 s of CPU each on the CI machine).
+Each child runs the real entrypoint, ``embclf.__main__.main`` under Hydra, as ``python -m embclf`` does, with
+one torch thread (set before anything runs, so no OpenMP pool inherited from the parent is ever used).
+``test_resume.py`` calls :func:`run_sequences` in the pytest process when it runs no other thread (fork copies
+only the calling thread), and runs this file as a script otherwise.
+"""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import sys
+import time
+from pathlib import Path
+
+
+def attempt(args, run_dir: Path, kill_at, log_path: Path, timeout_s: float = 300) -> dict:
+    """One run of the entrypoint in a forked child; returns how it ended."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    pid = os.fork()
+    if pid == 0:  # the child: the real entrypoint with the real command line
+        code = 1
+        try:
+            import torch
+
+            torch.set_num_threads(1)
+            fd = os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+            os.dup2(fd, 1)
+            os.dup2(fd, 2)
+            # the streams may be pytest's capture objects, not fds 1/2: the log must reach the file
+            sys.stdout = sys.stderr = open(fd, "a", buffering=1, closefd=False)
+            if kill_at:
+                os.environ["EMBCLF_KILL_AT"] = kill_at
+            else:
+                os.environ.pop("EMBCLF_KILL_AT", None)
+            sys.argv = ["embclf", *args, f"hydra.run.dir={run_dir}"]
+            from embclf.__main__ import main
+
+            main()
+            code = 0
+        except SystemExit as e:
+            code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
+        except BaseException:  # noqa: BLE001
+            import traceback
+
+            traceback.print_exc()
+        finally:
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os._exit(code)
+    deadline = time.time() + timeout_s
+    while True:
+        done, status = os.waitpid(pid, os.WNOHANG)
+        if done:
+            break
+        if time.time() > deadline:  # never hang a test run
+            os.kill(pid, signal.SIGKILL)
+            os.waitpid(pid, 0)
+            raise TimeoutError(f"attempt {kill_at or '(no kill)'} in {run_dir} ran over {timeout_s}s; see {log_path}")
+        time.sleep(0.05)
+    if os.WIFSIGNALED(status):
+        return {"kill_at": kill_at, "signal": signal.Signals(os.WTERMSIG(status)).name, "exit": None}
+    return {"kill_at": kill_at, "signal": None, "exit": os.WEXITSTATUS(status)}
+
+
+def run_sequences(spec: dict) -> dict:
+    """Run every run of ``spec`` (see the module docstring); returns {run name: [attempt, ...]}."""
+    import embclf.__main__  # noqa: F401  -- imported once, before any fork
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot  # noqa: F401  -- what the classify stage's figures import, also once
+    import sklearn.metrics  # noqa: F401
+
+    out = {}
+    for name, run in spec["runs"].items():
+        run_dir = Path(run["run_dir"])
+        log_path = run_dir.parent / f"{run_dir.name}.attempts.log"
+        args = spec["args"] + run.get("extra_args", [])
+        attempts = [attempt(args, run_dir, k, log_path) for k in run.get("kills", [])]
+        for _ in range(3):  # restart until it completes
+            attempts.append(attempt(args, run_dir, None, log_path))
+            if attempts[-1]["exit"] == 0:
+                break
+        out[name] = attempts
+    return out
+
+
+def main(spec_path: str) -> None:
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    print(json.dumps(run_sequences(json.loads(Path(spec_path).read_text()))))
+
+
+if __name__ == "__main__":
+    main(sys.argv[1])
