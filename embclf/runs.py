@@ -189,6 +189,18 @@ def read_config(run_dir: Path) -> Optional[dict]:
 # how a run executes, not what it computes (compile and TF32 change speed, not the experiment; precision
 # does change the numbers, so it is not here)
 VOLATILE_KEYS = ("threads", "device", "output_dir", "logger", "compile", "tf32")
+# nested keys of the same kind: what is kept on disk after a run, not what it computed
+VOLATILE_SUBKEYS = ("autoencode.keep_last",)
+
+
+def _without_volatile_subkeys(c: dict) -> dict:
+    """A copy of a resolved config dict without ``VOLATILE_SUBKEYS`` (the input is not modified)."""
+    c = dict(c)
+    for key in VOLATILE_SUBKEYS:
+        group, leaf = key.split(".")
+        if isinstance(c.get(group), dict) and leaf in c[group]:
+            c[group] = {k: v for k, v in c[group].items() if k != leaf}
+    return c
 
 
 def is_completed(run_dir: Path, cfg: DictConfig) -> bool:
@@ -198,7 +210,7 @@ def is_completed(run_dir: Path, cfg: DictConfig) -> bool:
     old = read_config(run_dir)
     if not s or s.get("status") != "completed" or old is None:
         return False
-    new = resolved(cfg)
+    old, new = _without_volatile_subkeys(old), _without_volatile_subkeys(resolved(cfg))
     return all(old.get(k) == new.get(k) for k in set(old) | set(new) if k not in VOLATILE_KEYS)
 
 
@@ -217,7 +229,7 @@ def slurm_job_id() -> Optional[str]:
 def config_differences(old: dict, cfg: DictConfig) -> List[str]:
     """Top-level/nested keys whose values differ between a stored resolved config and ``cfg``, ignoring
     how the run executes (``VOLATILE_KEYS``) and ``stage`` (stage=all stores its sub-stage)."""
-    new = resolved(cfg)
+    old, new = _without_volatile_subkeys(old), _without_volatile_subkeys(resolved(cfg))
     diffs = []
 
     def walk(a, b, prefix):
@@ -288,7 +300,7 @@ def iter_run_dirs(root: Path) -> Iterator[Path]:
 def encoder_identity(cfg) -> dict:
     """What makes two autoencode runs the same: data, model, latent, seed, precision and ``autoencode.*``
     (runs written before ``precision`` existed were fp32)."""
-    c = cfg if isinstance(cfg, dict) else resolved(cfg)
+    c = _without_volatile_subkeys(cfg if isinstance(cfg, dict) else resolved(cfg))
     data = {k: v for k, v in c["data"].items() if k not in ("cache_dir", "download")}
     return {"data": data, "model": c["model"], "latent": c["latent"], "seed": c["seed"],
             "precision": c.get("precision", "fp32"), "autoencode": c["autoencode"]}

@@ -24,6 +24,7 @@ import logging
 import netrc
 import os
 import platform
+import shlex
 import socket
 import subprocess
 import sys
@@ -290,7 +291,9 @@ class AnnounceOutputs(Callback):
         log.info("sweep outputs: %s", Path(str(config.hydra.sweep.dir)).resolve())
 
     def on_multirun_end(self, config, **kwargs) -> None:
-        log.info("sweep done; summarise it with: python -m embclf.report %s", Path(str(config.hydra.sweep.dir)).resolve())
+        # the interpreter running now (a bare `python` fails outside an activated venv); quoted for the shell
+        cmd = [sys.executable, "-m", "embclf.report", str(Path(str(config.hydra.sweep.dir)).resolve())]
+        log.info("sweep done; summarise it with: %s", " ".join(shlex.quote(c) for c in cmd))
 
 
 # --- provenance -----------------------------------------------------------------------------------
