@@ -150,6 +150,8 @@ def _key(v) -> str:
 
 def _short(k: str, v) -> str:
     """A setting's value as a label shows it: lists without spaces, paths by their last component."""
+    if v is None:
+        return "null"  # as an override would write it
     if isinstance(v, (list, tuple)):
         return "[" + ",".join(_short(k, x) for x in v) + "]"
     if k in PATH_KEYS and isinstance(v, str):
