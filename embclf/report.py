@@ -566,6 +566,9 @@ def plot_vs_latent(agg: List[dict], out: Path) -> Optional[Path]:
                 ax.errorbar([p["latent"] for p in pts], [p[key][0] for p in pts], yerr=[p[key][1] or 0 for p in pts],
                             marker="o", capsize=3, label=name, **sty[name])
         ax.set_xscale("log", base=2)
+        latents = sorted({a["latent"] for a in agg if isinstance(a.get("latent"), int)})
+        ax.set_xticks(latents, [str(z) for z in latents])  # the latent sizes themselves, not powers of 2
+        ax.minorticks_off()
         ax.set_xlabel("latent size")
         ax.set_title(title)
         ax.grid(alpha=0.3)

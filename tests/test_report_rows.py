@@ -174,3 +174,13 @@ def test_keep_last_false_drops_last_pt_and_stays_completed(tmp_path):
     autoencode.run(cfg, run_dir, [])  # never retrained
     assert runs.read_summary(run_dir)["end_time"] == done["end_time"]
     assert not (run_dir / "checkpoints" / "last.pt").exists()
+
+
+def test_sweep_hint_is_a_command_that_works_as_printed(tmp_path, caplog):
+    from omegaconf import OmegaConf
+
+    from embclf.tracking import AnnounceOutputs
+
+    with caplog.at_level("INFO"):
+        AnnounceOutputs().on_multirun_end(OmegaConf.create({"hydra": {"sweep": {"dir": str(tmp_path / "a sweep")}}}))
+    assert f"{sys.executable} -m embclf.report '{tmp_path / 'a sweep'}'" in caplog.text
