@@ -6,7 +6,7 @@ Layout of one run dir (one stage of one job)::
     .hydra/            as Hydra writes it (overrides.yaml keeps the full overrides)
     embclf.log         the job's log
     metrics.jsonl      one JSON object per epoch and split
-    summary.json       status + headline numbers (see README "Output layout")
+    summary.json       status + headline numbers (see docs/run-dirs.md)
     checkpoints/       last.pt (every epoch), best.pt (best on val)
     images/            PNGs
     embeddings.pt      classify only: float32 [N, latent] per split, with labels
