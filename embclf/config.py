@@ -132,6 +132,7 @@ class AutoencodeConfig:
     image_epochs: List[int] = field(default_factory=lambda: [1, 10, 40])  # plus the last epoch
     eval_batch_size: int = 1000
     select_on: SelectOn = SelectOn.loss  # best epoch: lowest val objective (full weights) | lowest val MSE
+    keep_last: bool = True  # false: delete checkpoints/last.pt once the run completes (best.pt stays)
 
 
 @dataclass
@@ -434,8 +435,88 @@ def _output_dir(*, _root_: Any) -> Any:
         return Config.output_dir
 
 
+def config_keys(cfg) -> List[str]:
+    """Every dotted key of a (Dict)Config, nested ones too, without resolving interpolations."""
+    out: List[str] = []
+
+    def walk(node, prefix):
+        for k in node.keys() if isinstance(node, (dict, DictConfig)) else ():
+            try:
+                child = node._get_node(k) if isinstance(node, DictConfig) else node[k]
+            except Exception:  # noqa: BLE001 (an odd node: the key is still a key)
+                child = None
+            key = f"{prefix}{k}"
+            out.append(key)
+            if isinstance(child, DictConfig) and not child._is_missing() and not child._is_none() \
+                    and not child._is_interpolation():
+                walk(child, key + ".")
+
+    walk(cfg, "")
+    return out
+
+
+def closest_key(key: str, cfg) -> Optional[str]:
+    """The valid key of ``cfg`` nearest to a mistyped ``key`` (difflib ratio >= 0.6), or None."""
+    import difflib
+
+    keys = [k for k in config_keys(cfg) if (not k.startswith("hydra.") or key.startswith("hydra."))
+            and not any(p.startswith("_") for p in k.split("."))]
+    match = difflib.get_close_matches(key, keys, n=1, cutoff=0.6)
+    return match[0] if match else None
+
+
+def _suggesting(apply):
+    """Wrap Hydra's ``ConfigLoaderImpl._apply_overrides_to_config`` (where every ``key=value`` of the command
+    line is applied and an unknown key fails) so that the error names the closest valid key: "Could not
+    override 'autoencode.epoch': no such key. Did you mean autoencode.epochs?". ``+key=value`` adding a key
+    that the schema does not have under a typed node (``+autoencode.epoch=3``) would be silently ignored by
+    embclf, so it fails the same way."""
+    from hydra.errors import ConfigCompositionException
+    from omegaconf.errors import ConfigAttributeError, ConfigKeyError
+
+    def hint(key: str, cfg) -> str:
+        near = closest_key(key, cfg)
+        return (f" Did you mean {near}?" if near else "") + \
+            " (python -m embclf --help lists the main keys; --cfg job shows every key.)"
+
+    def apply_overrides(overrides, cfg):
+        for o in overrides:
+            if not (o.is_add() or o.is_force_add()) or o.package is not None or o.key_or_group.startswith("hydra."):
+                continue
+            parent, _, leaf = o.key_or_group.rpartition(".")
+            node = OmegaConf.select(cfg, parent, throw_on_missing=False) if parent else cfg
+            typed = isinstance(node, DictConfig) and OmegaConf.get_type(node) not in (dict, None)
+            if typed and leaf not in node:
+                raise ConfigCompositionException(
+                    f"Could not add '{o.key_or_group}': embclf has no such key, so the value would be ignored."
+                    + hint(o.key_or_group, cfg))
+        try:
+            apply(overrides, cfg)
+        except ConfigCompositionException as e:
+            if isinstance(e.__cause__, (ConfigAttributeError, ConfigKeyError)) and str(e).startswith("Could not override"):
+                key = str(e).split("'")[1]
+                raise ConfigCompositionException(f"Could not override '{key}': no such key." + hint(key, cfg)) \
+                    from e.__cause__
+            raise
+
+    apply_overrides._embclf_suggests = True
+    return apply_overrides
+
+
+def _install_key_suggestions() -> None:
+    try:
+        from hydra._internal.config_loader_impl import ConfigLoaderImpl
+    except ImportError:  # another Hydra layout: plain Hydra errors, still naming the key
+        return
+    current = ConfigLoaderImpl._apply_overrides_to_config
+    if not getattr(current, "_embclf_suggests", False):
+        ConfigLoaderImpl._apply_overrides_to_config = staticmethod(_suggesting(current))
+
+
 def register() -> None:
-    """Register the schemas and resolvers. Idempotent; called on import of ``embclf``."""
+    """Register the schemas and resolvers, and make unknown-key errors suggest the closest key. Idempotent;
+    called on import of ``embclf``."""
+    _install_key_suggestions()
     cs = ConfigStore.instance()
     cs.store(name="config_schema", node=Config)
     OmegaConf.register_new_resolver("embclf_safe", safe_name, replace=True)

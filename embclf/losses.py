@@ -1,6 +1,6 @@
 """Losses and metrics as pure functions on tensors; each has known-value tests in tests/test_losses.py.
 
-Conventions (fixed here, documented in the README):
+Conventions (fixed here, documented in docs/configuration.md, "Metrics"):
 - Pixels are float tensors in [0, 1], shape [B, C, H, W].
 - MSE is reported per pixel (mean over C*H*W and the batch); SSE is the squared error summed over the
   C*H*W values of one image, averaged over the batch (the reference study's reconstruction term).

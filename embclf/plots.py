@@ -77,25 +77,88 @@ def project(z: np.ndarray, method: str, seed: int = 0) -> np.ndarray:
     raise ValueError(f"unknown projection {method!r}; use one of {', '.join(METHODS)} in logger.projections")
 
 
-def scatter(xy: np.ndarray, labels: np.ndarray, classes: Sequence[str], path: Path, title: str) -> Path:
-    """Save a scatter plot of ``xy`` [N, 2] coloured by ``labels`` [N] (indices into ``classes``) with a legend."""
+AXIS = {"pca": "PC {}", "tsne": "t-SNE {}", "umap": "UMAP {}"}
+
+
+def _plt():
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    cmap = plt.get_cmap("tab10" if len(classes) <= 10 else "tab20" if len(classes) <= 20 else "turbo")
-    fig, ax = plt.subplots(figsize=(7, 6))
+    return plt
+
+
+def class_colors(n: int) -> list:
+    """n distinguishable RGBA colours: tab10 up to 10 classes, tab20 up to 20, else evenly spaced on turbo."""
+    plt = _plt()
+    if n <= 10:
+        return [plt.get_cmap("tab10")(i) for i in range(n)]
+    if n <= 20:
+        return [plt.get_cmap("tab20")(i) for i in range(n)]
+    return [plt.get_cmap("turbo")(i / (n - 1)) for i in range(n)]
+
+
+def point_size(n_points: int) -> float:
+    """Marker area (points^2) for a scatter of ``n_points``: 40 up to 300 points, 12 for 1000, at least 4,
+    so a few hundred points are visible and thousands do not merge into one blot."""
+    return float(min(40.0, max(4.0, 12000.0 / max(1, n_points))))
+
+
+def scatter(xy: np.ndarray, labels: np.ndarray, classes: Sequence[str], path: Path, title: str,
+            method: str = "") -> Path:
+    """Save a scatter plot of ``xy`` [N, 2] coloured by ``labels`` [N] (indices into ``classes``).
+
+    Points are sized by their number (``point_size``), axes are labelled by the projection's components
+    (``method``: pca | tsne | umap), and the legend of class names sits outside the axes (in columns for
+    many classes, e.g. CIFAR-100), so it never covers data."""
+    plt = _plt()
+    colors = class_colors(len(classes))
+    ncol = max(1, int(np.ceil(len(classes) / 25)))
+    fig, ax = plt.subplots(figsize=(7 + 1.6 * ncol, 6))
+    s = point_size(len(xy))
     for i, name in enumerate(classes):
         m = labels == i
         if m.any():
-            ax.scatter(xy[m, 0], xy[m, 1], s=min(20.0, max(4.0, 4000 / len(xy))), alpha=0.7, color=cmap(i / max(1, len(classes) - 1) if len(classes) > 20 else i),
-                       label=name, linewidths=0)
-    if len(classes) <= 20:  # a legend of 100 CIFAR-100 classes would cover the plot
-        ax.legend(markerscale=3, fontsize=8, loc="center left", bbox_to_anchor=(1.0, 0.5), frameon=False)
+            ax.scatter(xy[m, 0], xy[m, 1], s=s, alpha=0.75, color=colors[i], label=name, linewidths=0)
+    ax.legend(markerscale=max(1.0, 4 / np.sqrt(s)) * 1.5, fontsize=8 if len(classes) <= 20 else 6,
+              loc="upper left", bbox_to_anchor=(1.01, 1.0), frameon=False, ncol=ncol, title="class",
+              handletextpad=0.2, columnspacing=0.6)
+    ax.set_title(title, fontsize=10)
+    fmt = AXIS.get(method, "component {}")
+    ax.set_xlabel(fmt.format(1))
+    ax.set_ylabel(fmt.format(2))
+    ax.tick_params(labelsize=7)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=100, bbox_inches="tight")
+    plt.close(fig)
+    return path
+
+
+def confusion(cm: np.ndarray, classes: Sequence[str], path: Path, title: str) -> Path:
+    """Confusion matrix int [C, C] (rows: true class, columns: predicted) as a PNG.
+
+    Up to 20 classes: scikit-learn's ConfusionMatrixDisplay with counts in the cells. More classes (e.g.
+    CIFAR-100): a heat map of row-normalised rates (fraction of each true class) without per-cell numbers,
+    which would be unreadable and slow to draw; the full matrix is in summary.json."""
+    plt = _plt()
+    cm = np.asarray(cm)
+    if len(classes) <= 20:
+        from sklearn.metrics import ConfusionMatrixDisplay
+
+        fig, ax = plt.subplots(figsize=(7, 6))
+        ConfusionMatrixDisplay(cm, display_labels=list(classes)).plot(ax=ax, xticks_rotation=45, colorbar=False)
+    else:
+        fig, ax = plt.subplots(figsize=(13, 12))
+        rates = cm / np.maximum(1, cm.sum(1, keepdims=True))
+        im = ax.imshow(rates, cmap="viridis", vmin=0, vmax=max(1e-9, float(rates.max())), interpolation="nearest")
+        ax.set_xticks(range(len(classes)), list(classes), rotation=90, fontsize=5)
+        ax.set_yticks(range(len(classes)), list(classes), fontsize=5)
+        ax.set_xlabel("predicted label")
+        ax.set_ylabel("true label")
+        fig.colorbar(im, ax=ax, fraction=0.03, label="fraction of the true class")
     ax.set_title(title)
-    ax.set_xticks([])
-    ax.set_yticks([])
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=100)
@@ -137,6 +200,6 @@ def save_projections(z, labels, classes: List[str], out_dir: Path, methods: Sequ
             log.warning("projection %s failed (%s: %s); skipped", method, type(e).__name__, e)
             continue
         out[method] = scatter(xy, labels, classes, Path(out_dir) / f"{method}.png",
-                              f"{TITLES.get(method, method)} of {len(z)} test embeddings: {title}")
+                              f"{TITLES.get(method, method)} of {len(z)} test embeddings: {title}", method)
         log.info("wrote %s (%.1fs)", out[method], time.time() - t0)
     return out

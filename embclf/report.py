@@ -1,19 +1,20 @@
-"""``python -m embclf.report PATH [PATH ...] [--out DIR]``: one table and the reference study's figures for a sweep.
+"""``python -m embclf.report PATH [PATH ...] [--out DIR]``: one table and the reference study's figures for sweeps.
 
-PATH is a sweep dir, a run dir, or a whole ``outputs/``; every run dir under it (a dir holding summary.json)
-is read, never modified, and nothing is trained. Written into ``--out`` (default: the PATH, or the common
-parent of several PATHs):
+PATH is a sweep dir, a run dir, or a whole ``outputs/``; every run dir under it (a dir holding summary.json,
+including the ``autoencode/`` and ``classify/`` run dirs of a ``stage=all`` job) is read, never modified, and
+nothing is trained. Written into ``--out`` (default: the PATH, or the common parent of several PATHs):
 
-- ``report.csv``: one row per run. An autoencode run and the classify run(s) trained on its encoder
-  (summary ``encoder_run``) share a row, so every row reads: model, latent, seed, stage, status, epochs,
-  test MSE / PSNR / KL, active units (VAE), val/test accuracy, wall time. A classify run whose encoder is
-  not among the PATHs gets its own row, its reconstruction numbers read from the encoder's run dir.
-- ``report.md``: the same table (mean ± std over seeds when a configuration ran with several seeds), the
-  runs that did not complete with their status and error, and the figures below.
-- ``figures/``: ``val_psnr.png``, ``val_mse.png``, ``val_accuracy.png``, ``ce.png`` (train solid, val dashed)
-  per epoch, one line per run labelled like ``vae-z64``; ``vs_latent.png`` (test PSNR, MSE, accuracy and
-  active units against latent size, one line per model, error bars over seeds); ``prior_samples.png`` (the
-  first row of each autoencode run's last ``samples_eNNN.png``, one row per run).
+- ``report.md``: what was run (the sweep commands, data and sizes, epochs, heads, which settings differ, where
+  the numbers come from), one row per configuration (every setting that differs between runs either
+  separates rows or, for settings implied by a group choice such as ``model.variational``, follows it; only
+  distinct seeds are averaged, as mean ± std with n = seeds; a seed run twice counts once, its newest run),
+  last-epoch numbers where they differ from best-on-val, one test-accuracy column per probe, per-class
+  accuracy, the runs that did not complete, and the figures.
+- ``report.csv``: every run (repeats too, ``used`` false), every field, one ``cfg:<key>`` column per setting
+  that differs and ``probe:<name>`` columns.
+- ``figures/``: ``val_psnr.png``, ``val_mse.png``, ``val_accuracy.png``, ``ce.png`` per epoch;
+  ``vs_latent.png``; ``prior_samples.png`` and ``reconstructions.png`` (runs side by side, the same test
+  images); ``per_class_accuracy.png``.
 
 The table is also printed to the terminal. Exit status 2 with a one-paragraph message when a PATH does
 not exist or holds no run dirs.
@@ -22,9 +23,12 @@ from __future__ import annotations
 
 import argparse
 import csv
+import hashlib
+import json
 import math
 import os
 import re
+import shlex
 import socket
 import sys
 from collections import OrderedDict, defaultdict
@@ -35,17 +39,28 @@ import numpy as np
 
 from . import runs
 
-COLUMNS = ["label", "model", "latent", "seed", "stage", "status", "epochs", "test_mse", "test_psnr", "test_kl",
-           "active_units", "val_accuracy", "test_accuracy", "wall_seconds", "head", "run_dir", "classify_dir", "error"]
-NUMERIC = ["test_mse", "test_psnr", "test_kl", "active_units", "val_accuracy", "test_accuracy", "wall_seconds"]
+COLUMNS = ["label", "model", "latent", "seed", "stage", "status", "used", "epochs", "test_mse", "test_psnr",
+           "test_kl", "active_units", "val_accuracy", "test_accuracy", "final_test_mse", "final_test_psnr",
+           "final_test_accuracy", "wall_seconds", "head", "config_id", "run_dir", "classify_dir", "end_time", "error"]
+NUMERIC = ["test_mse", "test_psnr", "test_kl", "active_units", "val_accuracy", "test_accuracy", "final_test_mse",
+           "final_test_psnr", "final_test_accuracy", "wall_seconds"]
 FORMATS = {"test_mse": "{:.5f}", "test_psnr": "{:.2f}", "test_kl": "{:.2f}", "active_units": "{:.1f}",
-           "val_accuracy": "{:.4f}", "test_accuracy": "{:.4f}", "wall_seconds": "{:.0f}"}
+           "val_accuracy": "{:.4f}", "test_accuracy": "{:.4f}", "wall_seconds": "{:.0f}", "final_test_mse": "{:.5f}",
+           "final_test_psnr": "{:.2f}", "final_test_accuracy": "{:.4f}"}
 HEADERS = {"label": "run", "test_mse": "test MSE", "test_psnr": "test PSNR (dB)", "test_kl": "test KL (nats)",
            "active_units": "active units", "val_accuracy": "val acc", "test_accuracy": "test acc",
-           "wall_seconds": "wall (s)", "epochs": "epochs"}
-# overrides that never tell two configurations apart in a label (paths, tracking, what the label already says)
-_LABEL_SKIP = re.compile(r"^(model|latent|seed|stage|output_dir|data\.root|data\.cache_dir|classify\.encoder|"
-                         r"logger(\..*)?|hydra\..*|device|threads)=")
+           "final_test_mse": "last-epoch test MSE", "final_test_psnr": "last-epoch test PSNR",
+           "final_test_accuracy": "last-epoch test acc", "wall_seconds": "wall (s)", "epochs": "epochs",
+           "repeats": "repeated seeds"}
+PROBE_PREFIX = "probe:"  # row keys "probe:<name>" (test accuracy) and "probe:<name>:val" of classify.probes
+# keys of a resolved config that never tell two experiments apart: how a run executes (runs.VOLATILE_KEYS),
+# where it writes, which file an encoder was read from, and what the row already groups by (stage, seed)
+IGNORED_KEYS = set(runs.VOLATILE_KEYS) | set(runs.VOLATILE_SUBKEYS) | {"stage", "seed", "defaults", "hydra", "classify.encoder", "data.cache_dir",
+                                           "data.download"}
+# the group whose ``name`` (or ``source``) makes a key's value unsurprising: model.variational follows
+# model.name, so it is not spelled out in a label unless it varies within one model
+GROUP_NAME = {"model": "model.name", "head": "head.name", "data": "data.source"}
+PATH_KEYS = ("data.root",)  # shown by their last component in labels (the CSV keeps the full value)
 
 
 class ReportError(RuntimeError):
@@ -75,8 +90,83 @@ def _num(v) -> Optional[float]:
     return float(v) if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) else None
 
 
+def flatten(d, prefix: str = "") -> Dict[str, object]:
+    """Nested dicts -> {"a.b.c": value}; lists stay values (compared as a whole)."""
+    out: Dict[str, object] = {}
+    if isinstance(d, dict):
+        for k, v in d.items():
+            key = f"{prefix}{k}"
+            if isinstance(v, dict) and v:
+                out.update(flatten(v, key + "."))
+            else:
+                out[key] = v
+    return out
+
+
+def _ignored(key: str) -> bool:
+    parts = key.split(".")
+    return any(".".join(parts[:i]) in IGNORED_KEYS for i in range(1, len(parts) + 1)) or key.endswith("output_dir")
+
+
+_DEFAULTS: Optional[Dict[str, object]] = None
+
+
+def _schema_defaults() -> Dict[str, object]:
+    """Flattened defaults of the current schema (``embclf.config.Config``): a run written before a key existed
+    ran with that key's default, so it is compared as if it had stored it."""
+    global _DEFAULTS
+    if _DEFAULTS is None:
+        from omegaconf import OmegaConf
+
+        from .config import Config
+
+        c = OmegaConf.to_container(OmegaConf.structured(Config), resolve=False, enum_to_str=True,
+                                   throw_on_missing=False)
+        _DEFAULTS = {k: v for k, v in flatten(c).items() if v != "???"}
+    return _DEFAULTS
+
+
+def unit_config(ae_cfg: Optional[dict], clf_cfg: Optional[dict]) -> Dict[str, object]:
+    """The settings of one row unit (an autoencode run, optionally with a classify run on its encoder), as
+    flattened dotted keys without ``IGNORED_KEYS``: the encoder's settings from the autoencode run's resolved
+    config, ``head.*`` and ``classify.*`` from the classify run's (absent when no classifier ran). Keys the
+    run did not store get the current schema's default."""
+    base = flatten(ae_cfg or clf_cfg or {})
+    if clf_cfg is not None:
+        cf = flatten(clf_cfg)
+        base = {k: v for k, v in base.items() if not k.startswith(("head.", "classify."))}
+        base.update({k: v for k, v in cf.items() if k.startswith(("head.", "classify."))})
+    for k, v in _schema_defaults().items():
+        if k not in base and (clf_cfg is not None or not k.startswith(("head.", "classify."))):
+            base[k] = v
+    if clf_cfg is None:
+        base = {k: v for k, v in base.items() if not k.startswith(("head.", "classify."))}
+    return {k: v for k, v in base.items() if not _ignored(k)}
+
+
+def _key(v) -> str:
+    return json.dumps(v, sort_keys=True, default=str)
+
+
+def _short(k: str, v) -> str:
+    """A setting's value as a label shows it: lists without spaces, paths by their last component."""
+    if v is None:
+        return "null"  # as an override would write it
+    if isinstance(v, (list, tuple)):
+        return "[" + ",".join(_short(k, x) for x in v) + "]"
+    if k in PATH_KEYS and isinstance(v, str):
+        return os.path.basename(v.rstrip("/")) or v
+    return str(v)
+
+
 def collect(paths: Sequence[Path]) -> List[dict]:
     """Rows (dicts with ``COLUMNS`` keys, numbers as float or None) for every run dir under ``paths``.
+
+    A row is one unit: an autoencode run with one classify run trained on its encoder (joined through the
+    classify summary's ``encoder_run``), an autoencode run without one, or a classify run whose encoder is
+    not under ``paths``. Each row also carries ``config`` (its settings, see ``unit_config``), ``config_id``
+    (a hash of them: rows with equal ids are the same configuration), ``varying`` (the settings that differ
+    between rows, as "key=value" strings, in ``label``) and ``probes`` (classify.probes results).
 
     Raises ``ReportError`` when a path does not exist or no run dir is found.
     """
@@ -99,7 +189,9 @@ def collect(paths: Sequence[Path]) -> List[dict]:
                 "status": status, "epochs": f"{_epochs_done(d)}/{s.get('epochs', '?')}",
                 "test_mse": _num(s.get("test_mse")), "test_psnr": _num(s.get("test_psnr")),
                 "test_kl": _num(s.get("test_kl")), "active_units": _num(s.get("test_active_units")),
-                "wall_seconds": _num(s.get("wall_seconds")), "run_dir": str(d), "overrides": s.get("overrides") or [],
+                "final_test_mse": _num(s.get("final_test_mse")), "final_test_psnr": _num(s.get("final_test_psnr")),
+                "wall_seconds": _num(s.get("wall_seconds")), "run_dir": str(d), "end_time": _num(s.get("end_time")),
+                "n_train": s.get("n_train"), "n_val": s.get("n_val"), "n_test": s.get("n_test"),
                 "error": s.get("error") if status != "completed" else None}
 
     classify_by_encoder = defaultdict(list)
@@ -112,8 +204,11 @@ def collect(paths: Sequence[Path]) -> List[dict]:
         if s.get("stage") != "autoencode":
             continue
         base = {**ae_fields(d, s), "stage": "autoencode"}
+        ae_cfg = runs.read_config(d)
         for cd, cs in classify_by_encoder.pop(d, []) or [(None, None)]:
-            rows.append(_join(base, cd, cs))
+            row = _join(base, cd, cs)
+            row["config"] = unit_config(ae_cfg, runs.read_config(cd) if cd else None)
+            rows.append(row)
     # classify runs whose encoder is not in the report (or unknown): own row, encoder numbers read if possible
     for enc, items in classify_by_encoder.items():
         for cd, cs in items:
@@ -122,24 +217,37 @@ def collect(paths: Sequence[Path]) -> List[dict]:
                     "stage": "classify"}
             for k in ("model", "latent", "seed"):
                 base[k] = cs.get(k, base.get(k))
-            base["overrides"] = cs.get("overrides") or []
             base["wall_seconds"] = None  # the encoder's training is not part of this report
             base["error"] = None
-            rows.append(_join(base, cd, cs, joined_stage="classify"))
-    _label(rows)
+            row = _join(base, cd, cs, joined_stage="classify")
+            ae_cfg = runs.read_config(enc) if es else None
+            row["config"] = unit_config(ae_cfg, runs.read_config(cd))
+            if ae_cfg is None:  # classify.encoder outside the report: the encoder's model and latent apply
+                row["config"].update({"model.name": row["model"], "latent": row["latent"]})
+            rows.append(row)
+    _identify(rows)
     rows.sort(key=lambda r: (str(r["model"]), r["latent"] if isinstance(r["latent"], int) else -1,
-                             r["label"], r["seed"] if isinstance(r["seed"], int) else -1))
+                             r["label"], r["seed"] if isinstance(r["seed"], int) else -1, r.get("end_time") or 0))
+    _mark_used(rows)
     return rows
 
 
 def _join(base: dict, cd: Optional[Path], cs: Optional[dict], joined_stage: str = "autoencode+classify") -> dict:
-    """``base`` (autoencode fields) joined with a classify run: accuracy, combined status, summed wall time."""
-    row = {**base, "head": None, "classify_dir": None, "val_accuracy": None, "test_accuracy": None}
+    """``base`` (autoencode fields) joined with a classify run: accuracy, probes, combined status, summed wall
+    time; the row's ``end_time`` is the later of the two."""
+    row = {**base, "head": None, "classify_dir": None, "val_accuracy": None, "test_accuracy": None,
+           "final_test_accuracy": None, "probes": {}, "per_class_accuracy": None}
     if cs is None:
         return row
     cst = _status(cs)
     row.update(stage=joined_stage, head=cs.get("head"), classify_dir=str(cd),
-               val_accuracy=_num(cs.get("val_accuracy")), test_accuracy=_num(cs.get("test_accuracy")))
+               val_accuracy=_num(cs.get("val_accuracy")), test_accuracy=_num(cs.get("test_accuracy")),
+               final_test_accuracy=_num(cs.get("final_test_accuracy")),
+               per_class_accuracy=cs.get("per_class_accuracy") if cst == "completed" else None)
+    probes = cs.get("probes") if isinstance(cs.get("probes"), dict) else {}
+    for name, res in probes.items():
+        if isinstance(res, dict):
+            row["probes"][str(name)] = {"test": _num(res.get("test_accuracy")), "val": _num(res.get("val_accuracy"))}
     ep = f"{_epochs_done(cd)}/{cs.get('epochs', '?')}"
     row["epochs"] = f"{row['epochs']} + {ep}" if row.get("epochs") else ep
     if row["status"] == "completed" and cst != "completed":
@@ -149,37 +257,112 @@ def _join(base: dict, cd: Optional[Path], cs: Optional[dict], joined_stage: str 
         row["status"] = f"{row['status']} (autoencode)"
     w = _num(cs.get("wall_seconds"))
     row["wall_seconds"] = (row["wall_seconds"] or 0) + w if w is not None else row["wall_seconds"]
+    ends = [t for t in (row.get("end_time"), _num(cs.get("end_time"))) if t is not None]
+    row["end_time"] = max(ends) if ends else None
     return row
 
 
-def _label(rows: List[dict]) -> None:
-    """``label`` = ``<model>-z<latent>`` plus the overrides that differ between rows (not seed, not paths)."""
-    per_row = [[o for o in r.pop("overrides") if not _LABEL_SKIP.match(o)] for r in rows]
-    common = set.intersection(*map(set, per_row)) if per_row else set()
-    for r, ovs in zip(rows, per_row):
-        extra = " ".join(o for o in ovs if o not in common)
-        r["label"] = f"{r['model']}-z{r['latent']}" + (f" {extra}" if extra else "") + (
-            f" [{r['head']}]" if r.get("head") and r["head"] != "mlp" else "")
+def varying_keys(configs: Sequence[Dict[str, object]]) -> List[str]:
+    """The settings whose values differ between ``configs`` (a key missing from one config differs too)."""
+    keys = sorted(set().union(*configs)) if configs else []
+    # a key only some rows have (head.* of rows that trained no head) is told apart by the stage column
+    return [k for k in keys if len({_key(c[k]) for c in configs if k in c}) > 1]
+
+
+def _identify(rows: List[dict]) -> None:
+    """Set ``config_id``, ``varying`` and ``label`` on every row.
+
+    ``config_id`` hashes every setting of the row (``unit_config``) and its stage, so two rows share it only
+    when they are the same configuration (they may differ in seed). ``label`` is ``<model>-z<latent>`` plus
+    each setting that differs between rows, except settings that merely follow a group choice already in the
+    label (``model.variational`` follows ``model.name``)."""
+    configs = [r["config"] for r in rows]
+    vary = varying_keys(configs)
+    shown = []
+    for k in vary:
+        if k in ("model.name", "latent"):
+            continue
+        group = GROUP_NAME.get(k.split(".")[0])
+        if group and group != k:
+            # implied by the group's choice: one value per choice across all rows
+            per_choice = defaultdict(set)
+            for c in configs:
+                per_choice[_key(c.get(group))].add(_key(c.get(k, "<absent>")))
+            if all(len(v) == 1 for v in per_choice.values()) and group in vary:
+                continue
+        shown.append(k)
+    for r in rows:
+        c = r["config"]
+        r["config_id"] = hashlib.sha1(_key([r["stage"], sorted((k, _key(v)) for k, v in c.items())]).encode()
+                                      ).hexdigest()[:8]
+        r["varying"] = [f"{k}={_short(k, c.get(k))}" for k in shown if k in c]
+        r["label"] = f"{r['model']}-z{r['latent']}" + ("".join(f" {v}" for v in r["varying"]))
+
+
+def _mark_used(rows: List[dict]) -> None:
+    """``used``: whether a completed row enters the table. A configuration run more than once with the same
+    seed uses its newest completed run (latest ``end_time``); the others keep ``used`` false and are counted
+    in ``repeats`` of the used one."""
+    by = defaultdict(list)
+    for r in rows:
+        r["used"] = False
+        r["repeats"] = 0
+        if r["status"] == "completed":
+            by[(r["config_id"], r["seed"])].append(r)
+    for rs in by.values():
+        newest = max(rs, key=lambda r: r.get("end_time") or 0)
+        newest["used"] = True
+        newest["repeats"] = len(rs) - 1
+
+
+def probe_names(rows: Iterable[dict]) -> List[str]:
+    """Every probe name (``classify.probes``) found in the rows, in first-seen order."""
+    names: Dict[str, None] = OrderedDict()
+    for r in rows:
+        for n in r.get("probes") or {}:
+            names[n] = None
+    return list(names)
 
 
 # --- tables ---------------------------------------------------------------------------------------
 
 def aggregate(rows: List[dict]) -> List[dict]:
-    """One row per (label, stage) over completed runs: numbers as "mean ± std" (sample std) when several
-    seeds ran, with ``n`` the number of seeds. Runs that did not complete are left out (listed separately)."""
+    """One row per configuration (``config_id``; rows without one group by label and stage) over completed,
+    used runs: numbers as (mean, sample std) over distinct seeds, ``n`` the number of seeds. A seed that ran
+    more than once counts once (its newest run, see ``_mark_used``), and ``repeats`` says so, e.g.
+    "seed 0 ×2 (newest used)". Runs that did not complete are left out (listed separately)."""
     groups: Dict[tuple, List[dict]] = OrderedDict()
     for r in rows:
-        if r["status"] == "completed":
-            groups.setdefault((r["label"], r["stage"]), []).append(r)
+        if r["status"] == "completed" and r.get("used", True):
+            groups.setdefault((r.get("config_id") or r["label"], r["stage"]), []).append(r)
+    dup_seeds = defaultdict(int)
+    for r in rows:
+        if r["status"] == "completed" and not r.get("used", True):
+            dup_seeds[(r.get("config_id") or r["label"], r["stage"], r["seed"])] += 1
+    probes = probe_names(rows)
     out = []
-    for (label, stage), rs in groups.items():
-        a = {"label": label, "model": rs[0]["model"], "latent": rs[0]["latent"], "stage": stage, "n": len(rs),
-             "seed": ",".join(str(r["seed"]) for r in rs), "status": "completed", "epochs": rs[0]["epochs"]}
-        for k in NUMERIC:
-            vals = [r[k] for r in rs if r[k] is not None]
+    for (cid, stage), rs in groups.items():
+        a = {"label": rs[0]["label"], "model": rs[0]["model"], "latent": rs[0]["latent"], "stage": stage,
+             "n": len({r["seed"] for r in rs}), "seed": ",".join(str(r["seed"]) for r in rs), "status": "completed",
+             "epochs": rs[0]["epochs"], "config_id": rs[0].get("config_id"), "head": rs[0].get("head"),
+             "varying": rs[0].get("varying", [])}
+        reps = [f"seed {r['seed']} ×{dup_seeds[(cid, stage, r['seed'])] + 1}" for r in rs
+                if dup_seeds[(cid, stage, r["seed"])]]
+        a["repeats"] = ", ".join(reps) + " (newest used)" if reps else ""
+        for k in NUMERIC + [PROBE_PREFIX + p for p in probes]:
+            vals = [_value(r, k) for r in rs]
+            vals = [v for v in vals if v is not None]
             a[k] = (float(np.mean(vals)), float(np.std(vals, ddof=1)) if len(vals) > 1 else None) if vals else None
+        pcs = [r["per_class_accuracy"] for r in rs if isinstance(r.get("per_class_accuracy"), dict)]
+        a["per_class_accuracy"] = {c: float(np.mean([p[c] for p in pcs if c in p])) for c in pcs[0]} if pcs else None
         out.append(a)
     return out
+
+
+def _value(r: dict, k: str) -> Optional[float]:
+    if k.startswith(PROBE_PREFIX):
+        return ((r.get("probes") or {}).get(k[len(PROBE_PREFIX):]) or {}).get("test")
+    return r.get(k)
 
 
 def _fmt(k: str, v) -> str:
@@ -187,30 +370,70 @@ def _fmt(k: str, v) -> str:
         return ""
     if isinstance(v, tuple):
         mean, std = v
-        return _fmt(k, mean) + (f" ± {FORMATS.get(k, '{}').format(std)}" if std is not None else "")
+        if std is None:  # one seed: the value itself (active units are a count)
+            return _fmt(k, mean)
+        fmt = FORMATS.get(k, "{:.4f}" if k.startswith(PROBE_PREFIX) else "{}")
+        return fmt.format(mean) + f" ± {fmt.format(std)}"
+    if k == "active_units" and isinstance(v, (int, float)) and float(v).is_integer():
+        return str(int(v))
+    if k.startswith(PROBE_PREFIX) and isinstance(v, (int, float)):
+        return f"{v:.4f}"
     if k in FORMATS and isinstance(v, (int, float)):
         return FORMATS[k].format(v)
     return str(v)
 
 
+def _header(c: str) -> str:
+    if c.startswith(PROBE_PREFIX):
+        return f"test acc ({c[len(PROBE_PREFIX):]})"
+    return HEADERS.get(c, c)
+
+
 def markdown_table(rows: List[dict], cols: Sequence[str]) -> str:
     """A GitHub-markdown table of ``rows`` (dicts) over ``cols``; numbers formatted per column. Columns
     that are empty in every row are dropped (e.g. test KL in a sweep without VAEs)."""
-    cols = [c for c in cols if any(r.get(c) not in (None, "") for r in rows)]
-    head = [HEADERS.get(c, c) for c in cols]
-    body = [[_fmt(c, r.get(c)) for c in cols] for r in rows]
+    cols = [c for c in cols if any(_cell(r, c) not in (None, "") for r in rows)]
+    head = [_header(c) for c in cols]
+    body = [[_fmt(c, _cell(r, c)) for c in cols] for r in rows]
     widths = [max(len(h), *(len(b[i]) for b in body)) if body else len(h) for i, h in enumerate(head)]
     line = lambda cells: "| " + " | ".join(c.ljust(w) for c, w in zip(cells, widths)) + " |"  # noqa: E731
     return "\n".join([line(head), "|" + "|".join("-" * (w + 2) for w in widths) + "|", *map(line, body)])
 
 
+def _cell(r: dict, c: str):
+    if c.startswith(PROBE_PREFIX) and not isinstance(r.get(c), tuple):
+        return _value(r, c)
+    return r.get(c)
+
+
+def _differs(rows: List[dict], best: str, last: str) -> bool:
+    """True when some row's last-epoch number differs from its best-on-val one (then both are shown)."""
+    def mean(v):
+        return v[0] if isinstance(v, tuple) else v
+    return any(mean(r.get(last)) is not None and mean(r.get(best)) is not None
+               and abs(mean(r.get(last)) - mean(r.get(best))) > 1e-12 for r in rows)
+
+
 def write_csv(rows: List[dict], path: Path) -> None:
-    """``report.csv``: one row per run, ``COLUMNS`` in order, numbers unformatted."""
+    """``report.csv``: one row per run unit (repeated seeds too, with ``used`` false), ``COLUMNS`` in order,
+    then one column per setting that differs between rows (``cfg:<key>``) and per probe (``probe:<name>`` test
+    accuracy, ``probe:<name>:val``); numbers unformatted."""
+    vary = sorted({v.split("=", 1)[0] for r in rows for v in r.get("varying", [])})
+    probes = probe_names(rows)
+    extra = [f"cfg:{k}" for k in vary] + [f"{PROBE_PREFIX}{p}" for p in probes] + [f"{PROBE_PREFIX}{p}:val" for p in probes]
     with open(path, "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=COLUMNS, extrasaction="ignore")
+        w = csv.DictWriter(f, fieldnames=COLUMNS + extra, extrasaction="ignore")
         w.writeheader()
         for r in rows:
-            w.writerow({k: ("" if r.get(k) is None else r.get(k)) for k in COLUMNS})
+            rec = {k: ("" if r.get(k) is None else r.get(k)) for k in COLUMNS}
+            for k in vary:
+                v = r.get("config", {}).get(k)
+                rec[f"cfg:{k}"] = "" if v is None else _short("", v)
+            for p in probes:
+                res = (r.get("probes") or {}).get(p) or {}
+                rec[f"{PROBE_PREFIX}{p}"] = "" if res.get("test") is None else res["test"]
+                rec[f"{PROBE_PREFIX}{p}:val"] = "" if res.get("val") is None else res["val"]
+            w.writerow(rec)
 
 
 # --- figures --------------------------------------------------------------------------------------
@@ -225,11 +448,19 @@ def _plt():
 
 
 def _curve_labels(rows: List[dict]) -> Dict[str, str]:
-    """run dir -> legend label; ``-s<seed>`` is added only where a label ran with several seeds."""
+    """run dir -> legend label; `` s<seed>`` is added where a label ran with several seeds, and ``(run k)``
+    where one seed ran more than once."""
     count = defaultdict(int)
     for r in rows:
         count[r["label"]] += 1
-    return {r["run_dir"]: r["label"] + (f" s{r['seed']}" if count[r["label"]] > 1 else "") for r in rows}
+    seen = defaultdict(int)
+    out = {}
+    for r in rows:
+        seen[(r["label"], r["seed"])] += 1
+        k = seen[(r["label"], r["seed"])]
+        key = r.get("classify_dir") or r["run_dir"]
+        out[key] = r["label"] + (f" s{r['seed']}" if count[r["label"]] > 1 else "") + (f" (run {k})" if k > 1 else "")
+    return out
 
 
 def _series(run_dir: Optional[str], split: str, key: str):
@@ -240,35 +471,72 @@ def _series(run_dir: Optional[str], split: str, key: str):
     return [p[0] for p in pts], [p[1] for p in pts]
 
 
-def plot_curves(rows: List[dict], out: Path) -> List[Path]:
-    """val_psnr.png, val_mse.png (autoencode), val_accuracy.png and ce.png (classify): one line per run."""
+LINESTYLES = ("-", "--", "-.", ":")
+
+
+def styles(labels: Sequence[str]) -> Dict[str, dict]:
+    """label -> matplotlib line style: tab10 colours, then the same colours dashed, dash-dotted, dotted
+    (40 distinguishable lines); beyond that colours from the continuous turbo map."""
     plt = _plt()
-    labels = _curve_labels(rows)
+    out = {}
+    for i, name in enumerate(labels):
+        if len(labels) <= 40:
+            out[name] = {"color": plt.get_cmap("tab10")(i % 10), "linestyle": LINESTYLES[i // 10]}
+        else:
+            out[name] = {"color": plt.get_cmap("turbo")(i / (len(labels) - 1)), "linestyle": LINESTYLES[i % 4]}
+    return out
+
+
+def _legend(fig, handles, n: int) -> None:
+    """A legend right of the axes that never shrinks them: the figure is saved with bbox_inches="tight",
+    which grows the canvas to hold it; long legends wrap into columns of at most 25 entries."""
+    fig.legend(handles=handles, loc="upper left", bbox_to_anchor=(1.0, 0.95), fontsize=8, frameon=False,
+               ncol=max(1, math.ceil(n / 25)))
+
+
+def plot_curves(rows: List[dict], out: Path) -> List[Path]:
+    """val_psnr.png, val_mse.png (autoencode), val_accuracy.png and ce.png (classify; train and val panels)
+    against epoch (integer ticks): one colour/line style per configuration (the row label), one thin line per
+    seed, the legend outside the axes."""
+    plt = _plt()
+    from matplotlib.lines import Line2D
+    from matplotlib.ticker import MaxNLocator
+
+    labels = list(OrderedDict((r["label"], None) for r in rows))
+    sty = styles(labels)
     written = []
-    specs = [("val_psnr.png", "run_dir", [("val", "psnr", "-")], "val PSNR (dB)"),
-             ("val_mse.png", "run_dir", [("val", "mse", "-")], "val MSE (per pixel)"),
-             ("val_accuracy.png", "classify_dir", [("val", "accuracy", "-")], "val accuracy"),
-             ("ce.png", "classify_dir", [("train", "loss", "-"), ("val", "loss", "--")], "cross-entropy (train —, val --)")]
-    for name, dir_key, series, ylabel in specs:
-        fig, ax = plt.subplots(figsize=(8, 5))
-        drawn = 0
-        for i, r in enumerate(rows):
-            color = plt.get_cmap("tab10")(i % 10) if len(rows) <= 10 else plt.get_cmap("turbo")(i / max(1, len(rows) - 1))
-            for split, key, style in series:
-                x, y = _series(r.get(dir_key), split, key)
+    specs = [("val_psnr.png", "run_dir", [("val", "psnr", "val PSNR (dB)")]),
+             ("val_mse.png", "run_dir", [("val", "mse", "val MSE (per pixel)")]),
+             ("val_accuracy.png", "classify_dir", [("val", "accuracy", "val accuracy")]),
+             ("ce.png", "classify_dir", [("train", "loss", "train cross-entropy (nats)"),
+                                         ("val", "loss", "val cross-entropy (nats)")])]
+    for name, dir_key, panels in specs:
+        fig, axes = plt.subplots(1, len(panels), figsize=(6.5 * len(panels), 4.5), squeeze=False)
+        drawn, used = 0, OrderedDict()
+        done = set()
+        for r in rows:
+            d = r.get(dir_key)
+            if not d or d in done:  # an encoder shared by several heads is drawn once
+                continue
+            done.add(d)
+            for ax, (split, key, _) in zip(axes[0], panels):
+                x, y = _series(d, split, key)
                 if x:
-                    ax.plot(x, y, style, color=color, marker="." if len(x) < 20 else None,
-                            label=labels[r["run_dir"]] if style == "-" else None)
+                    ax.plot(x, y, lw=1.3, marker="." if len(x) < 20 else None, **sty[r["label"]])
                     drawn += 1
+                    used[r["label"]] = None
         if not drawn:
             plt.close(fig)
             continue
-        ax.set_xlabel("epoch")
-        ax.set_ylabel(ylabel)
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=8, loc="center left", bbox_to_anchor=(1.0, 0.5), frameon=False)
+        for ax, (_, _, ylabel) in zip(axes[0], panels):
+            ax.set_xlabel("epoch")
+            ax.set_ylabel(ylabel)
+            ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+            ax.grid(alpha=0.3)
+        handles = [Line2D([], [], lw=1.5, label=lab, **sty[lab]) for lab in used]
+        _legend(fig, handles, len(handles))
         fig.tight_layout()
-        fig.savefig(out / name, dpi=100)
+        fig.savefig(out / name, dpi=100, bbox_inches="tight")
         plt.close(fig)
         written.append(out / name)
     return written
@@ -276,8 +544,11 @@ def plot_curves(rows: List[dict], out: Path) -> List[Path]:
 
 def plot_vs_latent(agg: List[dict], out: Path) -> Optional[Path]:
     """vs_latent.png: test PSNR, test MSE, test accuracy, active units against latent size (log2 axis),
-    one line per model (per label without the ``-z<latent>`` part), error bars = std over seeds."""
+    one line per configuration without its latent (the label without ``-z<latent>``), error bars = std over
+    seeds."""
     plt = _plt()
+    from matplotlib.lines import Line2D
+
     panels = [("test_psnr", "test PSNR (dB)"), ("test_mse", "test MSE"), ("test_accuracy", "test accuracy"),
               ("active_units", "active units (VAE)")]
     panels = [p for p in panels if any(a.get(p[0]) for a in agg)]
@@ -286,25 +557,69 @@ def plot_vs_latent(agg: List[dict], out: Path) -> Optional[Path]:
     lines: Dict[str, List[dict]] = OrderedDict()
     for a in agg:
         lines.setdefault(re.sub(r"-z\d+", "", a["label"], count=1), []).append(a)
-    fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 4.2 + 0.2 * len(lines)), squeeze=False)
-    colors = {name: plt.get_cmap("tab10")(i % 10) for i, name in enumerate(lines)}  # same model, same colour
+    sty = styles(list(lines))
+    fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 4.2), squeeze=False)
     for ax, (key, title) in zip(axes[0], panels):
         for name, pts in lines.items():
             pts = sorted((p for p in pts if p.get(key)), key=lambda p: p["latent"])
             if pts:
                 ax.errorbar([p["latent"] for p in pts], [p[key][0] for p in pts], yerr=[p[key][1] or 0 for p in pts],
-                            marker="o", capsize=3, color=colors[name], label=name)
+                            marker="o", capsize=3, label=name, **sty[name])
         ax.set_xscale("log", base=2)
+        latents = sorted({a["latent"] for a in agg if isinstance(a.get("latent"), int)})
+        ax.set_xticks(latents, [str(z) for z in latents])  # the latent sizes themselves, not powers of 2
+        ax.minorticks_off()
         ax.set_xlabel("latent size")
         ax.set_title(title)
         ax.grid(alpha=0.3)
-    handles = [plt.Line2D([], [], color=c, marker="o", label=n) for n, c in colors.items()]
-    fig.legend(handles=handles, loc="lower center", ncol=min(3, len(handles)), fontsize=8, frameon=False)
-    fig.tight_layout(rect=(0, 0.06 + 0.04 * math.ceil(len(handles) / 3), 1, 1))
+    handles = [Line2D([], [], marker="o", label=n, **sty[n]) for n in lines]
+    _legend(fig, handles, len(handles))
+    fig.tight_layout()
     path = out / "vs_latent.png"
+    fig.savefig(path, dpi=100, bbox_inches="tight")
+    plt.close(fig)
+    return path
+
+
+def _last_image(d: Path, prefix: str) -> Optional[Path]:
+    files = sorted((d / "images").glob(f"{prefix}_e*.png"))
+    return files[-1] if files else None
+
+
+def _epoch_of(p: Path) -> str:
+    return p.stem.split("_e")[-1].lstrip("0") or "0"
+
+
+def _strips_figure(strips: List[tuple], title: str, path: Path) -> Path:
+    """One image strip per subplot row (label above it), at one screen pixel per image pixel."""
+    plt = _plt()
+    w = max(s[1].shape[1] for s in strips)
+    heights = [s[1].shape[0] / 100 + 0.3 for s in strips]
+    fig, axes = plt.subplots(len(strips), 1, figsize=(max(6.0, w / 100), 0.5 + sum(heights)), squeeze=False,
+                             gridspec_kw={"height_ratios": heights})
+    for ax, (label, strip) in zip(axes[:, 0], strips):
+        ax.imshow(strip, interpolation="nearest")
+        ax.set_axis_off()
+        ax.set_title(label, loc="left", fontsize=9)
+    fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
     return path
+
+
+def _ae_runs(rows: List[dict]) -> List[tuple]:
+    """(legend label, autoencode run dir) per distinct autoencode run of the used rows, in table order."""
+    labels = _curve_labels([r for r in rows if r.get("used", True)])
+    out, seen = [], set()
+    for r in rows:
+        d = Path(r["run_dir"]) if r.get("run_dir") else None
+        if d is None or d in seen or not r.get("used", True):
+            continue
+        seen.add(d)
+        lab = labels.get(r.get("classify_dir") or r["run_dir"], r["label"])
+        out.append((re.sub(r" (head|classify)\.\S+", "", lab), d))  # head settings do not change an encoder
+    return out
 
 
 def plot_prior_samples(rows: List[dict], out: Path) -> Optional[Path]:
@@ -314,45 +629,182 @@ def plot_prior_samples(rows: List[dict], out: Path) -> Optional[Path]:
     from .stages.autoencode import N_SAMPLES
 
     strips = []
-    seen = set()
-    labels = _curve_labels(rows)
-    for r in rows:
-        d = Path(r["run_dir"]) if r.get("run_dir") else None
-        if d is None or d in seen:
+    for label, d in _ae_runs(rows):
+        f = _last_image(d, "samples")
+        if f is None:
             continue
-        seen.add(d)
-        files = sorted((d / "images").glob("samples_e*.png"))
-        if not files:
-            continue
-        img = np.asarray(Image.open(files[-1]).convert("RGB"))
+        img = np.asarray(Image.open(f).convert("RGB"))
         # make_grid(nrow=8, padding=1) of N_SAMPLES images: rows of (size + 1) pixels plus one border pixel
         row_h = (img.shape[0] - 1) // math.ceil(N_SAMPLES / 8)
-        strips.append((f"{labels[r['run_dir']]} ({files[-1].stem.split('_e')[-1].lstrip('0') or 0})", img[:row_h + 1]))
+        strip = img[:row_h + 1]
+        k = max(1, 96 // max(1, row_h - 1))  # enlarged like the reconstructions, to be judged by eye
+        strips.append((f"{label} (epoch {_epoch_of(f)})", strip.repeat(k, 0).repeat(k, 1)))
     if not strips:
         return None
+    return _strips_figure(strips, "8 samples from the prior N(0, I) per run (same z in every run)",
+                          out / "prior_samples.png")
+
+
+def recon_rows(img: np.ndarray) -> Optional[tuple]:
+    """Split a ``recon_eNNN.png`` (``stages.autoencode.save_images``: rows of RECON_COLS originals above
+    their reconstructions, RECON_PAD pixels apart) into (originals, reconstructions) of its first row pair;
+    None for a grid of another layout (runs written before the layout existed)."""
+    from .stages.autoencode import RECON_COLS, RECON_PAD
+
+    h, w = img.shape[:2]
+    tile = (w - RECON_PAD) / RECON_COLS - RECON_PAD
+    if tile < 1 or not float(tile).is_integer():
+        return None
+    step = int(tile) + RECON_PAD
+    n_rows = (h - RECON_PAD) / step
+    if not float(n_rows).is_integer() or n_rows < 2 or int(n_rows) % 2:
+        return None
+    return img[:step + RECON_PAD], img[step:2 * step + RECON_PAD]
+
+
+def plot_reconstructions(rows: List[dict], out: Path) -> Optional[Path]:
+    """reconstructions.png: the same class-balanced test images (top) and every autoencode run's
+    reconstruction of them (one row per run, from its last ``images/recon_eNNN.png``)."""
+    from PIL import Image
+
+    strips = []
+    for label, d in _ae_runs(rows):
+        f = _last_image(d, "recon")
+        if f is None:
+            continue
+        img = np.asarray(Image.open(f).convert("RGB"))
+        pair = recon_rows(img)
+        if pair is None:  # another layout: the whole grid
+            strips.append((f"{label} (epoch {_epoch_of(f)}; originals above reconstructions)", img))
+            continue
+        if not strips:
+            strips.append(("test images (a fixed class-balanced set, the same in every run)", pair[0]))
+        strips.append((f"{label} (epoch {_epoch_of(f)})", pair[1]))
+    if not strips:
+        return None
+    return _strips_figure(strips, "reconstructions of the same test images, one row per run",
+                          out / "reconstructions.png")
+
+
+def plot_per_class(agg: List[dict], out: Path) -> Optional[Path]:
+    """per_class_accuracy.png: test accuracy per class (columns) for every configuration with a classifier
+    (rows; mean over seeds) as a heat map; values printed in the cells up to 20 classes."""
+    rs = [a for a in agg if a.get("per_class_accuracy")]
+    if not rs:
+        return None
     plt = _plt()
-    w = strips[0][1].shape[1]
-    fig, axes = plt.subplots(len(strips), 1, figsize=(max(6.0, w / 40), 0.4 + len(strips) * (strips[0][1].shape[0] / 40 + 0.3)),
-                             squeeze=False)
-    for ax, (label, strip) in zip(axes[:, 0], strips):
-        ax.imshow(strip, interpolation="nearest")
-        ax.set_axis_off()
-        ax.set_title(label, loc="left", fontsize=8)
-    fig.suptitle("samples from the prior N(0, I) (label: run, epoch)", fontsize=9)
+    classes = list(rs[0]["per_class_accuracy"])
+    m = np.array([[a["per_class_accuracy"].get(c, np.nan) for c in classes] for a in rs])
+    fig, ax = plt.subplots(figsize=(max(6.0, 0.5 * len(classes) + 3) if len(classes) <= 20 else 16,
+                                    1.2 + 0.35 * len(rs)))
+    im = ax.imshow(m, aspect="auto", cmap="viridis", vmin=0, vmax=1, interpolation="nearest")
+    ax.set_yticks(range(len(rs)), [a["label"] for a in rs], fontsize=8)
+    ax.set_xticks(range(len(classes)), classes, rotation=90, fontsize=8 if len(classes) <= 20 else 5)
+    if len(classes) <= 20:
+        for i in range(m.shape[0]):
+            for j in range(m.shape[1]):
+                ax.text(j, i, f"{m[i, j]:.2f}", ha="center", va="center", fontsize=7,
+                        color="white" if m[i, j] < 0.5 else "black")
+    ax.set_title("test accuracy per class (best-on-val head, mean over seeds)", fontsize=10)
+    fig.colorbar(im, ax=ax, fraction=0.03)
     fig.tight_layout()
-    path = out / "prior_samples.png"
-    fig.savefig(path, dpi=100)
+    path = out / "per_class_accuracy.png"
+    fig.savefig(path, dpi=100, bbox_inches="tight")
     plt.close(fig)
     return path
 
 
 # --- the command ----------------------------------------------------------------------------------
 
+def _sweep_root(run_dir: Path) -> Optional[Path]:
+    """The sweep dir holding ``run_dir`` (the nearest parent with multirun.yaml), or None for a single run."""
+    for p in [run_dir, *run_dir.parents][:4]:
+        if (p / "multirun.yaml").is_file():
+            return p
+    return None
+
+
+def commands(rows: List[dict]) -> List[str]:
+    """The command line of every sweep (``multirun.yaml``'s task overrides) or single run
+    (``.hydra/overrides.yaml``) that wrote the rows' run dirs, oldest first, as shell-quoted strings."""
+    from omegaconf import OmegaConf
+
+    seen: Dict[Path, None] = OrderedDict()
+    singles: Dict[Path, None] = OrderedDict()
+    for r in rows:
+        for d in (r.get("run_dir"), r.get("classify_dir")):
+            if not d:
+                continue
+            d = Path(d)
+            root = _sweep_root(d)
+            if root is not None:
+                seen[root] = None
+            else:
+                job = d.parent if d.name in ("autoencode", "classify") and (d.parent / ".hydra").is_dir() else d
+                singles[job] = None
+    out = []
+    for root, multi in [(p, True) for p in seen] + [(p, False) for p in singles]:
+        try:
+            if multi:
+                task = list(OmegaConf.load(root / "multirun.yaml").hydra.overrides.task)
+            else:
+                task = list(OmegaConf.load(root / ".hydra" / "overrides.yaml"))
+        except Exception:  # noqa: BLE001 (a missing or foreign file: the command is unknown, the rows stay)
+            continue
+        out.append((root.stat().st_mtime, "python -m embclf " + ("-m " if multi else "")
+                    + " ".join(shlex.quote(str(t)) for t in task) + f"    # {root.name}"))
+    return [c for _, c in sorted(out)]
+
+
+def _values(rows: List[dict], key: str) -> str:
+    vals = OrderedDict((str(r[key]), None) for r in rows if r.get(key) not in (None, ""))
+    return ", ".join(vals) if vals else "?"
+
+
+def preamble(rows: List[dict], agg: List[dict]) -> List[str]:
+    """report.md's opening: what was run (commands, data, epochs, heads) and where the numbers come from."""
+    done = [r for r in rows if r["status"] == "completed"]
+    cfgs = [r.get("config", {}) for r in done] or [r.get("config", {}) for r in rows]
+
+    def setting(key: str) -> str:
+        vals = OrderedDict((_short(key, c[key]), None) for c in cfgs if key in c)
+        return ", ".join(vals) if vals else "—"
+
+    sizes = OrderedDict((f"{r.get('n_train')} / {r.get('n_val')} / {r.get('n_test')}", None) for r in done
+                        if r.get("n_train") is not None)
+    heads = OrderedDict((str(r["head"]), None) for r in done if r.get("head"))
+    probes = probe_names(rows)
+    vary = sorted({v.split("=", 1)[0] for r in rows for v in r.get("varying", [])})
+    cmds = commands(rows)
+    md = ["## What was run", ""]
+    md += ["Commands (from each sweep's `multirun.yaml` or each run's `.hydra/overrides.yaml`):", "", "```bash",
+           *(cmds or ["(unknown: no multirun.yaml or .hydra/overrides.yaml found)"]), "```", ""]
+    md += [f"- data: `{setting('data.source')}` from `{setting('data.root')}`; images train / val / test: "
+           f"{', '.join(sizes) or '?'} (data.train_size {setting('data.train_size')}, data.test_size "
+           f"{setting('data.test_size')})",
+           f"- models: {setting('model.name')}; latent sizes: {setting('latent')}; seeds: {_values(rows, 'seed')}",
+           f"- epochs: autoencode {setting('autoencode.epochs')}; classify {setting('classify.epochs')}",
+           f"- heads: {', '.join(heads) or 'none (autoencoders only)'}"
+           + (f"; probes: {', '.join(probes)}" if probes else ""),
+           f"- settings that differ between rows (in the row labels): "
+           f"{', '.join(f'`{k}`' for k in vary) if vary else 'none besides model and latent'}",
+           "- numbers: test MSE / PSNR / KL / active units are of the autoencoder's best-on-val checkpoint (lowest "
+           "val MSE); accuracies are of the head's best-on-val epoch (highest val accuracy); `last-epoch` columns "
+           "(shown where they differ) are the last epoch's, as the reference study reported. MSE per pixel on "
+           "[0, 1] images; PSNR in dB (mean of per-image PSNR); KL in nats per image; wall time of autoencode + "
+           "classify.",
+           "- rows: one per configuration; mean ± sample std over distinct seeds (`n` seeds); a seed run more "
+           "than once counts once, with its newest completed run (`repeated seeds`); every run, repeats too, "
+           "is in report.csv (`used` says which entered the table).", ""]
+    return md
+
+
 def report(paths: Sequence[Path], out: Optional[Path] = None, figures: bool = True) -> Dict[str, object]:
     """Write report.csv, report.md and figures/ for the runs under ``paths`` into ``out``.
 
-    Returns {"rows": per-run rows, "table": the markdown table printed, "files": paths written}.
-    Raises ``ReportError`` (see ``collect``).
+    Returns {"rows": per-run rows, "agg": one row per configuration, "table": the markdown table printed,
+    "not_completed": rows that did not complete, "files": paths written}. Raises ``ReportError`` (see
+    ``collect``).
     """
     paths = [Path(p) for p in paths]
     rows = collect(paths)
@@ -361,10 +813,15 @@ def report(paths: Sequence[Path], out: Optional[Path] = None, figures: bool = Tr
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     agg = aggregate(rows)
-    several_seeds = any(a["n"] > 1 for a in agg)
-    cols = ["label", "stage", "seed", "n", "epochs", *NUMERIC] if several_seeds else \
-        ["label", "stage", "seed", "status", "epochs", *NUMERIC]
-    table = markdown_table(agg if several_seeds else [r for r in rows if r["status"] == "completed"], cols)
+    probes = [PROBE_PREFIX + p for p in probe_names(rows)]
+    cols = ["label", "stage", "seed", "n", "repeats", "epochs", "test_mse", "test_psnr"]
+    cols += ["final_test_psnr"] if _differs(agg, "test_psnr", "final_test_psnr") else []
+    cols += ["test_kl", "active_units", "val_accuracy", "test_accuracy"]
+    cols += ["final_test_accuracy"] if _differs(agg, "test_accuracy", "final_test_accuracy") else []
+    cols += probes + ["wall_seconds"]
+    if all(a["n"] == 1 for a in agg):
+        cols.remove("n")
+    table = markdown_table(agg, cols)
     bad = [r for r in rows if r["status"] != "completed"]
     files = [out / "report.csv", out / "report.md"]
     write_csv(rows, files[0])
@@ -372,13 +829,24 @@ def report(paths: Sequence[Path], out: Optional[Path] = None, figures: bool = Tr
     if figures:
         fig_dir = out / "figures"
         fig_dir.mkdir(exist_ok=True)
-        figs = plot_curves(rows, fig_dir)
-        figs += [p for p in (plot_vs_latent(aggregate(rows), fig_dir), plot_prior_samples(rows, fig_dir)) if p]
-    md = [f"# embclf report: {', '.join(str(p) for p in paths)}", "",
-          f"{len(rows)} rows ({sum(r['status'] == 'completed' for r in rows)} completed)"
-          + (", mean ± std over seeds (n = number of seeds)" if several_seeds else "") + ". "
-          "MSE per pixel on [0, 1] images; PSNR in dB; KL in nats per image; accuracy of the best-on-val head; "
-          "wall time of autoencode + classify. Per-run numbers: report.csv.", "", table, ""]
+        used = [r for r in rows if r.get("used") or r["status"] != "completed"]
+        figs = plot_curves(used, fig_dir)
+        figs += [p for p in (plot_vs_latent(agg, fig_dir), plot_prior_samples(rows, fig_dir),
+                             plot_reconstructions(rows, fig_dir), plot_per_class(agg, fig_dir)) if p]
+    md = [f"# embclf report: {', '.join(str(p) for p in paths)}", ""] + preamble(rows, agg)
+    md += ["## Results", "", f"{len(agg)} configurations from {len(rows)} runs "
+           f"({sum(r['status'] == 'completed' for r in rows)} completed). Per-run numbers: report.csv.", "", table, ""]
+    pcs = [a for a in agg if a.get("per_class_accuracy")]
+    if pcs and len(pcs[0]["per_class_accuracy"]) <= 20:
+        classes = list(pcs[0]["per_class_accuracy"])
+        pc_rows = [{"label": a["label"], **{f"pc:{c}": a["per_class_accuracy"].get(c) for c in classes}} for a in pcs]
+        FORMATS.update({f"pc:{c}": "{:.2f}" for c in classes})
+        HEADERS.update({f"pc:{c}": c for c in classes})
+        md += ["## Test accuracy per class", "", "(best-on-val head, mean over seeds)", "",
+               markdown_table(pc_rows, ["label"] + [f"pc:{c}" for c in classes]), ""]
+    elif pcs:
+        md += ["## Test accuracy per class", "", f"{len(pcs[0]['per_class_accuracy'])} classes: see "
+               "figures/per_class_accuracy.png (the numbers are in each classify run's summary.json).", ""]
     if bad:
         md += ["## Not completed", "", markdown_table(
             [{**r, "error": (r.get("error") or "").strip().splitlines()[-1][:160] if r.get("error") else ""} for r in bad],
@@ -386,12 +854,36 @@ def report(paths: Sequence[Path], out: Optional[Path] = None, figures: bool = Tr
     if figs:
         md += ["## Figures", ""] + [f"![{p.stem}]({p.relative_to(out).as_posix()})" for p in figs] + [""]
     files[1].write_text("\n".join(md))
-    return {"rows": rows, "table": table, "not_completed": bad, "files": files + figs}
+    return {"rows": rows, "agg": agg, "table": table, "not_completed": bad, "files": files + figs}
+
+
+HELP_EPILOG = """\
+writes (into --out, default: the PATH):
+  report.md    what was run (sweep commands, data, epochs, heads, settings that differ), the table,
+               per-class accuracy, runs that did not complete, the figures
+  report.csv   every run, every field (repeated seeds too: column `used`)
+  figures/     val_psnr, val_mse, val_accuracy, ce (per epoch), vs_latent, prior_samples,
+               reconstructions, per_class_accuracy (.png)
+
+rows: one per configuration; any setting that differs between runs (model, latent, data.*, autoencode.*,
+head, head.*, classify.*, model.* options) separates rows and appears in the row label; only distinct
+seeds are averaged (n = seeds); a seed run more than once counts once (its newest completed run).
+
+examples:
+  python -m embclf.report outputs/2026-11-30_10-00-00_3fa9c1          # one sweep
+  python -m embclf.report outputs/sweepA outputs/sweepB --out reports/ab   # two sweeps, one table
+  python -m embclf.report outputs                                      # everything under outputs/
+"""
 
 
 def main(argv: Optional[Iterable[str]] = None) -> int:
     """CLI entry point (see module docstring). Returns the exit status."""
-    ap = argparse.ArgumentParser(prog="python -m embclf.report", description=__doc__.split("\n\n")[0])
+    ap = argparse.ArgumentParser(
+        prog="python -m embclf.report", formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="Summarise finished embclf runs: one row per configuration (mean ± std over distinct seeds), "
+                    "the sweep commands, and figures.\nReads every run dir (a dir with summary.json) under each "
+                    "PATH; never modifies or trains anything.",
+        epilog=HELP_EPILOG)
     ap.add_argument("paths", nargs="+", type=Path, metavar="PATH", help="sweep dir, run dir, or output_dir")
     ap.add_argument("--out", type=Path, default=None, help="where to write report.md/.csv and figures/ "
                     "(default: the PATH, or the common parent of several)")

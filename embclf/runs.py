@@ -6,7 +6,7 @@ Layout of one run dir (one stage of one job)::
     .hydra/            as Hydra writes it (overrides.yaml keeps the full overrides)
     embclf.log         the job's log
     metrics.jsonl      one JSON object per epoch and split
-    summary.json       status + headline numbers (see README "Output layout")
+    summary.json       status + headline numbers (see docs/run-dirs.md)
     checkpoints/       last.pt (every epoch), best.pt (best on val)
     images/            PNGs
     embeddings.pt      classify only: float32 [N, latent] per split, with labels
@@ -275,6 +275,18 @@ def read_config(run_dir: Path) -> Optional[dict]:
 # how a run executes, not what it computes (compile and TF32 change speed, not the experiment; precision
 # does change the numbers, so it is not here)
 VOLATILE_KEYS = ("threads", "device", "output_dir", "logger", "compile", "tf32")
+# nested keys of the same kind: what is kept on disk after a run, not what it computed
+VOLATILE_SUBKEYS = ("autoencode.keep_last",)
+
+
+def _without_volatile_subkeys(c: dict) -> dict:
+    """A copy of a resolved config dict without ``VOLATILE_SUBKEYS`` (the input is not modified)."""
+    c = dict(c)
+    for key in VOLATILE_SUBKEYS:
+        group, leaf = key.split(".")
+        if isinstance(c.get(group), dict) and leaf in c[group]:
+            c[group] = {k: v for k, v in c[group].items() if k != leaf}
+    return c
 
 
 def is_completed(run_dir: Path, cfg: DictConfig) -> bool:
@@ -284,8 +296,7 @@ def is_completed(run_dir: Path, cfg: DictConfig) -> bool:
     old = read_config(run_dir)
     if not s or s.get("status") != "completed" or old is None:
         return False
-    old = with_schema_defaults(old)
-    new = resolved(cfg)
+    old, new = _without_volatile_subkeys(with_schema_defaults(old)), _without_volatile_subkeys(resolved(cfg))
     return all(old.get(k) == new.get(k) for k in set(old) | set(new) if k not in VOLATILE_KEYS)
 
 
@@ -304,8 +315,7 @@ def slurm_job_id() -> Optional[str]:
 def config_differences(old: dict, cfg: DictConfig) -> List[str]:
     """Top-level/nested keys whose values differ between a stored resolved config and ``cfg``, ignoring
     how the run executes (``VOLATILE_KEYS``) and ``stage`` (stage=all stores its sub-stage)."""
-    new = resolved(cfg)
-    old = with_schema_defaults(old)
+    old, new = _without_volatile_subkeys(with_schema_defaults(old)), _without_volatile_subkeys(resolved(cfg))
     diffs = []
 
     def walk(a, b, prefix):
@@ -489,7 +499,7 @@ BEFORE_KEY_EXISTED = {"autoencode.select_on": "mse"}
 def encoder_identity(cfg) -> dict:
     """What makes two autoencode runs the same: data, model, latent, seed, precision and ``autoencode.*``
     (a stored config lacking a newer key counts as having its default: ``with_schema_defaults``)."""
-    c = with_schema_defaults(cfg) if isinstance(cfg, dict) else resolved(cfg)
+    c = _without_volatile_subkeys(with_schema_defaults(cfg) if isinstance(cfg, dict) else resolved(cfg))
     data = {k: v for k, v in c["data"].items() if k not in ("cache_dir", "download")}
     return {"data": data, "model": c["model"], "latent": c["latent"], "seed": c["seed"],
             "precision": c.get("precision", "fp32"), "autoencode": c["autoencode"]}

@@ -28,6 +28,7 @@ import netrc
 import os
 import platform
 import secrets
+import shlex
 import socket
 import string
 import subprocess
@@ -329,7 +330,9 @@ class AnnounceOutputs(Callback):
         atexit.register(_remove_if_only_multirun_yaml, sweep_dir)
 
     def on_multirun_end(self, config, **kwargs) -> None:
-        log.info("sweep done; summarise it with: python -m embclf.report %s", Path(str(config.hydra.sweep.dir)).resolve())
+        # the interpreter running now (a bare `python` fails outside an activated venv); quoted for the shell
+        cmd = [sys.executable, "-m", "embclf.report", str(Path(str(config.hydra.sweep.dir)).resolve())]
+        log.info("sweep done; summarise it with: %s", " ".join(shlex.quote(c) for c in cmd))
 
 
 # --- provenance -----------------------------------------------------------------------------------

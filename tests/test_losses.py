@@ -1,4 +1,4 @@
-"""Known-value tests of the metric conventions (README: "Metrics")."""
+"""Known-value tests of the metric conventions (docs/configuration.md: "Metrics")."""
 import math
 
 import pytest

@@ -6,7 +6,7 @@ from hydra import compose, initialize_config_dir
 from embclf.config import conf_dir
 from embclf.models import build_model, count_parameters
 
-# Also in the README ("Models"); printed by `python -m embclf.models`.
+# Also in docs/configuration.md ("Models"); printed by `python -m embclf.models`.
 PARAMS = {("ae", 64): 2486403, ("vae", 64): 2748611, ("resnet", 64): 15437635, ("resnet_vae", 64): 15961987}
 
 

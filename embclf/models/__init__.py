@@ -1,6 +1,6 @@
 """Model builders: translate the ``model`` config group and ``latent`` into an ``Autoencoder``.
 
-Parameter counts: `python -m embclf.models` prints them (table in the README, "Models"); pinned by
+Parameter counts: `python -m embclf.models` prints them (table in docs/configuration.md, "Models"); pinned by
 tests/test_models.py.
 """
 from __future__ import annotations

@@ -36,7 +36,9 @@ from ..models.objectives import Objective, build_objective
 
 log = logging.getLogger(__name__)
 
-N_RECON = 16  # test images shown above their reconstructions
+N_RECON = 20  # test images shown above their reconstructions: a fixed, class-balanced set (recon_indices)
+RECON_COLS, RECON_PAD = 10, 2  # images/recon_eNNN.png: rows of 10, originals above their reconstructions
+RECON_PIXELS = 96  # each image is enlarged (nearest neighbour) to about this many pixels, to be judged by eye
 N_SAMPLES = 64  # decoded draws from the prior N(0, I)
 N_INTERP_PAIRS, N_INTERP_STEPS = 8, 10  # images/interpolation.png: rows of pairs, decoded points per row
 ACTIVE_UNIT_THRESHOLD = 0.01  # Burda et al., "Importance Weighted Autoencoders" (2016), sec. 5.2
@@ -211,17 +213,54 @@ def evaluate(step, model, split: data_mod.Split, batch_size: int,
     return m
 
 
+def recon_indices(labels: torch.Tensor, n: int = N_RECON) -> torch.Tensor:
+    """Indices (int64 [m], m <= n) of a fixed, class-balanced set of test images for reconstruction grids.
+
+    With C <= n classes, n // C images of every class; with more classes, one image of each of n classes
+    spread evenly over the class indices. Within a class the images are a fixed random draw (seed 0), and the
+    order is round-robin (one image per class, then the next round), so the first row of a grid shows
+    different classes. The same test split gives the same images in every run, so runs compare side by side.
+    The test split is ordered by class, which is why the first n images would all be airplanes.
+    """
+    labels = labels.detach().cpu()
+    classes = torch.unique(labels)
+    if len(classes) == 0 or n < 1:
+        return torch.zeros(0, dtype=torch.long)
+    if len(classes) > n:
+        classes, per = classes[torch.linspace(0, len(classes) - 1, n).round().long()], 1
+    else:
+        per = n // len(classes)
+    g = torch.Generator().manual_seed(0)
+    picks = []
+    for c in classes:
+        idx = (labels == c).nonzero().flatten()
+        picks.append(idx[torch.randperm(len(idx), generator=g)[:per]])
+    return torch.stack([p[j] for j in range(per) for p in picks if j < len(p)])
+
+
+def _enlarge(x: torch.Tensor) -> torch.Tensor:
+    """float [B, C, S, S] -> [B, C, k*S, k*S] by nearest neighbour, k = RECON_PIXELS // S (at least 1)."""
+    k = max(1, RECON_PIXELS // x.shape[-1])
+    return torch.nn.functional.interpolate(x, scale_factor=k, mode="nearest") if k > 1 else x
+
+
 @torch.no_grad()
 def save_images(model, test: data_mod.Split, device, run_dir: Path, epoch: int) -> Dict[str, Path]:
-    """images/recon_eNNN.png (test images above reconstructions) and images/samples_eNNN.png (z ~ N(0, I)).
+    """images/recon_eNNN.png (a fixed, class-balanced set of test images, ``recon_indices``: rows of 10 originals,
+    each above the row of their reconstructions, enlarged to ~96 pixels) and images/samples_eNNN.png (z ~ N(0, I)).
 
     Returns {"recon": path, "samples": path}."""
     model.eval()
-    x = data_mod.to_float(test.images[:N_RECON].to(device))
-    x_hat = model(x, sample=False)["x_hat"]
+    idx = recon_indices(test.labels)
+    cols = min(RECON_COLS, len(idx))
+    idx = idx[:len(idx) - len(idx) % cols]  # whole rows only
+    x = data_mod.to_float(test.images[idx.to(test.images.device)].to(device))
+    x_hat = model(x, sample=False)["x_hat"].float()
     img_dir = run_dir / "images"
     img_dir.mkdir(exist_ok=True)
-    save_image(make_grid(torch.cat([x, x_hat]).cpu(), nrow=len(x), padding=1), img_dir / f"recon_e{epoch:03d}.png")
+    rows = torch.cat([torch.cat([x[i:i + cols], x_hat[i:i + cols]]) for i in range(0, len(x), cols)])
+    save_image(make_grid(_enlarge(rows.cpu()), nrow=cols, padding=RECON_PAD, pad_value=1.0),
+               img_dir / f"recon_e{epoch:03d}.png")
     g = torch.Generator().manual_seed(0)  # the same z at every epoch: samples are comparable over training
     save_image(make_grid(model.sample(N_SAMPLES, generator=g).cpu(), nrow=8, padding=1),
                img_dir / f"samples_e{epoch:03d}.png")
@@ -515,6 +554,8 @@ def run(cfg, run_dir: Path, overrides: List[str]) -> Path:
         summary["wall_seconds"] = summary["end_time"] - summary["start_time"]  # first start to end, gaps included
         runs.touch_attempt(summary, summary["end_time"])
         runs.write_json_atomic(run_dir / runs.SUMMARY, summary)
+        if not ac.get("keep_last", True):  # completed: last.pt is only needed to resume, best.pt is the result
+            last.unlink(missing_ok=True)
         tracker.finish(summary)
         log.info("test (best epoch %d): mse %.5f psnr %.2f dB%s", state["best_epoch"], best["mse"], best["psnr"],
                  f" kl {best['kl']:.2f} active units {best['active_units']}" if "kl" in best else "")

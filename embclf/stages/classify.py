@@ -109,20 +109,8 @@ def _eval(head, z, y, batch_size: int):
 
 
 def save_confusion_png(cm, classes: List[str], path: Path, title: str) -> None:
-    """Confusion matrix (rows: true class, columns: predicted) as a PNG, via scikit-learn's display."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    from sklearn.metrics import ConfusionMatrixDisplay
-
-    fig, ax = plt.subplots(figsize=(7, 6))
-    ConfusionMatrixDisplay(cm, display_labels=classes).plot(ax=ax, xticks_rotation=45, colorbar=False)
-    ax.set_title(title)
-    fig.tight_layout()
-    path.parent.mkdir(exist_ok=True)
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    """Confusion matrix (rows: true class, columns: predicted) as a PNG (``plots.confusion``)."""
+    plots.confusion(cm, classes, path, title)
 
 
 def _optional(what: str, fn, *args, **kwargs):
@@ -273,7 +261,9 @@ def run(cfg, run_dir: Path, overrides: List[str], encoder: Optional[Path] = None
             n = len(z["train"])
             train_m = {"loss": tot_loss / n, "accuracy": tot_correct / n}
             val_m, _ = _eval(head, z["val"], y["val"], 4096)
-            runs.append_metrics(run_dir, {"epoch": epoch, "split": "train", **train_m, "lr": lr, "seconds": time.time() - t0})
+            seconds = time.time() - t0
+            runs.append_metrics(run_dir, {"epoch": epoch, "split": "train", **train_m, "lr": lr, "seconds": seconds,
+                                          "images_per_second": n / seconds if seconds > 0 else None})
             runs.append_metrics(run_dir, {"epoch": epoch, "split": "val", **val_m, "lr": lr})
             tracker.log_epoch(epoch, train=train_m, val=val_m, lr=lr)
             log.info("epoch %d/%d  train ce %.4f acc %.4f | val ce %.4f acc %.4f", epoch, cc.epochs,
