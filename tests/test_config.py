@@ -114,10 +114,17 @@ def _problems(*overrides):
 
 def test_config_problems_name_the_key_and_suggest_the_closest():
     assert _problems() == [] and _problems("model=vae", "latent=8", "data=folder", "data.root=/x") == []
-    (p,) = _problems("+autoencode.epoch=3")
-    assert "autoencode.epoch is not a config key" in p and "did you mean autoencode.epochs?" in p
-    (p,) = _problems("+colour=red")
-    assert "colour is not a config key" in p
+    # a key that got past composition (Hydra's `+key=` under an untyped node, a hand-edited config): named,
+    # with the closest valid key
+    from omegaconf import open_dict
+    from embclf.config import problems
+    cfg = _compose()
+    with open_dict(cfg):
+        cfg.autoencode.epoch = 3
+        cfg.colour = "red"
+    p1, p2 = problems(cfg)
+    assert "autoencode.epoch is not a config key" in p1 + p2 and "did you mean autoencode.epochs?" in p1 + p2
+    assert "colour is not a config key" in p1 + p2
     bad = _problems("latent=0", "model.beta=-0.5", "autoencode.batch_size=0", "head.dropout=1.0", "classify.lr=0")
     assert [x.split("=")[0] for x in bad] == ["latent", "model.beta", "head.dropout", "autoencode.batch_size",
                                              "classify.lr"], bad
