@@ -119,7 +119,7 @@ def test_config_problems_name_the_key_and_suggest_the_closest():
     from omegaconf import open_dict
     from embclf.config import problems
     cfg = _compose()
-    with open_dict(cfg):
+    with open_dict(cfg), open_dict(cfg.autoencode):
         cfg.autoencode.epoch = 3
         cfg.colour = "red"
     p1, p2 = problems(cfg)
