@@ -278,7 +278,9 @@ def run(cfg, run_dir: Path, overrides: List[str]) -> Path:
     train, val, test = (s.to(device) for s in (ds.train, ds.val, ds.test))
     model = build_model(cfg.model, int(cfg.latent), int(cfg.data.image_size)).to(device, memory_format=fmt)
     beta = float(cfg.model.beta)
-    opt = runtime.adam(model.parameters(), device, float(ac.lr), float(ac.weight_decay))
+    # model.weight_decay (the reference study's 1e-4 for the plain AE) overrides autoencode.weight_decay
+    wd = float(ac.weight_decay if cfg.model.get("weight_decay") is None else cfg.model.weight_decay)
+    opt = runtime.adam(model.parameters(), device, float(ac.lr), wd)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=int(ac.epochs))
 
     def step(x):
@@ -291,7 +293,7 @@ def run(cfg, run_dir: Path, overrides: List[str]) -> Path:
         summary["start_time"] = prior["start_time"]
     runs.write_config(run_dir, cfg)
     summary.update(device=str(device), device_name=env["name"], device_fallback=env["fallback"],
-                   precision=precision, compile=bool(cfg.compile), tf32=env["tf32"],
+                   precision=precision, compile=bool(cfg.compile), tf32=env["tf32"], weight_decay=wd,
                    cudnn_benchmark=env["cudnn_benchmark"], channels_last=fmt == torch.channels_last,
                    parameters=count_parameters(model), data_fingerprint=ds.fingerprint,
                    n_train=len(train), n_val=len(val), n_test=len(test),
