@@ -111,7 +111,8 @@ def objective_key(cfg) -> str:
     """
     key = str(cfg.get("objective", "auto"))
     if key == "auto":
-        return "val_loss" if cfg.stage == Stage.autoencode else "val_accuracy"
+        # the stage as an Enum (composed config) or as text (a resolved plain copy)
+        return "val_loss" if getattr(cfg.stage, "value", cfg.stage) == Stage.autoencode.value else "val_accuracy"
     if not key.split(".")[-1].startswith("val_"):
         raise EmbclfError(
             f"objective={key}: the objective must be a validation value of the last stage's summary.json (a val_* "

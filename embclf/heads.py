@@ -186,7 +186,8 @@ def check_names(names: List[str], key: str) -> None:
     """Raise ``EmbclfError`` naming ``key`` if any of ``names`` is not a head."""
     bad = [n for n in names if n not in HEADS]
     if bad:
-        raise EmbclfError(f"{key}: {', '.join(map(repr, bad))} unknown; available: {', '.join(HEADS)}.")
+        raise EmbclfError(f"{key}: {', '.join(map(repr, bad))} unknown; available: {', '.join(HEADS)} "
+                          "(conf/head/<name>.yaml; choose the main one with head=<name>).")
 
 
 def _dropout(head_cfg) -> float:

@@ -155,7 +155,7 @@ def check_settings(cfg) -> None:
 
     Raises ``runtime.EmbclfError``."""
     cc = cfg.classify
-    check_names([cfg.head.name], "head")
+    check_names([cfg.head.name], "head.name")
     check_names(list(cc.probes), "classify.probes")
     if cc.patience is not None and int(cc.patience) < 1:
         raise runtime.EmbclfError(f"classify.patience={cc.patience} must be at least 1 (epochs without a better val "
