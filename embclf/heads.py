@@ -167,9 +167,9 @@ def build_head(head_cfg, in_dim: int, n_classes: int, seed: int = 0):
     """
     name = head_cfg.name
     if name == "mlp":
-        return MLPHead(in_dim, n_classes, list(head_cfg.hidden), _dropout(head_cfg))
+        return MLPHead(in_dim, n_classes, list(head_cfg.hidden), check_dropout(head_cfg))
     if name == "linear":
-        return MLPHead(in_dim, n_classes, (), _dropout(head_cfg))
+        return MLPHead(in_dim, n_classes, (), check_dropout(head_cfg))
     if name == "knn":
         return KNNProbe(n_classes, int(head_cfg.k), float(head_cfg.temperature))
     if name == "logreg":
@@ -190,7 +190,7 @@ def check_names(names: List[str], key: str) -> None:
                           "(conf/head/<name>.yaml; choose the main one with head=<name>).")
 
 
-def _dropout(head_cfg) -> float:
+def check_dropout(head_cfg) -> float:
     p = float(head_cfg.dropout)
     if not 0.0 <= p < 1.0:
         raise EmbclfError(f"head.dropout={p} must be in [0, 1) (the probability of zeroing an input).")

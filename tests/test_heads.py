@@ -112,11 +112,14 @@ def test_head_schema_type_error_names_the_key():
 
 
 def test_classify_with_knn_head_and_probes_on_the_sweeps_encoder(tiny_sweep):
-    """stage=classify head=knn into the tiny sweep's output dir: finds the trained encoder, no retraining,
+    """stage=classify head=knn on the tiny sweep's vae-z16 encoder: no retraining,
     probes on the same cached embeddings; the head is in the run dir name and the summary."""
-    out = tiny_sweep["out"]
-    n_before = len(list(out.rglob("checkpoints/best.pt")))
-    run_embclf(["stage=classify", "model=vae", "latent=16", "head=knn", "classify.probes=[linear,logreg]",
+    summaries = {p.parent: json.loads(p.read_text()) for p in tiny_sweep["out"].rglob("summary.json")}
+    encoder = next(d for d, s in summaries.items() if (s["stage"], s["model"], s["latent"]) == ("autoencode", "vae", 16))
+    n_before = len(list(tiny_sweep["out"].rglob("checkpoints/best.pt")))
+    # its own output_dir (other tests count the sweep's run dirs); the encoder quoted: its name holds '=' and ','
+    out = tiny_sweep["tmp"] / "probes"
+    run_embclf(["stage=classify", "head=knn", f"classify.encoder='{encoder}'", "classify.probes=[linear,logreg]",
                 *TINY, "logger=none", "logger.projections=[pca]", f"output_dir={out}"], tiny_sweep["tmp"])
     (d,) = [p.parent for p in out.glob("*head=knn*/summary.json")]
     assert "head=knn" in d.name
@@ -127,4 +130,6 @@ def test_classify_with_knn_head_and_probes_on_the_sweeps_encoder(tiny_sweep):
     for name, p in s["probes"].items():
         assert 0.0 <= p["val_accuracy"] <= 1.0 and 0.0 <= p["test_accuracy"] <= 1.0, (name, p)
     assert s["probes"]["knn"]["test_accuracy"] == s["test_accuracy"] > 0.15  # above chance on real embeddings
-    assert "model=vae,latent=16" in s["encoder_run"] and len(list(out.rglob("checkpoints/best.pt"))) == n_before  # no new encoder
+    assert s["encoder_run"] == str(encoder.resolve()) and (s["model"], s["latent"]) == ("vae", 16)
+    assert len(list(tiny_sweep["out"].rglob("checkpoints/best.pt"))) == n_before and \
+        not list(out.rglob("checkpoints"))  # nothing retrained, knn has no checkpoint

@@ -28,7 +28,7 @@ from omegaconf import OmegaConf
 
 from .. import data as data_mod
 from .. import losses, plots, runs, runtime, tracking
-from ..heads import build_head, check_names, is_trainable
+from ..heads import build_head, check_dropout, check_names, is_trainable
 from ..models import build_model
 
 log = logging.getLogger(__name__)
@@ -163,7 +163,10 @@ def check_settings(cfg) -> None:
     if any(float(lr) <= 0 for lr in cc.lr_grid) or float(cc.lr) <= 0:
         raise runtime.EmbclfError(f"classify.lr={cc.lr} / classify.lr_grid={list(cc.lr_grid)}: learning rates must be positive.")
     for name in {cfg.head.name, *cc.probes}:  # a bad head.k, head.C, head.dropout fails here, naming the key
-        build_head(OmegaConf.merge(cfg.head, {"name": name}), 2, 2)
+        if is_trainable(name):
+            check_dropout(cfg.head)  # (the layers themselves are built, and fail, in the job)
+        else:
+            build_head(OmegaConf.merge(cfg.head, {"name": name}), 2, 2)
 
 
 def train_head(head_cfg, cc, z: Dict[str, torch.Tensor], y: Dict[str, torch.Tensor], n_classes: int, seed: int,
