@@ -110,3 +110,14 @@ def test_objective_names_a_val_value(tmp_path):
         objective_key(OmegaConf.create({"stage": "all", "objective": "test_accuracy"}))
     with pytest.raises(EmbclfError, match="available: val_accuracy, probes.knn.val_accuracy"):
         objective_value(OmegaConf.create({"stage": "all", "objective": "val_psnr"}), tmp_path)
+
+
+def test_a_skipped_trial_returns_its_stored_objective(tmp_path):
+    """A re-run search skips completed trials; the launcher hands the sweeper their stored objective."""
+    from hydra_plugins.embclf_launcher._common import PlannedJob, skipped_return
+
+    (tmp_path / "classify").mkdir()
+    (tmp_path / "classify" / "summary.json").write_text(json.dumps({"status": "completed", "val_accuracy": 0.4}))
+    job = PlannedJob(idx=0, overrides=[], cfg=OmegaConf.create({"stage": "all"}), run_dir=tmp_path,
+                     extra={"app": {"stage": "all", "objective": "auto"}})
+    assert skipped_return(job).return_value == 0.4
