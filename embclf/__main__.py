@@ -152,15 +152,55 @@ def _remove_if_empty(job_dir: Path) -> None:
         shutil.rmtree(job_dir, ignore_errors=True)
 
 
+def objective_key(cfg) -> str:
+    """The summary key the task function returns (``objective``; ``auto`` = ``val_accuracy`` for
+    stage=classify|all, ``val_loss`` for stage=autoencode). Dotted keys reach nested values
+    (``probes.knn.val_accuracy``).
+
+    Raises ``EmbclfError`` unless the key's last part starts with ``val_``: a search must never select on test.
+    """
+    key = str(cfg.get("objective", "auto"))
+    if key == "auto":
+        # the stage as an Enum (composed config) or as text (a resolved plain copy)
+        return "val_loss" if getattr(cfg.stage, "value", cfg.stage) == Stage.autoencode.value else "val_accuracy"
+    if not key.split(".")[-1].startswith("val_"):
+        raise EmbclfError(
+            f"objective={key}: the objective must be a validation value of the last stage's summary.json (a val_* "
+            "key, e.g. objective=val_accuracy, objective=probes.knn.val_accuracy, objective=val_psnr), so a "
+            "hyperparameter search never selects on test. objective=auto picks val_accuracy (stage=classify|all) "
+            "or val_loss (stage=autoencode).")
+    return key
+
+
+def objective_value(cfg, run_dir: Path) -> float:
+    """The ``objective`` (see ``objective_key``) read from ``run_dir``'s summary.json, as a float.
+
+    Raises ``EmbclfError`` naming the key and the val_* keys the summary has when it is missing or not a number."""
+    key = objective_key(cfg)
+    summary = runs.read_summary(Path(run_dir)) or {}
+    value = summary
+    for part in key.split("."):
+        value = value.get(part) if isinstance(value, dict) else None
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        have = sorted(k for k in summary if k.startswith("val_")) + \
+            [f"probes.{p}.val_accuracy" for p in summary.get("probes", {}) or {}]
+        raise EmbclfError(f"objective={key}: {run_dir}/summary.json has no number there; available: "
+                          f"{', '.join(have) or 'none'}.")
+    return float(value)
+
+
 @hydra.main(config_path=conf_dir(), config_name="config", version_base=None)
-def main(cfg: DictConfig) -> None:
-    """Hydra task function (see module docstring)."""
+def main(cfg: DictConfig) -> float:
+    """Hydra task function (see module docstring). Returns the value named by ``objective`` (a float, what
+    a sweeper such as Optuna's optimizes; see docs/research.md)."""
     hc = HydraConfig.get()
     job_dir = Path(hc.runtime.output_dir)
     if hasattr(signal, "SIGXFSZ"):  # past `ulimit -f` a write then fails with a message instead of killing the job
         signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
     try:
-        run_job(cfg, job_dir, list(hc.overrides.task))
+        objective_key(cfg)  # a bad objective fails before any training
+        run_dir = run_job(cfg, job_dir, list(hc.overrides.task))
+        return objective_value(cfg, run_dir)
     except (EmbclfError, DataError) as e:
         if hc.mode == RunMode.RUN:  # one paragraph, no traceback, exit status 2, no half-made run dir
             _remove_if_empty(job_dir)

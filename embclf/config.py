@@ -103,6 +103,9 @@ class ModelConfig:
     arch: Arch = Arch.conv
     variational: bool = False
     beta: float = 0.1  # KL weight (VAE only), on SSE summed over pixels per image
+    # Adam weight decay of this model's autoencoder training; null = autoencode.weight_decay. The reference
+    # study used 1e-4 for the plain conv AE only (conf/model/ae.yaml) and none for the VAE.
+    weight_decay: Optional[float] = None
     channels: List[int] = field(default_factory=lambda: [32, 64, 128, 256, 256])
     strides: List[int] = field(default_factory=lambda: [2, 1, 2, 1, 2])
     # objective per image: SSE + beta_e*KL + ce_weight*CE + decorrelation_weight*R (docs/objectives.md)
@@ -114,11 +117,16 @@ class ModelConfig:
 
 @dataclass
 class HeadConfig:
-    """``head`` group: the classifier trained on frozen embeddings."""
+    """``head`` group: the probe on frozen embeddings (``embclf/heads.py``). One schema for every head, so
+    ``classify.probes`` can evaluate other heads with the same settings; each key says which heads read it."""
 
-    name: str = "mlp"
-    hidden: List[int] = field(default_factory=lambda: [128, 64])
-    dropout: float = 0.0
+    name: str = "mlp"  # mlp | linear | knn | logreg
+    hidden: List[int] = field(default_factory=lambda: [128, 64])  # mlp: hidden widths
+    dropout: float = 0.0  # mlp: after each hidden ReLU; linear: on the input
+    k: int = 20  # knn: neighbours voting
+    temperature: float = 0.07  # knn: votes weighted by exp(cosine / temperature)
+    C: List[float] = field(default_factory=lambda: [0.01, 0.1, 1.0, 10.0])  # logreg: grid of inverse L2 strengths, chosen on val
+    max_iter: int = 1000  # logreg: solver iterations
 
 
 @dataclass
@@ -142,7 +150,10 @@ class ClassifyConfig:
     epochs: int = 50
     batch_size: int = 200
     lr: float = 1e-3
-    weight_decay: float = 0.0
+    weight_decay: float = 0.0  # trainable heads (mlp, linear): Adam weight decay
+    patience: Optional[int] = None  # early stopping: stop after this many epochs without a better val accuracy; null = off
+    lr_grid: List[float] = field(default_factory=list)  # trainable heads: learning rates tried, chosen on val ([] = lr only)
+    probes: List[str] = field(default_factory=list)  # more heads fitted on the same cached embeddings, e.g. [linear,knn,logreg]
     encoder: Optional[str] = None  # null = find the matching autoencode run; else run dir or .pt path
 
 
@@ -200,6 +211,10 @@ class Config:
     compile: bool = False  # torch.compile the model's training/eval step, once per job
     tf32: bool = True  # CUDA only: TF32 matmuls and convolutions (recorded in the summary)
     output_dir: str = "outputs"
+    # the value the task function returns (the Optuna sweeper's objective; docs/research.md): a val_* key of the
+    # last stage's summary.json, e.g. val_accuracy, probes.knn.val_accuracy, val_psnr; "auto" = val_accuracy for
+    # stage=classify|all (maximize), val_loss (the autoencoder's objective per image) for stage=autoencode (minimize)
+    objective: str = "auto"
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     head: HeadConfig = field(default_factory=HeadConfig)

@@ -273,8 +273,8 @@ def read_config(run_dir: Path) -> Optional[dict]:
 
 
 # how a run executes, not what it computes (compile and TF32 change speed, not the experiment; precision
-# does change the numbers, so it is not here)
-VOLATILE_KEYS = ("threads", "device", "output_dir", "logger", "compile", "tf32")
+# does change the numbers, so it is not here; objective only picks what the job returns)
+VOLATILE_KEYS = ("threads", "device", "output_dir", "logger", "compile", "tf32", "objective")
 # nested keys of the same kind: what is kept on disk after a run, not what it computed
 VOLATILE_SUBKEYS = ("autoencode.keep_last",)
 

@@ -222,8 +222,8 @@ def _group(run_dir: Path) -> str:
 def start(cfg, run_dir: Path, stage: str, encoder_cfg: Optional[dict] = None) -> Tracker:
     """Open the wandb run of this stage run (or a no-op tracker; see module docstring).
 
-    The run is named ``<model>-z<latent>-s<seed>`` (e.g. ``vae-z64-s0``), grouped by sweep, typed by stage and
-    tagged ``model=``, ``latent=``, ``data=``; its config is the resolved config as plain values. A classify
+    The run is named ``<model>-z<latent>-s<seed>`` (e.g. ``vae-z64-s0``; classify adds the head: ``vae-z64-s0-knn``),
+    grouped by sweep, typed by stage and tagged ``model=``, ``latent=``, ``data=`` (classify: ``head=``); its config is the resolved config as plain values. A classify
     run passes its encoder's resolved config as ``encoder_cfg``: the model and latent it really ran on (which
     ``classify.encoder=PATH`` may make differ from its own ``model``/``latent`` keys) then name, tag and
     configure the run, so filtering runs by ``latent`` finds the classifier too.
@@ -249,14 +249,17 @@ def start(cfg, run_dir: Path, stage: str, encoder_cfg: Optional[dict] = None) ->
     if encoder_cfg is not None:
         config.update(model=encoder_cfg["model"], latent=encoder_cfg["latent"])
     model, latent, data = config["model"]["name"], int(config["latent"]), config["data"]["source"]
+    # a classify run is also named and tagged by its head (several probes may run on one encoder)
+    head_name = config.get("head", {}).get("name") if stage == "classify" else None
+    head_part, head_tag = (f"-{head_name}", [f"head={head_name}"]) if head_name else ("", [])
     try:
         # one wandb run per run dir: a resumed job continues it (same id) instead of opening a second run
         run_id = run_id_of(run_dir)
         run = wandb.init(
             id=run_id, resume="allow",
             mode=mode, dir=str(run_dir), project=lc.wandb.project, entity=lc.wandb.entity,
-            group=_group(run_dir), job_type=stage, name=f"{model}-z{latent}-s{int(cfg.seed)}",
-            tags=[f"model={model}", f"latent={latent}", f"data={data}", *lc.wandb.tags],
+            group=_group(run_dir), job_type=stage, name=f"{model}-z{latent}-s{int(cfg.seed)}{head_part}",
+            tags=[f"model={model}", f"latent={latent}", f"data={data}", *head_tag, *lc.wandb.tags],
             config=config, reinit="finish_previous",
             # silent: the one line below says what matters; wandb's banner would repeat per job in a sweep
             settings=wandb.Settings(silent=True, init_timeout=60),

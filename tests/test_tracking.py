@@ -34,8 +34,10 @@ def test_one_offline_wandb_run_per_job(tiny_sweep):
         seen.add(r["id"])
         assert r["exit_code"] == 0
         assert r["group"] == d.parent.name and r["job_type"] == s["stage"]  # group = the sweep dir
-        assert r["name"] == f"{s['model']}-z{s['latent']}-s0"
+        head = "-mlp" if s["stage"] == "classify" else ""  # a classify run is named and tagged by its head too
+        assert r["name"] == f"{s['model']}-z{s['latent']}-s0{head}"
         assert {f"model={s['model']}", f"latent={s['latent']}", "data=folder"} <= set(r["tags"])
+        assert ("head=mlp" in r["tags"]) == (s["stage"] == "classify")
         # the resolved config as plain values: filterable by latent, no interpolation left
         cfg = r["config"]
         assert cfg["latent"] == s["latent"] and cfg["model"]["name"] == s["model"] and cfg["stage"] == s["stage"]
@@ -97,7 +99,7 @@ def test_failed_job_is_a_failed_wandb_run_and_the_next_job_starts_fresh(failing_
     failed, ok = read_run(by_status["failed"]), read_run(by_status["completed"])
     assert failed["exit_code"] == 1 and ok["exit_code"] == 0 and failed["id"] != ok["id"]
     # named after the encoder it ran on (vae-z8), not the default model/latent of its own config
-    assert failed["name"] == ok["name"] == "vae-z8-s0" and ok["config"]["latent"] == 8
+    assert failed["name"] == ok["name"] == "vae-z8-s0-mlp" and ok["config"]["latent"] == 8
     assert "negative dimension" in dirs[by_status["failed"]]["error"]
 
 

@@ -395,7 +395,9 @@ def run(cfg, run_dir: Path, overrides: List[str]) -> Path:
     beta_train = torch.tensor(beta, device=device)
     beta_full = torch.tensor(beta, device=device)
     params = list(model.parameters()) + (list(head.parameters()) if head is not None else [])
-    opt = runtime.adam(params, device, float(ac.lr), float(ac.weight_decay))
+    # model.weight_decay (the reference study's 1e-4 for the plain AE) overrides autoencode.weight_decay
+    wd = float(ac.weight_decay if cfg.model.get("weight_decay") is None else cfg.model.weight_decay)
+    opt = runtime.adam(params, device, float(ac.lr), wd)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=int(ac.epochs))
 
     def core(x, y, b):
@@ -416,7 +418,7 @@ def run(cfg, run_dir: Path, overrides: List[str]) -> Path:
     runs.start_attempt(summary, prior, resume["state"]["epoch"] if resume is not None else None)
     runs.write_config(run_dir, cfg)
     summary.update(device=str(device), device_name=env["name"], device_fallback=env["fallback"],
-                   precision=precision, compile=bool(cfg.compile), tf32=env["tf32"],
+                   precision=precision, compile=bool(cfg.compile), tf32=env["tf32"], weight_decay=wd,
                    cudnn_benchmark=env["cudnn_benchmark"], channels_last=fmt == torch.channels_last,
                    parameters=count_parameters(model), data_fingerprint=ds.fingerprint,
                    n_train=len(train), n_val=len(val), n_test=len(test),

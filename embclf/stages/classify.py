@@ -4,9 +4,14 @@
    autoencode run under ``output_dir`` whose data, model, latent, seed and ``autoencode.*`` equal ours.
 2. Encode train/val/test once with the frozen encoder in eval mode (a VAE's embedding is its posterior
    mean mu, so embeddings are deterministic) and save them as embeddings.pt.
-3. Train the head (cross-entropy, Adam, cosine annealing per epoch), keep the best epoch on val accuracy.
-4. Report test accuracy (best-on-val head: ``test_accuracy``; last epoch: ``final_test_accuracy``),
-   per-class accuracy and the confusion matrix (JSON and images/confusion.png).
+3. Fit the head (``embclf.heads``). A trainable one (mlp, linear): cross-entropy, Adam with
+   ``classify.weight_decay``, cosine annealing per epoch, the best epoch on val accuracy kept, early
+   stopping after ``classify.patience`` epochs without improvement, the learning rate optionally chosen
+   on val from ``classify.lr_grid``. knn / logreg: fitted once (logreg's C chosen on val).
+4. Report test accuracy (best-on-val head: ``test_accuracy``; trainable heads' last epoch:
+   ``final_test_accuracy``), per-class accuracy and the confusion matrix (JSON and images/confusion.png).
+   ``classify.probes`` fits more heads on the same embeddings: summary ``probes`` =
+   {head name: {"val_accuracy", "test_accuracy", ...}} (the main head included).
 5. Write the result (summary.json, status "completed") first; only then the optional extras: project the
    test embeddings to 2-D (images/pca.png, tsne.png, umap.png; ``embclf.plots``) and log them, a table of
    test embeddings and the confusion matrix to the tracker (wandb, ``embclf.tracking``). A failure of an
@@ -25,7 +30,7 @@ from omegaconf import OmegaConf
 
 from .. import data as data_mod
 from .. import losses, plots, runs, runtime, tracking
-from ..heads import build_head
+from ..heads import build_head, check_dropout, check_names, is_trainable
 from ..models import build_model
 from .autoencode import _rng_state, _set_rng_state
 
@@ -101,10 +106,17 @@ def embed(encoder, split: data_mod.Split, device, batch_size: int, precision: st
 @torch.no_grad()
 def _eval(head, z, y, batch_size: int):
     """Cross-entropy (nats) and accuracy of ``head`` on embeddings z [N, latent] with labels y [N]; one
-    host read. Returns ({"loss", "accuracy"}, logits [N, classes] on z's device)."""
+    host read. Returns ({"loss", "accuracy"}, scores [N, classes] on z's device). A trainable head's scores
+    are logits; for ``knn`` (vote weights) and ``logreg`` (probabilities) the loss is the negative log of
+    the normalised scores (floored at 1e-12)."""
     head.eval()
     logits = torch.cat([head(z[i:i + batch_size]) for i in range(0, len(z), batch_size)])
-    loss, acc = torch.stack([losses.cross_entropy(logits, y), (logits.argmax(1) == y).float().mean()]).tolist()
+    if getattr(head, "trainable", True):
+        ce = losses.cross_entropy(logits, y)
+    else:
+        p = logits / logits.sum(1, keepdim=True).clamp_min(1e-12)
+        ce = -p.gather(1, y.view(-1, 1)).clamp_min(1e-12).log().mean()
+    loss, acc = torch.stack([ce, (logits.argmax(1) == y).float().mean()]).tolist()
     return {"loss": loss, "accuracy": acc}, logits
 
 
@@ -144,6 +156,125 @@ def train_head_epoch(head, opt, z: torch.Tensor, y: torch.Tensor, batch_size: in
     return sums
 
 
+def check_settings(cfg) -> None:
+    """Fail early (before anything is written) on bad ``head`` / ``classify`` settings, naming the key.
+
+    Raises ``runtime.EmbclfError``."""
+    cc = cfg.classify
+    check_names([cfg.head.name], "head.name")
+    check_names(list(cc.probes), "classify.probes")
+    if cc.patience is not None and int(cc.patience) < 1:
+        raise runtime.EmbclfError(f"classify.patience={cc.patience} must be at least 1 (epochs without a better val "
+                                  "accuracy before stopping), or null to train all classify.epochs.")
+    if any(float(lr) <= 0 for lr in cc.lr_grid) or float(cc.lr) <= 0:
+        raise runtime.EmbclfError(f"classify.lr={cc.lr} / classify.lr_grid={list(cc.lr_grid)}: learning rates must be positive.")
+    for name in {cfg.head.name, *cc.probes}:  # a bad head.k, head.C, head.dropout fails here, naming the key
+        if is_trainable(name):
+            check_dropout(cfg.head)  # (the layers themselves are built, and fail, in the job)
+        else:
+            build_head(OmegaConf.merge(cfg.head, {"name": name}), 2, 2)
+
+
+def train_head(head_cfg, cc, z: Dict[str, torch.Tensor], y: Dict[str, torch.Tensor], n_classes: int, seed: int,
+               lr: float, on_epoch=None, resume: Optional[dict] = None):
+    """Train a fresh ``mlp``/``linear`` head on z["train"] float32 [N, latent] / y["train"] int64 [N] (on the
+    device): cross-entropy, Adam (``classify.weight_decay``), cosine annealing per epoch over
+    ``classify.epochs``, early stopping after ``classify.patience`` epochs without a better val accuracy.
+
+    ``on_epoch(epoch, head, opt, sched, train_m, val_m, lr, seconds, improved, g, state)`` runs after each epoch
+    (the stage's metrics, tracker and checkpoints; ``g`` the batch-order generator, ``state`` {"epoch",
+    "best_acc", "best_epoch"}). ``resume`` (a classify ``last.pt``) continues exactly where it stopped: head,
+    optimizer, scheduler, RNG states, batch generator and best-so-far. Returns (head holding the best-on-val
+    weights -- after a resume, the stage reloads them from best.pt --, {"val_accuracy", "best_epoch", "epochs_run",
+    "early_stopped", "lr"})."""
+    device = z["train"].device
+    torch.manual_seed(seed)
+    head = build_head(head_cfg, z["train"].shape[1], n_classes, seed).to(device)
+    head.fit_standardizer(z["train"])
+    opt = runtime.adam(head.parameters(), device, float(lr), float(cc.weight_decay))
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=int(cc.epochs))
+    g = torch.Generator().manual_seed(seed)
+    state = {"epoch": 0, "best_acc": -math.inf, "best_epoch": 0}
+    if resume is not None:  # continue the head's training exactly where last.pt left it
+        head.load_state_dict(resume["head"])
+        opt.load_state_dict(resume["optimizer"])
+        sched.load_state_dict(resume["scheduler"])
+        _set_rng_state(resume["rng"])
+        g.set_state(resume["batch_rng"])
+        state = dict(resume["state"])
+    best_acc, best_epoch, best_state, epoch = state["best_acc"], state["best_epoch"], None, state["epoch"]
+    patience = None if cc.patience is None else int(cc.patience)
+    if patience is not None and epoch and epoch - best_epoch >= patience:
+        epoch_range = range(0)  # it had stopped early before the interruption
+    else:
+        epoch_range = range(state["epoch"] + 1, int(cc.epochs) + 1)
+    for epoch in epoch_range:
+        t0 = time.time()
+        lr_now = opt.param_groups[0]["lr"]
+        tot_loss, tot_correct = train_head_epoch(head, opt, z["train"], y["train"], int(cc.batch_size), g).tolist()
+        sched.step()
+        n = len(z["train"])
+        train_m = {"loss": tot_loss / n, "accuracy": tot_correct / n}
+        val_m, _ = _eval(head, z["val"], y["val"], 4096)
+        improved = val_m["accuracy"] > best_acc
+        if improved:
+            best_acc, best_epoch = val_m["accuracy"], epoch
+            best_state = {k: v.detach().clone() for k, v in head.state_dict().items()}
+        state.update(epoch=epoch, best_acc=best_acc, best_epoch=best_epoch)
+        if on_epoch is not None:
+            on_epoch(epoch, head, opt, sched, train_m, val_m, lr_now, time.time() - t0, improved, g, state)
+        if patience is not None and epoch - best_epoch >= patience:
+            log.info("early stopping at epoch %d: no better val accuracy for %d epochs (classify.patience)", epoch, patience)
+            break
+    if best_state is not None:
+        head.load_state_dict(best_state)
+    epoch = max(epoch, state["epoch"])
+    return head, {"val_accuracy": best_acc, "best_epoch": best_epoch, "epochs_run": epoch,
+                  "early_stopped": epoch < int(cc.epochs), "lr": float(lr)}
+
+
+def select_lr(head_cfg, cc, z, y, n_classes: int, seed: int):
+    """The learning rate for a trainable head: ``classify.lr`` when ``classify.lr_grid`` is empty, else the grid
+    entry whose head reaches the best val accuracy (ties: the first). Never looks at test.
+
+    Returns (lr, {lr as text: val accuracy} or None)."""
+    if not cc.lr_grid:
+        return float(cc.lr), None
+    scores = {}
+    for lr in cc.lr_grid:
+        scores[f"{float(lr):g}"] = train_head(head_cfg, cc, z, y, n_classes, seed, float(lr))[1]["val_accuracy"]
+    best = max(cc.lr_grid, key=lambda lr: scores[f"{float(lr):g}"])
+    log.info("head %s: lr %g chosen on val from %s", head_cfg.name, float(best), scores)
+    return float(best), scores
+
+
+def fit_probe(head_cfg, cc, z, y, n_classes: int, seed: int):
+    """Fit a non-trainable head (``knn``, ``logreg``) on train (logreg picks C on val). Returns (head,
+    {"val_accuracy", plus what the head chose: "k", "temperature" or "C", "val_accuracy_by_C"})."""
+    head = build_head(head_cfg, z["train"].shape[1], n_classes, seed)
+    if isinstance(head, torch.nn.Module):
+        head = head.to(z["train"].device)
+    info = head.fit(z["train"], y["train"], z["val"], y["val"])
+    val_m, _ = _eval(head, z["val"], y["val"], 4096)
+    return head, {"val_accuracy": val_m["accuracy"], **info}
+
+
+def _probe_extras(fit: dict) -> dict:
+    """What a ``probes`` entry records beside val/test accuracy: the settings chosen on val."""
+    return {k: v for k, v in fit.items() if k in ("best_epoch", "lr", "C", "k")}
+
+
+def _head_settings(head_cfg, cc) -> dict:
+    """What the summary records of the head's training (trainable heads) or settings (the others)."""
+    if is_trainable(head_cfg.name):
+        return {"dropout": float(head_cfg.dropout), "weight_decay": float(cc.weight_decay),
+                "patience": cc.patience, "lr_grid": [float(x) for x in cc.lr_grid], "epochs": int(cc.epochs),
+                **({"hidden": list(head_cfg.hidden)} if head_cfg.name == "mlp" else {})}
+    if head_cfg.name == "knn":
+        return {"k": int(head_cfg.k), "temperature": float(head_cfg.temperature)}
+    return {"C": [float(c) for c in head_cfg.C], "max_iter": int(head_cfg.max_iter)}
+
+
 def run(cfg, run_dir: Path, overrides: List[str], encoder: Optional[Path] = None) -> Path:
     """Train ``cfg.head`` on the embeddings of the matching (or given) encoder into ``run_dir``.
 
@@ -159,6 +290,7 @@ def run(cfg, run_dir: Path, overrides: List[str], encoder: Optional[Path] = None
     cc = cfg.classify
     if int(cc.epochs) < 1:
         raise runtime.EmbclfError(f"classify.epochs={cc.epochs} must be at least 1.")
+    check_settings(cfg)
     prior = runs.read_summary(run_dir)
     summary = runs.base_summary(cfg, "classify", overrides)
     ckpt_dir = run_dir / "checkpoints"
@@ -227,74 +359,80 @@ def run(cfg, run_dir: Path, overrides: List[str], encoder: Optional[Path] = None
     y = {s: emb[s]["labels"].to(device) for s in ("train", "val", "test")}
     classes = list(emb["classes"])
 
-    torch.manual_seed(int(cfg.seed))
-    head = build_head(cfg.head, z["train"].shape[1], len(classes)).to(device)
-    if hasattr(head, "fit_standardizer"):
-        head.fit_standardizer(z["train"])
-    opt = runtime.adam(head.parameters(), device, float(cc.lr), float(cc.weight_decay))
-    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=int(cc.epochs))
-    g = torch.Generator().manual_seed(int(cfg.seed))
-    state = {"epoch": 0, "best_acc": -math.inf, "best_epoch": 0}
-    if resume is not None:  # continue the head's training exactly where last.pt left it
-        head.load_state_dict(resume["head"])
-        opt.load_state_dict(resume["optimizer"])
-        sched.load_state_dict(resume["scheduler"])
-        _set_rng_state(resume["rng"])
-        g.set_state(resume["batch_rng"])
-        state = dict(resume["state"])
-        del resume
-        log.info("resuming the head's training from %s at epoch %d", last, state["epoch"])
-    runs.truncate_metrics(run_dir, state["epoch"])  # epochs after the checkpoint are redone, not duplicated
+    # epochs after the checkpoint are redone, not duplicated (with no checkpoint: everything is redone)
+    runs.truncate_metrics(run_dir, int(resume["state"]["epoch"]) if resume is not None else 0)
+    n_classes = len(classes)
+    if is_trainable(cfg.head.name):
+        lr, lr_search = select_lr(cfg.head, cc, z, y, n_classes, int(cfg.seed))
+        cur: dict = {}  # the head's training as far as it got, for save_last (set by on_epoch)
 
-    def save_last() -> None:
-        runs.save_atomic({"head": head.state_dict(), "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
-                          "rng": _rng_state(), "batch_rng": g.get_state(), "state": dict(state),
-                          "epoch": state["epoch"], "config": runs.resolved(cfg)}, last)
+        def save_last() -> None:
+            if cur:
+                runs.save_atomic({"head": cur["head"].state_dict(), "optimizer": cur["opt"].state_dict(),
+                                  "scheduler": cur["sched"].state_dict(), "rng": _rng_state(),
+                                  "batch_rng": cur["g"].get_state(), "state": dict(cur["state"]),
+                                  "epoch": cur["state"]["epoch"], "config": runs.resolved(cfg)}, last)
 
-    # SIGUSR2/SIGTERM: last.pt after the current epoch (a head's epoch is short), then hand on (requeue)
-    with runs.CheckpointOnSignal(save_last) as signals:
-        for epoch in range(state["epoch"] + 1, int(cc.epochs) + 1):
-            t0 = time.time()
-            lr = opt.param_groups[0]["lr"]
-            tot_loss, tot_correct = train_head_epoch(head, opt, z["train"], y["train"], int(cc.batch_size), g).tolist()
-            sched.step()
-            n = len(z["train"])
-            train_m = {"loss": tot_loss / n, "accuracy": tot_correct / n}
-            val_m, _ = _eval(head, z["val"], y["val"], 4096)
-            seconds = time.time() - t0
-            runs.append_metrics(run_dir, {"epoch": epoch, "split": "train", **train_m, "lr": lr, "seconds": seconds,
-                                          "images_per_second": n / seconds if seconds > 0 else None})
-            runs.append_metrics(run_dir, {"epoch": epoch, "split": "val", **val_m, "lr": lr})
-            tracker.log_epoch(epoch, train=train_m, val=val_m, lr=lr)
+        def on_epoch(epoch, head, opt, sched, train_m, val_m, lr_now, seconds, improved, g, state):
+            runs.append_metrics(run_dir, {"epoch": epoch, "split": "train", **train_m, "lr": lr_now, "seconds": seconds,
+                                          "images_per_second": len(z["train"]) / seconds if seconds > 0 else None})
+            runs.append_metrics(run_dir, {"epoch": epoch, "split": "val", **val_m, "lr": lr_now})
+            tracker.log_epoch(epoch, train=train_m, val=val_m, lr=lr_now)
             log.info("epoch %d/%d  train ce %.4f acc %.4f | val ce %.4f acc %.4f", epoch, cc.epochs,
                      train_m["loss"], train_m["accuracy"], val_m["loss"], val_m["accuracy"])
             runs.fault_point("classify.metrics")
-            state["epoch"] = epoch
-            if val_m["accuracy"] > state["best_acc"]:  # best.pt before last.pt: a kill between redoes this epoch
-                state.update(best_acc=val_m["accuracy"], best_epoch=epoch)
+            if improved:  # best.pt before last.pt: a kill between the two redoes this epoch
                 runs.save_atomic({"head": head.state_dict(), "epoch": epoch, "val": val_m, "config": runs.resolved(cfg)},
                                  ckpt_dir / "best.pt")
                 runs.fault_point("classify.best")
+            cur.update(head=head, opt=opt, sched=sched, g=g, state=state)
             save_last()
             runs.touch_attempt(summary)
             runs.write_json_atomic(run_dir / runs.SUMMARY, summary)  # compute_seconds so far
             signals.poll()
-    best_acc, best_epoch = state["best_acc"], state["best_epoch"]
 
-    final_m, _ = _eval(head, z["test"], y["test"], 4096)
-    runs.append_metrics(run_dir, {"epoch": int(cc.epochs), "split": "test", **final_m})
-    runs.fault_point("classify.test")
-    best = runs.load_checkpoint(ckpt_dir / "best.pt", ("head", "val"), "best head checkpoint")
-    head.load_state_dict(best["head"])
+        if resume is not None:
+            log.info("resuming the head's training from %s at epoch %d", last, resume["state"]["epoch"])
+        # SIGUSR2/SIGTERM: last.pt after the current epoch (a head's epoch is short), then hand on (requeue)
+        with runs.CheckpointOnSignal(save_last) as signals:
+            head, fit = train_head(cfg.head, cc, z, y, n_classes, int(cfg.seed), lr, on_epoch, resume=resume)
+        resume = None
+        final_m, _ = _eval(head, z["test"], y["test"], 4096)
+        runs.append_metrics(run_dir, {"epoch": fit["epochs_run"], "split": "test", **final_m})
+        runs.fault_point("classify.test")
+        best = runs.load_checkpoint(ckpt_dir / "best.pt", ("head", "val"), "best head checkpoint")
+        head.load_state_dict(best["head"])
+        fit.update(lr=lr, lr_search=lr_search, final_test_accuracy=final_m["accuracy"],
+                   val_accuracy=best["val"]["accuracy"])
+    else:  # knn, logreg: fitted once on train (logreg's C chosen on val); no epochs
+        head, fit = fit_probe(cfg.head, cc, z, y, n_classes, int(cfg.seed))
+        summary["epochs"] = 0
     test_m, logits = _eval(head, z["test"], y["test"], 4096)
+    best_acc = fit["val_accuracy"]
+    # classify.probes: more heads on the same embeddings; the report shows one column per head
+    probes = {cfg.head.name: {"val_accuracy": best_acc, "test_accuracy": test_m["accuracy"], **_probe_extras(fit)}}
+    for name in cc.probes:
+        if name in probes:
+            continue
+        t0 = time.time()
+        pcfg = OmegaConf.merge(cfg.head, {"name": name})
+        p_head, p_fit = (train_head(pcfg, cc, z, y, n_classes, int(cfg.seed),
+                                    select_lr(pcfg, cc, z, y, n_classes, int(cfg.seed))[0])
+                         if is_trainable(name) else fit_probe(pcfg, cc, z, y, n_classes, int(cfg.seed)))
+        p_test, _ = _eval(p_head, z["test"], y["test"], 4096)
+        probes[name] = {"val_accuracy": p_fit["val_accuracy"], "test_accuracy": p_test["accuracy"], **_probe_extras(p_fit)}
+        log.info("probe %s: val accuracy %.4f, test accuracy %.4f (%.1fs)", name, p_fit["val_accuracy"],
+                 p_test["accuracy"], time.time() - t0)
     pred = logits.argmax(1).cpu().numpy()
     true = y["test"].cpu().numpy()
     cm = confusion_matrix(true, pred, labels=list(range(len(classes))))
     per_class = {c: float(cm[i, i] / max(1, cm[i].sum())) for i, c in enumerate(classes)}
     # the result first: nothing optional below (figures, projections, wandb) can lose or hide it
-    summary.update(status="completed", best_epoch=best_epoch, test_accuracy=test_m["accuracy"], test_loss=test_m["loss"],
-                   val_accuracy=best["val"]["accuracy"], final_test_accuracy=final_m["accuracy"],
-                   per_class_accuracy=per_class, confusion_matrix=cm.tolist(), classes=classes, end_time=time.time())
+    summary.update(status="completed", test_accuracy=test_m["accuracy"], test_loss=test_m["loss"],
+                   val_accuracy=best_acc, head_settings=_head_settings(cfg.head, cc),
+                   **{k: v for k, v in fit.items() if k not in ("val_accuracy",)},
+                   probes=probes, per_class_accuracy=per_class, confusion_matrix=cm.tolist(), classes=classes,
+                   end_time=time.time())
     summary["wall_seconds"] = summary["end_time"] - summary["start_time"]  # first start to end, gaps included
     runs.touch_attempt(summary, summary["end_time"])
     runs.fault_point("classify.summary")
@@ -310,6 +448,7 @@ def run(cfg, run_dir: Path, overrides: List[str], encoder: Optional[Path] = None
               int(lc.wandb.table_rows), seed=int(cfg.seed))
     _optional("tracker confusion matrix", tracker.log_confusion, true, pred, classes)
     _optional("tracker finish", tracker.finish, summary)
-    log.info("test accuracy %.4f (best epoch %d on val %.4f); final-epoch test accuracy %.4f",
-             test_m["accuracy"], best_epoch, best_acc, final_m["accuracy"])
+    log.info("head %s: test accuracy %.4f (val %.4f)%s", cfg.head.name, test_m["accuracy"], best_acc,
+             f"; best epoch {fit['best_epoch']}, final-epoch test accuracy {fit['final_test_accuracy']:.4f}"
+             if "best_epoch" in fit else "")
     return run_dir

@@ -351,9 +351,18 @@ def record_failure(job: PlannedJob, error: str, status: str = "failed", reason: 
 
 
 def skipped_return(job: PlannedJob) -> JobReturn:
-    """A Hydra JobReturn for a job that was not run because it had already completed."""
+    """A Hydra JobReturn for a job that was not run because it had already completed.
+
+    Its return value is what the task function would have returned: the job's ``objective`` read from the
+    last stage's summary.json (``embclf.__main__.objective_value``), so a sweeper that optimizes it (Optuna)
+    counts a skipped trial like a run one; the run dir (text) when that cannot be read."""
     ret = JobReturn(overrides=job.overrides, cfg=job.cfg, working_dir=os.getcwd(), status=JobStatus.COMPLETED)
-    ret.return_value = str(job.run_dir)
+    try:
+        from embclf.__main__ import objective_value
+
+        ret.return_value = objective_value(OmegaConf.create(job.extra["app"]), stage_run_dirs(job)[-1])
+    except Exception:  # noqa: BLE001 -- not an embclf job, or no such value: the run dir, as before
+        ret.return_value = str(job.run_dir)
     return ret
 
 
@@ -482,10 +491,13 @@ def _fmt_seconds(s: Optional[float]) -> str:
     return "-" if s is None else f"{s:.1f}s"
 
 
-def report(jobs: Sequence[PlannedJob], sweep_dir: Any, what: str) -> None:
+def report(jobs: Sequence[PlannedJob], sweep_dir: Any, what: str, raise_on_failure: bool = True) -> None:
     """Log the end-of-sweep table (overrides, status, time, run dir) and raise if any job failed.
 
-    Raises :class:`SweepJobsFailedError` naming every failed job's overrides and error.
+    Raises :class:`SweepJobsFailedError` naming every failed job's overrides and error, unless
+    ``raise_on_failure`` is false: then the failures are logged as a warning and the caller returns every
+    job's ``JobReturn`` (a failed one with status FAILED), which is how a sweeper that launches batches
+    (Optuna) records a failed trial and goes on.
     """
     rows = [("#", "overrides", "status", "time", "run dir")]
     for job in jobs:
@@ -497,11 +509,23 @@ def report(jobs: Sequence[PlannedJob], sweep_dir: Any, what: str) -> None:
     failed = [j for j in jobs if j.status in ("failed", "timeout", "killed", "cancelled", "interrupted")]
     if failed:
         names = "\n".join(f"  #{j.idx} {j.label}: {j.error}  (run dir: {j.run_dir})" for j in failed)
+        if not raise_on_failure:
+            log.warning("%d of %d jobs of this batch failed (the sweeper records them and goes on):\n%s",
+                        len(failed), len(jobs), names)
+            return
         raise SweepJobsFailedError(
             f"{len(failed)} of {len(jobs)} sweep jobs failed; the others completed. Failed jobs "
             f"(see embclf.log in each run dir, and the worker logs in {sweep_dir}/.submitit/):\n{names}\n"
             f"Re-run the same command with hydra.sweep.dir={sweep_dir} to retry only the unfinished jobs."
         )
+
+
+def sweeper_handles_failures(config: Any) -> bool:
+    """True when the sweep is driven by a sweeper other than Hydra's basic one (e.g. Optuna's), which
+    launches batches and reads each job's status itself: a failed job (trial) must then come back as a
+    failed ``JobReturn``, not as an exception that ends the whole search."""
+    target = str(OmegaConf.select(config, "hydra.sweeper._target_", default="") or "")
+    return bool(target) and not target.endswith("BasicSweeper")
 
 
 def now() -> float:

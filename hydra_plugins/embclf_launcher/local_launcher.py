@@ -56,6 +56,7 @@ from ._common import (
     prepare_sweep,
     record_failure,
     report,
+    sweeper_handles_failures,
 )
 
 log = logging.getLogger("embclf.launcher")
@@ -671,7 +672,7 @@ class LocalPoolLauncher(BaseSubmititLauncher):
             len(jobs), len(jobs) - len(todo), len(slots), mode, threads, start, sweep_dir,
         )
         self._run_pool(todo, slots, threads)
-        report(jobs, sweep_dir, "local")
+        report(jobs, sweep_dir, "local", raise_on_failure=not sweeper_handles_failures(self.config))
         return [job.job_return for job in jobs]  # type: ignore[misc]
 
     def _run_pool(self, todo: List[PlannedJob], slots: List[Optional[int]], threads: int) -> None:

@@ -37,6 +37,7 @@ from ._common import (
     outcome_from_result,
     prepare_sweep,
     report,
+    sweeper_handles_failures,
 )
 
 log = logging.getLogger("embclf.launcher")
@@ -93,7 +94,7 @@ class EmbclfSlurmLauncher(SlurmLauncher):
                 submitted[0].job_id.split("_")[0], submitted[0].job_id.split("_")[0], sweep_dir,
             )
             self._wait(todo)
-        report(jobs, sweep_dir, "slurm")
+        report(jobs, sweep_dir, "slurm", raise_on_failure=not sweeper_handles_failures(self.config))
         return [job.job_return for job in jobs]  # type: ignore[misc]
 
     def _wait(self, todo: List[PlannedJob]) -> None:
