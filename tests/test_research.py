@@ -84,11 +84,12 @@ def test_optuna_search_four_trials_through_the_local_launcher(tmp_path):
         overrides = dict(o.split("=", 1) for o in yaml.safe_load((t / ".hydra" / "overrides.yaml").read_text()))
         assert 0.01 <= float(overrides["model.beta"]) <= 1.0 and 0.0 <= float(overrides["head.dropout"]) <= 0.5
         assert 1e-4 <= float(overrides["autoencode.lr"]) <= 3e-3 and overrides["model"] == "vae"
-        s = json.loads((t / "classify" / "summary.json").read_text())
-        if overrides["classify.epochs"] == "0":
-            assert s["status"] == "failed" and "classify.epochs=0" in s["error"]
+        if overrides["classify.epochs"] == "0":  # refused by the config check at the job's start, before training
+            s = json.loads((t / "autoencode" / "summary.json").read_text())
+            assert s["status"] == "failed" and "classify.epochs=0 is invalid" in s["error"], s
             failed.append(t)
         else:
+            s = json.loads((t / "classify" / "summary.json").read_text())
             assert s["status"] == "completed" and s["latent"] == 8
             val[t] = s["val_accuracy"]
     assert failed and val, "seed 0 draws classify.epochs=0 for some trials, not all"

@@ -176,7 +176,7 @@ def check_settings(cfg) -> None:
 
 
 def train_head(head_cfg, cc, z: Dict[str, torch.Tensor], y: Dict[str, torch.Tensor], n_classes: int, seed: int,
-               lr: float, on_epoch=None, resume: Optional[dict] = None):
+               lr: float, on_epoch=None, resume: Optional[dict] = None, keep_last_epoch: bool = False):
     """Train a fresh ``mlp``/``linear`` head on z["train"] float32 [N, latent] / y["train"] int64 [N] (on the
     device): cross-entropy, Adam (``classify.weight_decay``), cosine annealing per epoch over
     ``classify.epochs``, early stopping after ``classify.patience`` epochs without a better val accuracy.
@@ -185,8 +185,8 @@ def train_head(head_cfg, cc, z: Dict[str, torch.Tensor], y: Dict[str, torch.Tens
     (the stage's metrics, tracker and checkpoints; ``g`` the batch-order generator, ``state`` {"epoch",
     "best_acc", "best_epoch"}). ``resume`` (a classify ``last.pt``) continues exactly where it stopped: head,
     optimizer, scheduler, RNG states, batch generator and best-so-far. Returns (head holding the best-on-val
-    weights -- after a resume, the stage reloads them from best.pt --, {"val_accuracy", "best_epoch", "epochs_run",
-    "early_stopped", "lr"})."""
+    weights, or with ``keep_last_epoch`` the last epoch's (the stage then reads the best from best.pt),
+    {"val_accuracy", "best_epoch", "epochs_run", "early_stopped", "lr"})."""
     device = z["train"].device
     torch.manual_seed(seed)
     head = build_head(head_cfg, z["train"].shape[1], n_classes, seed).to(device)
@@ -226,7 +226,7 @@ def train_head(head_cfg, cc, z: Dict[str, torch.Tensor], y: Dict[str, torch.Tens
         if patience is not None and epoch - best_epoch >= patience:
             log.info("early stopping at epoch %d: no better val accuracy for %d epochs (classify.patience)", epoch, patience)
             break
-    if best_state is not None:
+    if best_state is not None and not keep_last_epoch:
         head.load_state_dict(best_state)
     epoch = max(epoch, state["epoch"])
     return head, {"val_accuracy": best_acc, "best_epoch": best_epoch, "epochs_run": epoch,
@@ -395,7 +395,8 @@ def run(cfg, run_dir: Path, overrides: List[str], encoder: Optional[Path] = None
             log.info("resuming the head's training from %s at epoch %d", last, resume["state"]["epoch"])
         # SIGUSR2/SIGTERM: last.pt after the current epoch (a head's epoch is short), then hand on (requeue)
         with runs.CheckpointOnSignal(save_last) as signals:
-            head, fit = train_head(cfg.head, cc, z, y, n_classes, int(cfg.seed), lr, on_epoch, resume=resume)
+            head, fit = train_head(cfg.head, cc, z, y, n_classes, int(cfg.seed), lr, on_epoch, resume=resume,
+                                   keep_last_epoch=True)
         resume = None
         final_m, _ = _eval(head, z["test"], y["test"], 4096)
         runs.append_metrics(run_dir, {"epoch": fit["epochs_run"], "split": "test", **final_m})

@@ -111,7 +111,9 @@ def plan_jobs(launcher: Any, job_overrides: Sequence[Sequence[str]], initial_job
                 # Resolve the whole app config now: a broken interpolation fails here, not in a job.
                 app_cfg = OmegaConf.masked_copy(cfg, [k for k in cfg.keys() if k != "hydra"])
                 bad = _config_problems(app_cfg)
-                if bad:  # unknown `+keys`, values out of range: the same check a single run makes
+                # unknown keys, values out of range: the same check a single run makes. A sweeper that records
+                # failed trials (Optuna) may propose such a value: that trial fails (at its start), not the study
+                if bad and not sweeper_handles_failures(master):
                     raise ValueError(" ".join(bad))
                 app = OmegaConf.to_container(app_cfg, resolve=True, throw_on_missing=True, enum_to_str=True)
                 # paths as the job stores them (absolute against the launch dir), so "already completed?"
