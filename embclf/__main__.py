@@ -19,7 +19,7 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig, open_dict
 
-from . import runs, tracking
+from . import debug, runs, tracking
 from .config import Stage, conf_dir
 from .data import DataError
 from .runtime import EmbclfError
@@ -57,21 +57,25 @@ def run_job(cfg: DictConfig, job_dir: Path, overrides) -> Path:
         # a relative data.root means "relative to where I launched": store it absolute, so lookups and
         # resumes from another directory compare the same path
         cfg.data.root = _abs_root(cfg.data.root)
+    # debug=fast shrinks the config; debug=overfit swaps in its one-batch loops (embclf/debug.py)
+    ae_run, clf_run = autoencode.run, classify.run
     try:
+        if debug.apply(cfg) == "overfit":
+            ae_run, clf_run = debug.overfit_autoencoder, debug.overfit_head
         if stage == Stage.autoencode:
-            return autoencode.run(cfg, job_dir, overrides)
+            return ae_run(cfg, job_dir, overrides)
         if stage == Stage.classify:
-            return classify.run(cfg, job_dir, overrides)
+            return clf_run(cfg, job_dir, overrides)
         # stage=all: two complete run dirs; each gets its own copy of .hydra so it stands alone
         for name in ("autoencode", "classify"):
             if (job_dir / ".hydra").is_dir() and not (job_dir / name / ".hydra").exists():
                 shutil.copytree(job_dir / ".hydra", job_dir / name / ".hydra")
         current = job_dir / "autoencode"
         with _log_to(current):
-            ae_dir = autoencode.run(_stage_cfg(cfg, Stage.autoencode), current, overrides)
+            ae_dir = ae_run(_stage_cfg(cfg, Stage.autoencode), current, overrides)
         current = job_dir / "classify"
         with _log_to(current):
-            return classify.run(_stage_cfg(cfg, Stage.classify), current, overrides, encoder=ae_dir)
+            return clf_run(_stage_cfg(cfg, Stage.classify), current, overrides, encoder=ae_dir)
     except BaseException as e:  # KeyboardInterrupt/SystemExit too: the summary must not say "running"
         # a signal or a requeue (submitit exits with SystemExit) is an interruption, not a failure
         stopped = isinstance(e, (SystemExit, KeyboardInterrupt))
@@ -109,6 +113,7 @@ def main(cfg: DictConfig) -> None:
     job_dir = Path(hc.runtime.output_dir)
     try:
         run_job(cfg, job_dir, list(hc.overrides.task))
+        debug.warn(cfg)  # a debug run says so again at its end, where the user looks
     except (EmbclfError, DataError) as e:
         if hc.mode == RunMode.RUN:  # one paragraph, no traceback, exit status 2, no half-made run dir
             _remove_if_empty(job_dir)

@@ -32,17 +32,19 @@ class DataError(RuntimeError):
 
 @dataclass
 class Split:
-    """One split in memory: ``images`` uint8 [N, 3, S, S] (pixels 0..255), ``labels`` int64 [N]."""
+    """One split in memory: ``images`` uint8 [N, 3, S, S] (pixels 0..255), ``labels`` int64 [N], and for
+    image folders ``paths``, each image's file (None for torchvision sources, which have no files)."""
 
     images: torch.Tensor
     labels: torch.Tensor
+    paths: Optional[List[str]] = None
 
     def __len__(self) -> int:
         return len(self.labels)
 
     def to(self, device) -> "Split":
         """This split with images and labels on ``device`` (``Tensor.to`` copies nothing when already there)."""
-        return Split(self.images.to(device), self.labels.to(device))
+        return Split(self.images.to(device), self.labels.to(device), self.paths)
 
 
 @dataclass
@@ -76,7 +78,7 @@ def cache_dir(cfg) -> Path:
     return Path(base) / "embclf" / "data"
 
 
-# --- raw sources: each returns (targets int64 [N], decode(indices) -> uint8 [n,3,S,S], classes) ------------
+# --- raw sources: each returns (targets int64 [N], decode(indices) -> uint8 [n,3,S,S], classes, paths or None) --
 
 def _torchvision_split(cfg, train: bool):
     from torchvision import datasets
@@ -115,7 +117,7 @@ def _torchvision_split(cfg, train: bool):
     if images.shape[-1] != size:
         images = torch.nn.functional.interpolate(images.float(), size=(size, size), mode="bilinear",
                                                  antialias=True).round().clamp(0, 255).to(torch.uint8)
-    return targets, (lambda idx: images[torch.as_tensor(idx, dtype=torch.long)]), list(ds.classes)
+    return targets, (lambda idx: images[torch.as_tensor(idx, dtype=torch.long)]), list(ds.classes), None
 
 
 def _folder_split(cfg, train: bool):
@@ -161,7 +163,8 @@ def _folder_split(cfg, train: bool):
                 out[k] = img
         return out
 
-    return torch.as_tensor(folder.targets, dtype=torch.int64), decode, list(folder.classes)
+    return torch.as_tensor(folder.targets, dtype=torch.int64), decode, list(folder.classes), \
+        [p for p, _ in folder.samples]
 
 
 def _decode_workers() -> int:
@@ -187,15 +190,18 @@ def _stratified(targets: np.ndarray, k: Optional[int], seed: int, what: str):
     return np.sort(keep), np.sort(rest)
 
 
-def _cached_decode(cfg, split: str, idx: np.ndarray, decode, targets: torch.Tensor) -> Split:
-    """Decode ``idx`` once and cache it; a later run with the same source, root, size and indices loads the .pt."""
+def _cached_decode(cfg, split: str, idx: np.ndarray, decode, targets: torch.Tensor,
+                   paths: Optional[List[str]] = None) -> Split:
+    """Decode ``idx`` once and cache it; a later run with the same source, root, size and indices loads the .pt.
+    ``paths``: every file of the source split (image folders), of which the split keeps those of ``idx``."""
+    picked = [paths[int(i)] for i in idx] if paths is not None else None
     key = json.dumps([_source(cfg), os.path.abspath(os.path.expanduser(str(cfg.root))), split,
                       int(cfg.image_size), hashlib.sha1(idx.tobytes()).hexdigest()])
     path = cache_dir(cfg) / f"{_source(cfg)}-{split}-{hashlib.sha1(key.encode()).hexdigest()[:16]}.pt"
     if path.is_file():
         try:
             blob = torch.load(path, map_location="cpu", weights_only=True)
-            return Split(blob["images"], blob["labels"])
+            return Split(blob["images"], blob["labels"], picked)
         except Exception as e:  # a truncated cache file is rebuilt, never trusted
             log.warning("ignoring unreadable data cache %s (%s)", path, e)
     images = decode(idx)
@@ -207,7 +213,7 @@ def _cached_decode(cfg, split: str, idx: np.ndarray, decode, targets: torch.Tens
         os.replace(tmp, path)  # atomic: concurrent jobs never see a half-written cache
     except OSError as e:
         log.warning("could not write data cache %s (%s); continuing without it", path, e)
-    return Split(images, labels)
+    return Split(images, labels, picked)
 
 
 def load(cfg) -> Dataset:
@@ -224,8 +230,8 @@ def load(cfg) -> Dataset:
     else:  # unreachable through the schema's enum; kept for direct callers
         raise DataError(f"data.source={source!r} is unknown; use cifar10, cifar100 or folder")
     seed = int(cfg.subset_seed)
-    tr_targets, tr_decode, classes = raw["train"]
-    te_targets, te_decode, _ = raw["test"]
+    tr_targets, tr_decode, classes, tr_paths = raw["train"]
+    te_targets, te_decode, _, te_paths = raw["test"]
     train_idx, _ = _stratified(tr_targets.numpy(), cfg.train_size, seed, "data.train_size")
     test_idx, _ = _stratified(te_targets.numpy(), cfg.test_size, seed, "data.test_size")
     # val is held out of the (subsetted) train split: model selection never looks at test
@@ -236,9 +242,9 @@ def load(cfg) -> Dataset:
                         "the best checkpoint is chosen on val, never on test.")
     val_pos, rest = _stratified(tr_targets.numpy()[train_idx], n_val, seed + 1, "data.val_size")
     val_idx, train_idx = train_idx[val_pos], train_idx[rest]
-    train = _cached_decode(cfg, "train", train_idx, tr_decode, tr_targets)
-    val = _cached_decode(cfg, "train", val_idx, tr_decode, tr_targets)
-    test = _cached_decode(cfg, "test", test_idx, te_decode, te_targets)
+    train = _cached_decode(cfg, "train", train_idx, tr_decode, tr_targets, tr_paths)
+    val = _cached_decode(cfg, "train", val_idx, tr_decode, tr_targets, tr_paths)
+    test = _cached_decode(cfg, "test", test_idx, te_decode, te_targets, te_paths)
     h = hashlib.sha1()
     for s in (train, val, test):
         h.update(s.images.numpy())  # the buffer itself: no 150 MB copy for CIFAR-10

@@ -165,11 +165,24 @@ def truncate_metrics(run_dir: Path, after_epoch: int) -> None:
 
 
 def resolved(cfg: DictConfig) -> dict:
-    """The config as plain values: interpolations resolved, enums as strings, no ``hydra`` node."""
+    """The config as plain values: interpolations resolved, enums as strings, no ``hydra`` node.
+
+    The ``debug`` node appears only in a debug run (``debug=fast|overfit``): a normal run's config is what it
+    was before debug modes existed, so earlier runs still resume, are still found and still count as done."""
     c = OmegaConf.to_container(cfg, resolve=True, enum_to_str=True)
     c.pop("hydra", None)
     c.pop("defaults", None)
+    if debug_mode(c) == "none":
+        c.pop("debug", None)
     return c
+
+
+def debug_mode(cfg) -> str:
+    """``debug.name`` of a config (DictConfig or plain dict): ``fast``, ``overfit`` or ``none`` (also for
+    configs written before debug modes existed)."""
+    d = cfg.get("debug") if hasattr(cfg, "get") else None
+    name = d.get("name") if hasattr(d, "get") else None
+    return str(name or "none")
 
 
 def write_config(run_dir: Path, cfg: DictConfig) -> None:
@@ -249,6 +262,8 @@ def base_summary(cfg: DictConfig, stage: str, overrides: List[str]) -> Dict[str,
         "slurm_job_id": slurm_job_id(),
         "cuda_visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES"),
         "start_time": time.time(),
+        # a debug run says so in its summary, so no reader takes it for a result (embclf/debug.py)
+        **({"debug": debug_mode(cfg)} if debug_mode(cfg) != "none" else {}),
     }
 
 
@@ -286,12 +301,13 @@ def iter_run_dirs(root: Path) -> Iterator[Path]:
 
 
 def encoder_identity(cfg) -> dict:
-    """What makes two autoencode runs the same: data, model, latent, seed, precision and ``autoencode.*``
-    (runs written before ``precision`` existed were fp32)."""
+    """What makes two autoencode runs the same: data, model, latent, seed, precision, ``autoencode.*`` and the
+    debug mode (runs written before ``precision`` existed were fp32, before ``debug`` none)."""
     c = cfg if isinstance(cfg, dict) else resolved(cfg)
     data = {k: v for k, v in c["data"].items() if k not in ("cache_dir", "download")}
+    # debug: a debug autoencoder only ever serves a classifier of the same debug mode, never a real one
     return {"data": data, "model": c["model"], "latent": c["latent"], "seed": c["seed"],
-            "precision": c.get("precision", "fp32"), "autoencode": c["autoencode"]}
+            "precision": c.get("precision", "fp32"), "autoencode": c["autoencode"], "debug": debug_mode(c)}
 
 
 def find_encoder_run(cfg: DictConfig, output_dir: Path) -> Optional[Path]:
