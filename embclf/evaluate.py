@@ -390,6 +390,12 @@ def _json_bytes(obj) -> bytes:
     return (json.dumps(runs.json_safe(obj), indent=2, default=str, allow_nan=False) + "\n").encode()
 
 
+def _data_identity(c: dict) -> Optional[dict]:
+    """What selects the images (where the decoded cache lives and downloading do not)."""
+    d = c.get("data")
+    return {k: v for k, v in d.items() if k not in ("cache_dir", "download")} if isinstance(d, dict) else None
+
+
 def evaluate_run(argv: Sequence[str]) -> Tuple[Path, dict]:
     """Run one evaluation (see the module docstring). Returns (the eval folder, its summary).
 
@@ -409,7 +415,7 @@ def evaluate_run(argv: Sequence[str]) -> Tuple[Path, dict]:
     else:
         means, rows, grid, worst, ds = evaluate_classify(run_dir, cfg, which, split, device, run_summary)
     lines = [o.input_line for o in overrides]
-    same_data = runs.resolved(cfg)["data"] == (runs.read_config(run_dir) or {}).get("data")
+    same_data = _data_identity(runs.resolved(cfg)) == _data_identity(runs.read_config(run_dir) or {})
     summary = {"run_dir": str(run_dir.resolve()), "run_stage": stage, "checkpoint": which, "split": split,
                "n": len(rows), "overrides": lines, "model": run_summary.get("model"),
                "latent": run_summary.get("latent"), "data": runs.resolved(cfg)["data"],

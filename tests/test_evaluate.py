@@ -4,11 +4,9 @@ Evaluations and exports run in-process (their main()), with the sweep's data cac
 loops in-process on a narrow conv AE; debug=fast runs once end to end through `python -m embclf`."""
 import csv
 import json
-import os
 from pathlib import Path
 
 import pytest
-import torch
 
 from conftest import MINI, run_embclf
 
