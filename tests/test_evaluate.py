@@ -4,6 +4,7 @@ Evaluations and exports run in-process (their main()), with the sweep's data cac
 loops in-process on a narrow conv AE; debug=fast runs once end to end through `python -m embclf`."""
 import csv
 import json
+import zipfile
 from pathlib import Path
 
 import pytest
@@ -107,6 +108,8 @@ def test_export_is_deterministic_and_equals_the_classifier_input(sweep, tmp_path
         for p in (a, b):
             assert embed.main([str(ae), "threads=1", f"format={fmt}", f"out={p}"]) == 0
         assert a.read_bytes() == b.read_bytes(), fmt
+    # no wall-clock time inside (numpy.savez stamps each entry with it; two calls in one second would hide that)
+    assert {i.date_time for i in zipfile.ZipFile(tmp_path / "a.npz").infolist()} == {(1980, 1, 1, 0, 0, 0)}
     z = np.load(tmp_path / "a.npz")
     assert z["embeddings"].dtype == np.float32 and z["embeddings"].shape == (300, 16)
     assert np.array_equal(z["embeddings"], clf["test"]["z"].numpy())  # mu, as the classifier saw it
