@@ -10,6 +10,8 @@ Layout of one run dir (one stage of one job)::
     checkpoints/       last.pt (every epoch), best.pt (best on val)
     images/            PNGs
     embeddings.pt      classify only: float32 [N, latent] per split, with labels
+    eval/<name>/       python -m embclf.evaluate: per_sample.csv, summary.json (no "stage" key), worst.png
+    export/            python -m embclf.embed: embeddings_<split>.<npz|csv|pt>
 
 Every file is written to a temporary name and renamed into place, so a killed job never leaves a
 half-written checkpoint or summary behind, and data already written is never truncated.
