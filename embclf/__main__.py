@@ -20,7 +20,7 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig, open_dict
 
-from . import runs, tracking
+from . import debug, runs, tracking
 from .config import Stage, absolute_paths, conf_dir, problems
 from .data import DataError
 from .runtime import EmbclfError
@@ -99,11 +99,15 @@ def _run_stages(cfg: DictConfig, job_dir: Path, overrides, before: dict) -> Path
     # a relative path means "relative to where I launched" (not the job's working dir, which
     # hydra.job.chdir=true moves into the run dir): store it absolute, so lookups and resumes compare one path
     absolute_paths(cfg, _launch_dir())
+    # debug=fast shrinks the config; debug=overfit swaps in its one-batch loops (embclf/debug.py)
+    ae_run, clf_run = autoencode.run, classify.run
     try:
+        if debug.apply(cfg) == "overfit":
+            ae_run, clf_run = debug.overfit_autoencoder, debug.overfit_head
         if stage == Stage.autoencode:
-            return autoencode.run(cfg, job_dir, overrides)
+            return ae_run(cfg, job_dir, overrides)
         if stage == Stage.classify:
-            return classify.run(cfg, job_dir, overrides)
+            return clf_run(cfg, job_dir, overrides)
         # stage=all: two complete run dirs; each gets its own copy of .hydra so it stands alone
         record = next((d for d in (job_dir / PENDING_HYDRA, job_dir / ".hydra") if d.is_dir()), None)
         for name in ("autoencode", "classify"):
@@ -111,10 +115,10 @@ def _run_stages(cfg: DictConfig, job_dir: Path, overrides, before: dict) -> Path
                 shutil.copytree(record, job_dir / name / ".hydra")
         current = job_dir / "autoencode"
         with _log_to(current):
-            ae_dir = autoencode.run(_stage_cfg(cfg, Stage.autoencode), current, overrides)
+            ae_dir = ae_run(_stage_cfg(cfg, Stage.autoencode), current, overrides)
         current = job_dir / "classify"
         with _log_to(current):
-            return classify.run(_stage_cfg(cfg, Stage.classify), current, overrides, encoder=ae_dir)
+            return clf_run(_stage_cfg(cfg, Stage.classify), current, overrides, encoder=ae_dir)
     except BaseException as e:  # KeyboardInterrupt/SystemExit too: the summary must not say "running"
         # a signal or a requeue (submitit exits with SystemExit) is an interruption, not a failure
         stopped = isinstance(e, (SystemExit, KeyboardInterrupt))
@@ -200,6 +204,7 @@ def main(cfg: DictConfig) -> float:
     try:
         objective_key(cfg)  # a bad objective fails before any training
         run_dir = run_job(cfg, job_dir, list(hc.overrides.task))
+        debug.warn(cfg)  # a debug run says so again at its end, where the user looks
         return objective_value(cfg, run_dir)
     except (EmbclfError, DataError) as e:
         if hc.mode == RunMode.RUN:  # one paragraph, no traceback, exit status 2, no half-made run dir

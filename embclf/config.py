@@ -5,7 +5,8 @@ unknown key fails at composition time with an error naming the key (e.g. ``laten
 "Value 'abc' of type 'str' could not be converted to Integer ... full_key: latent").
 
 One group per module: ``data`` -> ``embclf/data.py``, ``model`` -> ``embclf/models/``, ``head`` ->
-``embclf/heads.py``, ``stage`` -> ``embclf/stages/``, ``logger`` -> ``embclf/tracking.py``. Nothing else lives here.
+``embclf/heads.py``, ``stage`` -> ``embclf/stages/``, ``logger`` -> ``embclf/tracking.py``, ``debug`` ->
+``embclf/debug.py``. Nothing else lives here.
 """
 from __future__ import annotations
 
@@ -198,6 +199,25 @@ class LoggerConfig:
 
 
 @dataclass
+class DebugConfig:
+    """``debug`` group (``embclf/debug.py``): ``none`` (default), ``fast`` or ``overfit``.
+
+    ``fast``: every stage runs 1 epoch of a few batches on a tiny class-stratified subset and writes all its
+    outputs. ``overfit``: the model (and then the head) trains on one fixed batch until it fits it. A debug run
+    is marked (``"debug"`` in summary.json, a warning) and is never taken for a result: encoder lookups and
+    the report keep it apart. Each key says which mode reads it.
+    """
+
+    name: str = "none"  # none | fast | overfit
+    train_size: int = 256  # fast, overfit: data.train_size (at most; val is held out of it as usual)
+    test_size: int = 100  # fast, overfit: data.test_size (at most)
+    batch_size: int = 32  # fast: both stages' batch size (a few batches per epoch); overfit: images in the batch
+    steps: int = 500  # overfit: optimizer steps at most
+    eval_every: int = 25  # overfit: steps between evaluations of the batch (eval mode)
+    target_psnr: float = 25.0  # overfit: the autoencoder passes when its PSNR on the batch exceeds this (dB)
+
+
+@dataclass
 class Config:
     """Top-level config. Key names are an interface: scripts and docs depend on them."""
 
@@ -221,6 +241,7 @@ class Config:
     autoencode: AutoencodeConfig = field(default_factory=AutoencodeConfig)
     classify: ClassifyConfig = field(default_factory=ClassifyConfig)
     logger: LoggerConfig = field(default_factory=LoggerConfig)
+    debug: DebugConfig = field(default_factory=DebugConfig)
 
 
 # --- checks that need the whole composed config ----------------------------------------------------

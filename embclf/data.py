@@ -33,17 +33,19 @@ class DataError(RuntimeError):
 
 @dataclass
 class Split:
-    """One split in memory: ``images`` uint8 [N, 3, S, S] (pixels 0..255), ``labels`` int64 [N]."""
+    """One split in memory: ``images`` uint8 [N, 3, S, S] (pixels 0..255), ``labels`` int64 [N], and for
+    image folders ``paths``, each image's file (None for torchvision sources, which have no files)."""
 
     images: torch.Tensor
     labels: torch.Tensor
+    paths: Optional[List[str]] = None
 
     def __len__(self) -> int:
         return len(self.labels)
 
     def to(self, device) -> "Split":
         """This split with images and labels on ``device`` (``Tensor.to`` copies nothing when already there)."""
-        return Split(self.images.to(device), self.labels.to(device))
+        return Split(self.images.to(device), self.labels.to(device), self.paths)
 
 
 @dataclass
@@ -77,7 +79,7 @@ def cache_dir(cfg) -> Path:
     return Path(base) / "embclf" / "data"
 
 
-# --- raw sources: each returns (targets int64 [N], decode(indices) -> uint8 [n,3,S,S], classes) ------------
+# --- raw sources: each returns (targets int64 [N], decode(indices) -> uint8 [n,3,S,S], classes, paths or None) --
 
 DOWNLOAD_LOCK = ".embclf-download.lock"
 
@@ -180,7 +182,7 @@ def _torchvision_split(cfg, train: bool):
     if images.shape[-1] != size:
         images = torch.nn.functional.interpolate(images.float(), size=(size, size), mode="bilinear",
                                                  antialias=True).round().clamp(0, 255).to(torch.uint8)
-    return targets, (lambda idx: (images[torch.as_tensor(idx, dtype=torch.long)], None)), list(ds.classes)
+    return targets, (lambda idx: (images[torch.as_tensor(idx, dtype=torch.long)], None)), list(ds.classes), None
 
 
 # Extensions read as images: torchvision's IMG_EXTENSIONS plus the other common ones Pillow opens
@@ -383,7 +385,7 @@ def _folder_split(cfg, tree: dict, train: bool):
         return out, None
 
     targets = torch.as_tensor([t for _, t in samples], dtype=torch.int64)
-    return targets, decode, list(tree["classes"])
+    return targets, decode, list(tree["classes"]), [p for p, _ in samples]
 
 
 def _decode_workers() -> int:
@@ -440,11 +442,14 @@ def _stratified(targets: np.ndarray, k: Optional[int], seed: int, key: str, type
     return np.sort(keep), np.sort(rest_idx)
 
 
-def _cached_decode(cfg, split: str, idx: np.ndarray, decode, targets: torch.Tensor) -> Split:
+def _cached_decode(cfg, split: str, idx: np.ndarray, decode, targets: torch.Tensor,
+                   paths: Optional[List[str]] = None) -> Split:
     """Decode ``idx`` once and cache it; a later run with the same source, root, size and indices loads the .pt.
 
     ``decode(idx)`` returns (uint8 images, keep) where keep is None or a bool mask of the decoded indices
-    (``data.skip_corrupt``: unreadable images are left out)."""
+    (``data.skip_corrupt``: unreadable images are left out). ``paths``: every file of the source split (image
+    folders), of which the split keeps those of ``idx`` (and of ``keep``)."""
+    picked = [paths[int(i)] for i in idx] if paths is not None else None
     key = [_source(cfg), os.path.abspath(os.path.expanduser(str(cfg.root))), split,
            int(cfg.image_size), hashlib.sha1(idx.tobytes()).hexdigest()]
     if _source(cfg) == "folder":
@@ -455,21 +460,23 @@ def _cached_decode(cfg, split: str, idx: np.ndarray, decode, targets: torch.Tens
     if path.is_file():
         try:
             blob = torch.load(path, map_location="cpu", weights_only=True)
-            return Split(blob["images"], blob["labels"])
+            return Split(blob["images"], blob["labels"], blob.get("paths", picked))
         except Exception as e:  # a truncated cache file is rebuilt, never trusted
             log.warning("ignoring unreadable data cache %s (%s)", path, e)
     images, keep = decode(idx)
     labels = targets[torch.as_tensor(idx, dtype=torch.long)].clone()
     if keep is not None:
         labels = labels[keep]
+        if picked is not None:
+            picked = [p for p, k in zip(picked, keep.tolist()) if k]
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_suffix(f".tmp{os.getpid()}")
-        torch.save({"images": images, "labels": labels}, tmp)
+        torch.save({"images": images, "labels": labels, **({"paths": picked} if picked is not None else {})}, tmp)
         os.replace(tmp, path)  # atomic: concurrent jobs never see a half-written cache
     except OSError as e:
         log.warning("could not write data cache %s (%s); continuing without it", path, e)
-    return Split(images, labels)
+    return Split(images, labels, picked)
 
 
 def load(cfg) -> Dataset:
@@ -490,8 +497,8 @@ def load(cfg) -> Dataset:
     else:  # unreachable through the schema's enum; kept for direct callers
         raise DataError(f"data.source={source!r} is unknown; use cifar10, cifar100 or folder")
     seed = int(cfg.subset_seed)
-    tr_targets, tr_decode, classes = raw["train"]
-    te_targets, te_decode, _ = raw["test"]
+    tr_targets, tr_decode, classes, tr_paths = raw["train"]
+    te_targets, te_decode, _, te_paths = raw["test"]
 
     def count(key, n):  # a working count for data.train_size / data.test_size
         return lambda k, lo, hi: f"{key}={lo} or more" if k < lo else f"{key}={hi} or less (or null for all {n})"
@@ -524,9 +531,9 @@ def load(cfg) -> Dataset:
                                 "validation", "training", pool, where["train"], val_fix,
                                 "data.train_size" if cfg.train_size is not None else "")
     val_idx, train_idx = train_idx[val_pos], train_idx[rest]
-    train = _cached_decode(cfg, "train", train_idx, tr_decode, tr_targets)
-    val = _cached_decode(cfg, "train", val_idx, tr_decode, tr_targets)
-    test = _cached_decode(cfg, "test", test_idx, te_decode, te_targets)
+    train = _cached_decode(cfg, "train", train_idx, tr_decode, tr_targets, tr_paths)
+    val = _cached_decode(cfg, "train", val_idx, tr_decode, tr_targets, tr_paths)
+    test = _cached_decode(cfg, "test", test_idx, te_decode, te_targets, te_paths)
     h = hashlib.sha1()
     for s in (train, val, test):
         h.update(s.images.numpy())  # the buffer itself: no 150 MB copy for CIFAR-10

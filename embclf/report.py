@@ -70,8 +70,11 @@ class ReportError(RuntimeError):
 # --- reading run dirs -----------------------------------------------------------------------------
 
 def _status(s: dict) -> str:
-    """The summary's status; "running" whose process is gone on this host reads "interrupted"."""
+    """The summary's status; "running" whose process is gone on this host reads "interrupted"; a debug run
+    (``debug=fast|overfit``) reads "debug=<mode>", so it is listed apart from the results, never in the table."""
     st = s.get("status", "unknown")
+    if s.get("debug"):
+        return f"debug={s['debug']}"
     if st == "running" and s.get("hostname") == socket.gethostname() and s.get("pid"):
         try:
             os.kill(int(s["pid"]), 0)

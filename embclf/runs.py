@@ -11,6 +11,8 @@ Layout of one run dir (one stage of one job)::
     images/            PNGs
     embeddings.pt      classify only: float32 [N, latent] per split, with labels
     wandb_run_id       the wandb run's id: every attempt of a resumed run logs to that one run
+    eval/<name>/       python -m embclf.evaluate: per_sample.csv, summary.json (no "stage" key), worst.png
+    export/            python -m embclf.embed: embeddings_<split>.<npz|csv|pt>
 
 Every file is written to a temporary name and renamed into place, so a killed job never leaves a
 half-written checkpoint or summary behind, and data already written is never truncated. A run killed at
@@ -251,11 +253,24 @@ def truncate_metrics(run_dir: Path, after_epoch: int) -> None:
 
 
 def resolved(cfg: DictConfig) -> dict:
-    """The config as plain values: interpolations resolved, enums as strings, no ``hydra`` node."""
+    """The config as plain values: interpolations resolved, enums as strings, no ``hydra`` node.
+
+    The ``debug`` node appears only in a debug run (``debug=fast|overfit``): a normal run's config is what it
+    was before debug modes existed, so earlier runs still resume, are still found and still count as done."""
     c = OmegaConf.to_container(cfg, resolve=True, enum_to_str=True)
     c.pop("hydra", None)
     c.pop("defaults", None)
+    if debug_mode(c) == "none":
+        c.pop("debug", None)
     return c
+
+
+def debug_mode(cfg) -> str:
+    """``debug.name`` of a config (DictConfig or plain dict): ``fast``, ``overfit`` or ``none`` (also for
+    configs written before debug modes existed)."""
+    d = cfg.get("debug") if hasattr(cfg, "get") else None
+    name = d.get("name") if hasattr(d, "get") else None
+    return str(name or "none")
 
 
 def write_config(run_dir: Path, cfg: DictConfig) -> None:
@@ -347,6 +362,8 @@ def base_summary(cfg: DictConfig, stage: str, overrides: List[str]) -> Dict[str,
         "slurm_job_id": slurm_job_id(),
         "cuda_visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES"),
         "start_time": time.time(),
+        # a debug run says so in its summary, so no reader takes it for a result (embclf/debug.py)
+        **({"debug": debug_mode(cfg)} if debug_mode(cfg) != "none" else {}),
     }
 
 
@@ -485,7 +502,10 @@ def with_schema_defaults(stored: dict) -> dict:
                 out[k] = fill(out[k], v, f"{prefix}{k}.")
         return out
 
-    return fill(stored, defaults, "")
+    out = fill(stored, defaults, "")
+    if debug_mode(out) == "none":  # as ``resolved`` writes a normal run's config: without the debug node
+        out.pop("debug", None)
+    return out
 
 
 # the objective's options in the model group and their "off" values (classify's hint prints the ones that are on)
@@ -497,12 +517,14 @@ BEFORE_KEY_EXISTED = {"autoencode.select_on": "mse"}
 
 
 def encoder_identity(cfg) -> dict:
-    """What makes two autoencode runs the same: data, model, latent, seed, precision and ``autoencode.*``
-    (a stored config lacking a newer key counts as having its default: ``with_schema_defaults``)."""
+    """What makes two autoencode runs the same: data, model, latent, seed, precision, ``autoencode.*`` and the
+    debug mode (a stored config lacking a newer key counts as having its default: ``with_schema_defaults``;
+    before ``debug`` existed, none)."""
     c = _without_volatile_subkeys(with_schema_defaults(cfg) if isinstance(cfg, dict) else resolved(cfg))
     data = {k: v for k, v in c["data"].items() if k not in ("cache_dir", "download")}
+    # debug: a debug autoencoder only ever serves a classifier of the same debug mode, never a real one
     return {"data": data, "model": c["model"], "latent": c["latent"], "seed": c["seed"],
-            "precision": c.get("precision", "fp32"), "autoencode": c["autoencode"]}
+            "precision": c.get("precision", "fp32"), "autoencode": c["autoencode"], "debug": debug_mode(c)}
 
 
 def find_encoder_run(cfg: DictConfig, output_dir: Path) -> Optional[Path]:

@@ -11,7 +11,7 @@ from embclf.config import Stage, conf_dir, safe_name
 from conftest import run_embclf
 
 GROUPS = {g: sorted(p.stem for p in (Path(conf_dir()) / g).glob("*.yaml"))
-          for g in ("data", "model", "head", "experiment")}
+          for g in ("data", "model", "head", "experiment", "debug")}
 
 
 def _compose(*overrides):
@@ -43,6 +43,7 @@ def test_all_groups_have_options():
     assert set(GROUPS["model"]) >= {"ae", "vae", "resnet", "resnet_vae"}
     assert set(GROUPS["data"]) >= {"cifar10", "cifar100", "folder"}
     assert "mlp" in GROUPS["head"]
+    assert set(GROUPS["debug"]) == {"none", "fast", "overfit"}
 
 
 @pytest.mark.parametrize("stage", ["autoencode", "classify", "all"])

@@ -245,6 +245,36 @@ def _enlarge(x: torch.Tensor) -> torch.Tensor:
 
 
 @torch.no_grad()
+def evaluate_per_image(model, split: data_mod.Split, batch_size: int, precision: str = "fp32",
+                       fmt: torch.memory_format = torch.contiguous_format) -> Dict[str, torch.Tensor]:
+    """The per-image form of ``evaluate``: the same eval-mode forward pass (a VAE decodes mu) and the same
+    formulas (``losses.sse_per_image``, ``losses.psnr_from_sse``, ``losses.kl_normal``), one value per image,
+    so their means are ``evaluate``'s mse, psnr and kl (used by ``python -m embclf.evaluate``).
+
+    Args:
+        split: images uint8 [N, 3, S, S] on the model's device.
+    Returns:
+        {"mse": per-pixel MSE, "psnr": dB, and for a VAE "kl": nats}, each float32 [N] on the CPU.
+    """
+    model.eval()
+    device = split.images.device
+    out: Dict[str, list] = {"mse": [], "psnr": []}
+    if model.variational:
+        out["kl"] = []
+    values = split.images[0].numel()
+    for idx in data_mod.batches(len(split), batch_size, device, shuffle=False):
+        x = data_mod.to_float(split.images[idx]).contiguous(memory_format=fmt)
+        with runtime.autocast(x.device, precision):
+            o = model(x)
+        sse = losses.sse_per_image(o["x_hat"].float(), x)
+        out["mse"].append(sse / values)
+        out["psnr"].append(losses.psnr_from_sse(sse, values))
+        if model.variational:
+            out["kl"].append(losses.kl_normal(o["mu"].float(), o["logvar"].float()))
+    return {k: torch.cat(v).cpu() for k, v in out.items()}
+
+
+@torch.no_grad()
 def save_images(model, test: data_mod.Split, device, run_dir: Path, epoch: int) -> Dict[str, Path]:
     """images/recon_eNNN.png (a fixed, class-balanced set of test images, ``recon_indices``: rows of 10 originals,
     each above the row of their reconstructions, enlarged to ~96 pixels) and images/samples_eNNN.png (z ~ N(0, I)).

@@ -1,0 +1,479 @@
+"""``python -m embclf.evaluate RUN_DIR [key=value ...]``: re-evaluate a finished run, one row per image.
+
+RUN_DIR is an autoencode or a classify run dir (of a ``stage=all`` job: ``JOB/autoencode`` or ``JOB/classify``).
+Keys of its own:
+
+- ``checkpoint=best|last`` (default best): ``checkpoints/best.pt`` (best on val) or ``last.pt`` (last epoch).
+  A classify run always embeds with the encoder checkpoint it was trained on.
+- ``split=test|train|val`` (default test).
+- ``name=NAME``: the evaluation's folder name (default ``<split>-<checkpoint>``, plus the overrides that
+  change the data, e.g. ``test-best-data=folder,data.root=pets``).
+
+Every other ``key=value`` is applied to the run's saved ``config.yaml`` as Hydra applies overrides: parsed by
+Hydra's override parser; a group option (``data=folder``) is composed from ``conf/`` with Hydra's compose API
+and replaces the run's node (its keys start from that option's defaults); dotted keys (``data.root=PATH``,
+``data.test_size=500``, ``device=cpu``, ``threads=1``, ``autoencode.eval_batch_size=500``) are then set,
+typed by the schema (``embclf/config.py``). So an autoencoder trained on CIFAR-10 is evaluated on any
+ImageFolder tree with ``data=folder data.root=PATH``. The architecture is the checkpoint's: ``model``,
+``latent``, ``head``, ``stage``, ``debug`` and ``experiment`` are refused.
+
+Writes ``RUN_DIR/eval/<name>/`` (atomically: a temp folder renamed into place; an existing evaluation is
+never overwritten: a default name gets ``-2``, ``-3``... and an explicit ``name=`` that exists is refused):
+
+- ``per_sample.csv``: one row per image: index (in the split), path (image folders; empty for torchvision
+  sources), label, class; autoencode: mse (per pixel), psnr (dB), kl (nats, VAE); classify: predicted,
+  predicted_class, probability (of the prediction: softmax of a trained head's logits), correct (0/1).
+- ``summary.json``: the means under the stage's own names: autoencode ``loss``, ``mse``, ``sse``, ``psnr``,
+  ``kl`` and ``active_units`` (VAE), computed by the stage's ``evaluate``; classify ``accuracy``, ``loss``
+  (cross-entropy, nats), ``per_class_accuracy``, ``confusion_matrix`` (rows: true class), computed by the
+  stage's ``_eval``; plus what was evaluated (run dir, checkpoint and its epoch, split, data, overrides), the
+  run's own numbers for the same split and checkpoint when the data is the run's (``run_metrics``), and the
+  images of ``worst.png`` (``worst``). It is also printed.
+- ``worst.png``: autoencode: the 16 worst-reconstructed images (highest MSE) above their reconstructions;
+  classify: the 16 most confidently misclassified images, most confident first (``worst`` in
+  summary.json names them).
+
+On the same split, checkpoint and data as the run, the means equal the run's own ``test_*``/``val_*``
+(best) or ``final_test_*`` (last) numbers: the same functions compute them (tests/test_evaluate.py).
+Exit status 2 with a one-paragraph message for bad input; nothing is written then.
+"""
+from __future__ import annotations
+
+import csv
+import datetime
+import io
+import json
+import logging
+import os
+import shutil
+import sys
+from pathlib import Path
+from typing import Dict, List, Optional, Sequence, Tuple
+
+import torch
+from omegaconf import DictConfig, OmegaConf
+from torchvision.utils import make_grid, save_image
+
+from . import data as data_mod
+from . import runs, runtime
+from .config import Config, conf_dir, safe_name
+from .data import DataError
+from .heads import build_head
+from .models import build_model
+from .runtime import EmbclfError
+
+log = logging.getLogger("embclf.evaluate")
+
+N_WORST = 16
+SPLITS = ("test", "train", "val")
+CHECKPOINTS = ("best", "last")
+# keys that would change what the checkpoint is, not how or on what it is evaluated
+FIXED_KEYS = ("model", "latent", "head", "stage", "debug", "experiment")
+
+
+# --- shared with embclf.embed: command line, run dir, config, checkpoints ------------------------------------
+
+def parse_args(argv: Sequence[str], own: Dict[str, Optional[Tuple[str, ...]]], prog: str):
+    """Split ``RUN_DIR key=value ...`` into the run dir, the values of this command's own keys (``own``: key ->
+    allowed values, or None for any) and the config overrides (Hydra ``Override`` objects, in order).
+
+    Raises ``EmbclfError`` for a missing run dir, a malformed override or a value not allowed."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+    from hydra.errors import OverrideParseException
+
+    argv = list(argv)
+    if not argv or argv[0].startswith("-"):
+        raise EmbclfError(f"usage: python -m {prog} RUN_DIR [key=value ...] (the run dir comes first).")
+    try:
+        parsed = OverridesParser.create().parse_overrides(argv[1:])
+    except OverrideParseException as e:
+        raise EmbclfError(f"cannot parse the overrides {' '.join(argv[1:])}: {str(e).splitlines()[0]}. Quote a value "
+                          "that holds = or , for Hydra, e.g. out=\"'/path/model=vae,latent=8/z.npz'\".") from None
+    values, config_overrides = {}, []
+    for o in parsed:
+        if o.is_sweep_override() or o.is_delete() or o.is_add() or o.is_force_add():
+            raise EmbclfError(f"{o.input_line}: give one value per key as key=value (no sweeps, +, ++ or ~).")
+        if o.key_or_group in own:
+            allowed = own[o.key_or_group]
+            v = str(o.value())
+            if allowed is not None and v not in allowed:
+                raise EmbclfError(f"{o.input_line}: {o.key_or_group} must be one of {', '.join(allowed)}.")
+            values[o.key_or_group] = v
+        else:
+            config_overrides.append(o)
+    return Path(argv[0]).expanduser(), values, config_overrides
+
+
+def run_stage(run_dir: Path) -> Tuple[str, dict]:
+    """The stage (``autoencode`` or ``classify``) and summary of a run dir. Raises ``EmbclfError`` when the
+    path is not a run dir (naming the sub-dirs of a ``stage=all`` job)."""
+    if not run_dir.is_dir():
+        raise EmbclfError(f"{run_dir} does not exist. The first argument is a run dir (one holding summary.json, "
+                          "config.yaml and checkpoints/), then key=value overrides; quote it if the shell splits it.")
+    s = runs.read_summary(run_dir)
+    if s is None:
+        subs = [p.name for p in (run_dir / "autoencode", run_dir / "classify") if (p / runs.SUMMARY).is_file()]
+        hint = (f"it is a stage=all job dir: pass {' or '.join(str(run_dir / n) for n in subs)}" if subs
+                else "pass a run dir (one holding summary.json, config.yaml and checkpoints/)")
+        raise EmbclfError(f"{run_dir} holds no {runs.SUMMARY}: {hint}.")
+    stage = s.get("stage")
+    if stage not in ("autoencode", "classify"):
+        raise EmbclfError(f"{run_dir}/{runs.SUMMARY} is not an autoencode or classify run's (stage {stage!r}).")
+    if s.get("status") != "completed":
+        log.warning("%s has status %s (not completed): evaluating the checkpoint it holds", run_dir, s.get("status"))
+    return stage, s
+
+
+def _groups() -> List[str]:
+    return sorted(p.name for p in Path(conf_dir()).iterdir() if p.is_dir())
+
+
+def _compose_group(group: str, option: str) -> DictConfig:
+    """The ``group`` node Hydra composes for ``group=option`` (the option's file over the schema's defaults)."""
+    from hydra import compose, initialize_config_dir
+    from hydra.errors import HydraException
+
+    try:
+        with initialize_config_dir(config_dir=conf_dir(), version_base=None, job_name="embclf_evaluate"):
+            composed = compose("config", overrides=[f"{group}={option}"])
+    except HydraException as e:
+        options = sorted(p.stem for p in (Path(conf_dir()) / group).glob("*.yaml"))
+        raise EmbclfError(f"{group}={option}: {str(e).splitlines()[0]} (options: {', '.join(options)}).") from None
+    return composed[group]
+
+
+def run_config(run_dir: Path, overrides) -> DictConfig:
+    """The run's saved ``config.yaml`` with ``overrides`` (Hydra ``Override`` objects) applied, typed by the
+    schema. Group options first (composed by Hydra), then dotted keys, as Hydra orders them. A relative
+    ``data.root`` is made absolute (relative to the current directory), as the entrypoint does.
+
+    Raises ``EmbclfError`` naming the override for a fixed key, an unknown key or a wrong type."""
+    from omegaconf.errors import OmegaConfBaseException
+
+    from .__main__ import _abs_root
+
+    saved = runs.read_config(run_dir)
+    if saved is None:
+        raise EmbclfError(f"{run_dir} has no {runs.CONFIG}: it is not a complete run dir.")
+    try:
+        cfg = OmegaConf.merge(OmegaConf.structured(Config), saved)
+    except OmegaConfBaseException as e:
+        raise EmbclfError(f"{run_dir / runs.CONFIG} does not fit this version's schema: {str(e).splitlines()[0]}") from None
+    groups = _groups()
+    ordered = [o for o in overrides if o.key_or_group in groups] + \
+              [o for o in overrides if o.key_or_group not in groups]
+    for o in ordered:
+        key = o.key_or_group
+        if key.split(".")[0] in FIXED_KEYS:
+            raise EmbclfError(f"{o.input_line}: {key.split('.')[0]} is fixed by the run's checkpoint; evaluation "
+                              "changes only what it runs on (data=..., data.*, split=, checkpoint=, device, threads).")
+        try:
+            if key in groups:
+                cfg[key] = _compose_group(key, o.get_value_element_as_str())
+            else:
+                OmegaConf.update(cfg, key, o.value(), merge=True)
+        except OmegaConfBaseException as e:
+            raise EmbclfError(f"{o.input_line}: {str(e).splitlines()[0]}") from None
+    cfg.data.root = _abs_root(cfg.data.root)
+    return cfg
+
+
+def load_autoencoder(path: Path, device: torch.device, image_size: int, what: str):
+    """The autoencoder of a checkpoint written by ``stage=autoencode`` (or ``debug=overfit``), built from the
+    config stored in it, on ``device``, in eval mode and frozen. Returns (model, checkpoint dict).
+
+    Raises ``EmbclfError`` for an unreadable checkpoint or an ``image_size`` other than the model's."""
+    ck = runs.load_checkpoint(path, ("model", "config"), what)
+    c = ck["config"]
+    trained = int(c["data"]["image_size"])
+    if int(image_size) != trained:
+        raise EmbclfError(f"data.image_size={image_size}: the model in {path} was trained on {trained}-pixel images; "
+                          f"leave data.image_size at {trained} (images are resized to it).")
+    model = build_model(OmegaConf.create(c["model"]), int(c["latent"]), trained)
+    model.load_state_dict(ck["model"])
+    model.to(device, memory_format=runtime.memory_format(device)).eval().requires_grad_(False)
+    return model, ck
+
+
+def encoder_checkpoint(run_dir: Path, summary: dict) -> Path:
+    """The encoder checkpoint a classify run was trained on (``encoder_checkpoint`` in its summary)."""
+    p = summary.get("encoder_checkpoint") or (summary.get("encoder_run") and
+                                              str(Path(summary["encoder_run"]) / "checkpoints" / "best.pt"))
+    if not p or not Path(p).is_file():
+        raise EmbclfError(f"{run_dir}: the encoder checkpoint this classify run used ({p or 'not recorded'}) is "
+                          "gone; it cannot be re-evaluated without it.")
+    return Path(p)
+
+
+# --- classify heads: the one place that turns a classify run dir into a predictor --------------------------
+
+def load_head(run_dir: Path, which: str, cfg, in_dim: int, n_classes: int, device: torch.device):
+    """The classify run's head, ready to score embeddings float32 [N, in_dim] -> [N, n_classes].
+
+    Built from the run's ``head`` config by ``heads.build_head``. A head with weights (``mlp``, and any
+    ``nn.Module`` head the run checkpointed) loads ``checkpoints/<which>.pt`` (its input standardization is
+    in the same state dict). A head fitted on the embeddings instead (it has ``fit``, no checkpoint) is
+    refitted on the run's own ``embeddings.pt`` train (and val) split, which is deterministic. Every head
+    type plugs in here. Returns (head, epoch of the checkpoint or None).
+
+    Raises ``EmbclfError`` when the checkpoint (or embeddings.pt) is missing or unreadable."""
+    head = build_head(cfg.head, in_dim, n_classes)
+    path = run_dir / "checkpoints" / f"{which}.pt"
+    if isinstance(head, torch.nn.Module) and (path.is_file() or not hasattr(head, "fit")):
+        ck = runs.load_checkpoint(path, ("head",), f"checkpoint={which}")
+        head.load_state_dict(ck["head"])
+        return head.to(device).eval(), ck.get("epoch")
+    emb = runs.load_checkpoint(run_dir / "embeddings.pt", ("train", "val"), "embeddings")
+    if isinstance(head, torch.nn.Module):
+        head = head.to(device)
+    head.fit(emb["train"]["z"].to(device), emb["train"]["labels"].to(device),
+             emb["val"]["z"].to(device), emb["val"]["labels"].to(device))
+    return head.eval(), None
+
+
+def class_probabilities(head, scores: torch.Tensor) -> torch.Tensor:
+    """Class probabilities float [N, K] from a head's scores: softmax of a trained head's logits; a fitted
+    probe's scores (votes, probabilities) normalised to sum to 1, as ``classify._eval`` treats them."""
+    if getattr(head, "trainable", True):
+        return torch.softmax(scores.float(), dim=1)
+    return scores.float() / scores.float().sum(1, keepdim=True).clamp_min(1e-12)
+
+
+# --- the two evaluations -------------------------------------------------------------------------------------
+
+def _base_rows(split: data_mod.Split, classes: List[str]) -> List[dict]:
+    labels = split.labels.tolist()
+    paths = split.paths or [""] * len(labels)
+    return [{"index": i, "path": paths[i], "label": y, "class": classes[y] if 0 <= y < len(classes) else ""}
+            for i, y in enumerate(labels)]
+
+
+def evaluate_autoencode(run_dir: Path, cfg, which: str, split_name: str, device: torch.device):
+    """Autoencoder metrics on one split: (means, per-image rows, worst.png grid float [3, H, W], worst list, ds).
+
+    The means are ``stages.autoencode.evaluate`` on the checkpoint (the numbers the stage reports); the rows
+    come from its per-image form ``evaluate_per_image``."""
+    from .stages import autoencode
+
+    ck_path = run_dir / "checkpoints" / f"{which}.pt"
+    model, ck = load_autoencoder(ck_path, device, int(cfg.data.image_size), f"checkpoint={which}")
+    ds = data_mod.load(cfg.data)
+    split = ds.split(split_name)
+    on_dev = split.to(device)
+    fmt = runtime.memory_format(device)
+    precision = runtime.precision(cfg)
+    beta = float(ck["config"]["model"].get("beta", 0.1))
+    bs = int(cfg.autoencode.eval_batch_size)
+    means = autoencode.evaluate(lambda x: autoencode.batch_step(model, x, beta, precision), model, on_dev, bs, fmt)
+    per = autoencode.evaluate_per_image(model, on_dev, bs, precision, fmt)
+    rows = _base_rows(split, ds.classes)
+    for k, v in per.items():
+        for r, x in zip(rows, v.tolist()):
+            r[k] = x
+    worst = torch.sort(per["mse"], descending=True, stable=True).indices[:N_WORST]
+    x = data_mod.to_float(split.images[worst].to(device))
+    with torch.no_grad():
+        x_hat = model(x, sample=False)["x_hat"].float()
+    grid = make_grid(torch.cat([x, x_hat]).cpu(), nrow=len(x), padding=1)
+    worst_list = [{k: rows[int(i)][k] for k in ("index", "path", "class", "mse", "psnr")} for i in worst]
+    means["checkpoint_epoch"] = int(ck.get("state", {}).get("epoch", 0)) or None
+    return means, rows, grid, worst_list, ds
+
+
+def evaluate_classify(run_dir: Path, cfg, which: str, split_name: str, device: torch.device, run_summary: dict):
+    """Head metrics on one split: (means, per-image rows, worst.png grid, worst list, ds). The split is
+    embedded by the stage's ``embed`` with the run's encoder; accuracy and cross-entropy are the stage's
+    ``_eval``; per-class accuracy and the confusion matrix as the stage computes them."""
+    from sklearn.metrics import confusion_matrix
+
+    from .stages import classify
+
+    encoder, enc_ck = load_autoencoder(encoder_checkpoint(run_dir, run_summary), device, int(cfg.data.image_size),
+                                       "encoder checkpoint")
+    ds = data_mod.load(cfg.data)
+    classes = list(run_summary.get("classes") or ds.classes)
+    if len(ds.classes) != len(classes):
+        raise EmbclfError(f"data: these images have {len(ds.classes)} classes, the head was trained on {len(classes)} "
+                          f"({', '.join(classes[:5])}...); a classify run is evaluated on data with its classes.")
+    if list(ds.classes) != classes:
+        log.warning("the data's class names %s differ from the run's %s: labels are matched by index",
+                    ds.classes[:5], classes[:5])
+    split = ds.split(split_name)
+    z = classify.embed(encoder, split, device, 1000, enc_ck["config"].get("precision", "fp32")).to(device)
+    y = split.labels.to(device)
+    head, epoch = load_head(run_dir, which, cfg, z.shape[1], len(classes), device)
+    m, scores = classify._eval(head, z, y, 4096)
+    proba = class_probabilities(head, scores)
+    conf, pred = proba.max(1)
+    true_np, pred_np = y.cpu().numpy(), pred.cpu().numpy()
+    cm = confusion_matrix(true_np, pred_np, labels=list(range(len(classes))))
+    per_class = {c: float(cm[i, i] / max(1, cm[i].sum())) for i, c in enumerate(classes)}
+    rows = _base_rows(split, classes)
+    for r, p, c in zip(rows, pred.tolist(), conf.tolist()):
+        r.update(predicted=p, predicted_class=classes[p], probability=c, correct=int(p == r["label"]))
+    wrong = (pred != y).nonzero().flatten().cpu()
+    worst = wrong[torch.sort(conf.cpu()[wrong], descending=True, stable=True).indices][:N_WORST]
+    grid = make_grid(data_mod.to_float(split.images[worst]) if len(worst) else torch.zeros(1, 3, 8, 8), nrow=8, padding=1)
+    worst_list = [{k: rows[int(i)][k] for k in ("index", "path", "class", "predicted_class", "probability")}
+                  for i in worst]
+    means = {"accuracy": m["accuracy"], "loss": m["loss"], "per_class_accuracy": per_class,
+             "confusion_matrix": cm.tolist(), "classes": classes, "head": cfg.head.name, "checkpoint_epoch": epoch}
+    return means, rows, grid, worst_list, ds
+
+
+# the run's own numbers that an evaluation on its data must reproduce: (stage, split, checkpoint) -> summary prefix
+RUN_METRICS = {("autoencode", "test", "best"): "test_", ("autoencode", "test", "last"): "final_test_",
+               ("autoencode", "val", "best"): "val_", ("classify", "test", "best"): "test_",
+               ("classify", "test", "last"): "final_test_", ("classify", "val", "best"): "val_"}
+
+
+def run_metrics(stage: str, split: str, which: str, run_summary: dict, means: dict) -> Optional[dict]:
+    """The run summary's own values of ``means``' metrics for this split and checkpoint, or None."""
+    prefix = RUN_METRICS.get((stage, split, which))
+    if prefix is None:
+        return None
+    keys = ("mse", "psnr", "kl", "loss", "sse") if stage == "autoencode" else ("accuracy",)
+    out = {k: run_summary[prefix + k] for k in keys if prefix + k in run_summary and k in means}
+    return out or None
+
+
+# --- writing -----------------------------------------------------------------------------------------------
+
+def write_new_dir(parent: Path, name: str, explicit: bool, files: Dict[str, bytes]) -> Path:
+    """Write ``files`` (file name -> bytes) into a new folder ``parent/name`` atomically: into a hidden temp
+    folder, renamed into place. An existing folder is never touched: with ``explicit`` it is an error, else
+    the name gets ``-2``, ``-3``... Returns the folder. Raises ``EmbclfError`` (explicit name taken)."""
+    parent.mkdir(parents=True, exist_ok=True)
+    if explicit and (parent / name).exists():
+        raise EmbclfError(f"name={name}: {parent / name} exists; an earlier evaluation is never overwritten. Choose "
+                          "another name= (or leave name out for a new one).")
+    tmp = parent / f".{name}.tmp{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    try:
+        for fname, blob in files.items():
+            (tmp / fname).write_bytes(blob)
+        k = 1
+        while True:
+            final = parent / (name if k == 1 else f"{name}-{k}")
+            if not final.exists():
+                try:
+                    os.rename(tmp, final)  # fails if another process created it meanwhile
+                    return final
+                except OSError:
+                    if explicit:
+                        raise EmbclfError(f"name={name}: {final} was created meanwhile; choose another name=.") from None
+            elif explicit:
+                raise EmbclfError(f"name={name}: {final} exists; choose another name=.")
+            k += 1
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def csv_bytes(rows: List[dict]) -> bytes:
+    """Rows (dicts with the same keys) as CSV text; floats as Python writes them (float32 values exactly)."""
+    buf = io.StringIO()
+    w = csv.DictWriter(buf, fieldnames=list(rows[0]) if rows else ["index"], lineterminator="\n")
+    w.writeheader()
+    w.writerows(rows)
+    return buf.getvalue().encode()
+
+
+def png_bytes(grid: torch.Tensor) -> bytes:
+    buf = io.BytesIO()
+    save_image(grid, buf, format="png")
+    return buf.getvalue()
+
+
+def _json_bytes(obj) -> bytes:
+    """``obj`` as ``runs.write_json_atomic`` writes it (indented, strict JSON, non-finite floats as null)."""
+    return (json.dumps(runs.json_safe(obj), indent=2, default=str, allow_nan=False) + "\n").encode()
+
+
+def _data_identity(c: dict) -> Optional[dict]:
+    """What selects the images (where the decoded cache lives and downloading do not)."""
+    d = c.get("data")
+    return {k: v for k, v in d.items() if k not in ("cache_dir", "download")} if isinstance(d, dict) else None
+
+
+def evaluate_run(argv: Sequence[str]) -> Tuple[Path, dict]:
+    """Run one evaluation (see the module docstring). Returns (the eval folder, its summary).
+
+    Raises ``EmbclfError`` / ``DataError`` for bad input, before anything is written."""
+    run_dir, own, overrides = parse_args(argv, {"checkpoint": CHECKPOINTS, "split": SPLITS, "name": None},
+                                         "embclf.evaluate")
+    stage, run_summary = run_stage(run_dir)
+    which, split = own.get("checkpoint", "best"), own.get("split", "test")
+    if "name" in own and (run_dir / "eval" / own["name"]).exists():  # before any work; checked again when writing
+        raise EmbclfError(f"name={own['name']}: {run_dir / 'eval' / own['name']} exists; an earlier evaluation is "
+                          "never overwritten. Choose another name= (or leave name out for a new one).")
+    cfg = run_config(run_dir, overrides)
+    env = runtime.setup(cfg)
+    device = env["device"]
+    if stage == "autoencode":
+        means, rows, grid, worst, ds = evaluate_autoencode(run_dir, cfg, which, split, device)
+    else:
+        means, rows, grid, worst, ds = evaluate_classify(run_dir, cfg, which, split, device, run_summary)
+    lines = [o.input_line for o in overrides]
+    same_data = _data_identity(runs.resolved(cfg)) == _data_identity(runs.read_config(run_dir) or {})
+    summary = {"run_dir": str(run_dir.resolve()), "run_stage": stage, "checkpoint": which, "split": split,
+               "n": len(rows), "overrides": lines, "model": run_summary.get("model"),
+               "latent": run_summary.get("latent"), "data": runs.resolved(cfg)["data"],
+               "data_fingerprint": ds.fingerprint, "same_data_as_run": same_data, "device": str(device),
+               "time": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+               **({"debug": run_summary["debug"]} if run_summary.get("debug") else {}), **means}
+    ref = run_metrics(stage, split, which, run_summary, means) if same_data else None
+    if ref is not None:
+        summary["run_metrics"] = ref
+        off = [k for k, v in ref.items() if isinstance(v, (int, float)) and abs(means[k] - v) > 1e-5 * max(1.0, abs(v))]
+        if off:
+            log.warning("the run's own %s differ from this evaluation's (%s): was the run dir changed, or the data "
+                        "cache rebuilt?", ", ".join(off), ", ".join(f"{k} {means[k]:.6g} vs {ref[k]:.6g}" for k in off))
+    summary["worst"] = worst
+    named = [o.input_line for o in overrides if o.key_or_group.split(".")[0] not in runs.VOLATILE_KEYS]
+    name = own.get("name") or f"{split}-{which}" + (f"-{safe_name(named)}" if named else "")
+    out = write_new_dir(run_dir / "eval", name, "name" in own,
+                        {"per_sample.csv": csv_bytes(rows), "summary.json": _json_bytes(summary),
+                         "worst.png": png_bytes(grid)})
+    return out, summary
+
+
+def format_summary(out: Path, s: dict) -> str:
+    """The printed summary: what was evaluated, the means, where the files are."""
+    head = (f"{s['run_stage']} run {s['run_dir']}\n  checkpoint {s['checkpoint']} (epoch {s.get('checkpoint_epoch')}), "
+            f"split {s['split']}: {s['n']} images" + (f", overrides {' '.join(s['overrides'])}" if s["overrides"] else ""))
+    if s.get("debug"):
+        head += f"\n  DEBUG RUN (debug={s['debug']}): not a result"
+    if s["run_stage"] == "autoencode":
+        m = [f"mse {s['mse']:.6f}", f"psnr {s['psnr']:.3f} dB"] + \
+            ([f"kl {s['kl']:.3f} nats", f"active units {s['active_units']}"] if "kl" in s else [])
+    else:
+        m = [f"accuracy {s['accuracy']:.4f}", f"cross-entropy {s['loss']:.4f} nats"]
+        m.append("per class " + ", ".join(f"{c} {a:.3f}" for c, a in s["per_class_accuracy"].items()))
+    ref = s.get("run_metrics")
+    lines = [head, "  " + ", ".join(m)]
+    if ref:
+        lines.append("  the run's own: " + ", ".join(f"{k} {v:.6g}" for k, v in ref.items()))
+    lines.append(f"wrote {out}/ per_sample.csv, summary.json, worst.png")
+    return "\n".join(lines)
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    """CLI entry point. Returns the exit status (0, or 2 with a one-paragraph message on bad input)."""
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] in (["-h"], ["--help"]):
+        print(__doc__)
+        return 0
+    if not logging.getLogger().handlers:
+        logging.basicConfig(level=logging.INFO, format="[%(asctime)s][%(name)s][%(levelname)s] - %(message)s")
+    try:
+        out, summary = evaluate_run(argv)
+    except (EmbclfError, DataError) as e:
+        print(f"embclf.evaluate: error: {e}", file=sys.stderr)
+        return 2
+    print(format_summary(out, summary))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

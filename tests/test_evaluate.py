@@ -1,0 +1,177 @@
+"""python -m embclf.evaluate / embclf.embed and the debug modes, on the session's tiny real sweep (tiny_sweep).
+
+Evaluations and exports run in-process (their main()), with the sweep's data cache; debug=overfit runs its
+loops in-process on a narrow conv AE; debug=fast runs once end to end through `python -m embclf`."""
+import csv
+import json
+import zipfile
+from pathlib import Path
+
+import pytest
+
+from conftest import MINI, run_embclf
+
+from embclf import debug, embed, evaluate, report, runs
+from embclf.runtime import EmbclfError
+
+REL = 1e-5
+
+
+def _run(out: Path, stage: str, model: str, latent: int) -> Path:
+    for s in out.rglob("summary.json"):
+        d = json.loads(s.read_text())
+        if d.get("stage") == stage and d.get("model") == model and d.get("latent") == latent:
+            return s.parent
+    raise AssertionError(f"no {stage} run {model} z{latent} under {out}")
+
+
+@pytest.fixture(scope="module")
+def sweep(tiny_sweep):
+    """The tiny sweep, with this process reading the data cache its jobs wrote (no image is decoded again)."""
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("XDG_CACHE_HOME", str(tiny_sweep["tmp"] / "xdg-cache"))
+        yield tiny_sweep
+
+
+def _evaluate(run_dir: Path, *args: str) -> dict:
+    before = set((run_dir / "eval").iterdir()) if (run_dir / "eval").is_dir() else set()
+    assert evaluate.main([str(run_dir), "threads=1", *args]) == 0
+    (new,) = set((run_dir / "eval").iterdir()) - before
+    rows = list(csv.DictReader((new / "per_sample.csv").open()))
+    s = json.loads((new / "summary.json").read_text())
+    assert (new / "worst.png").read_bytes()[:4] == b"\x89PNG" and len(s["worst"]) == 16
+    return {"dir": new, "rows": rows, "summary": s}
+
+
+def _mean(rows, key):
+    return sum(float(r[key]) for r in rows) / len(rows)
+
+
+def test_evaluate_autoencode_equals_the_stage(sweep):
+    run_dir = _run(sweep["out"], "autoencode", "vae", 8)
+    stage = runs.read_summary(run_dir)
+    test = _evaluate(run_dir)
+    assert test["dir"].name == "test-best" and len(test["rows"]) == stage["n_test"] == 300
+    assert all(r["path"].endswith(".jpg") and "/test/" in r["path"] for r in test["rows"])
+    for k in ("mse", "psnr", "kl"):
+        assert _mean(test["rows"], k) == pytest.approx(test["summary"][k], rel=REL), k
+        assert test["summary"][k] == pytest.approx(stage[f"test_{k}"], rel=REL), k
+    assert test["summary"]["active_units"] == stage["test_active_units"]
+    # the worst reconstructions are the rows with the highest MSE, worst first
+    assert test["summary"]["worst"][0]["mse"] == max(float(r["mse"]) for r in test["rows"])
+    val = _evaluate(run_dir, "split=val")
+    assert len(val["rows"]) == stage["n_val"] and "/train/" in val["rows"][0]["path"]
+    for k in ("mse", "psnr", "kl"):  # the best checkpoint's own val metrics, and not the test ones
+        assert _mean(val["rows"], k) == pytest.approx(stage[f"val_{k}"], rel=REL), k
+        assert val["summary"][k] != pytest.approx(test["summary"][k], rel=1e-3), k
+    # an earlier evaluation is never overwritten: an explicit name that exists is refused, before any work
+    assert evaluate.main([str(run_dir), "name=test-best"]) == 2
+    assert json.loads((test["dir"] / "summary.json").read_text()) == test["summary"]
+
+
+def test_evaluate_classify_equals_the_stage(sweep):
+    run_dir = _run(sweep["out"], "classify", "ae", 16)
+    stage = runs.read_summary(run_dir)
+    test = _evaluate(run_dir)
+    s = test["summary"]
+    assert _mean(test["rows"], "correct") == pytest.approx(s["accuracy"], rel=REL)
+    assert s["accuracy"] == pytest.approx(stage["test_accuracy"], rel=REL)
+    assert s["confusion_matrix"] == stage["confusion_matrix"] and s["per_class_accuracy"] == stage["per_class_accuracy"]
+    # the grid's images are misclassified, most confident first
+    probs = [w["probability"] for w in s["worst"]]
+    assert probs == sorted(probs, reverse=True) and all(w["class"] != w["predicted_class"] for w in s["worst"])
+    last = _evaluate(run_dir, "checkpoint=last")
+    assert _mean(last["rows"], "correct") == pytest.approx(stage["final_test_accuracy"], rel=REL)
+    val = _evaluate(run_dir, "split=val")
+    assert _mean(val["rows"], "correct") == pytest.approx(stage["val_accuracy"], rel=REL)
+    assert len(val["rows"]) == 100 and val["summary"]["accuracy"] != s["accuracy"]
+
+
+def test_evaluate_bad_input_is_one_clear_line(sweep, capsys):
+    run_dir = _run(sweep["out"], "autoencode", "ae", 8)
+    assert evaluate.main([str(run_dir), "latent=32"]) == 2
+    assert "latent is fixed by the run's checkpoint" in capsys.readouterr().err
+    assert evaluate.main([str(run_dir), "data.test_size=abc"]) == 2
+    assert "data.test_size=abc" in capsys.readouterr().err
+    assert evaluate.main([str(run_dir.parent), "split=test"]) == 2  # the sweep dir is not a run dir
+    assert "holds no summary.json" in capsys.readouterr().err
+    assert not (run_dir / "eval").exists()
+
+
+def test_export_is_deterministic_and_equals_the_classifier_input(sweep, tmp_path):
+    import numpy as np
+
+    ae = _run(sweep["out"], "autoencode", "vae", 16)
+    clf = runs.load_checkpoint(_run(sweep["out"], "classify", "vae", 16) / "embeddings.pt")
+    for fmt in ("npz", "pt"):
+        a, b = tmp_path / f"a.{fmt}", tmp_path / f"b.{fmt}"
+        for p in (a, b):
+            assert embed.main([str(ae), "threads=1", f"format={fmt}", f"out={p}"]) == 0
+        assert a.read_bytes() == b.read_bytes(), fmt
+    # no wall-clock time inside (numpy.savez stamps each entry with it; two calls in one second would hide that)
+    assert {i.date_time for i in zipfile.ZipFile(tmp_path / "a.npz").infolist()} == {(1980, 1, 1, 0, 0, 0)}
+    z = np.load(tmp_path / "a.npz")
+    assert z["embeddings"].dtype == np.float32 and z["embeddings"].shape == (300, 16)
+    assert np.array_equal(z["embeddings"], clf["test"]["z"].numpy())  # mu, as the classifier saw it
+    assert np.array_equal(z["labels"], clf["test"]["labels"].numpy()) and z["paths"][0].endswith(".jpg")
+    # another split into an existing file: refused, the file kept
+    before = (tmp_path / "a.npz").read_bytes()
+    assert embed.main([str(ae), "split=val", f"out={tmp_path / 'a.npz'}"]) == 2
+    assert (tmp_path / "a.npz").read_bytes() == before
+
+
+def _debug_cfg(tmp: Path, *overrides: str):
+    from hydra import compose, initialize_config_dir
+
+    from embclf.config import conf_dir
+
+    with initialize_config_dir(config_dir=conf_dir(), version_base=None):
+        cfg = compose("config", overrides=[*MINI, "logger=none", "threads=1", f"output_dir={tmp / 'o'}",
+                                           f"data.cache_dir={tmp / 'cache'}", *overrides])
+    debug.apply(cfg)
+    return cfg
+
+
+# A narrow conv AE (channels 8..32) keeps this test at a few seconds; the default widths fit a 32-image batch
+# too (measured: conv AE latent 64, 16 images, lr 1e-3: 25.8 dB after 125 steps)
+@pytest.mark.parametrize("model", ["ae", "vae"])
+def test_debug_overfit_fits_one_batch(tmp_path, cifar_root, model):
+    cfg = _debug_cfg(tmp_path, "debug=overfit", f"model={model}", "latent=16", "model.channels=[8,16,16,32,32]",
+                     "debug.batch_size=4", "autoencode.lr=5e-3", "debug.train_size=100", "debug.test_size=20")
+    ae_dir = debug.overfit_autoencoder(cfg, tmp_path / "ae", [])
+    s = runs.read_summary(ae_dir)
+    assert s["debug"] == "overfit" and s["status"] == "completed" and s["overfit_passed"]
+    assert s["overfit_psnr"] > 25.0 and s["overfit_steps"] <= 500 and s["overfit_batch"] == 4
+    clf = debug.overfit_head(cfg, tmp_path / "clf", [], encoder=ae_dir)
+    c = runs.read_summary(clf)
+    assert c["overfit_accuracy"] == 1.0 and c["status"] == "completed"
+    # the check can fail: one step is not enough, and the run says so
+    short = _debug_cfg(tmp_path, "debug=overfit", f"model={model}", "latent=16", "model.channels=[8,16,16,32,32]",
+                       "debug.batch_size=4", "debug.steps=1", "debug.train_size=100", "debug.test_size=20")
+    with pytest.raises(EmbclfError, match="did not fit one batch of 4 images"):
+        debug.overfit_autoencoder(short, tmp_path / "short", [])
+    s = runs.read_summary(tmp_path / "short")
+    assert s["status"] == "failed" and s["reason"] == "overfit" and not s["overfit_passed"]
+
+
+def test_debug_fast_end_to_end_and_kept_apart(tmp_path, cifar_root):
+    out = tmp_path / "o"
+    proc = run_embclf(["stage=all", "debug=fast", "model=ae", "latent=8", *MINI, "logger=none", "debug.train_size=120",
+                       "debug.test_size=40", f"output_dir={out}"], tmp_path)
+    assert "DEBUG RUN (debug=fast)" in proc.stderr + proc.stdout
+    (job,) = list(out.iterdir())
+    for stage in ("autoencode", "classify"):
+        s = runs.read_summary(job / stage)
+        assert s["status"] == "completed" and s["debug"] == "fast" and s["epochs"] == 1, stage
+        assert runs.read_config(job / stage)["data"]["train_size"] == 120
+    for f in ("autoencode/checkpoints/best.pt", "autoencode/images/recon_e001.png", "classify/embeddings.pt",
+              "classify/images/confusion.png"):
+        assert (job / f).is_file(), f
+    # a real (non-debug) classifier with the same settings never finds the debug encoder; a debug one does
+    real = runs.read_config(job / "autoencode")
+    assert runs.find_encoder_run(real, out) == job / "autoencode"
+    real.pop("debug")
+    assert runs.find_encoder_run(real, out) is None
+    # the report lists it apart from the results
+    rows = report.collect([out])
+    assert len(rows) == 1 and rows[0]["status"].startswith("debug=fast")
