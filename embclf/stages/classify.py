@@ -64,7 +64,8 @@ def resolve_encoder(cfg) -> Path:
         # every setting that makes the identity, so the printed command really trains the missing encoder
         keys = [f"data={d['source']}"] + [f"data.{k}={_q(v)}" for k, v in d.items() if k != "source"] + \
                [f"autoencode.{k}={_q(v)}" for k, v in ae.items()] + \
-               [f"model.{k}={_q(v)}" for k, v in ident["model"].items() if k in runs.MODEL_OBJECTIVE_DEFAULTS and v != runs.MODEL_OBJECTIVE_DEFAULTS[k]] +
+               [f"model.{k}={_q(v)}" for k, v in ident["model"].items()
+                if k in runs.MODEL_OBJECTIVE_DEFAULTS and v != runs.MODEL_OBJECTIVE_DEFAULTS[k]] + \
                ([f"debug={ident['debug']}"] if ident["debug"] != "none" else [])
         raise runtime.EmbclfError(
             f"stage=classify found no completed autoencode run under output_dir={out} matching model={ident['model']['name']} "
