@@ -70,19 +70,55 @@ class ReportError(RuntimeError):
 # --- reading run dirs -----------------------------------------------------------------------------
 
 def _status(s: dict) -> str:
-    """The summary's status; "running" whose process is gone on this host reads "interrupted"; a debug run
-    (``debug=fast|overfit``) reads "debug=<mode>", so it is listed apart from the results, never in the table."""
+    """The summary's status; a debug run (``debug=fast|overfit``) reads "debug=<mode>", so it is listed apart
+    from the results, never in the table. A "running" one is checked, never shown as running when it is dead:
+    its process on this host (gone: "interrupted"), its SLURM job (``squeue``, then ``sacct`` for how it
+    ended: "killed (out of memory)", "cancelled", "timeout", ...), or, when neither can be asked from here,
+    "running? (... cannot check ...)"."""
     st = s.get("status", "unknown")
     if s.get("debug"):
         return f"debug={s['debug']}"
-    if st == "running" and s.get("hostname") == socket.gethostname() and s.get("pid"):
+    if st != "running":
+        return st
+    if s.get("slurm_job_id"):
+        return _slurm_status(str(s["slurm_job_id"]))
+    if s.get("hostname") == socket.gethostname() and s.get("pid"):
         try:
             os.kill(int(s["pid"]), 0)
         except ProcessLookupError:
             return "interrupted"
         except (PermissionError, OSError, ValueError):
             pass
-    return st
+        return st
+    return f"running? (on {s.get('hostname', 'another host')}: cannot check from here)"
+
+
+# final SLURM states of a job whose summary still says "running": it died without recording it
+SLURM_ENDED = {"OUT_OF_MEMORY": "killed (out of memory)", "NODE_FAIL": "killed (node failure)",
+               "BOOT_FAIL": "killed (node failure)", "CANCELLED": "cancelled", "TIMEOUT": "timeout",
+               "PREEMPTED": "interrupted", "FAILED": "failed", "COMPLETED": "killed"}
+
+
+def _slurm_status(job_id: str) -> str:
+    """What SLURM says of a job whose summary reads "running": still queued/running (squeue), how it ended
+    (sacct), or that this host cannot tell (no SLURM client, e.g. a laptop reading a copied sweep dir)."""
+    import subprocess
+
+    def ask(cmd):
+        out = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, timeout=20)
+        return out.returncode, out.stdout.strip()
+
+    try:
+        rc, live = ask(["squeue", "-h", "-j", job_id, "-o", "%T"])
+        if rc == 0 and live:
+            return "running" if live.split()[0] == "RUNNING" else f"running ({live.split()[0].lower()})"
+        rc, ended = ask(["sacct", "-n", "-X", "-P", "-j", job_id, "-o", "State"])
+    except (OSError, subprocess.SubprocessError):
+        return f"running? (SLURM job {job_id}: no squeue/sacct here to check)"
+    word = ended.split()[0].upper() if rc == 0 and ended else ""
+    if word in SLURM_ENDED:
+        return SLURM_ENDED[word]
+    return f"running? (SLURM job {job_id}: {'sacct says ' + word if word else 'unknown to squeue and sacct'})"
 
 
 def _epochs_done(run_dir: Path) -> int:

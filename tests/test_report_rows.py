@@ -184,3 +184,18 @@ def test_sweep_hint_is_a_command_that_works_as_printed(tmp_path, caplog):
     with caplog.at_level("INFO"):
         AnnounceOutputs().on_multirun_end(OmegaConf.create({"hydra": {"sweep": {"dir": str(tmp_path / "a sweep")}}}))
     assert f"{sys.executable} -m embclf.report '{tmp_path / 'a sweep'}'" in caplog.text
+
+
+def test_a_running_job_is_checked_not_trusted(monkeypatch, tmp_path):
+    """A summary that says "running" is checked: a dead process on this host reads "interrupted"; a job on
+    another host or on SLURM, which this host cannot ask, says so instead of claiming to run."""
+    import socket
+    from embclf import report
+
+    monkeypatch.setenv("PATH", str(tmp_path))  # no squeue/sacct here
+    dead = {"status": "running", "hostname": socket.gethostname(), "pid": 2**22 + 12345}
+    assert report._status(dead) == "interrupted"
+    assert "cannot check" in report._status({"status": "running", "hostname": "node17", "pid": 1})
+    slurm = report._status({"status": "running", "hostname": "node17", "slurm_job_id": "123_4"})
+    assert slurm.startswith("running?") and "SLURM job 123_4" in slurm
+    assert report._status({"status": "completed"}) == "completed"
