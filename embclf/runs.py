@@ -346,6 +346,17 @@ def config_differences(old: dict, cfg: DictConfig) -> List[str]:
     return diffs
 
 
+def refuse_other_config(run_dir: Path, stored: dict, cfg: DictConfig) -> None:
+    """Raise ``EmbclfError`` naming the differing keys when ``run_dir``'s checkpoint was written with another
+    config (``stored``, its resolved config) than ``cfg``: resuming it would mix two experiments."""
+    diffs = config_differences(stored, cfg)
+    if diffs:
+        raise EmbclfError(
+            f"run dir {run_dir} holds a run with a different config (differs in: {', '.join(diffs)}); "
+            "resuming it would mix two experiments. Use the original settings to resume it, or a new run dir "
+            "(leave hydra.run.dir / hydra.sweep.dir at their defaults).")
+
+
 def base_summary(cfg: DictConfig, stage: str, overrides: List[str]) -> Dict[str, Any]:
     """Fields every ``summary.json`` carries, filled at the start of a run (status "running")."""
     return {

@@ -399,12 +399,7 @@ def run(cfg, run_dir: Path, overrides: List[str]) -> Path:
     resume = runs.load_checkpoint(last, ("model", "optimizer", "scheduler", "rng", "batch_rng", "state", "config"),
                                   "resume") if last.is_file() else None
     if resume is not None:  # resuming: only the same computation may continue in this run dir
-        diffs = runs.config_differences(resume["config"], cfg)
-        if diffs:
-            raise runtime.EmbclfError(
-                f"run dir {run_dir} holds a run with a different config (differs in: {', '.join(diffs)}); "
-                "resuming it would mix two experiments. Use the original settings to resume it, or a new run dir "
-                "(leave hydra.run.dir / hydra.sweep.dir at their defaults).")
+        runs.refuse_other_config(run_dir, resume["config"], cfg)
     summary = runs.base_summary(cfg, "autoencode", overrides)
     env = runtime.setup(cfg)
     device = env["device"]

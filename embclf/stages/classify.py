@@ -303,12 +303,7 @@ def run(cfg, run_dir: Path, overrides: List[str], encoder: Optional[Path] = None
                     "again from the start", last)
         resume = None
     if resume is not None:  # resuming the head's training: only the same computation may continue here
-        diffs = runs.config_differences(resume["config"], cfg)
-        if diffs:
-            raise runtime.EmbclfError(
-                f"run dir {run_dir} holds a run with a different config (differs in: {', '.join(diffs)}); "
-                "resuming it would mix two experiments. Use the original settings to resume it, or a new run dir "
-                "(leave hydra.run.dir / hydra.sweep.dir at their defaults).")
+        runs.refuse_other_config(run_dir, resume["config"], cfg)
     ckpt_path = (Path(encoder) / "checkpoints" / "best.pt") if encoder else resolve_encoder(cfg)
     encoder_run = ckpt_path.parent.parent
     log.info("encoder: %s", ckpt_path)
