@@ -150,7 +150,7 @@ def run_config(run_dir: Path, overrides) -> DictConfig:
     Raises ``EmbclfError`` naming the override for a fixed key, an unknown key or a wrong type."""
     from omegaconf.errors import OmegaConfBaseException
 
-    from .__main__ import _abs_root
+    from .config import absolute_path
 
     saved = runs.read_config(run_dir)
     if saved is None:
@@ -174,7 +174,7 @@ def run_config(run_dir: Path, overrides) -> DictConfig:
                 OmegaConf.update(cfg, key, o.value(), merge=True)
         except OmegaConfBaseException as e:
             raise EmbclfError(f"{o.input_line}: {str(e).splitlines()[0]}") from None
-    cfg.data.root = _abs_root(cfg.data.root)
+    cfg.data.root = absolute_path(cfg.data.root, os.getcwd())
     return cfg
 
 

@@ -451,7 +451,8 @@ _fault_counts: Dict[str, int] = {}
 
 def fault_point(name: str) -> None:
     """Test-only fault injection: when ``EMBCLF_KILL_AT=NAME[:N[:SIGNAL]]`` names this point, the process sends
-    itself SIGNAL (default SIGKILL, e.g. ``TERM``) the N-th time (default 1) it reaches it.
+    itself SIGNAL (default SIGKILL, e.g. ``TERM``) the N-th time (default 1) it reaches it; SIGNAL ``raise``
+    raises a RuntimeError there instead (an ordinary failure).
 
     The resume tests use it to kill a run at exact places and check that restarting the same command ends with
     the metrics of an uninterrupted run. Points: ``startup`` (run dir and summary written, nothing trained),
@@ -470,6 +471,8 @@ def fault_point(name: str) -> None:
     n, _, sig = rest.partition(":")
     _fault_counts[name] = _fault_counts.get(name, 0) + 1
     if _fault_counts[name] == int(n or 1):
+        if sig.lower() == "raise":  # an ordinary failure (an exception) at that point, e.g. after wandb started
+            raise RuntimeError(f"{KILL_AT_ENV}={spec}: injected failure at {name}")
         signum = signal.Signals["SIG" + sig.upper().removeprefix("SIG")] if sig else signal.SIGKILL
         log.warning("%s=%s: sending %s to myself", KILL_AT_ENV, spec, signum.name)
         os.kill(os.getpid(), signum)

@@ -58,9 +58,9 @@ def test_report_lists_failed_runs(failing_sweep, tmp_path):
     for r in rows:  # classify runs on an encoder outside this sweep: their reconstruction numbers are joined in
         assert r["stage"] == "classify" and r["label"].startswith("vae-z8") and r["test_mse"] > 0
     failed = next(r for r in rows if r["status"] == "failed")
-    assert "negative dimension" in failed["error"] and failed["test_accuracy"] is None
+    assert "injected failure at classify.metrics" in failed["error"] and failed["test_accuracy"] is None
     md = (tmp_path / "report.md").read_text()
-    assert "## Not completed" in md and "negative dimension" in md.split("## Not completed")[1]
+    assert "## Not completed" in md and "injected failure at classify.metrics" in md.split("## Not completed")[1]
 
 
 def test_mean_and_std_over_seeds():

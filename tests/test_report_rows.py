@@ -134,7 +134,7 @@ def test_help_texts():
                          timeout=120)
     assert out.returncode == 0, out.stderr[-2000:]
     text = out.stdout
-    for want in ("model: ae, resnet, resnet_vae, vae", "head: mlp", "stage=autoencode", "stage=classify",
+    for want in ("model: ae, resnet, resnet_vae, vae", "head: knn, linear, logreg, mlp", "stage=autoencode", "stage=classify",
                  "stage=all", "autoencode.epochs=80", "classify.epochs=50", "latent=64",
                  "python -m embclf model=vae latent=64 stage=all",
                  "python -m embclf -m model=ae,vae latent=32,64,128,256 stage=all", "hydra/launcher=slurm"):

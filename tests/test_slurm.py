@@ -114,7 +114,7 @@ def test_requeued_jobs_resume_from_last_checkpoint(slurm_cluster, tmp_path):
     """
     # after SIGTERM a job trains on until SLURM's KillWait (5 s here) ends it: leave it more epochs
     # than that, so that the kill lands mid-training
-    epochs = 14
+    epochs = 24
     sweep_dir = tmp_path / "sweep"
     args = [*tiny_args(tmp_path, epochs=epochs), *FIT_NODE, "latent=8,16", f"hydra.sweep.dir={sweep_dir}"]
     proc = subprocess.Popen(embclf_cmd(*args), cwd=REPO, env=embclf_env(), stdout=subprocess.PIPE,
@@ -162,15 +162,16 @@ def test_requeued_jobs_resume_from_last_checkpoint(slurm_cluster, tmp_path):
 
 def test_failed_job_is_reported_and_the_others_complete(slurm_cluster, tmp_path):
     sweep_dir = tmp_path / "sweep"
-    proc = run_embclf(*tiny_args(tmp_path), *FIT_NODE, "latent=0,8", f"hydra.sweep.dir={sweep_dir}")
+    # a test subset larger than the 10,000 test images: only the data can tell, so the job fails at run time
+    proc = run_embclf(*tiny_args(tmp_path), *FIT_NODE, "data.test_size=20000,100", f"hydra.sweep.dir={sweep_dir}")
     assert proc.returncode != 0, proc.stdout[-3000:]
     out = proc.stdout
     assert "1 of 2 sweep jobs failed" in out, out[-3000:]
     tail = out[out.index("1 of 2 sweep jobs failed"):]
-    assert "latent=0" in tail and "latent=8" not in tail, tail
-    by_latent = {[o for o in overrides_of(d) if o.startswith("latent=")][0]: summary(d) for d in run_dirs(sweep_dir)}
-    assert by_latent["latent=8"]["status"] == "completed"
-    assert by_latent["latent=0"]["status"] == "failed" and "latent" in by_latent["latent=0"]["error"]
+    assert "test_size=20000" in tail and "test_size=100 " not in tail, tail
+    by_size = {[o for o in overrides_of(d) if o.startswith("data.test_size=")][-1]: summary(d) for d in run_dirs(sweep_dir)}
+    assert by_size["data.test_size=100"]["status"] == "completed"
+    assert by_size["data.test_size=20000"]["status"] == "failed" and "test_size" in by_size["data.test_size=20000"]["error"]
 
 
 def test_invalid_job_config_fails_before_anything_is_submitted(slurm_cluster, tmp_path):

@@ -99,8 +99,8 @@ def test_failed_job_is_a_failed_wandb_run_and_the_next_job_starts_fresh(failing_
     failed, ok = read_run(by_status["failed"]), read_run(by_status["completed"])
     assert failed["exit_code"] == 1 and ok["exit_code"] == 0 and failed["id"] != ok["id"]
     # named after the encoder it ran on (vae-z8), not the default model/latent of its own config
-    assert failed["name"] == ok["name"] == "vae-z8-s0-mlp" and ok["config"]["latent"] == 8
-    assert "negative dimension" in dirs[by_status["failed"]]["error"]
+    assert failed["name"] == "vae-z8-s0-mlp" and ok["name"] == "vae-z8-s0-knn" and ok["config"]["latent"] == 8
+    assert "injected failure at classify.metrics" in dirs[by_status["failed"]]["error"]
 
 
 def test_api_key_never_written(failing_sweep):

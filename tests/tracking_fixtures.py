@@ -1,7 +1,8 @@
 """A real sweep with a failing job, shared by test_tracking.py and test_report.py (import the fixture by name).
 
 Two classify jobs in one process (Hydra's basic launcher) on an encoder of the session's tiny sweep: the first
-fails after its wandb run started (``head.hidden=[-1]``: a negative layer width), the second completes. A fake
+fails after its wandb run started (an injected failure after its first epoch: ``EMBCLF_KILL_AT``), the second
+(``head=knn``, no epochs) completes. A fake
 ``WANDB_API_KEY`` is set so the tests can check it is never written anywhere.
 """
 from __future__ import annotations
@@ -40,7 +41,9 @@ def _make(tiny_sweep, tmp_path_factory) -> dict:
     # quoted: run dir names contain '=' and ',' which Hydra's override grammar would otherwise split on
     tiny = [a for a in TINY if not a.startswith("classify.epochs=")]
     args = ["-m", "stage=classify", f"classify.encoder='{encoder}'", *tiny, "classify.epochs=2",
-            "head.hidden=[-1],[16]", "logger.wandb.mode=offline", "logger.projections=[pca]", f"output_dir={out}"]
+            "head=mlp,knn", "logger.wandb.mode=offline", "logger.projections=[pca]", f"output_dir={out}"]
+    # the mlp job fails after its first epoch (its wandb run has started); knn trains no epochs and completes
+    env["EMBCLF_KILL_AT"] = "classify.metrics:1:raise"
     proc = subprocess.run([sys.executable, "-m", "embclf", *args], cwd=tmp, env=env, capture_output=True,
                           text=True, timeout=300)
     sweeps = [p for p in out.iterdir() if p.is_dir()]
