@@ -487,7 +487,8 @@ def iter_run_dirs(root: Path) -> Iterator[Path]:
         yield root
     if root.is_dir():
         for p in sorted(root.rglob(SUMMARY)):
-            if p.parent != root and ".submitit" not in p.parts:
+            # not submitit's files, and not a run's evaluations (RUN_DIR/eval/<name>/summary.json: not runs)
+            if p.parent != root and ".submitit" not in p.parts and p.parent.parent.name != "eval":
                 yield p.parent
 
 

@@ -123,12 +123,14 @@ def test_requeued_jobs_resume_from_last_checkpoint(slurm_cluster, tmp_path):
     try:
         dirs = _wait_for(lambda: len(run_dirs(sweep_dir)) == 2 and run_dirs(sweep_dir) if sweep_dir.is_dir() else None,
                          120, "the job dirs", proc)
-        _wait_for(lambda: all(len(_train_epochs(d)) >= 2 for d in dirs), 180, "two trained epochs in each job", proc)
-        first = {summary(d)["latent"]: (d, summary(d)) for d in dirs}
-        for latent, (d, rec) in first.items():
+        first = {}
+        for d in dirs:  # each job as soon as it has trained two epochs (SLURM may start them at different times)
+            _wait_for(lambda: len(_train_epochs(d)) >= 2, 180, f"two trained epochs in {d.name}", proc)
+            rec = summary(d)
+            first[rec["latent"]] = (d, rec)
             assert rec["status"] == "running" and len(_train_epochs(d)) < epochs, rec
             job_id = str(rec["slurm_job_id"])
-            if how[latent] == "scontrol-requeue":
+            if how[rec["latent"]] == "scontrol-requeue":
                 slurm("scontrol", "requeue", job_id)
             else:
                 slurm("scancel", "--signal=USR2", job_id)
