@@ -124,8 +124,9 @@ def test_requeued_jobs_resume_from_last_checkpoint(slurm_cluster, tmp_path):
         dirs = _wait_for(lambda: len(run_dirs(sweep_dir)) == 2 and run_dirs(sweep_dir) if sweep_dir.is_dir() else None,
                          120, "the job dirs", proc)
         first = {}
-        for d in dirs:  # each job as soon as it has trained two epochs (SLURM may start them at different times)
-            _wait_for(lambda: len(_train_epochs(d)) >= 2, 180, f"two trained epochs in {d.name}", proc)
+        while len(first) < len(dirs):  # each job as soon as it has trained two epochs (SLURM may start them apart)
+            d = _wait_for(lambda: next((d for d in dirs if d not in {v[0] for v in first.values()}
+                                        and len(_train_epochs(d)) >= 2), None), 180, "two trained epochs", proc)
             rec = summary(d)
             first[rec["latent"]] = (d, rec)
             assert rec["status"] == "running" and len(_train_epochs(d)) < epochs, rec
