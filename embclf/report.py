@@ -828,7 +828,8 @@ def preamble(rows: List[dict], agg: List[dict]) -> List[str]:
            f"- settings that differ between rows (in the row labels): "
            f"{', '.join(f'`{k}`' for k in vary) if vary else 'none besides model and latent'}",
            "- numbers: test MSE / PSNR / KL / active units are of the autoencoder's best-on-val checkpoint (lowest "
-           "val MSE); accuracies are of the head's best-on-val epoch (highest val accuracy); `last-epoch` columns "
+           "val `autoencode.select_on` metric: the val objective by default, val MSE for an AE without extra terms "
+           "alike); accuracies are of the head's best-on-val epoch (highest val accuracy); `last-epoch` columns "
            "(shown where they differ) are the last epoch's, as the reference study reported. MSE per pixel on "
            "[0, 1] images; PSNR in dB (mean of per-image PSNR); KL in nats per image; wall time of autoencode + "
            "classify.",
