@@ -284,6 +284,8 @@ def _join(base: dict, cd: Optional[Path], cs: Optional[dict], joined_stage: str 
                final_test_accuracy=_num(cs.get("final_test_accuracy")),
                per_class_accuracy=cs.get("per_class_accuracy") if cst == "completed" else None)
     probes = cs.get("probes") if isinstance(cs.get("probes"), dict) else {}
+    if set(probes) <= {cs.get("head")}:  # the main head alone: the test acc column already shows it
+        probes = {}
     for name, res in probes.items():
         if isinstance(res, dict):
             row["probes"][str(name)] = {"test": _num(res.get("test_accuracy")), "val": _num(res.get("val_accuracy"))}
