@@ -19,7 +19,7 @@ def _runs(out: Path, stage: str):
     found = []
     for s in out.rglob("summary.json"):
         d = json.loads(s.read_text())
-        if d["stage"] == stage:
+        if d.get("stage") == stage:  # (an evaluation's eval/*/summary.json has none)
             found.append((s.parent, d))
     return sorted(found, key=lambda t: (t[1]["model"], t[1]["latent"]))
 

@@ -115,7 +115,8 @@ def test_classify_with_knn_head_and_probes_on_the_sweeps_encoder(tiny_sweep):
     """stage=classify head=knn on the tiny sweep's vae-z16 encoder: no retraining,
     probes on the same cached embeddings; the head is in the run dir name and the summary."""
     summaries = {p.parent: json.loads(p.read_text()) for p in tiny_sweep["out"].rglob("summary.json")}
-    encoder = next(d for d, s in summaries.items() if (s["stage"], s["model"], s["latent"]) == ("autoencode", "vae", 16))
+    encoder = next(d for d, s in summaries.items()  # (eval/*/summary.json of evaluations have no "stage")
+                   if (s.get("stage"), s.get("model"), s.get("latent")) == ("autoencode", "vae", 16))
     n_before = len(list(tiny_sweep["out"].rglob("checkpoints/best.pt")))
     # its own output_dir (other tests count the sweep's run dirs); the encoder quoted: its name holds '=' and ','
     out = tiny_sweep["tmp"] / "probes"

@@ -32,8 +32,8 @@ def failing_sweep(tiny_sweep, tmp_path_factory):
 
 def _make(tiny_sweep, tmp_path_factory) -> dict:
     summaries = {p.parent: json.loads(p.read_text()) for p in tiny_sweep["out"].rglob("summary.json")}
-    encoder = next(d for d, s in summaries.items()
-                   if (s["stage"], s["model"], s["latent"]) == ("autoencode", "vae", 8))
+    encoder = next(d for d, s in summaries.items()  # (evaluations' eval/*/summary.json have no "stage")
+                   if (s.get("stage"), s.get("model"), s.get("latent")) == ("autoencode", "vae", 8))
     tmp = tmp_path_factory.mktemp("failing")
     out = tmp / "outputs"
     env = embclf_env(tmp)
