@@ -59,10 +59,7 @@ def run_job(cfg: DictConfig, job_dir: Path, overrides) -> Path:
         _settle_hydra_record(job_dir, before)
 
 
-# Hydra writes its record of a job (config, hydra config, overrides) before the task function runs; here it
-# goes to .hydra.new (hydra.output_subdir in conf/config.yaml) and becomes .hydra only once a stage accepted
-# the run dir, so a refused re-run (a different config, bad input) leaves the run dir exactly as it was.
-PENDING_HYDRA = ".hydra.new"
+PENDING_HYDRA = runs.PENDING_HYDRA
 
 
 def _config_mtimes(job_dir: Path) -> dict:
@@ -82,12 +79,7 @@ def _settle_hydra_record(job_dir: Path, before: dict) -> None:
         # already completed): keep the run dir as it was
         shutil.rmtree(pending, ignore_errors=True)
         return
-    old = job_dir / ".hydra.old"
-    shutil.rmtree(old, ignore_errors=True)
-    if (job_dir / ".hydra").exists():
-        os.replace(job_dir / ".hydra", old)
-    os.replace(pending, job_dir / ".hydra")
-    shutil.rmtree(old, ignore_errors=True)
+    runs.promote_hydra_record(job_dir)  # a stage accepted it (normally done already by runs.write_config)
 
 
 def _run_stages(cfg: DictConfig, job_dir: Path, overrides, before: dict) -> Path:

@@ -274,9 +274,32 @@ def debug_mode(cfg) -> str:
 
 
 def write_config(run_dir: Path, cfg: DictConfig) -> None:
-    """Write the resolved config as ``config.yaml`` (atomically)."""
+    """Write the resolved config as ``config.yaml`` (atomically). A stage calls it once it has accepted the run
+    dir, so Hydra's pending record of this job becomes the run dir's ``.hydra/`` here (``promote_hydra_record``)."""
     text = OmegaConf.to_yaml(OmegaConf.create(resolved(cfg)))
     _atomic(Path(run_dir) / CONFIG, lambda t: t.write_text(text))
+    for d in (Path(run_dir), Path(run_dir).parent):  # the job dir, or stage=all's job dir above a stage run dir
+        promote_hydra_record(d)
+
+
+# Hydra writes its record of a job (config, hydra config, overrides) before the task function runs; embclf has
+# it written to .hydra.new (hydra.output_subdir in conf/config.yaml) and makes it .hydra only once a stage has
+# accepted the run dir, so a refused re-run (another config in that dir, bad input) leaves the dir as it was.
+PENDING_HYDRA = ".hydra.new"
+
+
+def promote_hydra_record(job_dir: Path) -> None:
+    """Replace ``job_dir/.hydra`` by ``job_dir/.hydra.new`` if there is one (else nothing)."""
+    job_dir = Path(job_dir)
+    pending = job_dir / PENDING_HYDRA
+    if not pending.is_dir():
+        return
+    old = job_dir / ".hydra.old"
+    shutil.rmtree(old, ignore_errors=True)
+    if (job_dir / ".hydra").exists():
+        os.replace(job_dir / ".hydra", old)
+    os.replace(pending, job_dir / ".hydra")
+    shutil.rmtree(old, ignore_errors=True)
 
 
 def read_config(run_dir: Path) -> Optional[dict]:
