@@ -277,19 +277,39 @@ def _threads_used(run_dir):
 
 def test_fork_false_runs_each_job_in_a_fresh_interpreter(tmp_path):
     """hydra.launcher.fork=false: submitit's own local executor (a controller process and a fresh
-    ``python -m submitit.core._submit`` per job) -- the fallback where forking is unsafe."""
+    ``python -m submitit.core._submit`` per job) -- the fallback where forking is unsafe.  Two jobs at
+    once: each uses the thread count the launcher printed; one killed from outside is recorded "killed"
+    with its signal (submitit's controller discards the task's exit status: the exit_status wrapper
+    keeps it), the other completes; ``.submitit/`` holds one folder per job and no literal ``%j``."""
     sweep_dir = tmp_path / "sweep"
-    proc = run_embclf(*tiny_args(tmp_path), "seed=1", "hydra.launcher.fork=false", "hydra.launcher.gpus=[]",
-                      "hydra.launcher.threads_per_job=1", f"hydra.sweep.dir={sweep_dir}")
-    assert proc.returncode == 0, proc.stdout[-4000:]
-    assert "workers fresh python per job (hydra.launcher.fork=false)" in proc.stdout, proc.stdout[-3000:]
-    (d,) = run_dirs(sweep_dir)
-    rec = summary(d)
+    epochs = 4
+    proc = _start_sweep([*tiny_args(tmp_path), f"autoencode.epochs=1,{epochs}", "hydra.launcher.fork=false",
+                         "hydra.launcher.gpus=[]", "hydra.launcher.max_parallel=2", f"hydra.sweep.dir={sweep_dir}"])
+    try:
+        victim, rec = next(iter(_wait_training(sweep_dir, f"*epochs={epochs}*", 1, proc).items()))
+        os.kill(rec["pid"], signal.SIGKILL)
+        out, _ = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode != 0, out[-4000:]
+    assert "workers fresh python per job (hydra.launcher.fork=false)" in out, out[-3000:]
+    printed = int(re.search(r"(\d+) thread\(s\) per job", out).group(1))
+    killed = summary(victim)
+    assert killed["status"] == "killed" and killed["signal"] == "SIGKILL", killed
+    assert killed["error"].startswith("killed by SIGKILL (signal 9)"), killed
+    (other,) = [d for d in run_dirs(sweep_dir) if d != victim]
+    rec = summary(other)
     assert rec["status"] == "completed", rec
-    # the job ran in submitit's task process, a child of the controller that names the job folder
-    (folder,) = [f for f in (sweep_dir / ".submitit").iterdir() if f.is_dir() and f.name.isdigit()]
-    assert rec["pid"] != int(folder.name) and (folder / f"{folder.name}_0_result.pkl").is_file()
-    assert _threads_used(d) == 1
+    for d in (victim, other):
+        assert _threads_used(d) == printed, (d, printed, out[-2000:])
+    # each job ran in submitit's task process (under the exit-status wrapper), not in its controller,
+    # whose pid names the job's folder; no folder is left named after the pattern itself
+    folders = sorted(f for f in (sweep_dir / ".submitit").iterdir() if f.is_dir())
+    assert len(folders) == 2 and all(f.name.isdigit() for f in folders), [f.name for f in folders]
+    done = next(f for f in folders if (f / f"{f.name}_0_result.pkl").is_file())
+    assert rec["pid"] != int(done.name)
+    assert json.loads((done / f"{done.name}_0_exit.json").read_text())["returncode"] == 0
 
 
 # --- ForkedJob on its own: plain functions instead of Hydra jobs, run in forks of this test process.

@@ -8,6 +8,7 @@ CUDA device behind it, fall back to CPU, and record what they were given.
 import json
 import subprocess
 import time
+from pathlib import Path
 
 import pytest
 
@@ -188,3 +189,33 @@ def test_invalid_job_config_fails_before_anything_is_submitted(slurm_cluster, tm
     assert "EMBCLF_TEST_UNSET" in proc.stdout
     assert not (sweep_dir / ".submitit").exists()
     assert slurm("sacct", "-X", "-n", "-P", "-o", "JobID", "-S", "now-1hour") == before  # nothing submitted
+
+
+def test_cancelled_job_is_recorded_cancelled_with_its_slurm_state(slurm_cluster, tmp_path):
+    """``scancel`` of a running job: the job cannot write anything itself, so the launcher asks ``sacct``
+    how it ended and records status "cancelled" with the SLURM state in its run dir; the sweep report
+    shows that row, and the command exits non-zero naming the job."""
+    sweep_dir = tmp_path / "sweep"
+    proc = subprocess.Popen(embclf_cmd(*tiny_args(tmp_path, epochs=24), *FIT_NODE, "latent=8",
+                                       f"hydra.sweep.dir={sweep_dir}"),
+                            cwd=REPO, env=embclf_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        run_dir = _wait_for(lambda: next((d for d in (run_dirs(sweep_dir) if sweep_dir.is_dir() else [])
+                                          if _train_epochs(d)), None), 180, "a trained epoch", proc)
+        rec = summary(run_dir)
+        assert rec["status"] == "running", rec
+        slurm("scancel", str(rec["slurm_job_id"]))
+        out, _ = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode != 0, out[-3000:]
+    assert "1 of 1 sweep jobs failed" in out, out[-3000:]
+    final = summary(run_dir)
+    assert final["status"] == "cancelled" and final["reason"] == "cancelled", final
+    assert final["slurm_state"].startswith("CANCELLED"), final
+    assert "Traceback" not in final["error"], final
+    from embclf import report
+
+    row = next(r for r in report.collect([sweep_dir]) if Path(r["run_dir"]) == run_dir.resolve())
+    assert row["status"] == "cancelled", row

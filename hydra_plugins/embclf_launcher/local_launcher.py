@@ -29,6 +29,7 @@ import atexit
 import gc
 import logging
 import os
+import shlex
 import signal
 import sys
 import threading
@@ -44,6 +45,7 @@ from hydra.core.utils import JobReturn, run_job, setup_globals
 from hydra_plugins.hydra_submitit_launcher.submitit_launcher import BaseSubmititLauncher
 from omegaconf import DictConfig, open_dict, read_write
 
+from .exit_status import read_exit_status
 from ._common import (
     SweepInterruptedError,
     announce_outcome,
@@ -475,11 +477,30 @@ def _stop_workers(jobs: List[Any], grace_s: float = 3.0) -> None:
             pass
 
 
+def _remove_template_dir(folder: str) -> None:
+    """Remove the empty folder literally named ``%j`` that submitit's local controller makes (``fork:
+    false``): it creates its folder argument before expanding the pattern (submitit 1.5.4,
+    ``Controller.start_tasks``), while each job's files go to ``.submitit/<job id>/``.  Only an empty
+    folder is removed; never raises."""
+    if "%" not in folder:
+        return
+    try:
+        os.rmdir(Path(folder).expanduser().absolute())
+    except OSError:
+        pass
+
+
 def _killed_by(sj: Any) -> Optional[int]:
-    """The signal that ended a forked worker from outside (``kill -9``, the OOM killer), or None: it exited,
-    the launcher itself stopped it (time limit, Ctrl-C), or it is a submitit job (whose task's exit status
-    only submitit's controller sees)."""
-    if not isinstance(sj, ForkedJob) or sj.exit_code is None or sj.exit_code >= 0:
+    """The signal that ended a worker from outside (``kill -9``, the OOM killer), or None: it exited, or
+    the launcher itself stopped it (time limit, Ctrl-C).  A forked worker's status comes from waitpid; a
+    submitit task's (``fork: false``) from the record :mod:`.exit_status` wrote beside its result."""
+    if not isinstance(sj, ForkedJob):
+        try:
+            code = read_exit_status(str(sj.paths.folder), str(sj.job_id))
+        except Exception:  # noqa: BLE001 -- no record: read as a plain failure
+            return None
+        return -code if code is not None and code < 0 else None
+    if sj.exit_code is None or sj.exit_code >= 0:
         return None
     if sj.stopping or getattr(sj, "interrupted_at", None) is not None:
         return None
@@ -594,7 +615,10 @@ class LocalPoolLauncher(BaseSubmititLauncher):
         import submitit  # lazy: keeps plugin discovery fast
 
         executor = submitit.LocalExecutor(
-            folder=self.params["submitit_folder"], max_num_timeout=int(self.params.get("max_num_timeout", 3))
+            folder=self.params["submitit_folder"], max_num_timeout=int(self.params.get("max_num_timeout", 3)),
+            # the task runs under a wrapper that records how it ended (submitit's controller discards
+            # the task's exit status, so a kill -9 would read as a plain failure): see exit_status.py
+            python=f"{shlex.quote(sys.executable)} -m hydra_plugins.embclf_launcher.exit_status",
         )
         executor.update_parameters(
             timeout_min=self.params["timeout_min"],
@@ -742,3 +766,4 @@ class LocalPoolLauncher(BaseSubmititLauncher):
         finally:
             if old_term is not None:
                 signal.signal(signal.SIGTERM, old_term)
+            _remove_template_dir(str(self.params["submitit_folder"]))
