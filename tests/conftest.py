@@ -16,7 +16,7 @@ REPO = Path(__file__).resolve().parents[1]
 CIFAR = REPO.parent / "shared" / "data" / "cifar10"
 
 # A few hundred real images and 2 epochs: enough for above-chance probes, seconds per job.
-TINY = ["data=folder", f"data.root={CIFAR}", "data.train_size=1000", "data.test_size=300",
+TINY = ["data=folder", f"data.root={CIFAR}", "data.train_size=500", "data.test_size=200",
         "autoencode.epochs=2", "autoencode.batch_size=50", "autoencode.image_epochs=[1]",
         "classify.epochs=30"]
 

@@ -165,16 +165,12 @@ def _alive(pid):
         return False
 
 
-def test_killed_job_is_recorded_killed_and_reinvoking_resumes_it(tmp_path):
-    """A worker killed from outside (SIGKILL, as the OOM killer does) writes nothing itself: the
-    launcher records it in its run dir as status "killed" with the signal (not a bare log tail), the
-    sweep report shows it, the other job completes, the command exits non-zero.
-    Re-invoking the same sweep into its sweep dir skips the completed job and resumes the killed one
-    from its last.pt."""
-    sweep_dir = tmp_path / "sweep"
-    epochs = 4
-    args = [*tiny_args(tmp_path), f"autoencode.epochs=1,{epochs}", "hydra.launcher.gpus=[]",
-            "hydra.launcher.max_parallel=2", f"hydra.sweep.dir={sweep_dir}"]
+def _sweep_killing_one(sweep_dir, *args, epochs=4):
+    """Run the 2-job sweep ``autoencode.epochs=1,<epochs>`` (2 slots, CPU) and SIGKILL the longer job's
+    worker from outside once it trains; returns (the sweep's command-line args, its exit code, its output,
+    the killed job's run dir)."""
+    args = [*args, f"autoencode.epochs=1,{epochs}", "hydra.launcher.gpus=[]", "hydra.launcher.max_parallel=2",
+            f"hydra.sweep.dir={sweep_dir}"]
     proc = _start_sweep(args)
     try:
         victim, rec = next(iter(_wait_training(sweep_dir, f"*epochs={epochs}*", 1, proc).items()))
@@ -183,7 +179,19 @@ def test_killed_job_is_recorded_killed_and_reinvoking_resumes_it(tmp_path):
     finally:
         if proc.poll() is None:
             proc.kill()
-    assert proc.returncode != 0, out[-3000:]
+    return args, proc.returncode, out, victim
+
+
+def test_killed_job_is_recorded_killed_and_reinvoking_resumes_it(tmp_path):
+    """A worker killed from outside (SIGKILL, as the OOM killer does) writes nothing itself: the
+    launcher records it in its run dir as status "killed" with the signal (not a bare log tail), the
+    sweep report shows it, the other job completes, the command exits non-zero.
+    Re-invoking the same sweep into its sweep dir skips the completed job and resumes the killed one
+    from its last.pt."""
+    sweep_dir = tmp_path / "sweep"
+    epochs = 4
+    args, code, out, victim = _sweep_killing_one(sweep_dir, *tiny_args(tmp_path), epochs=epochs)
+    assert code != 0, out[-3000:]
     assert "1 of 2 sweep jobs failed" in out and f"autoencode.epochs={epochs}" in out, out[-3000:]
     killed = summary(victim)
     assert killed["status"] == "killed" and killed["signal"] == "SIGKILL", killed
@@ -282,17 +290,8 @@ def test_fork_false_runs_each_job_in_a_fresh_interpreter(tmp_path):
     with its signal (submitit's controller discards the task's exit status: the exit_status wrapper
     keeps it), the other completes; ``.submitit/`` holds one folder per job and no literal ``%j``."""
     sweep_dir = tmp_path / "sweep"
-    epochs = 4
-    proc = _start_sweep([*tiny_args(tmp_path), f"autoencode.epochs=1,{epochs}", "hydra.launcher.fork=false",
-                         "hydra.launcher.gpus=[]", "hydra.launcher.max_parallel=2", f"hydra.sweep.dir={sweep_dir}"])
-    try:
-        victim, rec = next(iter(_wait_training(sweep_dir, f"*epochs={epochs}*", 1, proc).items()))
-        os.kill(rec["pid"], signal.SIGKILL)
-        out, _ = proc.communicate(timeout=120)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-    assert proc.returncode != 0, out[-4000:]
+    _, code, out, victim = _sweep_killing_one(sweep_dir, *tiny_args(tmp_path), "hydra.launcher.fork=false")
+    assert code != 0, out[-4000:]
     assert "workers fresh python per job (hydra.launcher.fork=false)" in out, out[-3000:]
     printed = int(re.search(r"(\d+) thread\(s\) per job", out).group(1))
     killed = summary(victim)

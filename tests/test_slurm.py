@@ -114,8 +114,8 @@ def test_requeued_jobs_resume_from_last_checkpoint(slurm_cluster, tmp_path):
       the launcher's ``checkpoint()`` and requeues the job itself.
     """
     # after SIGTERM a job trains on until SLURM's KillWait (5 s here) ends it: leave it more epochs
-    # than that, so that the kill lands mid-training
-    epochs = 24
+    # than that (an epoch of 180 images takes ~1-2 s), so that the kill lands mid-training
+    epochs = 12
     sweep_dir = tmp_path / "sweep"
     args = [*tiny_args(tmp_path, epochs=epochs), *FIT_NODE, "latent=8,16", f"hydra.sweep.dir={sweep_dir}"]
     proc = subprocess.Popen(embclf_cmd(*args), cwd=REPO, env=embclf_env(), stdout=subprocess.PIPE,
