@@ -44,6 +44,8 @@ COLUMNS = ["label", "model", "latent", "seed", "stage", "status", "used", "epoch
            "final_test_accuracy", "wall_seconds", "head", "config_id", "run_dir", "classify_dir", "end_time", "error"]
 NUMERIC = ["test_mse", "test_psnr", "test_kl", "active_units", "val_accuracy", "test_accuracy", "final_test_mse",
            "final_test_psnr", "final_test_accuracy", "wall_seconds"]
+# columns that count things: printed as integers where they are whole (a mean over seeds keeps 1 decimal)
+COUNTS = {"active_units"}
 FORMATS = {"test_mse": "{:.5f}", "test_psnr": "{:.2f}", "test_kl": "{:.2f}", "active_units": "{:.1f}",
            "val_accuracy": "{:.4f}", "test_accuracy": "{:.4f}", "wall_seconds": "{:.0f}", "final_test_mse": "{:.5f}",
            "final_test_psnr": "{:.2f}", "final_test_accuracy": "{:.4f}"}
@@ -413,9 +415,11 @@ def _fmt(k: str, v) -> str:
         mean, std = v
         if std is None:  # one seed: the value itself (active units are a count)
             return _fmt(k, mean)
+        if k in COUNTS and std == 0:  # every seed had the same count: the count, not "32.0 ± 0.0"
+            return _fmt(k, mean)
         fmt = FORMATS.get(k, "{:.4f}" if k.startswith(PROBE_PREFIX) else "{}")
         return fmt.format(mean) + f" ± {fmt.format(std)}"
-    if k == "active_units" and isinstance(v, (int, float)) and float(v).is_integer():
+    if k in COUNTS and isinstance(v, (int, float)) and float(v).is_integer():
         return str(int(v))
     if k.startswith(PROBE_PREFIX) and isinstance(v, (int, float)):
         return f"{v:.4f}"

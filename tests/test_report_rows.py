@@ -199,3 +199,13 @@ def test_a_running_job_is_checked_not_trusted(monkeypatch, tmp_path):
     slurm = report._status({"status": "running", "hostname": "node17", "slurm_job_id": "123_4"})
     assert slurm.startswith("running?") and "SLURM job 123_4" in slurm
     assert report._status({"status": "completed"}) == "completed"
+
+
+def test_counts_print_as_integers_over_seeds_too():
+    """Active units are a count: one seed, or several seeds with the same count, print as an integer; a
+    mean over seeds that differ keeps one decimal."""
+    assert report._fmt("active_units", 32.0) == "32"
+    assert report._fmt("active_units", (32.0, None)) == "32"
+    assert report._fmt("active_units", (32.0, 0.0)) == "32"
+    assert report._fmt("active_units", (31.5, 0.7071)) == "31.5 ± 0.7"
+    assert report._fmt("test_psnr", (16.0, 0.0)) == "16.00 ± 0.00"  # not a count: the spread is shown
