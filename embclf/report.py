@@ -185,6 +185,29 @@ def unit_config(ae_cfg: Optional[dict], clf_cfg: Optional[dict]) -> Dict[str, ob
     return {k: v for k, v in base.items() if not _ignored(k)}
 
 
+def preset(run_dir: Optional[Path]) -> Optional[str]:
+    """The ``experiment=`` preset a run was composed with, from Hydra's record of it
+    (``<run dir>/.hydra/hydra.yaml``: ``hydra.runtime.choices.experiment``), or None: no preset, or no record."""
+    if run_dir is None:
+        return None
+    import yaml  # PyYAML, a dependency of hydra-core and omegaconf
+
+    try:
+        with open(Path(run_dir) / ".hydra" / "hydra.yaml") as f:
+            choice = yaml.safe_load(f)["hydra"]["runtime"]["choices"].get("experiment")
+    except (OSError, yaml.YAMLError, KeyError, TypeError, AttributeError):
+        return None
+    return None if choice in (None, "null") else str(choice)
+
+
+def _implied(configs: Sequence[Dict[str, object]], by: str, k: str) -> bool:
+    """Whether setting ``k`` has one value per value of ``by`` across ``configs`` (so ``by`` tells it)."""
+    per_choice = defaultdict(set)
+    for c in configs:
+        per_choice[_key(c.get(by))].add(_key(c.get(k, "<absent>")))
+    return all(len(v) == 1 for v in per_choice.values())
+
+
 def _key(v) -> str:
     return json.dumps(v, sort_keys=True, default=str)
 
@@ -249,6 +272,7 @@ def collect(paths: Sequence[Path]) -> List[dict]:
         for cd, cs in classify_by_encoder.pop(d, []) or [(None, None)]:
             row = _join(base, cd, cs)
             row["config"] = unit_config(ae_cfg, runs.read_config(cd) if cd else None)
+            row["config"]["experiment"] = preset(cd) or preset(d)
             rows.append(row)
     # classify runs whose encoder is not in the report (or unknown): own row, encoder numbers read if possible
     for enc, items in classify_by_encoder.items():
@@ -265,6 +289,7 @@ def collect(paths: Sequence[Path]) -> List[dict]:
             row["config"] = unit_config(ae_cfg, runs.read_config(cd))
             if ae_cfg is None:  # classify.encoder outside the report: the encoder's model and latent apply
                 row["config"].update({"model.name": row["model"], "latent": row["latent"]})
+            row["config"]["experiment"] = preset(cd) or preset(enc)
             rows.append(row)
     _identify(rows)
     rows.sort(key=lambda r: (str(r["model"]), r["latent"] if isinstance(r["latent"], int) else -1,
@@ -318,27 +343,29 @@ def _identify(rows: List[dict]) -> None:
     ``config_id`` hashes every setting of the row (``unit_config``) and its stage, so two rows share it only
     when they are the same configuration (they may differ in seed). ``label`` is ``<model>-z<latent>`` plus
     each setting that differs between rows, except settings that merely follow a group choice already in the
-    label (``model.variational`` follows ``model.name``)."""
+    label (``model.variational`` follows ``model.name``; the settings an ``experiment=`` preset sets follow the
+    preset: ``ae-z32 experiment=improved``, not its ten settings). ``preset_keys`` lists the settings a row's
+    ``experiment`` stands for."""
     configs = [r["config"] for r in rows]
     vary = varying_keys(configs)
-    shown = []
+    shown, by_preset = [], []
     for k in vary:
         if k in ("model.name", "latent"):
             continue
         group = GROUP_NAME.get(k.split(".")[0])
-        if group and group != k:
-            # implied by the group's choice: one value per choice across all rows
-            per_choice = defaultdict(set)
-            for c in configs:
-                per_choice[_key(c.get(group))].add(_key(c.get(k, "<absent>")))
-            if all(len(v) == 1 for v in per_choice.values()) and group in vary:
-                continue
+        # implied by the group's choice: one value per choice across all rows
+        if group and group != k and group in vary and _implied(configs, group, k):
+            continue
+        if k != "experiment" and "experiment" in vary and _implied(configs, "experiment", k):
+            by_preset.append(k)
+            continue
         shown.append(k)
     for r in rows:
         c = r["config"]
         r["config_id"] = hashlib.sha1(_key([r["stage"], sorted((k, _key(v)) for k, v in c.items())]).encode()
                                       ).hexdigest()[:8]
         r["varying"] = [f"{k}={_short(k, c.get(k))}" for k in shown if k in c]
+        r["preset_keys"] = by_preset
         r["label"] = f"{r['model']}-z{r['latent']}" + ("".join(f" {v}" for v in r["varying"]))
 
 
@@ -463,7 +490,8 @@ def write_csv(rows: List[dict], path: Path) -> None:
     """``report.csv``: one row per run unit (repeated seeds too, with ``used`` false), ``COLUMNS`` in order,
     then one column per setting that differs between rows (``cfg:<key>``) and per probe (``probe:<name>`` test
     accuracy, ``probe:<name>:val``); numbers unformatted."""
-    vary = sorted({v.split("=", 1)[0] for r in rows for v in r.get("varying", [])})
+    vary = sorted({v.split("=", 1)[0] for r in rows for v in r.get("varying", [])}
+                  | {k for r in rows for k in r.get("preset_keys", [])})  # a preset's settings too
     probes = probe_names(rows)
     extra = [f"cfg:{k}" for k in vary] + [f"{PROBE_PREFIX}{p}" for p in probes] + [f"{PROBE_PREFIX}{p}:val" for p in probes]
     with open(path, "w", newline="") as f:
@@ -820,6 +848,7 @@ def preamble(rows: List[dict], agg: List[dict]) -> List[str]:
     heads = OrderedDict((str(r["head"]), None) for r in done if r.get("head"))
     probes = probe_names(rows)
     vary = sorted({v.split("=", 1)[0] for r in rows for v in r.get("varying", [])})
+    by_preset = sorted({k for r in rows for k in r.get("preset_keys", [])})
     cmds = commands(rows)
     md = ["## What was run", ""]
     md += ["Commands (from each sweep's `multirun.yaml` or each run's `.hydra/overrides.yaml`):", "", "```bash",
@@ -832,7 +861,9 @@ def preamble(rows: List[dict], agg: List[dict]) -> List[str]:
            f"- heads: {', '.join(heads) or 'none (autoencoders only)'}"
            + (f"; probes: {', '.join(probes)}" if probes else ""),
            f"- settings that differ between rows (in the row labels): "
-           f"{', '.join(f'`{k}`' for k in vary) if vary else 'none besides model and latent'}",
+           f"{', '.join(f'`{k}`' for k in vary) if vary else 'none besides model and latent'}"
+           + (f" (`experiment` stands for the presets' settings: {', '.join(f'`{k}`' for k in by_preset)})"
+              if by_preset else ""),
            "- numbers: test MSE / PSNR / KL / active units are of the autoencoder's best-on-val checkpoint (lowest "
            "val `autoencode.select_on` metric: the val objective by default, val MSE for an AE without extra terms "
            "alike); accuracies are of the head's best-on-val epoch (highest val accuracy); `last-epoch` columns "

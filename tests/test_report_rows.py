@@ -209,3 +209,40 @@ def test_counts_print_as_integers_over_seeds_too():
     assert report._fmt("active_units", (32.0, 0.0)) == "32"
     assert report._fmt("active_units", (31.5, 0.7071)) == "31.5 ± 0.7"
     assert report._fmt("test_psnr", (16.0, 0.0)) == "16.00 ± 0.00"  # not a count: the spread is shown
+
+
+def _preset_record(run_dir, name):
+    """Hydra's record of a run composed with ``experiment=<name>`` (only what the report reads of it)."""
+    (run_dir / ".hydra").mkdir(parents=True, exist_ok=True)
+    (run_dir / ".hydra" / "hydra.yaml").write_text(
+        f"hydra:\n  runtime:\n    choices:\n      experiment: {name}\n      model: ae\n")
+
+
+def test_rows_from_presets_are_labelled_by_the_preset(tmp_path):
+    """Sweeps of two ``experiment=`` presets: the settings the presets set follow the preset's name, so a row
+    reads ``ae-z8 experiment=improved`` (not the preset's settings one by one); report.md names those
+    settings and report.csv keeps each as a column. A setting that varies within a preset is still shown."""
+    improved = ["model.ce_weight=10.0", "model.decorrelation_weight=1.0", "classify.patience=20"]
+    for s in (0, 1):
+        for name, dotlist, acc in (("quick", [], 0.3), ("improved", improved, 0.4)):
+            e = ae_run(tmp_path / name / f"s{s}" / "autoencode", "ae", 8, s, dotlist=dotlist)
+            c = clf_run(tmp_path / name / f"s{s}" / "classify", e, acc, dotlist=dotlist)
+            _preset_record(e, name)
+            _preset_record(c, name)
+    res = report.report([tmp_path], out=tmp_path / "rep", figures=False)
+    assert sorted((a["label"], a["n"]) for a in res["agg"]) == [("ae-z8 experiment=improved", 2),
+                                                                 ("ae-z8 experiment=quick", 2)]
+    md = (tmp_path / "rep" / "report.md").read_text()
+    assert ("`experiment` stands for the presets' settings: `classify.patience`, `model.ce_weight`, "
+            "`model.decorrelation_weight`") in md
+    with open(tmp_path / "rep" / "report.csv") as f:
+        table = list(csv.DictReader(f))
+    assert {(r["cfg:experiment"], r["cfg:model.ce_weight"]) for r in table} == {("quick", "0.0"), ("improved", "10.0")}
+    # one more improved run with another head dropout: that setting varies within a preset, so it is shown
+    e = ae_run(tmp_path / "improved" / "s2" / "autoencode", "ae", 8, 2, dotlist=improved)
+    c = clf_run(tmp_path / "improved" / "s2" / "classify", e, 0.5, dotlist=[*improved, "head.dropout=0.5"])
+    _preset_record(e, "improved")
+    _preset_record(c, "improved")
+    labels = sorted(a["label"] for a in report.aggregate(report.collect([tmp_path])))
+    assert labels == ["ae-z8 experiment=improved head.dropout=0.0", "ae-z8 experiment=improved head.dropout=0.5",
+                      "ae-z8 experiment=quick head.dropout=0.0"]
