@@ -18,8 +18,7 @@ from embclf import runs, tracking
 
 def _run_dirs(out: Path):
     """{run dir: summary} for every run under ``out``."""
-    return {p.parent: json.loads(p.read_text()) for p in sorted(out.rglob("summary.json"))
-            if p.parent.parent.name != "eval"}  # an evaluation (python -m embclf.evaluate) is not a run
+    return {d: runs.read_summary(d) for d in runs.iter_run_dirs(out)}  # evaluations' eval/*/ are not runs
 
 
 def _keys(run: dict) -> set:

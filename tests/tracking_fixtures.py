@@ -7,7 +7,6 @@ fails after its wandb run started (an injected failure after its first epoch: ``
 """
 from __future__ import annotations
 
-import json
 import subprocess
 import sys
 from pathlib import Path
@@ -15,6 +14,8 @@ from pathlib import Path
 import pytest
 
 from conftest import TINY, embclf_env
+
+from embclf import runs
 
 SECRET = "embclf-test-secret-" + "0123456789abcdef" * 2  # shaped like a real 40-character key
 
@@ -31,9 +32,8 @@ def failing_sweep(tiny_sweep, tmp_path_factory):
 
 
 def _make(tiny_sweep, tmp_path_factory) -> dict:
-    summaries = {p.parent: json.loads(p.read_text()) for p in tiny_sweep["out"].rglob("summary.json")}
-    encoder = next(d for d, s in summaries.items()  # (evaluations' eval/*/summary.json have no "stage")
-                   if (s.get("stage"), s.get("model"), s.get("latent")) == ("autoencode", "vae", 8))
+    summaries = {d: runs.read_summary(d) for d in runs.iter_run_dirs(tiny_sweep["out"])}
+    encoder = next(d for d, s in summaries.items() if (s["stage"], s["model"], s["latent"]) == ("autoencode", "vae", 8))
     tmp = tmp_path_factory.mktemp("failing")
     out = tmp / "outputs"
     env = embclf_env(tmp)

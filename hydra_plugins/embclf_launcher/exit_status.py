@@ -56,29 +56,27 @@ def _die_with_parent() -> None:  # runs in the child between fork and exec
 
 def main(argv) -> int:
     """Run ``sys.executable *argv`` (the submitit task), record its ending, end the same way."""
-    proc = subprocess.Popen([sys.executable, *argv], preexec_fn=_die_with_parent)
+    procs = []  # the task, once started; handlers go in first, so no signal can end this wrapper alone
 
     def forward(signum, _frame):
-        try:
-            proc.send_signal(signum)
-        except OSError:
-            pass
+        for proc in procs:
+            try:
+                proc.send_signal(signum)
+            except OSError:
+                pass
 
     for sig in FORWARDED:
-        signal.signal(sig, forward)
-    while True:
-        try:
-            code = proc.wait()
-            break
-        except InterruptedError:  # pragma: no cover -- PEP 475 retries, kept for safety
-            continue
+        signal.signal(sig, forward)  # exec resets caught signals to their defaults in the task
+    procs.append(subprocess.Popen([sys.executable, *argv], preexec_fn=_die_with_parent))
+    code = procs[0].wait()
     folder, job_id = argv[-1], os.environ.get("SUBMITIT_LOCAL_JOB_ID", "")
     task_id = int(os.environ.get("SUBMITIT_LOCAL_GLOBALID", "0") or 0)
     if job_id:
-        record = {"returncode": code, "pid": proc.pid}
+        record = {"returncode": code, "pid": procs[0].pid}
         if code < 0:
             record["signal"] = signal.Signals(-code).name
         target = exit_status_path(folder, job_id, task_id)
+        # written by hand, not with embclf.runs.write_json_atomic: importing embclf would import torch here
         try:
             target.parent.mkdir(parents=True, exist_ok=True)
             tmp = target.with_name(target.name + ".tmp")

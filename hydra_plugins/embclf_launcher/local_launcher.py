@@ -495,10 +495,7 @@ def _killed_by(sj: Any) -> Optional[int]:
     the launcher itself stopped it (time limit, Ctrl-C).  A forked worker's status comes from waitpid; a
     submitit task's (``fork: false``) from the record :mod:`.exit_status` wrote beside its result."""
     if not isinstance(sj, ForkedJob):
-        try:
-            code = read_exit_status(str(sj.paths.folder), str(sj.job_id))
-        except Exception:  # noqa: BLE001 -- no record: read as a plain failure
-            return None
+        code = read_exit_status(str(sj.paths.folder), str(sj.job_id))  # None: no record, a plain failure
         return -code if code is not None and code < 0 else None
     if sj.exit_code is None or sj.exit_code >= 0:
         return None
