@@ -11,9 +11,7 @@ One group per module: ``data`` -> ``embclf/data.py``, ``model`` -> ``embclf/mode
 from __future__ import annotations
 
 import difflib
-import hashlib
 import os
-import re
 from dataclasses import dataclass, field
 from enum import Enum
 from pathlib import Path
@@ -23,6 +21,23 @@ from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, DictConfig, OmegaConf, open_dict
 
 CONF_DIR_NAME = "conf"
+
+# --- key roles: what makes two runs the same experiment (docs/run-dirs.md) ---------------------------------
+# Every key of the schema has one role, declared here on its field and nowhere else (embclf/identity.py reads
+# them): IDENTITY (the default: it changes what a run computes, so two runs that differ in it are two
+# experiments) or RUN (how-to-run: threads, device, where outputs and caches go, logging; never part of an
+# experiment). A PATH key's value is normalised (~ expanded, absolute, symlinks resolved, no trailing slash)
+# before it is stored or compared, so two spellings of one place are one value. A top-level group's STAGES say
+# which stage's identity its identity keys belong to (autoencode, classify or both); nested keys inherit it.
+RUN = {"role": "run"}
+PATH = {"path": True}
+RUN_PATH = {"role": "run", "path": True}
+BOTH_STAGES = {"stages": ("autoencode", "classify")}
+
+
+def stages(*names: str, **more: Any) -> dict:
+    """Field metadata: the stages whose identity this key (or group) belongs to, plus any other metadata."""
+    return {"stages": tuple(names), **more}
 
 
 def conf_dir() -> str:
@@ -85,13 +100,13 @@ class DataConfig:
     """``data`` group: where images come from and how much of them is used."""
 
     source: Source = Source.cifar10
-    root: Optional[str] = "~/.cache/embclf/datasets/cifar10"  # data=folder: required
+    root: Optional[str] = field(default="~/.cache/embclf/datasets/cifar10", metadata=PATH)  # data=folder: required
     train_size: Optional[int] = None  # null = all; int = class-stratified subset (fixed seed)
     test_size: Optional[int] = None
     val_size: float = 0.1  # in (0,1): fraction of the (subsetted) train split; >= 1: a count
     image_size: int = 32
-    download: bool = True  # torchvision sources only
-    cache_dir: Optional[str] = None  # null = ~/.cache/embclf/data (never inside data.root)
+    download: bool = field(default=True, metadata=RUN)  # torchvision sources only
+    cache_dir: Optional[str] = field(default=None, metadata=RUN_PATH)  # null = ~/.cache/embclf/data (never inside data.root)
     subset_seed: int = 0
     skip_corrupt: bool = False  # data=folder: skip (and count) unreadable images instead of failing (docs/data.md)
 
@@ -140,8 +155,10 @@ class AutoencodeConfig:
     weight_decay: float = 0.0
     image_epochs: List[int] = field(default_factory=lambda: [1, 10, 40])  # plus the last epoch
     eval_batch_size: int = 1000
-    select_on: SelectOn = SelectOn.loss  # best epoch: lowest val objective (full weights) | lowest val MSE
-    keep_last: bool = True  # false: delete checkpoints/last.pt once the run completes (best.pt stays)
+    # best epoch: lowest val objective (full weights) | lowest val MSE. Runs written before the key existed chose
+    # on val MSE: a stored config without it is read as "mse" (``before``), not as today's default
+    select_on: SelectOn = field(default=SelectOn.loss, metadata={"before": "mse"})
+    keep_last: bool = field(default=True, metadata=RUN)  # false: delete checkpoints/last.pt once the run completes (best.pt stays)
 
 
 @dataclass
@@ -155,7 +172,9 @@ class ClassifyConfig:
     patience: Optional[int] = None  # early stopping: stop after this many epochs without a better val accuracy; null = off
     lr_grid: List[float] = field(default_factory=list)  # trainable heads: learning rates tried, chosen on val ([] = lr only)
     probes: List[str] = field(default_factory=list)  # more heads fitted on the same cached embeddings, e.g. [linear,knn,logreg]
-    encoder: Optional[str] = None  # null = find the matching autoencode run; else run dir or .pt path
+    # null = find the matching autoencode run; else run dir or .pt path. Its identity is the encoder's own
+    # (embclf/identity.py): the same encoder named by two paths is one experiment
+    encoder: Optional[str] = field(default=None, metadata=PATH)
 
 
 class Precision(Enum):
@@ -221,27 +240,30 @@ class DebugConfig:
 class Config:
     """Top-level config. Key names are an interface: scripts and docs depend on them."""
 
-    defaults: List[Any] = field(default_factory=lambda: [])
-    stage: Stage = Stage.autoencode
-    latent: int = 64
-    seed: int = 0
-    device: str = "auto"  # auto | cpu | cuda | cuda:N
-    threads: Optional[int] = None  # null = torch default (honours OMP_NUM_THREADS)
-    precision: Precision = Precision.fp32  # bf16: autocast forward passes (embclf/runtime.py)
-    compile: bool = False  # torch.compile the model's training/eval step, once per job
-    tf32: bool = True  # CUDA only: TF32 matmuls and convolutions (recorded in the summary)
-    output_dir: str = "outputs"
+    defaults: List[Any] = field(default_factory=lambda: [], metadata=RUN)  # Hydra's defaults list
+    # which stages a job runs; each stage run dir's identity is that stage's (embclf/identity.py)
+    stage: Stage = field(default=Stage.autoencode, metadata={"role": "stage"})
+    latent: int = field(default=64, metadata=stages("autoencode"))
+    seed: int = field(default=0, metadata=BOTH_STAGES)
+    device: str = field(default="auto", metadata=RUN)  # auto | cpu | cuda | cuda:N
+    threads: Optional[int] = field(default=None, metadata=RUN)  # null = torch default (honours OMP_NUM_THREADS)
+    # bf16: autocast forward passes (embclf/runtime.py); classify embeds at its encoder's precision
+    precision: Precision = field(default=Precision.fp32, metadata=stages("autoencode"))
+    compile: bool = field(default=False, metadata=RUN)  # torch.compile the model's training/eval step, once per job
+    tf32: bool = field(default=True, metadata=RUN)  # CUDA only: TF32 matmuls and convolutions (recorded in the summary)
+    output_dir: str = field(default="outputs", metadata=RUN_PATH)
     # the value the task function returns (the Optuna sweeper's objective; docs/research.md): a val_* key of the
     # last stage's summary.json, e.g. val_accuracy, probes.knn.val_accuracy, val_psnr; "auto" = val_accuracy for
     # stage=classify|all (maximize), val_loss (the autoencoder's objective per image) for stage=autoencode (minimize)
-    objective: str = "auto"
-    data: DataConfig = field(default_factory=DataConfig)
-    model: ModelConfig = field(default_factory=ModelConfig)
-    head: HeadConfig = field(default_factory=HeadConfig)
-    autoencode: AutoencodeConfig = field(default_factory=AutoencodeConfig)
-    classify: ClassifyConfig = field(default_factory=ClassifyConfig)
-    logger: LoggerConfig = field(default_factory=LoggerConfig)
-    debug: DebugConfig = field(default_factory=DebugConfig)
+    objective: str = field(default="auto", metadata=RUN)
+    data: DataConfig = field(default_factory=DataConfig, metadata=BOTH_STAGES)
+    model: ModelConfig = field(default_factory=ModelConfig, metadata=stages("autoencode"))
+    head: HeadConfig = field(default_factory=HeadConfig, metadata=stages("classify"))
+    autoencode: AutoencodeConfig = field(default_factory=AutoencodeConfig, metadata=stages("autoencode"))
+    classify: ClassifyConfig = field(default_factory=ClassifyConfig, metadata=stages("classify"))
+    logger: LoggerConfig = field(default_factory=LoggerConfig, metadata=RUN)
+    # a debug run is its own experiment (never a result): its mode and settings are part of its identity
+    debug: DebugConfig = field(default_factory=DebugConfig, metadata=BOTH_STAGES)
 
 
 # --- checks that need the whole composed config ----------------------------------------------------
@@ -345,23 +367,14 @@ def problems(cfg: DictConfig) -> List[str]:
     return out
 
 
-# paths a user may give relative to where they launched; stored absolute so that lookups, resumes and the
-# launcher's "already completed?" test compare one spelling, whatever the job's working directory
-# (hydra.job.chdir=true runs the job inside its run dir)
-PATH_KEYS = ("output_dir", "data.root", "data.cache_dir", "classify.encoder")
-
-
-def absolute_path(value: Any, base: str) -> Any:
-    """``value`` as an absolute path (``~`` expanded, relative to ``base``); None, '' and '???' unchanged."""
-    if value in (None, "", "???"):
-        return value
-    return os.path.normpath(os.path.join(base, os.path.expanduser(str(value))))
-
-
 def absolute_paths(cfg: Any, base: str) -> Any:
-    """Make every ``PATH_KEYS`` value of ``cfg`` (a DictConfig or a plain nested dict) absolute against
-    ``base`` (the directory the command was launched from), in place; returns ``cfg``."""
-    for key in PATH_KEYS:
+    """Normalise every path key of ``cfg`` (a DictConfig or a plain nested dict; the keys the schema marks
+    ``PATH``) in place: ``~`` expanded, absolute against ``base`` (the directory the command was launched from;
+    ``hydra.job.chdir=true`` runs the job elsewhere), symlinks resolved, no trailing slash. Stored so, one place
+    has one spelling in config.yaml, lookups, resumes and the launcher's "already completed?". Returns ``cfg``."""
+    from .identity import normalise_path, path_keys
+
+    for key in path_keys():
         *parents, leaf = key.split(".")
         node = cfg
         for p in parents:
@@ -372,77 +385,19 @@ def absolute_paths(cfg: Any, base: str) -> Any:
             if OmegaConf.is_missing(node, leaf):
                 continue
             with open_dict(node):
-                node[leaf] = absolute_path(node[leaf], base)
+                node[leaf] = normalise_path(node[leaf], base)
         else:
-            node[leaf] = absolute_path(node[leaf], base)
+            node[leaf] = normalise_path(node[leaf], base)
     return cfg
 
 
-MAX_NAME = 120
-# identity keys lead the name, so a sweep's varying keys stay readable even when the rest is cut
-NAME_FIRST = ("model", "latent", "stage", "seed", "head", "data", "experiment")
-# full paths make names long and unreadable: they appear by their last component (data.root=cifar10);
-# the full values stay in .hydra/overrides.yaml and config.yaml. output_dir is already the parent.
-NAME_BASENAME = ("classify.encoder", "data.root", "data.cache_dir")
-NAME_EXCLUDE = ("output_dir",)
-
-
-# trailing parts of a classify.encoder path that say nothing about which encoder it is
-_ENCODER_TAILS = ("best.pt", "last.pt", "checkpoints", "autoencode")
-
-
-def _basename(override: str) -> str:
-    key, _, value = override.partition("=")
-    parts = [p for p in value.strip(chr(39) + chr(34)).replace(os.sep, "/").split("/") if p]
-    if key.lstrip("+~") == "classify.encoder":
-        while len(parts) > 1 and parts[-1] in _ENCODER_TAILS:
-            parts.pop()
-    return f"{key}={parts[-1] if parts else value}"
-
-
-# characters replaced in names whose replacement cannot make two real overrides collide (list brackets,
-# quotes and spaces of the override grammar); any other replacement, a shortened path or a cut name adds a hash
-_HARMLESS = set("[]'\" ")
-
-
 def safe_name(overrides: Any) -> str:
-    """One flat, filesystem-safe directory name from a job's overrides (``hydra.overrides.task``).
+    """A flat, filesystem-safe name from overrides alone (no config at hand): the readable part of a run dir
+    name (``identity.readable``) and 8 hex digits of the overrides' SHA-1. Run dirs are named by
+    ``identity.run_name`` (``${embclf_name:...}``), whose digest is the job's identity instead."""
+    from .identity import run_name
 
-    Accepts the override list (or one string). Identity keys (model, latent, stage, seed, ...) come first,
-    paths appear by their last component, ``hydra.*`` and ``output_dir`` are left out; ``/`` and other unsafe
-    characters become ``_``. Whenever the name loses information (a path shortened to its last component, a
-    character such as ``/`` replaced, or a name longer than 120 characters cut) it ends with ``-`` and 8 hex
-    digits of the SHA-1 of all overrides, so distinct jobs never share a run dir. A long name is cut by leaving
-    out its longest non-identity overrides first, so the short swept values (``model.beta=0.5``) stay readable.
-    No overrides gives ``run``. E.g. ``['latent=64', 'model=vae']`` -> ``model=vae,latent=64``.
-    """
-    items = [overrides] if isinstance(overrides, str) else [str(o) for o in overrides]
-    items = [o for o in items if o and o.split("=", 1)[0].lstrip("+~") not in NAME_EXCLUDE
-             and not o.lstrip("+~").startswith("hydra.")]
-    rank = {k: i for i, k in enumerate(NAME_FIRST)}
-    items.sort(key=lambda o: (rank.get(o.split("=", 1)[0], len(rank)), o))
-    full = ",".join(items)
-    shown = [_basename(o) if o.split("=", 1)[0].lstrip("+~") in NAME_BASENAME else o for o in items]
-    lossy = shown != items
-    clean = []
-    for o in shown:
-        c = re.sub(r"[^A-Za-z0-9=,._+\-]", "_", o)
-        lossy = lossy or any(a != b and a not in _HARMLESS for a, b in zip(o, c))
-        clean.append(c)
-    name = ",".join(clean).strip("._") or "run"
-    if len(name) > MAX_NAME:
-        lossy = True
-        keep = list(range(len(clean)))
-        # drop the longest non-identity overrides until the rest fits beside the hash
-        droppable = sorted((i for i in keep if clean[i].split("=", 1)[0] not in rank), key=lambda i: -len(clean[i]))
-        for i in droppable:
-            if len(",".join(clean[k] for k in keep)) <= MAX_NAME - 9:
-                break
-            keep.remove(i)
-        name = (",".join(clean[k] for k in keep).strip("._") or "run")[:MAX_NAME - 9]
-    if lossy:
-        name = f"{name}-{hashlib.sha1(full.encode()).hexdigest()[:8]}"
-    return name
+    return run_name(overrides)
 
 
 _SWEEP_TOKEN = os.urandom(3).hex()
@@ -555,6 +510,9 @@ def register() -> None:
     _install_key_suggestions()
     cs = ConfigStore.instance()
     cs.store(name="config_schema", node=Config)
-    OmegaConf.register_new_resolver("embclf_safe", safe_name, replace=True)
+    from .identity import run_name
+
+    OmegaConf.register_new_resolver("embclf_name", run_name, replace=True)
+    OmegaConf.register_new_resolver("embclf_safe", run_name, replace=True)  # the name before 2026-12
     OmegaConf.register_new_resolver("embclf_token", sweep_token, use_cache=True, replace=True)
     OmegaConf.register_new_resolver("embclf_output_dir", _output_dir, replace=True)

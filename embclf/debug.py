@@ -13,7 +13,7 @@
 Both compose like any group (``python -m embclf -m model=ae,vae debug=overfit``). A debug run is never taken
 for a result: it warns loudly at its start and end, its ``summary.json`` says ``"debug": "fast"`` (or
 ``"overfit"``), its ``config.yaml`` holds the ``debug`` node (``runs.resolved`` drops it for normal runs),
-``runs.encoder_identity`` includes the mode (so a real classifier never finds a debug encoder, and a debug
+The run identity (``embclf.identity``) includes the mode (so a real classifier never finds a debug encoder, and a debug
 classifier finds the debug one), and the report lists it as ``debug=fast``, apart from completed runs.
 """
 from __future__ import annotations
@@ -29,7 +29,7 @@ from omegaconf import OmegaConf, open_dict
 from torchvision.utils import make_grid, save_image
 
 from . import data as data_mod
-from . import losses, runs, runtime, tracking
+from . import identity, losses, runs, runtime, tracking
 from .heads import build_head
 from .models import build_model, count_parameters
 
@@ -128,8 +128,9 @@ def overfit_autoencoder(cfg, run_dir: Path, overrides: List[str]) -> Path:
 
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
-    if runs.is_completed(run_dir, cfg):
-        log.info("%s already completed with this config; nothing to do", run_dir)
+    ident = identity.identity(cfg, "autoencode")
+    if runs.open_run_dir(run_dir, ident, "autoencode") == "completed":
+        log.info("%s already holds this experiment, completed; nothing to do", run_dir)
         return run_dir
     _check_sizes(cfg)
     d = cfg.debug
@@ -142,7 +143,7 @@ def overfit_autoencoder(cfg, run_dir: Path, overrides: List[str]) -> Path:
     model = build_model(cfg.model, int(cfg.latent), int(cfg.data.image_size)).to(device)
     beta = float(cfg.model.beta)
     opt = runtime.adam(model.parameters(), device, float(cfg.autoencode.lr), float(cfg.autoencode.weight_decay))
-    runs.write_config(run_dir, cfg)
+    runs.write_config(run_dir, cfg, ident, "autoencode")
     summary.update(device=str(device), device_name=env["name"], parameters=count_parameters(model),
                    data_fingerprint=ds.fingerprint, overfit_batch=len(batch), overfit_target_psnr=float(d.target_psnr))
     runs.write_json_atomic(run_dir / runs.SUMMARY, summary)
@@ -203,8 +204,9 @@ def overfit_head(cfg, run_dir: Path, overrides: List[str], encoder: Optional[Pat
 
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
-    if runs.is_completed(run_dir, cfg):
-        log.info("%s already completed with this config; nothing to do", run_dir)
+    ident = identity.identity(cfg, "classify", encoder=runs.read_config(encoder) if encoder else None)
+    if runs.open_run_dir(run_dir, ident, "classify") == "completed":
+        log.info("%s already holds this experiment, completed; nothing to do", run_dir)
         return run_dir
     _check_sizes(cfg)
     d = cfg.debug
@@ -221,7 +223,7 @@ def overfit_head(cfg, run_dir: Path, overrides: List[str], encoder: Optional[Pat
     model.to(device).eval().requires_grad_(False)
     z = classify.embed(model, batch, device, 1000, enc_cfg.get("precision", "fp32")).to(device)
     y = batch.labels.to(device)
-    runs.write_config(run_dir, cfg)
+    runs.write_config(run_dir, cfg, ident, "classify")
     summary.update(encoder_run=str(ckpt_path.parent.parent.resolve()), encoder_checkpoint=str(ckpt_path.resolve()),
                    model=enc_cfg["model"]["name"], latent=int(enc_cfg["latent"]), head=cfg.head.name,
                    device=str(device), device_name=env["name"], overfit_batch=len(batch), classes=ds.classes)

@@ -55,8 +55,8 @@ from omegaconf import DictConfig, OmegaConf
 from torchvision.utils import make_grid, save_image
 
 from . import data as data_mod
-from . import runs, runtime
-from .config import Config, conf_dir, safe_name
+from . import identity, runs, runtime
+from .config import Config, conf_dir
 from .data import DataError
 from .heads import build_head
 from .models import build_model
@@ -390,12 +390,6 @@ def _json_bytes(obj) -> bytes:
     return (json.dumps(runs.json_safe(obj), indent=2, default=str, allow_nan=False) + "\n").encode()
 
 
-def _data_identity(c: dict) -> Optional[dict]:
-    """What selects the images (where the decoded cache lives and downloading do not)."""
-    d = c.get("data")
-    return {k: v for k, v in d.items() if k not in ("cache_dir", "download")} if isinstance(d, dict) else None
-
-
 def evaluate_run(argv: Sequence[str]) -> Tuple[Path, dict]:
     """Run one evaluation (see the module docstring). Returns (the eval folder, its summary).
 
@@ -415,7 +409,8 @@ def evaluate_run(argv: Sequence[str]) -> Tuple[Path, dict]:
     else:
         means, rows, grid, worst, ds = evaluate_classify(run_dir, cfg, which, split, device, run_summary)
     lines = [o.input_line for o in overrides]
-    same_data = _data_identity(runs.resolved(cfg)) == _data_identity(runs.read_config(run_dir) or {})
+    # the run identity's rule (embclf/identity.py): paths normalised, how-to-run keys (cache, download) not part
+    same_data = identity.data_identity(cfg) == identity.data_identity(runs.read_config(run_dir) or {})
     summary = {"run_dir": str(run_dir.resolve()), "run_stage": stage, "checkpoint": which, "split": split,
                "n": len(rows), "overrides": lines, "model": run_summary.get("model"),
                "latent": run_summary.get("latent"), "data": runs.resolved(cfg)["data"],
@@ -430,8 +425,8 @@ def evaluate_run(argv: Sequence[str]) -> Tuple[Path, dict]:
             log.warning("the run's own %s differ from this evaluation's (%s): was the run dir changed, or the data "
                         "cache rebuilt?", ", ".join(off), ", ".join(f"{k} {means[k]:.6g} vs {ref[k]:.6g}" for k in off))
     summary["worst"] = worst
-    named = [o.input_line for o in overrides if o.key_or_group.split(".")[0] not in runs.VOLATILE_KEYS]
-    name = own.get("name") or f"{split}-{which}" + (f"-{safe_name(named)}" if named else "")
+    shown = identity.readable([o.input_line for o in overrides])  # the overrides that change what was computed
+    name = own.get("name") or f"{split}-{which}" + (f"-{shown}" if shown else "")
     out = write_new_dir(run_dir / "eval", name, "name" in own,
                         {"per_sample.csv": csv_bytes(rows), "summary.json": _json_bytes(summary),
                          "worst.png": png_bytes(grid)})

@@ -37,7 +37,7 @@ from typing import Dict, Iterable, List, Optional, Sequence
 
 import numpy as np
 
-from . import runs
+from . import identity, runs
 
 COLUMNS = ["label", "model", "latent", "seed", "stage", "status", "used", "epochs", "test_mse", "test_psnr",
            "test_kl", "active_units", "val_accuracy", "test_accuracy", "final_test_mse", "final_test_psnr",
@@ -55,14 +55,9 @@ HEADERS = {"label": "run", "test_mse": "test MSE", "test_psnr": "test PSNR (dB)"
            "final_test_accuracy": "last-epoch test acc", "wall_seconds": "wall (s)", "epochs": "epochs",
            "repeats": "repeated seeds"}
 PROBE_PREFIX = "probe:"  # row keys "probe:<name>" (test accuracy) and "probe:<name>:val" of classify.probes
-# keys of a resolved config that never tell two experiments apart: how a run executes (runs.VOLATILE_KEYS),
-# where it writes, which file an encoder was read from, and what the row already groups by (stage, seed)
-IGNORED_KEYS = set(runs.VOLATILE_KEYS) | set(runs.VOLATILE_SUBKEYS) | {"stage", "seed", "defaults", "hydra", "classify.encoder", "data.cache_dir",
-                                           "data.download"}
 # the group whose ``name`` (or ``source``) makes a key's value unsurprising: model.variational follows
 # model.name, so it is not spelled out in a label unless it varies within one model
 GROUP_NAME = {"model": "model.name", "head": "head.name", "data": "data.source"}
-PATH_KEYS = ("data.root",)  # shown by their last component in labels (the CSV keeps the full value)
 
 
 class ReportError(RuntimeError):
@@ -144,45 +139,21 @@ def flatten(d, prefix: str = "") -> Dict[str, object]:
     return out
 
 
-def _ignored(key: str) -> bool:
-    parts = key.split(".")
-    return any(".".join(parts[:i]) in IGNORED_KEYS for i in range(1, len(parts) + 1)) or key.endswith("output_dir")
-
-
-_DEFAULTS: Optional[Dict[str, object]] = None
-
-
-def _schema_defaults() -> Dict[str, object]:
-    """Flattened defaults of the current schema (``embclf.config.Config``): a run written before a key existed
-    ran with that key's default, so it is compared as if it had stored it."""
-    global _DEFAULTS
-    if _DEFAULTS is None:
-        from omegaconf import OmegaConf
-
-        from .config import Config
-
-        c = OmegaConf.to_container(OmegaConf.structured(Config), resolve=False, enum_to_str=True,
-                                   throw_on_missing=False)
-        _DEFAULTS = {k: v for k, v in flatten(c).items() if v != "???"}
-    return _DEFAULTS
-
-
 def unit_config(ae_cfg: Optional[dict], clf_cfg: Optional[dict]) -> Dict[str, object]:
-    """The settings of one row unit (an autoencode run, optionally with a classify run on its encoder), as
-    flattened dotted keys without ``IGNORED_KEYS``: the encoder's settings from the autoencode run's resolved
-    config, ``head.*`` and ``classify.*`` from the classify run's (absent when no classifier ran). Keys the
-    run did not store get the current schema's default."""
-    base = flatten(ae_cfg or clf_cfg or {})
+    """The settings of one row unit (an autoencode run, optionally with a classify run on its encoder): its run
+    identity (``embclf.identity``: the identity keys only, paths normalised, keys a run did not store as the run
+    used them) as flattened dotted keys, without the seed (rows average over seeds). The encoder's settings come
+    from the autoencode run's resolved config, ``head.*`` and ``classify.*`` from the classify run's."""
+    out: Dict[str, object] = {}
+    if ae_cfg is not None:
+        out.update(flatten(identity.identity(ae_cfg, "autoencode")))
     if clf_cfg is not None:
-        cf = flatten(clf_cfg)
-        base = {k: v for k, v in base.items() if not k.startswith(("head.", "classify."))}
-        base.update({k: v for k, v in cf.items() if k.startswith(("head.", "classify."))})
-    for k, v in _schema_defaults().items():
-        if k not in base and (clf_cfg is not None or not k.startswith(("head.", "classify."))):
-            base[k] = v
-    if clf_cfg is None:
-        base = {k: v for k, v in base.items() if not k.startswith(("head.", "classify."))}
-    return {k: v for k, v in base.items() if not _ignored(k)}
+        ci = identity.identity(clf_cfg, "classify", encoder=ae_cfg or clf_cfg)
+        ci.pop("encoder", None)  # the encoder's identity is the autoencode part above (or unknown)
+        cf = flatten(ci)
+        out.update(cf if ae_cfg is None else {k: v for k, v in cf.items() if k.startswith(("head.", "classify."))})
+    out.pop("seed", None)
+    return out
 
 
 def preset(run_dir: Optional[Path]) -> Optional[str]:
@@ -218,7 +189,8 @@ def _short(k: str, v) -> str:
         return "null"  # as an override would write it
     if isinstance(v, (list, tuple)):
         return "[" + ",".join(_short(k, x) for x in v) + "]"
-    if k in PATH_KEYS and isinstance(v, str):
+    role = identity.role_of(k)
+    if role is not None and role.path and isinstance(v, str):
         return os.path.basename(v.rstrip("/")) or v
     return str(v)
 

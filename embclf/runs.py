@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import hashlib
 import json
 import logging
 import math
@@ -39,6 +40,7 @@ from typing import Any, Callable, Dict, Iterator, List, Optional
 import torch
 from omegaconf import DictConfig, OmegaConf
 
+from . import identity
 from .runtime import EmbclfError
 
 log = logging.getLogger(__name__)
@@ -197,6 +199,15 @@ def load_checkpoint(path: Path, expect: tuple = (), what: str = "checkpoint") ->
     return ck
 
 
+def file_sha1(path: Path) -> str:
+    """SHA-1 (hex) of a file's bytes, read in 1 MiB blocks: what a cache derived from that file is keyed on."""
+    h = hashlib.sha1()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
 def read_json(path: Path) -> Optional[dict]:
     """Parsed JSON file, or None if it is missing or unreadable."""
     try:
@@ -253,29 +264,21 @@ def truncate_metrics(run_dir: Path, after_epoch: int) -> None:
 
 
 def resolved(cfg: DictConfig) -> dict:
-    """The config as plain values: interpolations resolved, enums as strings, no ``hydra`` node.
-
-    The ``debug`` node appears only in a debug run (``debug=fast|overfit``): a normal run's config is what it
-    was before debug modes existed, so earlier runs still resume, are still found and still count as done."""
-    c = OmegaConf.to_container(cfg, resolve=True, enum_to_str=True)
-    c.pop("hydra", None)
-    c.pop("defaults", None)
-    if debug_mode(c) == "none":
-        c.pop("debug", None)
-    return c
+    """The config as plain values: interpolations resolved, enums as strings, no ``hydra`` node; the ``debug``
+    node only in a debug run (``debug=fast|overfit``). See ``identity.plain``."""
+    return identity.plain(cfg)
 
 
-def debug_mode(cfg) -> str:
-    """``debug.name`` of a config (DictConfig or plain dict): ``fast``, ``overfit`` or ``none`` (also for
-    configs written before debug modes existed)."""
-    d = cfg.get("debug") if hasattr(cfg, "get") else None
-    name = d.get("name") if hasattr(d, "get") else None
-    return str(name or "none")
+debug_mode = identity.debug_mode
 
 
-def write_config(run_dir: Path, cfg: DictConfig) -> None:
-    """Write the resolved config as ``config.yaml`` (atomically). A stage calls it once it has accepted the run
-    dir, so Hydra's pending record of this job becomes the run dir's ``.hydra/`` here (``promote_hydra_record``)."""
+def write_config(run_dir: Path, cfg: DictConfig, ident: dict, stage: str) -> None:
+    """Accept ``run_dir`` for a run of identity ``ident``: write ``identity.json`` (what later lookups compare,
+    see ``open_run_dir``) and the resolved config as ``config.yaml``, both atomically. A stage calls it once bad
+    input has failed and the run dir is accepted, so Hydra's pending record of this job becomes the run dir's
+    ``.hydra/`` here (``promote_hydra_record``)."""
+    write_json_atomic(Path(run_dir) / identity.IDENTITY_FILE,
+                      {"stage": stage, "digest": identity.digest(ident), "identity": ident})
     text = OmegaConf.to_yaml(OmegaConf.create(resolved(cfg)))
     _atomic(Path(run_dir) / CONFIG, lambda t: t.write_text(text))
     for d in (Path(run_dir), Path(run_dir).parent):  # the job dir, or stage=all's job dir above a stage run dir
@@ -310,32 +313,63 @@ def read_config(run_dir: Path) -> Optional[dict]:
     return OmegaConf.to_container(OmegaConf.load(p))
 
 
-# how a run executes, not what it computes (compile and TF32 change speed, not the experiment; precision
-# does change the numbers, so it is not here; objective only picks what the job returns)
-VOLATILE_KEYS = ("threads", "device", "output_dir", "logger", "compile", "tf32", "objective")
-# nested keys of the same kind: what is kept on disk after a run, not what it computed
-VOLATILE_SUBKEYS = ("autoencode.keep_last",)
+def stored_identity(run_dir: Path, stage: str) -> Optional[dict]:
+    """The identity of the ``stage`` run that ``run_dir`` holds, or None when it holds none (empty, or only the
+    record of a job that failed on bad input before it was accepted).
+
+    Read from ``identity.json`` (written when the run was accepted, before anything else), else computed from
+    its ``config.yaml`` (a classify run's encoder from the config of its ``encoder_run``), else from the config
+    stored in ``checkpoints/last.pt``: whatever files the run left, one identity is found."""
+    run_dir = Path(run_dir)
+    rec = read_json(run_dir / identity.IDENTITY_FILE)
+    if isinstance(rec, dict) and isinstance(rec.get("identity"), dict):
+        return rec["identity"]
+    c = read_config(run_dir)
+    if c is None and (run_dir / "checkpoints" / "last.pt").is_file():
+        c = load_checkpoint(run_dir / "checkpoints" / "last.pt", ("config",), "resume")["config"]
+    if c is None:
+        return None
+    enc = None
+    if stage == "classify":
+        s = read_summary(run_dir) or {}
+        er = encoder_run_of(run_dir, s)
+        enc = (read_config(er) if er is not None else None) or c
+    return identity.identity(c, stage, encoder=enc)
 
 
-def _without_volatile_subkeys(c: dict) -> dict:
-    """A copy of a resolved config dict without ``VOLATILE_SUBKEYS`` (the input is not modified)."""
-    c = dict(c)
-    for key in VOLATILE_SUBKEYS:
-        group, leaf = key.split(".")
-        if isinstance(c.get(group), dict) and leaf in c[group]:
-            c[group] = {k: v for k, v in c[group].items() if k != leaf}
-    return c
+def open_run_dir(run_dir: Path, ident: dict, stage: str) -> str:
+    """Decide what a ``stage`` run of identity ``ident`` does in ``run_dir``: ``"start"`` (it holds no run),
+    ``"completed"`` (it holds this experiment, completed: nothing to do) or ``"resume"`` (this experiment,
+    unfinished: continue from ``checkpoints/last.pt`` if there is one).
+
+    Raises ``EmbclfError`` naming the keys that differ when it holds another experiment, completed or not,
+    whatever files it holds; nothing in the run dir is changed then."""
+    old = stored_identity(run_dir, stage)
+    if old is None:
+        return "start"
+    diffs = identity.differences(old, ident)
+    completed = (read_summary(run_dir) or {}).get("status") == "completed"
+    if diffs:
+        held = "a completed run" if completed else "an unfinished run"
+        why = ("it is kept as it is" if completed else
+               "resuming it would mix two experiments. Use the original settings to resume it")
+        raise EmbclfError(
+            f"run dir {run_dir} holds {held} of another experiment (differs in: {', '.join(diffs)}); {why}, or "
+            "run this one in a new run dir (leave hydra.run.dir / hydra.sweep.dir at their defaults). Nothing "
+            "in it was changed.")
+    return "completed" if completed else "resume"
 
 
-def is_completed(run_dir: Path, cfg: DictConfig) -> bool:
-    """True if ``run_dir`` holds a completed run of the same config (ignoring threads, device, output_dir,
-    logger): re-invoking a finished job then does nothing instead of training again."""
+def completed_in(run_dir: Path, ident: dict, stage: str) -> bool:
+    """True when ``run_dir`` holds a completed ``stage`` run of identity ``ident`` (the launchers' "already
+    completed?": re-invoking a finished job then does nothing)."""
     s = read_summary(run_dir)
-    old = read_config(run_dir)
-    if not s or s.get("status") != "completed" or old is None:
+    if not s or s.get("status") != "completed":
         return False
-    old, new = _without_volatile_subkeys(with_schema_defaults(old)), _without_volatile_subkeys(resolved(cfg))
-    return all(old.get(k) == new.get(k) for k in set(old) | set(new) if k not in VOLATILE_KEYS)
+    try:
+        return stored_identity(run_dir, stage) == ident
+    except EmbclfError:  # an unreadable record: not known to be done, so the stage decides (and says why)
+        return False
 
 
 def slurm_job_id() -> Optional[str]:
@@ -348,36 +382,6 @@ def slurm_job_id() -> Optional[str]:
     if array and task:
         return f"{array}_{task}"
     return os.environ.get("SLURM_JOB_ID")
-
-
-def config_differences(old: dict, cfg: DictConfig) -> List[str]:
-    """Top-level/nested keys whose values differ between a stored resolved config and ``cfg``, ignoring
-    how the run executes (``VOLATILE_KEYS``) and ``stage`` (stage=all stores its sub-stage)."""
-    old, new = _without_volatile_subkeys(with_schema_defaults(old)), _without_volatile_subkeys(resolved(cfg))
-    diffs = []
-
-    def walk(a, b, prefix):
-        if isinstance(a, dict) and isinstance(b, dict):
-            for k in sorted(set(a) | set(b)):
-                if not prefix and k in VOLATILE_KEYS + ("stage",):
-                    continue
-                walk(a.get(k), b.get(k), f"{prefix}{k}.")
-        elif a != b:
-            diffs.append(prefix.rstrip("."))
-
-    walk(old, new, "")
-    return diffs
-
-
-def refuse_other_config(run_dir: Path, stored: dict, cfg: DictConfig) -> None:
-    """Raise ``EmbclfError`` naming the differing keys when ``run_dir``'s checkpoint was written with another
-    config (``stored``, its resolved config) than ``cfg``: resuming it would mix two experiments."""
-    diffs = config_differences(stored, cfg)
-    if diffs:
-        raise EmbclfError(
-            f"run dir {run_dir} holds a run with a different config (differs in: {', '.join(diffs)}); "
-            "resuming it would mix two experiments. Use the original settings to resume it, or a new run dir "
-            "(leave hydra.run.dir / hydra.sweep.dir at their defaults).")
 
 
 def base_summary(cfg: DictConfig, stage: str, overrides: List[str]) -> Dict[str, Any]:
@@ -515,66 +519,31 @@ def iter_run_dirs(root: Path) -> Iterator[Path]:
                 yield p.parent
 
 
-def with_schema_defaults(stored: dict) -> dict:
-    """A stored resolved config with every key it lacks filled with the schema's default (``embclf.config``).
-
-    A run written before a key existed ran with that key's default behaviour (e.g. fp32 before ``precision``,
-    no skipping before ``data.skip_corrupt``), so comparisons of an old run with a new config (already
-    completed? the same encoder? may it resume?) must not see the new key as a difference. Returns a new dict.
-    """
-    from .config import Config
-
-    defaults = OmegaConf.to_container(OmegaConf.structured(Config), enum_to_str=True)
-    defaults.pop("defaults", None)  # Hydra's defaults list, not part of a resolved config
-
-    def fill(old, default, prefix):
-        if not isinstance(old, dict) or not isinstance(default, dict):
-            return old
-        out = dict(old)
-        for k, v in default.items():
-            if k not in out:
-                v = BEFORE_KEY_EXISTED.get(prefix + k, v)
-                if v != "???":
-                    out[k] = v
-            else:
-                out[k] = fill(out[k], v, f"{prefix}{k}.")
-        return out
-
-    out = fill(stored, defaults, "")
-    if debug_mode(out) == "none":  # as ``resolved`` writes a normal run's config: without the debug node
-        out.pop("debug", None)
-    return out
-
+with_schema_defaults = identity.with_schema_defaults
 
 # the objective's options in the model group and their "off" values (classify's hint prints the ones that are on)
 MODEL_OBJECTIVE_DEFAULTS = {"ce_weight": 0.0, "decorrelation_weight": 0.0, "decorrelation": "class", "kl_warmup_epochs": 0}
 
-# keys whose schema default is not what runs written before the key existed did: those runs chose their best
-# epoch on val MSE (the default is now the val objective)
-BEFORE_KEY_EXISTED = {"autoencode.select_on": "mse"}
 
-
-def encoder_identity(cfg) -> dict:
-    """What makes two autoencode runs the same: data, model, latent, seed, precision, ``autoencode.*`` and the
-    debug mode (a stored config lacking a newer key counts as having its default: ``with_schema_defaults``;
-    before ``debug`` existed, none)."""
-    c = _without_volatile_subkeys(with_schema_defaults(cfg) if isinstance(cfg, dict) else resolved(cfg))
-    data = {k: v for k, v in c["data"].items() if k not in ("cache_dir", "download")}
-    # debug: a debug autoencoder only ever serves a classifier of the same debug mode, never a real one
-    return {"data": data, "model": c["model"], "latent": c["latent"], "seed": c["seed"],
-            "precision": c.get("precision", "fp32"), "autoencode": c["autoencode"], "debug": debug_mode(c)}
+def encoder_run_of(run_dir: Path, summary: dict) -> Optional[Path]:
+    """The encoder run dir a classify run recorded (``encoder_run`` of its summary), or None."""
+    enc = summary.get("encoder_run")
+    return Path(enc) if enc else None
 
 
 def find_encoder_run(cfg: DictConfig, output_dir: Path) -> Optional[Path]:
-    """Newest completed autoencode run under ``output_dir`` whose identity equals ``cfg``'s, or None."""
-    want = encoder_identity(cfg)
+    """Newest completed autoencode run under ``output_dir`` whose identity equals ``cfg``'s autoencode
+    identity (``identity.identity``), or None."""
+    want = identity.identity(cfg, "autoencode")
     best, best_t = None, -1.0
     for d in iter_run_dirs(output_dir):
         s = read_summary(d)
         if not s or s.get("stage") != "autoencode" or s.get("status") != "completed":
             continue
-        c = read_config(d)
-        if c is None or encoder_identity(c) != want:
+        try:
+            if stored_identity(d, "autoencode") != want:
+                continue
+        except EmbclfError:
             continue
         t = float(s.get("end_time") or 0)
         if t > best_t:

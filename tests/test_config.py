@@ -1,6 +1,8 @@
 """Composition of every config-group option and schema errors, in-process with Hydra's compose API."""
 from pathlib import Path
 
+import re
+
 import pytest
 from hydra import compose, initialize_config_dir
 from hydra.errors import ConfigCompositionException
@@ -78,13 +80,15 @@ def test_cfg_job_prints_composed_config(tmp_path):
 
 
 def test_safe_name_is_flat_and_bounded():
-    assert safe_name(["latent=64", "model=vae"]) == "model=vae,latent=64"
-    assert safe_name(["autoencode.image_epochs=[1]", "model=ae"]) == "model=ae,autoencode.image_epochs=_1"
+    assert re.fullmatch(r"model=vae,latent=64-[0-9a-f]{8}", safe_name(["latent=64", "model=vae"]))
+    assert safe_name(["autoencode.image_epochs=[1]", "model=ae"]).startswith("model=ae,autoencode.image_epochs=_1-")
     assert "/" not in safe_name(["data.train_size=1", "x=a/b"])
     long = "x=" + "y" * 500
     a, b = safe_name([long]), safe_name([long + "z"])
     assert len(a) <= 120 and a != b
-    assert safe_name([]) == "run"
+    assert re.fullmatch(r"run-[0-9a-f]{8}", safe_name([]))
+    # how-to-run keys are not part of the name: they do not change the experiment
+    assert safe_name(["model=vae", "threads=2", "logger=none"]).startswith("model=vae-")
 
 
 @pytest.mark.parametrize("a, b", [

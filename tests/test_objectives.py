@@ -9,7 +9,7 @@ from hydra import compose, initialize_config_dir
 from hydra.errors import ConfigCompositionException
 from omegaconf import OmegaConf
 
-from embclf import losses, runs
+from embclf import identity, losses, runs
 from embclf.config import conf_dir
 from embclf.models import build_model
 from embclf.models.objectives import Objective, build_objective
@@ -129,15 +129,16 @@ def test_config_keys_and_encoder_identity():
             _compose(bad)
         assert bad.split("=")[0] in str(e.value.__cause__ or e.value)
     # classify finds the encoder trained with the same objective, never another one
-    ident = runs.encoder_identity(default)
-    assert ident != runs.encoder_identity(_compose("model=vae", "model.ce_weight=1"))
-    assert ident != runs.encoder_identity(_compose("model=vae", "autoencode.select_on=mse"))
+    ident = identity.identity(default, "autoencode")
+    assert ident != identity.identity(_compose("model=vae", "model.ce_weight=1"), "autoencode")
+    assert ident != identity.identity(_compose("model=vae", "autoencode.select_on=mse"), "autoencode")
     # a run written before these keys existed had no extra terms and chose its best epoch on val MSE
     old = runs.resolved(default)
     for k in runs.MODEL_OBJECTIVE_DEFAULTS:
         del old["model"][k]
     del old["autoencode"]["select_on"]
-    assert runs.encoder_identity(old) == runs.encoder_identity(_compose("model=vae", "autoencode.select_on=mse"))
+    assert identity.identity(old, "autoencode") == \
+        identity.identity(_compose("model=vae", "autoencode.select_on=mse"), "autoencode")
 
 
 def _stage_cfg(tmp_path, cifar_root, *overrides):

@@ -18,11 +18,12 @@ from PIL import Image
 from conftest import CIFAR, REPO
 from report_fixtures import ae_run, clf_run
 
-from embclf import plots, report, runs
+from embclf import identity, plots, report, runs
 from embclf.config import conf_dir
 from embclf.data import Split
 from embclf.models import build_model
 from embclf.stages import autoencode
+from embclf.runtime import EmbclfError
 
 
 def _two_sweeps_and_a_rerun(t):
@@ -170,10 +171,17 @@ def test_keep_last_false_drops_last_pt_and_stays_completed(tmp_path):
     done = runs.read_summary(run_dir)
     assert done["status"] == "completed"
     cfg.autoencode.keep_last = True  # keep_last changes what is kept, not the experiment
-    assert runs.is_completed(run_dir, cfg) and runs.find_encoder_run(cfg, tmp_path) == run_dir
+    assert runs.completed_in(run_dir, identity.identity(cfg, "autoencode"), "autoencode")
+    assert runs.find_encoder_run(cfg, tmp_path) == run_dir
     autoencode.run(cfg, run_dir, [])  # never retrained
     assert runs.read_summary(run_dir)["end_time"] == done["end_time"]
     assert not (run_dir / "checkpoints" / "last.pt").exists()
+    # another experiment into this dir (no last.pt to read a config from) is refused, and the result stays
+    cfg.latent = 16
+    before = {p.name: p.read_bytes() for p in run_dir.iterdir() if p.is_file()}
+    with pytest.raises(EmbclfError, match=r"holds a completed run of another experiment \(differs in: latent\)"):
+        autoencode.run(cfg, run_dir, [])
+    assert {p.name: p.read_bytes() for p in run_dir.iterdir() if p.is_file()} == before
 
 
 def test_sweep_hint_is_a_command_that_works_as_printed(tmp_path, caplog):

@@ -1,7 +1,7 @@
 """Run-dir helpers: atomic writes, failure marking that never overwrites a completed run."""
 import json
 
-from embclf import runs
+from embclf import identity, runs
 
 
 def test_mark_failed_keeps_completed(tmp_path):
@@ -82,7 +82,8 @@ def test_a_run_written_before_a_key_existed_compares_equal_with_its_default():
         cfg = compose("config", overrides=["data=folder", "data.root=/d"])
     stored = runs.resolved(cfg)
     del stored["data"]["skip_corrupt"], stored["precision"], stored["model"]["beta"]
-    assert runs.config_differences(stored, cfg) == []
-    assert runs.encoder_identity(stored) == runs.encoder_identity(runs.resolved(cfg))
+    for stage in ("autoencode", "classify"):
+        assert identity.differences(identity.identity(stored, stage), identity.identity(cfg, stage)) == []
     stored["model"]["beta"] = 0.5  # a real difference still is one
-    assert runs.config_differences(stored, cfg) == ["model.beta"]
+    assert identity.differences(identity.identity(stored, "autoencode"), identity.identity(cfg, "autoencode")) \
+        == ["model.beta"]

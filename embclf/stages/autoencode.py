@@ -30,7 +30,7 @@ import torch
 from torchvision.utils import make_grid, save_image
 
 from .. import data as data_mod
-from .. import losses, runs, runtime, tracking
+from .. import identity, losses, runs, runtime, tracking
 from ..models import build_model, count_parameters
 from ..models.objectives import Objective, build_objective
 
@@ -380,8 +380,10 @@ def run(cfg, run_dir: Path, overrides: List[str]) -> Path:
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     prior = runs.read_summary(run_dir)
-    if runs.is_completed(run_dir, cfg):
-        log.info("%s already completed with this config; nothing to do", run_dir)
+    ident = identity.identity(cfg, "autoencode")
+    # another experiment in this run dir is refused here, whatever files it holds; the same one completed is done
+    if runs.open_run_dir(run_dir, ident, "autoencode") == "completed":
+        log.info("%s already holds this experiment, completed; nothing to do", run_dir)
         return run_dir
     ac = cfg.autoencode
     if int(cfg.latent) < 1:
@@ -396,10 +398,9 @@ def run(cfg, run_dir: Path, overrides: List[str]) -> Path:
     except ValueError as e:
         raise runtime.EmbclfError(f"{e}.") from None
     last = run_dir / "checkpoints" / "last.pt"
+    # the same experiment (open_run_dir said so) continues from its last checkpoint
     resume = runs.load_checkpoint(last, ("model", "optimizer", "scheduler", "rng", "batch_rng", "state", "config"),
                                   "resume") if last.is_file() else None
-    if resume is not None:  # resuming: only the same computation may continue in this run dir
-        runs.refuse_other_config(run_dir, resume["config"], cfg)
     summary = runs.base_summary(cfg, "autoencode", overrides)
     env = runtime.setup(cfg)
     device = env["device"]
@@ -441,7 +442,7 @@ def run(cfg, run_dir: Path, overrides: List[str]) -> Path:
     # bad input has failed by now; only from here on does the run dir hold a config and a summary
     runs.remove_stale_temporaries(run_dir)  # of a write killed with SIGKILL
     runs.start_attempt(summary, prior, resume["state"]["epoch"] if resume is not None else None)
-    runs.write_config(run_dir, cfg)
+    runs.write_config(run_dir, cfg, ident, "autoencode")
     summary.update(device=str(device), device_name=env["name"], device_fallback=env["fallback"],
                    precision=precision, compile=bool(cfg.compile), tf32=env["tf32"], weight_decay=wd,
                    cudnn_benchmark=env["cudnn_benchmark"], channels_last=fmt == torch.channels_last,

@@ -29,7 +29,7 @@ import torch
 from omegaconf import OmegaConf
 
 from .. import data as data_mod
-from .. import losses, plots, runs, runtime, tracking
+from .. import identity, losses, plots, runs, runtime, tracking
 from ..heads import build_head, check_dropout, check_names, is_trainable
 from ..models import build_model
 from .autoencode import _rng_state, _set_rng_state
@@ -58,7 +58,8 @@ def resolve_encoder(cfg) -> Path:
     out = Path(str(cfg.output_dir))
     found = runs.find_encoder_run(cfg, out)
     if found is None:
-        ident = runs.encoder_identity(cfg)
+        ident = identity.identity(cfg, "autoencode")
+        ident.setdefault("debug", {"name": "none"})
         ae = ident["autoencode"]
         d = ident["data"]
         # every setting that makes the identity, so the printed command really trains the missing encoder
@@ -66,7 +67,7 @@ def resolve_encoder(cfg) -> Path:
                [f"autoencode.{k}={_q(v)}" for k, v in ae.items()] + \
                [f"model.{k}={_q(v)}" for k, v in ident["model"].items()
                 if k in runs.MODEL_OBJECTIVE_DEFAULTS and v != runs.MODEL_OBJECTIVE_DEFAULTS[k]] + \
-               ([f"debug={ident['debug']}"] if ident["debug"] != "none" else [])
+               ([f"debug={ident['debug']['name']}"] if ident["debug"]["name"] != "none" else [])
         raise runtime.EmbclfError(
             f"stage=classify found no completed autoencode run under output_dir={out} matching model={ident['model']['name']} "
             f"latent={ident['latent']} seed={ident['seed']} data={d['source']} (root {d['root']}, train_size "
@@ -286,8 +287,11 @@ def run(cfg, run_dir: Path, overrides: List[str], encoder: Optional[Path] = None
 
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
-    if runs.is_completed(run_dir, cfg):
-        log.info("%s already completed with this config; nothing to do", run_dir)
+    # the identity holds the encoder's: stage=all's own (its config.yaml), the lookup's (cfg's own autoencode
+    # identity) or classify.encoder's (the config stored there); another experiment in this run dir is refused
+    ident = identity.identity(cfg, "classify", encoder=runs.read_config(encoder) if encoder else None)
+    if runs.open_run_dir(run_dir, ident, "classify") == "completed":
+        log.info("%s already holds this experiment, completed; nothing to do", run_dir)
         return run_dir
     cc = cfg.classify
     if int(cc.epochs) < 1:
@@ -302,8 +306,6 @@ def run(cfg, run_dir: Path, overrides: List[str], encoder: Optional[Path] = None
         log.warning("%s was written by an older embclf without the state to resume from: the head is trained "
                     "again from the start", last)
         resume = None
-    if resume is not None:  # resuming the head's training: only the same computation may continue here
-        runs.refuse_other_config(run_dir, resume["config"], cfg)
     ckpt_path = (Path(encoder) / "checkpoints" / "best.pt") if encoder else resolve_encoder(cfg)
     encoder_run = ckpt_path.parent.parent
     log.info("encoder: %s", ckpt_path)
@@ -314,7 +316,7 @@ def run(cfg, run_dir: Path, overrides: List[str], encoder: Optional[Path] = None
     # bad input has failed by now; only from here on does the run dir hold a config and a summary
     runs.remove_stale_temporaries(run_dir)  # of a write killed with SIGKILL
     runs.start_attempt(summary, prior, resume["state"]["epoch"] if resume is not None else None)
-    runs.write_config(run_dir, cfg)
+    runs.write_config(run_dir, cfg, ident, "classify")
     runs.write_json_atomic(run_dir / runs.SUMMARY, summary)
 
     env = runtime.setup(cfg)
@@ -342,14 +344,23 @@ def run(cfg, run_dir: Path, overrides: List[str], encoder: Optional[Path] = None
     runs.write_json_atomic(run_dir / runs.SUMMARY, summary)  # a failure from here on keeps the encoder and provenance
     tracker = tracking.start(cfg, run_dir, "classify", encoder_cfg=enc_cfg)  # wandb (or nothing); closed by finish below
     runs.fault_point("startup")
-    if emb_path.is_file():  # computed once per run dir; a resumed job reuses them
-        emb = runs.load_checkpoint(emb_path, ("train", "val", "test", "classes"), "embeddings")
-    else:
+    prec = enc_cfg.get("precision", "fp32")  # embed as the encoder was trained
+    # embeddings.pt is a cache: reused (a resumed job) only when it was computed from this encoder's weights,
+    # these images and these rules; anything else recomputes it
+    key = {"encoder_sha1": runs.file_sha1(ckpt_path), "data_fingerprint": ds.fingerprint, "precision": prec,
+           "mode": "eval, mu"}
+    emb = runs.load_checkpoint(emb_path, ("train", "val", "test", "classes"), "embeddings") \
+        if emb_path.is_file() else None
+    if emb is not None and emb.get("key") != key:
+        log.warning("%s was computed from another encoder or other data (%s); computing it again", emb_path,
+                    ", ".join(k for k in key if (emb.get("key") or {}).get(k) != key[k]) or "no key recorded")
+        emb = None
+    if emb is None:
         t0 = time.time()
-        prec = enc_cfg.get("precision", "fp32")  # embed as the encoder was trained
         emb = {s: {"z": embed(model, ds.split(s), device, 1000, prec), "labels": ds.split(s).labels.clone()}
                for s in ("train", "val", "test")}
         emb["classes"] = ds.classes
+        emb["key"] = key
         runs.save_atomic(emb, emb_path)
         log.info("embedded %d images in %.1fs", sum(len(emb[s]["z"]) for s in ("train", "val", "test")), time.time() - t0)
     z = {s: emb[s]["z"].to(device) for s in ("train", "val", "test")}

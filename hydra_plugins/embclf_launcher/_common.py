@@ -138,9 +138,11 @@ def plan_jobs(launcher: Any, job_overrides: Sequence[Sequence[str]], initial_job
         if job.run_dir in dirs:
             raise SweepConfigError(
                 f"sweep jobs #{dirs[job.run_dir].idx} ({dirs[job.run_dir].label}) and #{job.idx} "
-                f"({job.label}) would share the run dir {job.run_dir}. hydra.sweep.subdir must be "
-                "distinct per job; keep embclf's default (${embclf_safe:${hydra.overrides.task}}) "
-                "or include ${hydra.job.num} in it."
+                f"({job.label}) would share the run dir {job.run_dir}: with embclf's default "
+                "hydra.sweep.subdir (${embclf_name:${hydra.overrides.task}}) that means they are the same "
+                "experiment (they differ only in how-to-run keys such as threads or device, or in the spelling "
+                "of a value), so run it once. A custom hydra.sweep.subdir must be distinct per job (e.g. "
+                "include ${hydra.job.num})."
             )
         dirs[job.run_dir] = job
     return planned
@@ -185,38 +187,32 @@ def stage_run_dirs(job: PlannedJob) -> List[Path]:
 
 
 def is_completed(job: PlannedJob) -> bool:
-    """True when a previous invocation already completed this job in this run dir.
+    """True when a previous invocation already completed this job's experiment in its run dir.
 
-    The job counts as completed when its ``.hydra/overrides.yaml`` holds the same overrides (the run
-    dir name is a shortened form, so a hash collision or a hand-made dir must not count), every
-    stage run dir's ``summary.json`` says ``completed`` and, by the core's ``embclf.runs.is_completed``,
-    was run with the same resolved config (a changed default retrains).  Anything else (no dir, running, failed, a
-    ``last.pt`` only) is launched again; the core then resumes from ``checkpoints/last.pt``.
+    Decided by the core's one rule (``embclf.runs.completed_in``): every stage run dir of the job holds a
+    completed run whose identity (``embclf.identity``) equals the one this job's config gives, however its
+    overrides were spelled (``data.root=/x/t/`` and ``data.root=/x/t`` are one experiment; ``threads`` is none
+    of it). Anything else (no dir, running, failed, a ``last.pt`` only, another experiment) is launched again;
+    the stage then resumes, or refuses another experiment naming the keys that differ.
     """
-    previous = job.run_dir / ".hydra" / "overrides.yaml"
-    if not previous.is_file():
-        return False
     try:
-        # same overrides in any order (the run dir name sorts them too)
-        if sorted(OmegaConf.load(previous)) != sorted(job.overrides):
-            return False
-    except Exception:  # noqa: BLE001 -- unreadable: treat as not completed and run the job
+        from embclf import identity, runs
+        from embclf.runtime import EmbclfError
+    except ImportError:  # the launcher without embclf: nothing is known to be done
         return False
-    try:  # the core's own test: same resolved config (defaults may have changed since)
-        from embclf.runs import is_completed as same_completed_run
-    except ImportError:
-        same_completed_run = None
+    app = job.extra.get("app")
+    if app is None:
+        return False
     dirs = stage_run_dirs(job)
     for run_dir in dirs:
-        summary = _read_json(run_dir / "summary.json")
-        if not summary or summary.get("status") != "completed":
+        stage = run_dir.name if len(dirs) > 1 else str(app.get("stage", "autoencode"))
+        try:
+            # stage=all: its classify run's encoder is its own autoencode run (the identity of app itself)
+            ident = identity.identity(app, stage, encoder=app if len(dirs) > 1 else None)
+        except EmbclfError:  # classify.encoder unreadable: the job runs and its stage says why
             return False
-        if same_completed_run is not None and "app" in job.extra:
-            app = dict(job.extra["app"])
-            if len(dirs) > 1:  # stage=all: each stage run dir holds its own stage's config
-                app["stage"] = run_dir.name
-            if not same_completed_run(run_dir, OmegaConf.create(app)):
-                return False
+        if not runs.completed_in(run_dir, ident, stage):
+            return False
     return True
 
 
