@@ -14,6 +14,7 @@ import signal
 import sys
 import traceback
 from pathlib import Path
+from typing import Optional
 
 import hydra
 from hydra.core.hydra_config import HydraConfig
@@ -101,13 +102,16 @@ def _run_stages(cfg: DictConfig, job_dir: Path, overrides, before: dict) -> Path
         if stage == Stage.classify:
             return clf_run(cfg, job_dir, overrides)
         # stage=all: two complete run dirs; each gets its own copy of .hydra so it stands alone
+        ae_cfg = _stage_cfg(cfg, Stage.autoencode)
+        ae_dir = _sibling_encoder(ae_cfg, job_dir)
         record = next((d for d in (job_dir / PENDING_HYDRA, job_dir / ".hydra") if d.is_dir()), None)
-        for name in ("autoencode", "classify"):
+        for name in ("autoencode", "classify") if ae_dir is None else ("classify",):
             if record is not None and not (job_dir / name / ".hydra").exists():
                 shutil.copytree(record, job_dir / name / ".hydra")
         current = job_dir / "autoencode"
-        with _log_to(current):
-            ae_dir = ae_run(_stage_cfg(cfg, Stage.autoencode), current, overrides)
+        if ae_dir is None:
+            with _log_to(current):
+                ae_dir = ae_run(ae_cfg, current, overrides)
         current = job_dir / "classify"
         with _log_to(current):
             return clf_run(_stage_cfg(cfg, Stage.classify), current, overrides, encoder=ae_dir)
@@ -132,6 +136,25 @@ def _run_stages(cfg: DictConfig, job_dir: Path, overrides, before: dict) -> Path
         if not isinstance(e, (EmbclfError, DataError, SystemExit, KeyboardInterrupt)):
             log.error("failed:\n%s", traceback.format_exc())
         raise
+
+
+def _sibling_encoder(ae_cfg: DictConfig, job_dir: Path) -> Optional[Path]:
+    """For a ``stage=all`` job of a sweep: a completed autoencode run of the same experiment (identity) in
+    another job dir of the same sweep dir, when this job has none of its own, else None.
+
+    One experiment runs once per sweep dir: a sweep re-invoked with another head (``head=mlp,linear``) trains
+    only the new heads, on the autoencoders the sweep already has. The job then has no ``autoencode/`` of its
+    own; its ``classify/`` run records the encoder it used (``encoder_run``), which is how the report joins them.
+    """
+    own = job_dir / "autoencode"
+    if HydraConfig.get().mode != RunMode.MULTIRUN or runs.stored_identity(own, "autoencode") is not None:
+        return None
+    found = runs.find_encoder_run(ae_cfg, job_dir.parent)
+    if found is not None and found.parent != job_dir:
+        log.info("stage=all: the sweep dir already holds this autoencoder, completed, in %s; training the head on "
+                 "it (nothing is retrained)", found)
+        return found
+    return None
 
 
 def _launch_dir() -> str:

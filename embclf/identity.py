@@ -331,13 +331,16 @@ def readable(overrides: Any, values: Optional[dict] = None) -> str:
     return name
 
 
-def run_name(overrides: Any, *, _root_: Any = None) -> str:
-    """``${embclf_name:${hydra.overrides.task}}``: a job's run dir name, ``<readable>-<digest>``.
+def run_name(overrides: Any, prefix: str = "", *, _root_: Any = None) -> str:
+    """``${embclf_name:${hydra.overrides.task}}``: a job's run dir name, ``[<prefix>,]<readable>-<digest>``.
 
     ``readable`` shows the overridden identity keys (see ``readable``); the digest is that of the job's
     identity (``job_identity``), so every spelling of one experiment (``data.root=/x/t/``, ``data.root=t``
-    from /x, ``threads=4``) gets one name, and two experiments never share one. Relative paths are read
-    against the directory the command was launched from (``hydra.runtime.cwd``)."""
+    from /x, ``threads=4``) gets one digest, and two experiments never share one. In a sweep, a run dir of the
+    sweep dir that already ends with this digest is this job's run dir, whatever its readable part says: a
+    sweep re-invoked with ``seed=0,1`` finds the ``seed=0`` runs it made without a ``seed`` override. Relative
+    paths are read against the directory the command was launched from (``hydra.runtime.cwd``). ``prefix``
+    leads the name (``trial=3`` for Optuna trials)."""
     values = None
     ident_hash = None
     if _root_ is not None:
@@ -348,8 +351,25 @@ def run_name(overrides: Any, *, _root_: Any = None) -> str:
             values = None
     if ident_hash is None:
         ident_hash = hashlib.sha1(",".join(sorted(map(str, overrides or []))).encode()).hexdigest()[:8]
+    else:
+        existing = _existing_run_dir(_root_, ident_hash)
+        if existing:
+            return existing
     name = readable(overrides, values)
+    name = ",".join(p for p in (str(prefix), name) if p)
     return f"{name}-{ident_hash}" if name else f"run-{ident_hash}"
+
+
+def _existing_run_dir(root: Any, ident_hash: str) -> Optional[str]:
+    """In a sweep: the name of the sweep dir's run dir for this digest, if it has one (the first by name)."""
+    try:
+        if str(OmegaConf.select(root, "hydra.mode", default="")).split(".")[-1] != "MULTIRUN":
+            return None
+        sweep = Path(str(OmegaConf.select(root, "hydra.sweep.dir")))
+    except Exception:  # noqa: BLE001 -- no sweep dir at hand
+        return None
+    found = sorted(p.name for p in sweep.glob(f"*-{ident_hash}") if p.is_dir()) if sweep.is_dir() else []
+    return found[0] if found else None
 
 
 def _app_config(root: Any) -> dict:

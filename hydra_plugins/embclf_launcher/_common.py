@@ -135,17 +135,29 @@ def plan_jobs(launcher: Any, job_overrides: Sequence[Sequence[str]], initial_job
         )
     dirs = {}
     for job in planned:
-        if job.run_dir in dirs:
+        key = _identity_digest(job) or job.run_dir
+        if job.run_dir in dirs or key in dirs:
+            other = dirs.get(job.run_dir) or dirs[key]
             raise SweepConfigError(
-                f"sweep jobs #{dirs[job.run_dir].idx} ({dirs[job.run_dir].label}) and #{job.idx} "
+                f"sweep jobs #{other.idx} ({other.label}) and #{job.idx} "
                 f"({job.label}) would share the run dir {job.run_dir}: with embclf's default "
                 "hydra.sweep.subdir (${embclf_name:${hydra.overrides.task}}) that means they are the same "
                 "experiment (they differ only in how-to-run keys such as threads or device, or in the spelling "
                 "of a value), so run it once. A custom hydra.sweep.subdir must be distinct per job (e.g. "
                 "include ${hydra.job.num})."
             )
-        dirs[job.run_dir] = job
+        dirs[job.run_dir] = dirs[key] = job
     return planned
+
+
+def _identity_digest(job: PlannedJob) -> Optional[str]:
+    """The digest of the job's identity (``embclf.identity``): two jobs of one sweep with equal digests are one
+    experiment, whatever their overrides say."""
+    try:
+        from embclf import identity
+        return "identity:" + identity.digest(identity.job_identity(job.extra["app"]))
+    except Exception:  # noqa: BLE001 -- without embclf (or an odd config): the run dirs alone tell jobs apart
+        return None
 
 
 def _config_problems(cfg: DictConfig) -> List[str]:
@@ -182,6 +194,8 @@ def stage_run_dirs(job: PlannedJob) -> List[Path]:
     value = OmegaConf.select(job.cfg, "stage", default="autoencode")
     stage = getattr(value, "value", value)  # an Enum in embclf's schema
     if stage == "all":
+        if not (job.run_dir / "autoencode").exists() and (job.run_dir / "classify" / "summary.json").is_file():
+            return [job.run_dir / "classify"]  # its head trained on a sibling job's autoencoder (same experiment)
         return [job.run_dir / "autoencode", job.run_dir / "classify"]
     return [job.run_dir]
 
@@ -203,12 +217,12 @@ def is_completed(job: PlannedJob) -> bool:
     app = job.extra.get("app")
     if app is None:
         return False
-    dirs = stage_run_dirs(job)
-    for run_dir in dirs:
-        stage = run_dir.name if len(dirs) > 1 else str(app.get("stage", "autoencode"))
+    whole = str(app.get("stage", "autoencode")) == "all"
+    for run_dir in stage_run_dirs(job):
+        stage = run_dir.name if whole else str(app.get("stage", "autoencode"))
         try:
-            # stage=all: its classify run's encoder is its own autoencode run (the identity of app itself)
-            ident = identity.identity(app, stage, encoder=app if len(dirs) > 1 else None)
+            # stage=all: its classify run's encoder is its own autoencoder (the identity of app itself)
+            ident = identity.identity(app, stage, encoder=app if whole else None)
         except EmbclfError:  # classify.encoder unreadable: the job runs and its stage says why
             return False
         if not runs.completed_in(run_dir, ident, stage):
@@ -338,7 +352,8 @@ def record_failure(job: PlannedJob, error: str, status: str = "failed", reason: 
             if not (run_dir / SUMMARY).is_file() and "app" in job.extra:
                 # died before its stage wrote anything: still a row with its model, latent, seed, overrides
                 app = OmegaConf.create(job.extra["app"])
-                stage = run_dir.name if len(dirs) > 1 else str(app.stage)
+                stage = run_dir.name if run_dir.name in ("autoencode", "classify") and run_dir != job.run_dir \
+                    else str(app.stage)
                 base = base_summary(app, stage, job.overrides)
                 for k in ("pid", "hostname", "start_time"):  # the launcher's, not the job's
                     base.pop(k, None)
