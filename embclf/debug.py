@@ -130,7 +130,7 @@ def overfit_autoencoder(cfg, run_dir: Path, overrides: List[str]) -> Path:
     run_dir.mkdir(parents=True, exist_ok=True)
     ident = identity.identity(cfg, "autoencode")
     if runs.open_run_dir(run_dir, ident, "autoencode") == "completed":
-        log.info("%s already holds this experiment, completed; nothing to do", run_dir)
+        log.info("%s already completed (the same experiment); nothing to do", run_dir)
         return run_dir
     _check_sizes(cfg)
     d = cfg.debug
@@ -206,7 +206,7 @@ def overfit_head(cfg, run_dir: Path, overrides: List[str], encoder: Optional[Pat
     run_dir.mkdir(parents=True, exist_ok=True)
     ident = identity.identity(cfg, "classify", encoder=runs.read_config(encoder) if encoder else None)
     if runs.open_run_dir(run_dir, ident, "classify") == "completed":
-        log.info("%s already holds this experiment, completed; nothing to do", run_dir)
+        log.info("%s already completed (the same experiment); nothing to do", run_dir)
         return run_dir
     _check_sizes(cfg)
     d = cfg.debug

@@ -150,8 +150,6 @@ def run_config(run_dir: Path, overrides) -> DictConfig:
     Raises ``EmbclfError`` naming the override for a fixed key, an unknown key or a wrong type."""
     from omegaconf.errors import OmegaConfBaseException
 
-    from .config import absolute_path
-
     saved = runs.read_config(run_dir)
     if saved is None:
         raise EmbclfError(f"{run_dir} has no {runs.CONFIG}: it is not a complete run dir.")
@@ -174,7 +172,7 @@ def run_config(run_dir: Path, overrides) -> DictConfig:
                 OmegaConf.update(cfg, key, o.value(), merge=True)
         except OmegaConfBaseException as e:
             raise EmbclfError(f"{o.input_line}: {str(e).splitlines()[0]}") from None
-    cfg.data.root = absolute_path(cfg.data.root, os.getcwd())
+    cfg.data.root = identity.normalise_path(cfg.data.root, os.getcwd())
     return cfg
 
 

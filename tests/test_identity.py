@@ -153,6 +153,12 @@ def test_completed_autoencoder_stays_completed_when_classifier_settings_change_a
     s = runs.read_summary(clf_dir)
     assert s["status"] == "completed" and (json.loads((clf_dir / identity.IDENTITY_FILE).read_text())["identity"]
                                            ["encoder"] == identity.identity(cfg, "autoencode"))
+    # a fitted probe keeps no last.pt either: another experiment in its dir is still refused, naming the key
+    knn_dir = tmp_path / "knn"
+    classify.run(_tiny(tmp_path, "stage=classify", "head=knn"), knn_dir, [])
+    assert not (knn_dir / "checkpoints" / "last.pt").exists()
+    with pytest.raises(EmbclfError, match=r"differs in: head.name"):
+        classify.run(_tiny(tmp_path, "stage=classify", "head=logreg"), knn_dir, [])
     # the same classify run named by the encoder's path instead of the lookup is the same experiment
     again = _tiny(tmp_path, "stage=classify", f"classify.encoder={ae_dir}/")
     assert runs.completed_in(clf_dir, identity.identity(again, "classify"), "classify")

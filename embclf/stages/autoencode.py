@@ -383,7 +383,7 @@ def run(cfg, run_dir: Path, overrides: List[str]) -> Path:
     ident = identity.identity(cfg, "autoencode")
     # another experiment in this run dir is refused here, whatever files it holds; the same one completed is done
     if runs.open_run_dir(run_dir, ident, "autoencode") == "completed":
-        log.info("%s already holds this experiment, completed; nothing to do", run_dir)
+        log.info("%s already completed (the same experiment); nothing to do", run_dir)
         return run_dir
     ac = cfg.autoencode
     if int(cfg.latent) < 1:

@@ -291,7 +291,7 @@ def run(cfg, run_dir: Path, overrides: List[str], encoder: Optional[Path] = None
     # identity) or classify.encoder's (the config stored there); another experiment in this run dir is refused
     ident = identity.identity(cfg, "classify", encoder=runs.read_config(encoder) if encoder else None)
     if runs.open_run_dir(run_dir, ident, "classify") == "completed":
-        log.info("%s already holds this experiment, completed; nothing to do", run_dir)
+        log.info("%s already completed (the same experiment); nothing to do", run_dir)
         return run_dir
     cc = cfg.classify
     if int(cc.epochs) < 1:
