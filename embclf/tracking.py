@@ -372,11 +372,13 @@ def command_line() -> List[str]:
     return [str(a) for a in given] if isinstance(given, list) else list(sys.argv)
 
 
-def provenance(cfg, fingerprint: Optional[str] = None, device_name: Optional[str] = None) -> Dict[str, Any]:
+def provenance(cfg, fingerprint: Optional[str] = None, device_name: Optional[str] = None,
+               files: Optional[str] = None) -> Dict[str, Any]:
     """What produced a run: code (git commit, dirty flag; None outside a git checkout, e.g. a wheel),
-    package versions, data (source, root, sizes, ``fingerprint`` = sha1 of the decoded pixels and labels),
-    host, device and command line. Stored under ``provenance`` in summary.json; start/end time are the
-    summary's ``start_time``/``end_time`` (unix seconds)."""
+    package versions, data (source, root and ``root_resolved``, sizes, ``fingerprint`` = sha1 of the decoded
+    pixels and labels, ``files_fingerprint`` = ``files``, ``data.Dataset.files``: sha1 of the listing of the
+    source files read, their paths, sizes and times), host, device and command line. Stored under
+    ``provenance`` in summary.json; start/end time are the summary's ``start_time``/``end_time`` (unix seconds)."""
     from . import __version__
 
     commit = _git("rev-parse", "HEAD")
@@ -390,8 +392,10 @@ def provenance(cfg, fingerprint: Optional[str] = None, device_name: Optional[str
         "versions": {"python": platform.python_version(), **{k: _version(k) for k in
                      ("torch", "torchvision", "hydra-core", "omegaconf", "wandb", "numpy", "scikit-learn")}},
         "data": {"source": getattr(d.source, "value", d.source), "root": str(Path(os.path.expanduser(str(d.root)))),
+                 # where data.root led when the run read it (a symlink such as data/current -> v3 may move on)
+                 "root_resolved": os.path.realpath(os.path.expanduser(str(d.root))) if d.root else None,
                  "train_size": d.train_size, "test_size": d.test_size, "val_size": d.val_size,
-                 "subset_seed": d.subset_seed, "fingerprint": fingerprint},
+                 "subset_seed": d.subset_seed, "fingerprint": fingerprint, "files_fingerprint": files},
         "hostname": socket.gethostname(),
         "platform": platform.platform(),
         "device_name": device_name,

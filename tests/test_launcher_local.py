@@ -403,6 +403,38 @@ def test_forked_job_returns_fails_requeues_and_dies_like_a_submitit_job(tmp_path
     assert time.time() - t0 < 10  # no waiting for a result file that a dead worker cannot write
 
 
+def test_a_result_left_by_an_earlier_worker_of_the_same_pid_is_never_read(tmp_path, monkeypatch):
+    """The job folder is named after the worker's pid; pids repeat (a new container, a reboot), so an
+    earlier sweep into the same sweep dir may have left a result there. A killed worker must read as
+    killed, not as that earlier job's success."""
+    import submitit
+    from submitit.core.utils import JobPaths, UncompletedJobError
+
+    from hydra_plugins.embclf_launcher import local_launcher
+
+    reused = "424242"  # the pid both workers had
+    old = JobPaths(str(tmp_path / "submitit" / "%j"), job_id=reused, task_id=0)
+    old.folder.mkdir(parents=True)
+    submitit.core.utils.cloudpickle_dump(("success", "the earlier job's result"), old.result_pickle)
+
+    class SamePid(local_launcher.ForkedJob):  # the worker gets the earlier worker's pid, as after a reboot
+        def _start(self, tmp_pickle=None):
+            self.job_id = self.job_id or reused
+            super()._start(tmp_pickle)
+
+    monkeypatch.setattr(local_launcher, "ForkedJob", SamePid)
+    job = _forked(tmp_path, _sleep, 60)
+    assert job.job_id == reused
+    deadline = time.time() + 30
+    while not old.submitted_pickle.exists():  # the worker has set up its folder and started the job
+        assert time.time() < deadline
+        time.sleep(0.05)
+    os.kill(job.pid, signal.SIGKILL)
+    _wait(job)
+    with pytest.raises(UncompletedJobError, match="SIGKILL"):
+        job.result()
+
+
 def test_forked_job_is_signalled_then_stopped_at_its_time_limit(tmp_path):
     """USR2 ``signal_delay_s`` before the limit (submitit's handler: not checkpointable, so the job
     ends with an error result), and a job still running at the limit is stopped."""

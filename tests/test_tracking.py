@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 import time
@@ -67,6 +68,9 @@ def test_run_dir_artifacts_and_provenance(tiny_sweep):
         p = s["provenance"]
         assert p["versions"]["torch"] and p["versions"]["wandb"] and p["versions"]["hydra-core"] and p["versions"]["python"]
         assert p["data"]["fingerprint"] == s["data_fingerprint"] and p["data"]["source"] == "folder"
+        if s["stage"] == "autoencode":  # the source files' listing beside the pixel hash (data.Dataset.files)
+            assert len(p["data"]["files_fingerprint"]) == 40
+            assert p["data"]["root_resolved"] == os.path.realpath(p["data"]["root"])
         assert p["hostname"] and p["device_name"] == "cpu" and s["end_time"] > s["start_time"]
         assert (p["git_commit"] is None) == (p["git_dirty"] is None)  # None only outside a git checkout
         if s["stage"] == "autoencode":

@@ -448,7 +448,7 @@ def run(cfg, run_dir: Path, overrides: List[str]) -> Path:
                    cudnn_benchmark=env["cudnn_benchmark"], channels_last=fmt == torch.channels_last,
                    parameters=count_parameters(model), data_fingerprint=ds.fingerprint,
                    n_train=len(train), n_val=len(val), n_test=len(test),
-                   provenance=tracking.provenance(cfg, ds.fingerprint, env["name"]))
+                   provenance=tracking.provenance(cfg, ds.fingerprint, env["name"], files=ds.files))
     runs.write_json_atomic(run_dir / runs.SUMMARY, summary)
     tracker = tracking.start(cfg, run_dir, "autoencode")  # wandb (or nothing); closed by finish below
     runs.fault_point("startup")

@@ -236,6 +236,11 @@ def _forked_worker(folder: str, job_id: str, tmp_pickle: Optional[Path], env: Di
 
         paths = JobPaths(folder, job_id=job_id, task_id=0)
         paths.folder.mkdir(parents=True, exist_ok=True)
+        # A result already here is not this start's: its folder is named after a pid, and an earlier sweep
+        # into this sweep dir may have had a worker of the same pid (pids restart in a new container or
+        # after a reboot); were this worker killed, the launcher would read that old result as its own.
+        # (A requeued start of this job leaves none: it exits without a result.)
+        paths.result_pickle.unlink(missing_ok=True)
         for fd, path in ((1, paths.stdout), (2, paths.stderr)):  # as the controller opens them: append
             log_fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
             os.dup2(log_fd, fd)
