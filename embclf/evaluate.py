@@ -324,7 +324,9 @@ def evaluate_classify(run_dir: Path, cfg, which: str, split_name: str, device: t
     worst_list = [{k: rows[int(i)][k] for k in ("index", "path", "class", "predicted_class", "probability")}
                   for i in worst]
     means = {"accuracy": m["accuracy"], "loss": m["loss"], "per_class_accuracy": per_class,
-             "confusion_matrix": cm.tolist(), "classes": classes, "head": cfg.head.name, "checkpoint_epoch": epoch}
+             "confusion_matrix": cm.tolist(), "classes": classes, "head": cfg.head.name, "checkpoint_epoch": epoch,
+             # the encoder file read (where the run is now: a copied sweep reads its own copy)
+             "encoder_checkpoint": str(enc_path.resolve())}
     return means, rows, grid, worst_list, ds
 
 
@@ -432,8 +434,6 @@ def evaluate_run(argv: Sequence[str]) -> Tuple[Path, dict]:
             log.warning("the run's own %s differ from this evaluation's (%s): was the run dir changed, or the data "
                         "cache rebuilt?", ", ".join(off), ", ".join(f"{k} {means[k]:.6g} vs {ref[k]:.6g}" for k in off))
     summary["worst"] = worst
-    if stage == "classify":  # the encoder file read (where the run is now: a copied sweep reads its own copy)
-        summary["encoder_checkpoint"] = str(encoder_checkpoint(run_dir, run_summary).resolve())
     shown = identity.readable([o.input_line for o in overrides])  # the overrides that change what was computed
     name = own.get("name") or f"{split}-{which}" + (f"-{shown}" if shown else "")
     out = write_new_dir(run_dir / "eval", name, "name" in own,
