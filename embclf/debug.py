@@ -224,8 +224,9 @@ def overfit_head(cfg, run_dir: Path, overrides: List[str], encoder: Optional[Pat
     z = classify.embed(model, batch, device, 1000, enc_cfg.get("precision", "fp32")).to(device)
     y = batch.labels.to(device)
     runs.write_config(run_dir, cfg, ident, "classify")
-    summary.update(encoder_run=str(ckpt_path.parent.parent.resolve()), encoder_checkpoint=str(ckpt_path.resolve()),
-                   model=enc_cfg["model"]["name"], latent=int(enc_cfg["latent"]), head=cfg.head.name,
+    summary.update(**runs.reference_fields(run_dir, cfg.output_dir, encoder_run=ckpt_path.parent.parent,
+                                           encoder_checkpoint=ckpt_path))
+    summary.update(model=enc_cfg["model"]["name"], latent=int(enc_cfg["latent"]), head=cfg.head.name,
                    device=str(device), device_name=env["name"], overfit_batch=len(batch), classes=ds.classes)
     runs.write_json_atomic(run_dir / runs.SUMMARY, summary)
     tracker = tracking.start(cfg, run_dir, "classify", encoder_cfg=enc_cfg)

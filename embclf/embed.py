@@ -113,6 +113,7 @@ def export(argv: Sequence[str]) -> Tuple[Path, str, Tuple[int, int]]:
                                                 "out": None}, "embclf.embed")
     split_name, fmt = own.get("split", "test"), own.get("format", "npz")
     cfg_dir, ckpt = _encoder_source(run_dir, own.get("checkpoint"))
+    log.info("encoder: %s", ckpt)
     cfg = run_config(cfg_dir, overrides)
     device = runtime.setup(cfg)["device"]
     model, ck = load_autoencoder(ckpt, device, int(cfg.data.image_size), "encoder checkpoint")

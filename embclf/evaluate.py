@@ -26,7 +26,8 @@ never overwritten: a default name gets ``-2``, ``-3``... and an explicit ``name=
 - ``summary.json``: the means under the stage's own names: autoencode ``loss``, ``mse``, ``sse``, ``psnr``,
   ``kl`` and ``active_units`` (VAE), computed by the stage's ``evaluate``; classify ``accuracy``, ``loss``
   (cross-entropy, nats), ``per_class_accuracy``, ``confusion_matrix`` (rows: true class), computed by the
-  stage's ``_eval``; plus what was evaluated (run dir, checkpoint and its epoch, split, data, overrides), the
+  stage's ``_eval``; plus what was evaluated (run dir, checkpoint and its epoch, split, data, overrides; for a
+  classify run ``encoder_checkpoint``, the encoder file read), the
   run's own numbers for the same split and checkpoint when the data is the run's (``run_metrics``), and the
   images of ``worst.png`` (``worst``). It is also printed.
 - ``worst.png``: autoencode: the 16 worst-reconstructed images (highest MSE) above their reconstructions;
@@ -194,13 +195,18 @@ def load_autoencoder(path: Path, device: torch.device, image_size: int, what: st
 
 
 def encoder_checkpoint(run_dir: Path, summary: dict) -> Path:
-    """The encoder checkpoint a classify run was trained on (``encoder_checkpoint`` in its summary)."""
-    p = summary.get("encoder_checkpoint") or (summary.get("encoder_run") and
-                                              str(Path(summary["encoder_run"]) / "checkpoints" / "best.pt"))
-    if not p or not Path(p).is_file():
-        raise EmbclfError(f"{run_dir}: the encoder checkpoint this classify run used ({p or 'not recorded'}) is "
-                          "gone; it cannot be re-evaluated without it.")
-    return Path(p)
+    """The encoder checkpoint a classify run was trained on (its summary's ``encoder_checkpoint``, read by
+    ``runs.encoder_checkpoint_of``: a relative record is found at the run dir's current location).
+
+    Raises ``EmbclfError`` when none is recorded or the file is gone."""
+    p = runs.encoder_checkpoint_of(run_dir, summary)
+    if p is None or not p.is_file():
+        rec = summary.get("encoder_checkpoint") or summary.get("encoder_run")
+        where = f"{p}, recorded as {rec}" if rec and not Path(rec).is_absolute() else str(p or "not recorded")
+        raise EmbclfError(f"{run_dir}: the encoder checkpoint this classify run used ({where}) is gone; it cannot be "
+                          "re-evaluated without it. A run's encoder travels with it when the whole sweep dir (or "
+                          "output dir) is copied or moved, not the classify run dir alone.")
+    return p
 
 
 # --- classify heads: the one place that turns a classify run dir into a predictor --------------------------
@@ -286,8 +292,9 @@ def evaluate_classify(run_dir: Path, cfg, which: str, split_name: str, device: t
 
     from .stages import classify
 
-    encoder, enc_ck = load_autoencoder(encoder_checkpoint(run_dir, run_summary), device, int(cfg.data.image_size),
-                                       "encoder checkpoint")
+    enc_path = encoder_checkpoint(run_dir, run_summary)
+    log.info("encoder: %s", enc_path)
+    encoder, enc_ck = load_autoencoder(enc_path, device, int(cfg.data.image_size), "encoder checkpoint")
     ds = data_mod.load(cfg.data)
     classes = list(run_summary.get("classes") or ds.classes)
     if len(ds.classes) != len(classes):
@@ -315,7 +322,9 @@ def evaluate_classify(run_dir: Path, cfg, which: str, split_name: str, device: t
     worst_list = [{k: rows[int(i)][k] for k in ("index", "path", "class", "predicted_class", "probability")}
                   for i in worst]
     means = {"accuracy": m["accuracy"], "loss": m["loss"], "per_class_accuracy": per_class,
-             "confusion_matrix": cm.tolist(), "classes": classes, "head": cfg.head.name, "checkpoint_epoch": epoch}
+             "confusion_matrix": cm.tolist(), "classes": classes, "head": cfg.head.name, "checkpoint_epoch": epoch,
+             # the encoder file read (where the run is now: a copied sweep reads its own copy)
+             "encoder_checkpoint": str(enc_path.resolve())}
     return means, rows, grid, worst_list, ds
 
 
@@ -435,6 +444,8 @@ def format_summary(out: Path, s: dict) -> str:
     """The printed summary: what was evaluated, the means, where the files are."""
     head = (f"{s['run_stage']} run {s['run_dir']}\n  checkpoint {s['checkpoint']} (epoch {s.get('checkpoint_epoch')}), "
             f"split {s['split']}: {s['n']} images" + (f", overrides {' '.join(s['overrides'])}" if s["overrides"] else ""))
+    if s.get("encoder_checkpoint"):
+        head += f"\n  encoder {s['encoder_checkpoint']}"
     if s.get("debug"):
         head += f"\n  DEBUG RUN (debug={s['debug']}): not a result"
     if s["run_stage"] == "autoencode":

@@ -234,8 +234,8 @@ def collect(paths: Sequence[Path]) -> List[dict]:
     rows = []
     for d, s in dirs.items():
         if s.get("stage") == "classify":
-            enc = s.get("encoder_run")
-            classify_by_encoder[Path(enc).resolve() if enc else None].append((d, s))
+            enc = runs.encoder_run_of(d, s)  # a relative record: found where the sweep is now, not where it ran
+            classify_by_encoder[enc.resolve() if enc is not None else None].append((d, s))
     for d, s in dirs.items():
         if s.get("stage") != "autoencode":
             continue

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 
+from embclf import runs
 from slurm_fixture import (  # noqa: F401  (slurm_cluster is a fixture)
     REPO,
     assert_no_gpu_shared_while_overlapping,
@@ -76,11 +77,11 @@ def test_classify_sweep_finds_each_encoder(ae_sweep):
                       "latent=16", f"hydra.sweep.dir={sweep_dir}")
     assert proc.returncode == 0, proc.stdout[-4000:]
     encoders = {(summary(d)["model"], summary(d)["latent"]): d.resolve() for d in run_dirs(ae_dir)}
-    records = [summary(d) for d in run_dirs(sweep_dir)]
+    records = [(d, summary(d)) for d in run_dirs(sweep_dir)]
     assert len(records) == 2
-    for r in records:
+    for d, r in records:
         assert r["status"] == "completed" and r["stage"] == "classify" and r["slurm_job_id"], r
-        assert r["encoder_run"] == str(encoders[(r["model"], r["latent"])]), r
+        assert runs.encoder_run_of(d, r) == encoders[(r["model"], r["latent"])], r
 
 
 def _wait_for(predicate, timeout: float, what: str, proc=None):

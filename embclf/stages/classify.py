@@ -333,8 +333,9 @@ def run(cfg, run_dir: Path, overrides: List[str], encoder: Optional[Path] = None
     model = build_model(OmegaConf.create(enc_cfg["model"]), int(enc_cfg["latent"]), int(enc_cfg["data"]["image_size"]))
     model.load_state_dict(ck["model"])  # CPU weights; then onto the device
     model.to(device, memory_format=runtime.memory_format(device)).eval().requires_grad_(False)
-    summary.update(encoder_run=str(encoder_run.resolve()), encoder_checkpoint=str(ckpt_path.resolve()),
-                   encoder_epoch=int(ck["state"]["epoch"]), model=enc_cfg["model"]["name"],
+    # relative to this run dir when the encoder travels with it (docs/run-dirs.md, "Relocatable results")
+    summary.update(**runs.reference_fields(run_dir, cfg.output_dir, encoder_run=encoder_run, encoder_checkpoint=ckpt_path))
+    summary.update(encoder_epoch=int(ck["state"]["epoch"]), model=enc_cfg["model"]["name"],
                    latent=int(enc_cfg["latent"]), device=str(device), device_name=env["name"],
                    device_fallback=env["fallback"], head=cfg.head.name,
                    provenance=tracking.provenance(cfg, ds.fingerprint, env["name"]))
