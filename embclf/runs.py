@@ -360,6 +360,19 @@ def open_run_dir(run_dir: Path, ident: dict, stage: str) -> str:
     return "completed" if completed else "resume"
 
 
+def refuse_changed_data(run_dir: Path, prior: Optional[dict], fingerprint: str) -> None:
+    """Raise ``EmbclfError`` when an unfinished run about to resume was started on other images: its summary's
+    ``data_fingerprint`` (SHA-1 of the decoded pixels and labels) differs from ``fingerprint``, the images the
+    config selects now. Resuming would train one model on two datasets. Nothing is changed in ``run_dir``."""
+    old = (prior or {}).get("data_fingerprint")
+    if old and old != fingerprint:
+        raise EmbclfError(
+            f"run dir {run_dir} holds an unfinished run started on other images: the files under data.root changed "
+            f"since (data fingerprint {old[:12]}... then, {fingerprint[:12]}... now), so resuming it would train one "
+            "model on two datasets. Restore the files to resume it, or run in a new run dir (leave hydra.run.dir / "
+            "hydra.sweep.dir at their defaults). Nothing in it was changed.")
+
+
 def completed_in(run_dir: Path, ident: dict, stage: str) -> bool:
     """True when ``run_dir`` holds a completed ``stage`` run of identity ``ident`` (the launchers' "already
     completed?": re-invoking a finished job then does nothing)."""

@@ -226,3 +226,28 @@ def test_a_sweep_with_a_new_head_reuses_the_sweeps_autoencoder(small_sweep):
     # and a third invocation skips both jobs
     again = run_embclf([*small_sweep["args"], "head=mlp,linear"], tmp)
     assert (again.stdout + again.stderr).count("already completed") == 2, proc.stdout[-3000:]
+
+
+def test_a_run_does_not_resume_on_other_images(tmp_path, monkeypatch):
+    """The identity names the data by its place; the files there are checked too: an unfinished run whose images
+    changed since it started is refused (its data fingerprint differs), never trained on two datasets."""
+    from test_data_cache import _tree
+
+    root = _tree(tmp_path / "d", CIFAR)
+    cfg = _compose("data=folder", f"data.root={root}", "data.val_size=4", f"data.cache_dir={tmp_path / 'cache'}",
+                   "autoencode.epochs=1", "autoencode.batch_size=4", "autoencode.image_epochs=[]", "logger=none",
+                   "threads=1", "latent=4", "model.channels=[4,4,4,4,4]")
+    run_dir = tmp_path / "run"
+    monkeypatch.setenv(runs.KILL_AT_ENV, "autoencode.summary:1:raise")  # an ordinary failure after last.pt
+    monkeypatch.setattr(runs, "_fault_counts", {})
+    with pytest.raises(RuntimeError, match="injected failure"):
+        autoencode.run(cfg, run_dir, [])
+    monkeypatch.delenv(runs.KILL_AT_ENV)
+    assert (run_dir / "checkpoints" / "last.pt").is_file() and runs.read_summary(run_dir)["status"] != "completed"
+    before = _snapshot(run_dir)
+    victim = sorted((root / "train" / "cat").iterdir())[0]
+    other = sorted((CIFAR / "train" / "dog").iterdir())[0]
+    victim.write_bytes(other.read_bytes())  # same name, other picture
+    with pytest.raises(EmbclfError, match=r"started on other images: the files under data.root changed"):
+        autoencode.run(cfg, run_dir, [])
+    assert _snapshot(run_dir) == before

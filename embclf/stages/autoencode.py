@@ -407,6 +407,8 @@ def run(cfg, run_dir: Path, overrides: List[str]) -> Path:
     precision = runtime.precision(cfg)
     fmt = runtime.memory_format(device)
     ds = data_mod.load(cfg.data)
+    if resume is not None:  # the same experiment on the same images only
+        runs.refuse_changed_data(run_dir, prior, ds.fingerprint)
     # airbench-style: every split lives on the training device as uint8; batches are index lookups there
     train, val, test = (s.to(device) for s in (ds.train, ds.val, ds.test))
     model = build_model(cfg.model, int(cfg.latent), int(cfg.data.image_size)).to(device, memory_format=fmt)

@@ -313,6 +313,8 @@ def run(cfg, run_dir: Path, overrides: List[str], encoder: Optional[Path] = None
     ck = runs.load_checkpoint(ckpt_path, ("model", "config", "state"),
                               "classify.encoder" if cfg.classify.encoder else "encoder checkpoint")
     ds = data_mod.load(cfg.data)
+    if resume is not None:  # a head's training continues on the same images only
+        runs.refuse_changed_data(run_dir, prior, ds.fingerprint)
     # bad input has failed by now; only from here on does the run dir hold a config and a summary
     runs.remove_stale_temporaries(run_dir)  # of a write killed with SIGKILL
     runs.start_attempt(summary, prior, resume["state"]["epoch"] if resume is not None else None)
@@ -338,7 +340,7 @@ def run(cfg, run_dir: Path, overrides: List[str], encoder: Optional[Path] = None
     summary.update(encoder_epoch=int(ck["state"]["epoch"]), model=enc_cfg["model"]["name"],
                    latent=int(enc_cfg["latent"]), device=str(device), device_name=env["name"],
                    device_fallback=env["fallback"], head=cfg.head.name,
-                   provenance=tracking.provenance(cfg, ds.fingerprint, env["name"]))
+                   provenance=tracking.provenance(cfg, ds.fingerprint, env["name"], files=ds.files))
 
     emb_path = run_dir / "embeddings.pt"
     summary["data_fingerprint"] = ds.fingerprint
