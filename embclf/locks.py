@@ -489,7 +489,19 @@ def archive_sweep_record(sweep_dir, new_text: Optional[str] = None) -> Optional[
     tmp = sweep_dir / f".{dst.name}.tmp{os.getpid()}"
     tmp.write_text(text)  # a copy, not a hard link: Hydra rewrites multirun.yaml in place
     os.replace(tmp, dst)
+    _archived[str(sweep_dir.absolute())] = dst
     return dst
+
+
+_archived: Dict[str, Path] = {}  # sweep dir -> the archive this process made of its earlier record
+
+
+def restore_sweep_record(sweep_dir) -> None:
+    """Undo this process's :func:`archive_sweep_record` of ``sweep_dir`` (the sweep was refused before any job
+    started, e.g. an invalid override): the earlier record becomes ``multirun.yaml`` again."""
+    archive = _archived.pop(str(Path(sweep_dir).absolute()), None)
+    if archive is not None and archive.is_file():
+        os.replace(archive, Path(sweep_dir) / MULTIRUN)
 
 
 def sweep_record_archives(sweep_dir) -> list:

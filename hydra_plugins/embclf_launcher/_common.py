@@ -313,6 +313,17 @@ def holding_sweep_dir(config: Any) -> Iterator[None]:
         lock.release()
 
 
+def _restore_sweep_record(config: Any) -> None:
+    try:
+        from embclf.locks import restore_sweep_record
+    except ImportError:
+        return
+    try:
+        restore_sweep_record(str(config.hydra.sweep.dir))
+    except OSError as e:
+        log.warning("could not restore the earlier sweep record in %s: %s", config.hydra.sweep.dir, e)
+
+
 def beat() -> None:
     """Refresh the heartbeat of the locks this launcher holds (cheap when none is due); call while polling."""
     try:
@@ -634,7 +645,11 @@ def prepare_sweep(launcher: Any, job_overrides: Sequence[Sequence[str]], initial
 
     Returns (all jobs, jobs to run, sweep dir). Raises what ``plan_jobs``/``refuse_if_running`` raise.
     """
-    jobs = plan_jobs(launcher, job_overrides, initial_job_idx)
+    try:
+        jobs = plan_jobs(launcher, job_overrides, initial_job_idx)
+    except SweepConfigError:
+        _restore_sweep_record(launcher.config)  # nothing started: the sweep dir's record stays the earlier one
+        raise
     # every job's provenance records the user's command, not the worker's (submitit's) argv; a SLURM job
     # inherits the environment of the sbatch call
     argv = [sys.executable, "-m", "embclf", *sys.argv[1:]] if sys.argv[0].endswith("__main__.py") else sys.argv
