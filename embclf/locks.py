@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import atexit
 import contextlib
+import errno
 import hashlib
 import json
 import logging
@@ -219,12 +220,21 @@ def _create(directory: Path, record: dict) -> bool:
         return True
     except FileExistsError:
         return False
-    except OSError:
+    except OSError as e:
         # NFS: the link may have been made although the reply was lost; the link count tells
         with contextlib.suppress(OSError):
             if os.stat(tmp).st_nlink == 2:
                 return True
-        raise
+        if e.errno not in (errno.EPERM, errno.ENOTSUP, errno.EOPNOTSUPP, errno.ENOSYS, errno.EMLINK):
+            raise
+        # a file system without hard links: O_EXCL (a reader may briefly see the file empty: acquire waits)
+        try:
+            fd = os.open(directory / LOCK_NAME, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+        except FileExistsError:
+            return False
+        with os.fdopen(fd, "w") as f:
+            f.write(Path(tmp).read_text())
+        return True
     finally:
         with contextlib.suppress(OSError):
             os.unlink(tmp)
@@ -336,6 +346,7 @@ def acquire(directory, heartbeat: bool = True) -> DirLock:
     :func:`refresh` itself). Taking over a stale record is logged with the reason.
 
     Raises :class:`InUseError` when another live process holds it; the directory is then left exactly as it was.
+    Raises ``embclf.runs.WriteError`` (an ``EmbclfError``) when the lock file cannot be written (read-only, full).
     """
     path = Path(os.path.abspath(directory))
     with _guard:
@@ -346,24 +357,15 @@ def acquire(directory, heartbeat: bool = True) -> DirLock:
                 mine.heartbeat = True
                 _start_thread()
             return mine
-    path.mkdir(parents=True, exist_ok=True)
     record = _me(uuid.uuid4().hex)
-    with _host_mutex(path):
-        for _ in range(10):
-            current = read_record(path)
-            if current is None:
-                if _create(path, record):
-                    break
-                continue
-            why = "its record is unreadable" if not current else stale_reason(current)
-            if why is None:
-                raise InUseError(in_use_message(path, current), current, str(path))
-            log.warning("%s: taking over a stale lock (%s)", path, why)
-            if _take_over(path, current, record):
-                break
-        else:
-            raise InUseError(f"{path}: could not take its lock: other processes kept changing it; run the same "
-                             "command again.", {}, str(path))
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        with _host_mutex(path):
+            _take(path, record)
+    except OSError as e:  # e.g. a read-only or full file system: one paragraph, not a traceback
+        from .runs import _write_error
+
+        raise _write_error(path / LOCK_NAME, e) from e
     lock = DirLock(path, record, heartbeat)
     global _atexit_pid
     with _guard:
@@ -374,6 +376,29 @@ def acquire(directory, heartbeat: bool = True) -> DirLock:
     if heartbeat:
         _start_thread()
     return lock
+
+
+def _take(path: Path, record: dict) -> None:
+    """Create ``path``'s lock file with ``record``, taking over a stale one; raises InUseError when it is held."""
+    for _ in range(50):
+        current = read_record(path)
+        if current is None:
+            if _create(path, record):
+                return
+            continue
+        if not current:
+            with contextlib.suppress(OSError):
+                if time.time() - (path / LOCK_NAME).stat().st_mtime < 5:  # being written (no-link file systems)
+                    time.sleep(0.1)
+                    continue
+        why = "its record is unreadable" if not current else stale_reason(current)
+        if why is None:
+            raise InUseError(in_use_message(path, current), current, str(path))
+        log.warning("%s: taking over a stale lock (%s)", path, why)
+        if _take_over(path, current, record):
+            return
+    raise InUseError(f"{path}: could not take its lock: other processes kept changing it; run the same "
+                     "command again.", {}, str(path))
 
 
 @contextlib.contextmanager
@@ -512,7 +537,7 @@ def sweep_record_archives(sweep_dir) -> list:
 def _hold_or_exit(directory, heartbeat: bool) -> DirLock:
     try:
         return acquire(directory, heartbeat=heartbeat)
-    except InUseError as e:
+    except EmbclfError as e:  # in use, or the lock cannot be written (read-only, full)
         print(f"embclf: error: {e}", file=__import__("sys").stderr, flush=True)
         raise SystemExit(2) from None
 

@@ -218,6 +218,12 @@ def test_refused_while_a_live_process_holds_it_and_nothing_changes(tmp_path):
     assert locks.read_record(d)["pid"] == os.getpid() and locks.read_record(d)["token"] == lock.record["token"]
     lock.release()
     assert not (d / ".embclf.lock").exists() and sorted(p.name for p in d.iterdir()) == ["summary.json"]
+    # a record nobody can read (not written by embclf, or cut short) and not just being written: stale too
+    (d / ".embclf.lock").write_text("{")
+    os.utime(d / ".embclf.lock", (time.time() - 60, time.time() - 60))
+    with locks.hold(d, heartbeat=False):
+        assert locks.read_record(d)["pid"] == os.getpid()
+    assert not (d / ".embclf.lock").exists()
 
 
 def test_reentrant_heartbeat_and_release(tmp_path, monkeypatch):
@@ -350,3 +356,20 @@ def test_sweep_records_are_archived_in_order_and_the_report_lists_each_command_o
     locks.restore_sweep_record(sweep)
     assert (sweep / "multirun.yaml").read_text() == _multirun(["seed=1"])
     assert len(locks.sweep_record_archives(sweep)) == 2
+
+
+def test_launcher_sees_a_job_held_seconds_ago_before_its_summary_exists(tmp_path):
+    from hydra_plugins.embclf_launcher._common import PlannedJob, still_running
+
+    job = PlannedJob(idx=0, overrides=["seed=0"], cfg=OmegaConf.create({"stage": "autoencode"}), run_dir=tmp_path / "j")
+    assert still_running(job) is None
+    holder = subprocess.Popen(["sleep", "60"])
+    try:
+        job.run_dir.mkdir()
+        rec = _record(pid=holder.pid, proc_start=locks._proc_start(holder.pid))
+        (job.run_dir / ".embclf.lock").write_text(json.dumps(rec))  # no summary.json yet
+        assert still_running(job).startswith(f"its run dir is in use by pid {holder.pid} on host ")
+    finally:
+        holder.kill()
+        holder.wait()
+    assert still_running(job) is None  # its holder died: stale, the job is resumed

@@ -304,7 +304,7 @@ def holding_sweep_dir(config: Any) -> Iterator[None]:
         return
     try:
         lock = locks.acquire(str(config.hydra.sweep.dir), heartbeat=False)
-    except locks.InUseError as e:
+    except locks.EmbclfError as e:  # in use, or the lock cannot be written there
         print(f"embclf: error: {e}", file=sys.stderr, flush=True)
         raise SystemExit(2) from None
     try:
