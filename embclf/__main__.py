@@ -21,7 +21,7 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig, open_dict
 
-from . import debug, runs, tracking
+from . import debug, locks, runs, tracking
 from .config import Stage, absolute_paths, conf_dir, problems
 from .data import DataError
 from .runtime import EmbclfError
@@ -52,12 +52,18 @@ def _log_to(run_dir: Path):
 
 
 def run_job(cfg: DictConfig, job_dir: Path, overrides) -> Path:
-    """Run the stage(s) of ``cfg`` into ``job_dir``; on any error mark the run dir failed and re-raise."""
-    before = _config_mtimes(job_dir)
-    try:
-        return _run_stages(cfg, job_dir, overrides, before)
-    finally:
-        _settle_hydra_record(job_dir, before)
+    """Run the stage(s) of ``cfg`` into ``job_dir``; on any error mark the run dir failed and re-raise.
+
+    The process holds ``job_dir`` for the whole job (``embclf.locks``; stage=all: the job dir covers
+    ``autoencode/`` and ``classify/``). A single run and a sweep job took it already, before Hydra wrote its
+    record there (``locks.HoldOutputDirs``, the launchers); this hold covers any other caller. Raises
+    ``locks.InUseError`` when another live process holds it, before anything is read or written."""
+    with locks.hold(job_dir):
+        before = _config_mtimes(job_dir)
+        try:
+            return _run_stages(cfg, job_dir, overrides, before)
+        finally:
+            _settle_hydra_record(job_dir, before)
 
 
 PENDING_HYDRA = runs.PENDING_HYDRA
@@ -167,7 +173,9 @@ def _launch_dir() -> str:
 
 def _remove_if_empty(job_dir: Path) -> None:
     """Remove a run dir that holds only what Hydra wrote before the job failed on bad input."""
-    if job_dir.is_dir() and {p.name for p in job_dir.iterdir()} <= {".hydra", PENDING_HYDRA, "embclf.log"}:
+    if job_dir.is_dir() and {p.name for p in job_dir.iterdir()} <= {".hydra", PENDING_HYDRA, "embclf.log",
+                                                                    locks.LOCK_NAME}:
+        locks.forget(job_dir)  # held until here; the lock file goes with the dir
         shutil.rmtree(job_dir, ignore_errors=True)
 
 
@@ -221,6 +229,11 @@ def main(cfg: DictConfig) -> float:
         run_dir = run_job(cfg, job_dir, list(hc.overrides.task))
         debug.warn(cfg)  # a debug run says so again at its end, where the user looks
         return objective_value(cfg, run_dir)
+    except locks.InUseError as e:  # another process holds the job dir: nothing there is ours to touch
+        if hc.mode == RunMode.RUN:
+            print(f"embclf: error: {e}", file=sys.stderr)
+            sys.exit(2)
+        raise  # not logged: the log is the holder's; the launcher reports it
     except (EmbclfError, DataError) as e:
         if hc.mode == RunMode.RUN:  # one paragraph, no traceback, exit status 2, no half-made run dir
             _remove_if_empty(job_dir)

@@ -770,8 +770,9 @@ def _sweep_root(run_dir: Path) -> Optional[Path]:
 
 
 def commands(rows: List[dict]) -> List[str]:
-    """The command line of every sweep (``multirun.yaml``'s task overrides) or single run
-    (``.hydra/overrides.yaml``) that wrote the rows' run dirs, oldest first, as shell-quoted strings."""
+    """The command line of every sweep (``multirun.yaml``'s task overrides, and those of the earlier sweeps into
+    the same sweep dir, ``multirun.NNN.yaml``) or single run (``.hydra/overrides.yaml``) that wrote the rows' run
+    dirs, oldest first, each once, as shell-quoted strings."""
     from omegaconf import OmegaConf
 
     seen: Dict[Path, None] = OrderedDict()
@@ -787,18 +788,22 @@ def commands(rows: List[dict]) -> List[str]:
             else:
                 job = d.parent if d.name in ("autoencode", "classify") and (d.parent / ".hydra").is_dir() else d
                 singles[job] = None
+    from .locks import sweep_record_archives
+
     out = []
     for root, multi in [(p, True) for p in seen] + [(p, False) for p in singles]:
-        try:
-            if multi:
-                task = list(OmegaConf.load(root / "multirun.yaml").hydra.overrides.task)
-            else:
-                task = list(OmegaConf.load(root / ".hydra" / "overrides.yaml"))
-        except Exception:  # noqa: BLE001 (a missing or foreign file: the command is unknown, the rows stay)
-            continue
-        out.append((root.stat().st_mtime, "python -m embclf " + ("-m " if multi else "")
-                    + " ".join(shlex.quote(str(t)) for t in task) + f"    # {root.name}"))
-    return [c for _, c in sorted(out)]
+        # a sweep dir swept into more than once keeps each earlier record as multirun.NNN.yaml (embclf.locks)
+        records = [*sweep_record_archives(root), root / "multirun.yaml"] if multi else [root / ".hydra" / "overrides.yaml"]
+        for i, path in enumerate(records):
+            try:
+                task = list(OmegaConf.load(path).hydra.overrides.task) if multi else list(OmegaConf.load(path))
+            except Exception:  # noqa: BLE001 (a missing or foreign file: the command is unknown, the rows stay)
+                continue
+            cmd = ("python -m embclf " + ("-m " if multi else "") + " ".join(shlex.quote(str(t)) for t in task)
+                   + f"    # {root.name}")
+            if all(c != cmd for _, _, c in out):  # the same command again (a resume) is listed once
+                out.append((root.stat().st_mtime, i, cmd))
+    return [c for _, _, c in sorted(out)]
 
 
 def _values(rows: List[dict], key: str) -> str:
@@ -823,7 +828,8 @@ def preamble(rows: List[dict], agg: List[dict]) -> List[str]:
     by_preset = sorted({k for r in rows for k in r.get("preset_keys", [])})
     cmds = commands(rows)
     md = ["## What was run", ""]
-    md += ["Commands (from each sweep's `multirun.yaml` or each run's `.hydra/overrides.yaml`):", "", "```bash",
+    md += ["Commands, oldest first (from each sweep's `multirun.yaml` and its earlier sweeps' `multirun.NNN.yaml`, or "
+           "each run's `.hydra/overrides.yaml`):", "", "```bash",
            *(cmds or ["(unknown: no multirun.yaml or .hydra/overrides.yaml found)"]), "```", ""]
     md += [f"- data: `{setting('data.source')}` from `{setting('data.root')}`; images train / val / test: "
            f"{', '.join(sizes) or '?'} (data.train_size {setting('data.train_size')}, data.test_size "

@@ -226,10 +226,11 @@ def test_stopping_the_launcher_stops_its_jobs(tmp_path):
     proc = _start_sweep(args)
     try:
         running = _wait_training(sweep_dir, "*", 2, proc)
-        # a second invocation into the same sweep dir refuses to start the jobs a second time
+        # a second invocation into the same sweep dir is refused at once: the launcher holds it (embclf.locks)
         second = run_embclf(*args, timeout=120)
-        assert second.returncode != 0 and "still running from an earlier invocation" in second.stdout, second.stdout[-3000:]
-        assert second.stdout.count("on this host") == 2 and "start #" not in second.stdout
+        assert second.returncode == 2 and f"{sweep_dir} is in use by pid {proc.pid} on host " in second.stdout, \
+            second.stdout[-3000:]
+        assert "start #" not in second.stdout
         proc.send_signal(signal.SIGTERM)
         out, _ = proc.communicate(timeout=60)
     finally:

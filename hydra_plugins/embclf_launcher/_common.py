@@ -7,6 +7,7 @@ of after six jobs have trained (or sat in a SLURM queue).  Composing also yields
 which is what resuming, skipping and failure recording need.
 """
 
+import contextlib
 import json
 import logging
 import os
@@ -17,12 +18,13 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, List, Optional, Sequence, Tuple
+from typing import Any, Iterator, List, Optional, Sequence, Tuple
 
 from hydra.core.hydra_config import HydraConfig
-from hydra.core.utils import JobReturn, JobStatus, filter_overrides
+from hydra.core.singleton import Singleton
+from hydra.core.utils import JobReturn, JobStatus, filter_overrides, run_job, setup_globals
 from hydra.errors import CompactHydraException
-from omegaconf import DictConfig, OmegaConf, open_dict
+from omegaconf import DictConfig, OmegaConf, open_dict, read_write
 
 log = logging.getLogger("embclf.launcher")
 
@@ -241,11 +243,19 @@ def _pid_runs_python(pid: int) -> bool:
 def still_running(job: PlannedJob) -> Optional[str]:
     """Describe where this job is still running from an earlier invocation, or None.
 
-    Its run dir's ``summary.json`` says "running" and either names a SLURM job that ``squeue``
-    still lists, or (no SLURM) a process on this host that is still alive.  Starting the job again
-    would put two processes into one run dir.  A stale "running" (killed machine, finished job)
+    A live process holds its run dir's lock (``embclf.locks``: seen from the job's first second, before
+    it writes anything), or its run dir's ``summary.json`` says "running" and either names a SLURM job that
+    ``squeue`` still lists, or (no SLURM) a process on this host that is still alive.  Starting the job again
+    would put two processes into one run dir.  A stale "running" or lock (killed machine, finished job)
     returns None, so the job is resumed.
     """
+    try:
+        from embclf.locks import describe, holder
+    except ImportError:  # the launcher without embclf: the summary alone
+        holder = None
+    record = holder(job.run_dir) if holder is not None else None
+    if record:
+        return f"its run dir is in use by {describe(record)}"
     for run_dir in stage_run_dirs(job):
         s = _read_json(run_dir / "summary.json") or {}
         if s.get("status") != "running":
@@ -286,6 +296,99 @@ def refuse_if_running(jobs: Sequence[PlannedJob], sweep_dir: Any) -> None:
             f"{sweep_dir}, so nothing was started (two runs in one run dir would corrupt it). Wait for "
             f"them to end, or stop them (scancel / kill), then run the same command again:\n{lines}"
         )
+
+
+@contextlib.contextmanager
+def holding_sweep_dir(config: Any) -> Iterator[None]:
+    """Hold the sweep dir (``embclf.locks``) while the launcher plans, starts (or submits) and waits for its jobs.
+
+    Hydra's ``on_multirun_start`` callback (``embclf.locks.HoldOutputDirs``) normally holds it already, from
+    before ``multirun.yaml`` is written; this covers a launcher used without it. Held without the heartbeat
+    thread (the local launcher forks only without other threads): the polling loops call :func:`beat`.
+    A sweep dir another live process holds: its message on stderr and exit status 2, nothing started.
+    """
+    try:
+        from embclf import locks
+    except ImportError:  # the launcher without embclf: no lock
+        yield
+        return
+    try:
+        lock = locks.acquire(str(config.hydra.sweep.dir), heartbeat=False)
+    except locks.EmbclfError as e:  # in use, or the lock cannot be written there
+        print(f"embclf: error: {e}", file=sys.stderr, flush=True)
+        raise SystemExit(2) from None
+    try:
+        yield
+    finally:
+        lock.release()
+
+
+def _restore_sweep_record(config: Any) -> None:
+    try:
+        from embclf.locks import restore_sweep_record
+    except ImportError:
+        return
+    try:
+        restore_sweep_record(str(config.hydra.sweep.dir))
+    except OSError as e:
+        log.warning("could not restore the earlier sweep record in %s: %s", config.hydra.sweep.dir, e)
+
+
+def beat() -> None:
+    """Refresh the heartbeat of the locks this launcher holds (cheap when none is due); call while polling."""
+    try:
+        from embclf.locks import refresh
+    except ImportError:
+        return
+    refresh()
+
+
+def compose_and_run(launcher: Any, sweep_overrides: Sequence[str], job_dir_key: str, job_num: int,
+                    singleton_state: Any, sweep_config: Optional[DictConfig] = None) -> JobReturn:
+    """In a worker: run one sweep job as hydra-submitit-launcher's ``__call__`` does (compose its config unless
+    ``sweep_config`` is given, set ``hydra.job.id``/``num``, Hydra's ``run_job``), holding the job's run dir.
+
+    The run dir is taken (``embclf.locks``) before ``run_job`` writes Hydra's record (``.hydra.new``) and opens
+    the job's log there, so a job whose run dir another live process holds changes nothing in it: it returns a
+    failed ``JobReturn`` whose error (``InUseError``, ``in_use`` true) names the holder, and the launcher records
+    nothing in that run dir.
+    """
+    import submitit  # lazy: keeps plugin discovery fast
+
+    if sweep_config is None:
+        Singleton.set_state(singleton_state)
+        setup_globals()
+        sweep_config = launcher.hydra_context.config_loader.load_sweep_config(launcher.config, list(sweep_overrides))
+    # plan_jobs made ``hydra`` read-only (HydraConfig.set_config); run_job expects that anyway
+    with read_write(sweep_config.hydra.job), open_dict(sweep_config.hydra.job):
+        sweep_config.hydra.job.id = submitit.JobEnvironment().job_id
+        sweep_config.hydra.job.num = job_num
+
+    def run() -> JobReturn:
+        return run_job(hydra_context=launcher.hydra_context, task_function=launcher.task_function,
+                       config=sweep_config, job_dir_key=job_dir_key, job_subdir_key="hydra.sweep.subdir")
+
+    try:
+        from embclf import locks
+    except ImportError:
+        return run()
+    saved = HydraConfig.instance().cfg
+    try:  # the job dir exactly as run_job computes it
+        HydraConfig.instance().set_config(sweep_config)
+        run_dir = Path(str(OmegaConf.select(sweep_config, job_dir_key))) / str(
+            OmegaConf.select(sweep_config, "hydra.sweep.subdir"))
+    finally:
+        HydraConfig.instance().cfg = saved
+    try:
+        lock = locks.acquire(os.path.abspath(run_dir))
+    except locks.InUseError as e:
+        ret = JobReturn(overrides=list(sweep_overrides), cfg=sweep_config, status=JobStatus.FAILED)
+        ret.return_value = e
+        return ret
+    try:
+        return run()
+    finally:
+        lock.release()
 
 
 def announce_outcome(ret: JobReturn) -> JobReturn:
@@ -491,6 +594,8 @@ def outcome_from_result(job: PlannedJob, get_result: Any, killed_by: Optional[in
     else:
         job.status = "failed"
         job.error = f"{type(ret._return_value).__name__}: {_one_line(str(ret._return_value))}"
+        if getattr(ret._return_value, "in_use", False):
+            return  # another process holds the run dir (embclf.locks): nothing there is ours to write
         # the core marked the stage failed already; this only adds a record where it could not
         record_failure(job, job.error)
 
@@ -551,7 +656,11 @@ def prepare_sweep(launcher: Any, job_overrides: Sequence[Sequence[str]], initial
 
     Returns (all jobs, jobs to run, sweep dir). Raises what ``plan_jobs``/``refuse_if_running`` raise.
     """
-    jobs = plan_jobs(launcher, job_overrides, initial_job_idx)
+    try:
+        jobs = plan_jobs(launcher, job_overrides, initial_job_idx)
+    except SweepConfigError:
+        _restore_sweep_record(launcher.config)  # nothing started: the sweep dir's record stays the earlier one
+        raise
     # every job's provenance records the user's command, not the worker's (submitit's) argv; a SLURM job
     # inherits the environment of the sbatch call
     argv = [sys.executable, "-m", "embclf", *sys.argv[1:]] if sys.argv[0].endswith("__main__.py") else sys.argv

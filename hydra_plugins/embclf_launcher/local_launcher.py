@@ -41,14 +41,17 @@ from pathlib import Path
 from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple
 
 from hydra.core.singleton import Singleton
-from hydra.core.utils import JobReturn, run_job, setup_globals
+from hydra.core.utils import JobReturn, setup_globals
 from hydra_plugins.hydra_submitit_launcher.submitit_launcher import BaseSubmititLauncher
-from omegaconf import DictConfig, open_dict, read_write
+from omegaconf import DictConfig
 
 from .exit_status import read_exit_status
 from ._common import (
     SweepInterruptedError,
     announce_outcome,
+    beat,
+    compose_and_run,
+    holding_sweep_dir,
     timed_out,
     mark_timeout,
     PlannedJob,
@@ -587,8 +590,8 @@ class LocalPoolLauncher(BaseSubmititLauncher):
         """
         plan = _FORKED_PLAN
         if plan is None or plan[0] != job_num or plan[1] != tuple(sweep_overrides):
-            return announce_outcome(super().__call__(sweep_overrides, job_dir_key, job_num, job_id, singleton_state))
-        import submitit  # lazy: keeps plugin discovery fast
+            # as the base class, but holding the job's run dir (embclf.locks) from before Hydra writes there
+            return announce_outcome(compose_and_run(self, sweep_overrides, job_dir_key, job_num, singleton_state))
         from hydra.core.plugins import Plugins
 
         assert self.hydra_context is not None and self.task_function is not None
@@ -597,18 +600,8 @@ class LocalPoolLauncher(BaseSubmititLauncher):
             singleton_state = {**singleton_state, "instances": {**singleton_state["instances"], Plugins: plugins}}
         Singleton.set_state(singleton_state)
         setup_globals()
-        sweep_config = plan[2]
-        # plan_jobs made ``hydra`` read-only (HydraConfig.set_config); run_job expects that anyway
-        with read_write(sweep_config.hydra.job), open_dict(sweep_config.hydra.job):
-            sweep_config.hydra.job.id = submitit.JobEnvironment().job_id
-            sweep_config.hydra.job.num = job_num
-        return announce_outcome(run_job(
-            hydra_context=self.hydra_context,
-            task_function=self.task_function,
-            config=sweep_config,
-            job_dir_key=job_dir_key,
-            job_subdir_key="hydra.sweep.subdir",
-        ))
+        return announce_outcome(compose_and_run(self, sweep_overrides, job_dir_key, job_num, singleton_state,
+                                                sweep_config=plan[2]))
 
     def _submit(self, job: PlannedJob, gpu: Optional[int], threads: int) -> Any:
         """Start one job: a forked worker where allowed (see the module docstring), else submitit's."""
@@ -684,6 +677,10 @@ class LocalPoolLauncher(BaseSubmititLauncher):
     def launch(self, job_overrides: Sequence[Sequence[str]], initial_job_idx: int) -> Sequence[JobReturn]:
         """Run every job of the batch, at most one per slot at a time; see the class docstring."""
         assert self.config is not None
+        with holding_sweep_dir(self.config):  # one launcher per sweep dir (embclf.locks)
+            return self._launch(job_overrides, initial_job_idx)
+
+    def _launch(self, job_overrides: Sequence[Sequence[str]], initial_job_idx: int) -> Sequence[JobReturn]:
         jobs, todo, sweep_dir = prepare_sweep(self, job_overrides, initial_job_idx)
         slots, threads = self.slots(len(todo))
         gpus = sorted({g for g in slots if g is not None})
@@ -746,6 +743,7 @@ class LocalPoolLauncher(BaseSubmititLauncher):
                         job.seconds, f": {job.error}" if job.error else "",
                     )
                 if not finished:
+                    beat()  # the sweep dir's lock (no heartbeat thread here: workers are forked)
                     time.sleep(poll)
         except BaseException as e:
             # Ctrl-C, SIGTERM or a launcher bug: do not leave workers running behind the user's back.

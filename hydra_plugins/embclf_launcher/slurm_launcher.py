@@ -31,6 +31,9 @@ from omegaconf import OmegaConf
 from ._common import (
     PlannedJob,
     announce_outcome,
+    beat,
+    compose_and_run,
+    holding_sweep_dir,
     mark_timeout,
     now,
     timed_out,
@@ -54,9 +57,11 @@ class EmbclfSlurmLauncher(SlurmLauncher):
     # seconds between checks of the array's state (submitit's watcher batches the squeue/sacct calls)
     poll_interval_s: float = 2.0
 
-    def __call__(self, *args: Any, **kwargs: Any) -> JobReturn:
-        """Run one job in its SLURM worker (the base class's), saying in the worker log when it failed."""
-        return announce_outcome(super().__call__(*args, **kwargs))
+    def __call__(self, sweep_overrides: List[str], job_dir_key: str, job_num: int, job_id: str,
+                 singleton_state: Dict[type, Singleton]) -> JobReturn:
+        """Run one job in its SLURM worker (the base class's ``__call__``, holding the job's run dir from before
+        Hydra writes there: ``compose_and_run``), saying in the worker log when it failed."""
+        return announce_outcome(compose_and_run(self, sweep_overrides, job_dir_key, job_num, singleton_state))
 
     def _executor(self) -> Any:
         """The submitit executor, built from the launcher parameters as the base class does."""
@@ -78,6 +83,12 @@ class EmbclfSlurmLauncher(SlurmLauncher):
     def launch(self, job_overrides: Sequence[Sequence[str]], initial_job_idx: int) -> Sequence[JobReturn]:
         """Validate, submit the unfinished jobs as one array, wait for all, report; see the class."""
         assert self.config is not None
+        # the sweep dir is held while this launcher plans, submits and waits; a job that runs on after the
+        # launcher ended (its login session closed) is guarded by the lock of its own run dir
+        with holding_sweep_dir(self.config):
+            return self._launch(job_overrides, initial_job_idx)
+
+    def _launch(self, job_overrides: Sequence[Sequence[str]], initial_job_idx: int) -> Sequence[JobReturn]:
         jobs, todo, sweep_dir = prepare_sweep(self, job_overrides, initial_job_idx)
         if todo:
             executor = self._executor()
@@ -124,6 +135,7 @@ class EmbclfSlurmLauncher(SlurmLauncher):
                     job.seconds, f": {job.error}" if job.error else "",
                 )
             if remaining and not ended:
+                beat()  # the sweep dir's lock
                 time.sleep(self.poll_interval_s)
 
 
