@@ -273,9 +273,10 @@ def encoder_config(path: Any) -> dict:
 MAX_NAME = 120
 # identity keys lead the name, so a sweep's varying keys stay readable even when the rest is cut
 NAME_FIRST = ("model", "latent", "stage", "seed", "head", "data", "experiment")
-# config groups chosen on the command line (model=vae): their option names the experiment's settings, except
-# the groups whose options only change how a run executes or which search runs
-NAME_GROUPS_RUN = ("logger", "hparams_search", "hydra")
+# overrides outside the app schema that never name an experiment: Hydra's own (hydra/launcher=slurm, hydra.*)
+# and the search preset (its trials' values are their own overrides). Groups of the schema follow their role
+# (logger=none: RUN, left out; model=vae: identity, shown).
+NAME_GROUPS_RUN = ("hparams_search", "hydra")
 # trailing parts of a classify.encoder path that say nothing about which encoder it is
 _ENCODER_TAILS = ("best.pt", "last.pt", "checkpoints", "autoencode")
 
