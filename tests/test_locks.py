@@ -1,10 +1,9 @@
 """One process per run dir and per sweep dir (embclf/locks.py), and the record of every sweep into one sweep dir.
 
-The process tests run the real ``python -m embclf`` on a tiny real CIFAR-10 subset. A first process is held in
+The process tests run the real ``python -m embclf`` (a subprocess each) on a tiny real CIFAR-10 subset. A first process is held in
 place deterministically, without sleeps: ``EMBCLF_KILL_AT=startup:1:STOP`` makes it stop itself (SIGSTOP) once its
 run dir and summary exist, the second process runs against it, and SIGCONT lets the first finish.
 """
-import atexit
 import hashlib
 import json
 import os
@@ -15,7 +14,6 @@ import subprocess
 import sys
 import threading
 import time
-import traceback
 from pathlib import Path
 
 import pytest
@@ -30,79 +28,41 @@ ARGS = ["data=folder", f"data.root={CIFAR}", "data.train_size=60", "data.val_siz
 
 
 class Proc:
-    """``python -m embclf ARGS`` in a ``fork()`` of this process (which imported embclf once: no interpreter start
-    per process), exiting as the interpreter does: ``sys.exit``'s status, then the exit handlers (``atexit``, which
-    releases the locks), with no teardown. Output goes to ``log``."""
+    """``python -m embclf ARGS`` as a real process (its own interpreter: a fork of this pytest process would copy
+    whatever threads earlier tests left running). Output goes to ``log``; ``kill_at`` sets ``EMBCLF_KILL_AT``."""
 
     def __init__(self, args, log: Path, kill_at: str = ""):
         self.log = log
-        sys.stdout.flush()
-        sys.stderr.flush()
-        self.pid = os.fork()
-        if self.pid == 0:
-            code = 1
-            try:
-                atexit._clear()  # pytest's exit handlers are not this process's
-                import torch
-
-                torch.set_num_threads(1)
-                fd = os.open(log, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
-                os.dup2(fd, 1)
-                os.dup2(fd, 2)
-                sys.stdout = sys.stderr = open(fd, "a", buffering=1, closefd=False)
-                os.environ.pop("EMBCLF_KILL_AT", None)
-                if kill_at:
-                    os.environ["EMBCLF_KILL_AT"] = kill_at
-                os.environ["WANDB_MODE"] = "disabled"
-                sys.argv = ["embclf", *args]
-                from embclf.__main__ import main
-
-                main()
-                code = 0
-            except SystemExit as e:
-                code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
-            except BaseException:  # noqa: BLE001
-                traceback.print_exc()
-            finally:
-                atexit._run_exitfuncs()
-                sys.stdout.flush()
-                os._exit(code)
+        env = {k: v for k, v in os.environ.items() if k != "EMBCLF_KILL_AT"}
+        env.update(WANDB_MODE="disabled", OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1", HYDRA_FULL_ERROR="0")
+        env["PYTHONPATH"] = os.pathsep.join(p for p in (str(Path(__file__).resolve().parents[1]),
+                                                         env.get("PYTHONPATH")) if p)
+        if kill_at:
+            env["EMBCLF_KILL_AT"] = kill_at
+        with open(log, "ab") as out:
+            self.popen = subprocess.Popen([sys.executable, "-m", "embclf", *args], stdout=out,
+                                          stderr=subprocess.STDOUT, env=env, cwd=log.parent)
+        self.pid = self.popen.pid
         self.code = None
 
     def poll(self):
         """The exit status (minus the signal that ended it), or None while it runs."""
-        if self.code is None:
-            done, status = os.waitpid(self.pid, os.WNOHANG)
-            if done:
-                self.code = -os.WTERMSIG(status) if os.WIFSIGNALED(status) else os.WEXITSTATUS(status)
+        self.code = self.popen.poll()
         return self.code
 
     def wait(self, timeout: float = 300) -> int:
-        deadline = time.time() + timeout
-        while self.poll() is None:
-            if time.time() > deadline:
-                os.kill(self.pid, signal.SIGKILL)
-                raise TimeoutError(self.output()[-3000:])
-            time.sleep(0.05)
+        try:
+            self.code = self.popen.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            self.popen.kill()
+            raise TimeoutError(self.output()[-3000:]) from None
         return self.code
 
     def output(self) -> str:
         return self.log.read_text() if self.log.exists() else ""
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _imported():
-    """Import what a run imports once, before any fork; the forks need this process to run no other thread."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import embclf.__main__  # noqa: F401
-    import matplotlib.pyplot  # noqa: F401
-    import sklearn.metrics  # noqa: F401
-
-
 def _start(args, tmp: Path, log: str, kill_at: str = "") -> Proc:
-    assert threading.active_count() == 1, "fork() copies only this thread"
     return Proc(args, tmp / log, kill_at)
 
 
