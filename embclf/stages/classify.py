@@ -364,7 +364,8 @@ def run(cfg, run_dir: Path, overrides: List[str], encoder: Optional[Path] = None
                for s in ("train", "val", "test")}
         emb["classes"] = ds.classes
         emb["key"] = key
-        runs.save_atomic(emb, emb_path)
+        # a cache for a resumed job: a full disk fails at the next checkpoint, saying so, not here
+        runs.write_cache(emb, emb_path, "embeddings cache", "A resumed run computes the embeddings again.")
         log.info("embedded %d images in %.1fs", sum(len(emb[s]["z"]) for s in ("train", "val", "test")), time.time() - t0)
     z = {s: emb[s]["z"].to(device) for s in ("train", "val", "test")}
     y = {s: emb[s]["labels"].to(device) for s in ("train", "val", "test")}
