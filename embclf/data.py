@@ -614,6 +614,7 @@ def load(cfg) -> Dataset:
         h.update(s.labels.numpy())
     log.info("data %s: train %d, val %d, test %d images, %d classes", source, len(train), len(val), len(test), len(classes))
     files = hashlib.sha1(f"{tr_files}\n{te_files}".encode()).hexdigest()
+    runs.fault_point("data.load")
     return Dataset(train, val, test, classes, h.hexdigest(), files)
 
 

@@ -540,7 +540,10 @@ def fault_point(name: str) -> None:
     checkpoints not yet written), ``<stage>.best`` (best.pt written, last.pt not), ``checkpoint`` (a checkpoint
     file written under its temporary name, not yet renamed into place), ``<stage>.test`` (during the final test
     evaluation), ``<stage>.summary`` (just before the completed summary is written); ``<stage>`` is
-    ``autoencode`` or ``classify``. Unset (always, outside tests) it costs one dict lookup.
+    ``autoencode`` or ``classify``. Also ``data.load`` (the data decoded, before a stage accepts the run dir) and
+    the classify stage's phases: ``classify.embed`` (embeddings computed, not saved), ``classify.lr_search`` (after
+    each head of the learning-rate search), ``classify.probe_fit`` (a k-NN/logistic-regression fit),
+    ``classify.probes`` (after each extra probe), ``classify.plots`` (the result written, figures not yet). Unset (always, outside tests) it costs one dict lookup.
     """
     spec = os.environ.get(KILL_AT_ENV)
     if not spec:
@@ -653,6 +656,47 @@ class CheckpointOnSignal:
         if exc[0] is None:
             self.poll()  # a signal during the last steps is still handed on
         return False
+
+
+@contextlib.contextmanager
+def stop_on_signals() -> Iterator[None]:
+    """For a whole job: SIGTERM, SIGUSR2 and SIGINT end it with an exception wherever it is, so the stage's
+    ``except`` records the run as "interrupted" and nothing is left "running".
+
+    Only a signal whose action is the default is taken over: SIGTERM's and SIGUSR2's default kills the process
+    without running any Python code (no ``except``, no ``finally``), so outside ``CheckpointOnSignal``'s epoch
+    loops a single run died "running". Here they raise ``SystemExit(128 + signum)`` (the exit status a shell
+    reports for that signal); SIGINT raises ``KeyboardInterrupt`` as Python's own handler does. Handlers someone
+    else installed stay: submitit's (SIGUSR2 requeues, SIGTERM is logged and ignored) and a launcher's.
+    ``CheckpointOnSignal`` saves and then hands on to these handlers, so its loops end the same way. A second
+    signal while the first one's exception unwinds (the failure being recorded) is logged and ignored; kill -9
+    still stops the process. The previous handlers are restored on exit."""
+    stopping = []
+
+    def handler(signum, frame):
+        name = signal.Signals(signum).name
+        if stopping:
+            log.warning("received %s again: already stopping (the run is being recorded as interrupted)", name)
+            return
+        stopping.append(signum)
+        log.warning("received %s: stopping; the run is recorded as interrupted", name)
+        if signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        raise SystemExit(128 + signum)
+
+    old: Dict[int, Any] = {}
+    for s, default in ((signal.SIGTERM, signal.SIG_DFL), (signal.SIGUSR2, signal.SIG_DFL),
+                       (signal.SIGINT, signal.default_int_handler)):
+        try:
+            if signal.getsignal(s) in (default, None):
+                old[s] = signal.signal(s, handler)
+        except ValueError:  # not the main thread: no handlers possible
+            pass
+    try:
+        yield
+    finally:
+        for s, h in old.items():
+            signal.signal(s, h)
 
 
 # --- references between runs: relocatable results --------------------------------------------------------
