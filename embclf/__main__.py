@@ -58,7 +58,8 @@ def run_job(cfg: DictConfig, job_dir: Path, overrides) -> Path:
     ``autoencode/`` and ``classify/``). A single run and a sweep job took it already, before Hydra wrote its
     record there (``locks.HoldOutputDirs``, the launchers); this hold covers any other caller. Raises
     ``locks.InUseError`` when another live process holds it, before anything is read or written."""
-    with locks.hold(job_dir):
+    # a signal anywhere in the job (data loading, embedding, fits, plots) records the run "interrupted"
+    with runs.stop_on_signals(), locks.hold(job_dir):
         before = _config_mtimes(job_dir)
         try:
             return _run_stages(cfg, job_dir, overrides, before)

@@ -28,6 +28,8 @@ import numpy as np
 import torch
 from sklearn.model_selection import train_test_split
 
+from . import runs
+
 log = logging.getLogger(__name__)
 
 
@@ -535,15 +537,10 @@ def _cached_decode(cfg, split: str, idx: np.ndarray, decode, targets: torch.Tens
         labels = labels[keep]
         if picked is not None:
             picked = [p for p, k in zip(picked, keep.tolist()) if k]
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(f".tmp{os.getpid()}")
-        torch.save({"images": images, "labels": labels, "content": content,
-                    **({"paths": picked} if picked is not None else {})}, tmp)
-        os.replace(tmp, path)  # atomic: concurrent jobs never see a half-written cache
-    except OSError as e:
-        log.warning("could not write data cache %s (%s); continuing without it", path, e)
-    else:
+    # optional: a full or read-only cache dir warns once and the run goes on with the decoded images
+    if runs.write_cache({"images": images, "labels": labels, "content": content,
+                         **({"paths": picked} if picked is not None else {})}, path, "data cache",
+                        "Point data.cache_dir at a writable directory with space to keep decoded images."):
         # the same selection decoded from files since changed: never read again, so reclaim its space (a job
         # still reading it has it open or fails to and decodes instead: ``torch.load`` errors are caught above)
         for old in path.parent.glob(f"{stem}-*.pt"):
@@ -617,6 +614,7 @@ def load(cfg) -> Dataset:
         h.update(s.labels.numpy())
     log.info("data %s: train %d, val %d, test %d images, %d classes", source, len(train), len(val), len(test), len(classes))
     files = hashlib.sha1(f"{tr_files}\n{te_files}".encode()).hexdigest()
+    runs.fault_point("data.load")
     return Dataset(train, val, test, classes, h.hexdigest(), files)
 
 

@@ -534,12 +534,32 @@ def sweep_record_archives(sweep_dir) -> list:
     return sorted(p for p in Path(sweep_dir).glob("multirun.*.yaml") if p.name.split(".")[1].isdigit())
 
 
-def _hold_or_exit(directory, heartbeat: bool) -> DirLock:
+def _hold_or_exit(directory, heartbeat: bool, config=None, key: str = "hydra.run.dir") -> DirLock:
+    """``acquire(directory)`` for a Hydra callback; on failure one paragraph on stderr and ``SystemExit(2)``.
+
+    The first write of a run is this lock, so an output dir that cannot be written (read-only file system, no
+    permission, full) fails here: the paragraph names the key that put the dir there (``output_dir``, or ``key``
+    when it is set outside ``output_dir``) and the fix, instead of Hydra's chained traceback later."""
     try:
         return acquire(directory, heartbeat=heartbeat)
     except EmbclfError as e:  # in use, or the lock cannot be written (read-only, full)
-        print(f"embclf: error: {e}", file=__import__("sys").stderr, flush=True)
+        msg = str(e)
+        if getattr(e, "kind", None) and config is not None:
+            msg = _unwritable_message(Path(directory), e.kind, config, key)
+        print(f"embclf: error: {msg}", file=__import__("sys").stderr, flush=True)
         raise SystemExit(2) from None
+
+
+def _unwritable_message(directory: Path, kind: str, config, key: str) -> str:
+    out = config.get("output_dir")
+    out = Path(os.path.abspath(os.path.expanduser(str(out)))) if out else None
+    under = out is not None and Path(os.path.abspath(directory)).is_relative_to(out)
+    named = f"output_dir={config.get('output_dir')}" if under else f"{key}={directory}"
+    fix, example = ("output_dir", "output_dir=$HOME/embclf-outputs") if under else \
+        (key, f"{key}=$HOME/embclf-outputs/{'sweep' if 'sweep' in key else 'run'}")
+    return (f"cannot write the {'sweep' if 'sweep' in key else 'run'} dir {directory}: {kind}. {named} puts it "
+            f"there. Nothing was run or written. Set {fix} to a directory you can write that has free space (e.g. "
+            f"{example}), or fix the permissions or free space there, and run the command again.")
 
 
 try:
@@ -562,13 +582,13 @@ class HoldOutputDirs(Callback):
         self.locks: list = []
 
     def on_run_start(self, config, **kwargs) -> None:
-        self.locks.append(_hold_or_exit(str(config.hydra.run.dir), heartbeat=True))
+        self.locks.append(_hold_or_exit(str(config.hydra.run.dir), heartbeat=True, config=config))
 
     def on_multirun_start(self, config, **kwargs) -> None:
         from omegaconf import OmegaConf
 
         sweep_dir = str(config.hydra.sweep.dir)
-        self.locks.append(_hold_or_exit(sweep_dir, heartbeat=False))
+        self.locks.append(_hold_or_exit(sweep_dir, heartbeat=False, config=config, key="hydra.sweep.dir"))
         try:
             archive_sweep_record(sweep_dir, OmegaConf.to_yaml(config))
         except OSError as e:

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import gc
 import hashlib
 import json
 import logging
@@ -81,19 +82,51 @@ def _write_error(path: Path, e: OSError) -> WriteError:
         "is unchanged. Free space (or fix the limit/permissions) and run the same command again: the run resumes "
         "from its last checkpoint.")
     err.reason = "disk full" if e.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG) else "write failed"
+    err.kind = kind  # what went wrong, in words ("the disk is full")
     return err
 
 
+_cache_warned: set = set()
+
+
+def write_cache(obj: Any, path: Path, what: str, fix: str) -> bool:
+    """``torch.save`` an optional cache file (a speed-up, never needed for a result) to ``path`` atomically.
+
+    A cache that cannot be written (full disk, quota, read-only or unwritable directory) is not an error: a
+    warning names ``what`` (e.g. "data cache"), the path, the cause and ``fix``, once per ``what`` and directory
+    in this process, and False is returned; the caller continues without the cache. No temporary file is left
+    and its space is freed (``_torch_save``). Returns True when the file was written."""
+    try:
+        _atomic(Path(path), lambda t: _torch_save(obj, t))
+        return True
+    except WriteError as e:
+        key = (what, str(Path(path).parent))
+        if key not in _cache_warned:
+            _cache_warned.add(key)
+            log.warning("could not write the %s %s: %s; continuing without it (it only saves time). %s", what, path,
+                        getattr(e, "kind", e), fix)
+        return False
+
+
 def _torch_save(obj: Any, path: Path) -> None:
+    """``torch.save(obj, path)``; a failed write is raised as ``OSError`` (ENOSPC, EFBIG or EIO) with the open
+    file already closed, so the caller can unlink ``path`` and get its space back."""
+    open(path, "wb").close()  # a read-only or unwritable directory fails here with its own errno (EROFS, EACCES)
     try:
         torch.save(obj, path)
+        return
     except RuntimeError as e:  # torch's zip writer reports a failed write as RuntimeError, not OSError
-        try:
-            free = shutil.disk_usage(path.parent).free
-        except OSError:
-            free = 1
-        raise OSError(errno.ENOSPC if free == 0 else errno.EFBIG if _fsize_limited() else errno.EIO,
-                      str(e).splitlines()[0]) from e
+        message = str(e).splitlines()[0] if str(e) else type(e).__name__
+    # Out of the except block, the RuntimeError is gone. Its traceback held torch.save's frame, and with it the
+    # zip writer and its open file: had it lived on (raised "from e", or kept by a caller's `except ... as e`),
+    # the unlinked temporary file would keep its blocks until the process exits, and a full disk could not even
+    # record the failure in summary.json. gc: in case a reference cycle still holds the writer.
+    gc.collect()
+    try:
+        free = shutil.disk_usage(path.parent).free
+    except OSError:
+        free = 1
+    raise OSError(errno.ENOSPC if free == 0 else errno.EFBIG if _fsize_limited() else errno.EIO, message)
 
 
 def _fsize_limited() -> bool:
@@ -223,18 +256,25 @@ def read_summary(run_dir: Path) -> Optional[dict]:
 
 def append_metrics(run_dir: Path, record: Dict[str, Any]) -> None:
     """Append one JSON line to ``metrics.jsonl`` (one write call; flushed and fsynced)."""
-    line = json.dumps(json_safe(record), allow_nan=False) + "\n"  # NaN/inf -> null: valid JSON
+    line = (json.dumps(json_safe(record), allow_nan=False) + "\n").encode()  # NaN/inf -> null: valid JSON
     path = Path(run_dir) / METRICS
-    with open(path, "a") as f:
-        size = f.tell()
-        try:
-            f.write(line)
-            f.flush()
-            os.fsync(f.fileno())
-        except OSError as e:  # disk full: cut the partial line, so the file stays valid JSON lines
-            with contextlib.suppress(OSError):
-                f.truncate(size)
-            raise _write_error(path, e) from e
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o666)
+    except OSError as e:
+        raise _write_error(path, e) from e
+    # unbuffered: a buffered file would retry a failed write when closed and raise a bare OSError from there
+    size = os.fstat(fd).st_size
+    try:
+        view = memoryview(line)
+        while view:
+            view = view[os.write(fd, view):]
+        os.fsync(fd)
+    except OSError as e:  # disk full: cut the partial line, so the file stays valid JSON lines
+        with contextlib.suppress(OSError):
+            os.ftruncate(fd, size)
+        raise _write_error(path, e) from e
+    finally:
+        os.close(fd)
 
 
 def read_metrics(run_dir: Path) -> List[dict]:
@@ -500,7 +540,10 @@ def fault_point(name: str) -> None:
     checkpoints not yet written), ``<stage>.best`` (best.pt written, last.pt not), ``checkpoint`` (a checkpoint
     file written under its temporary name, not yet renamed into place), ``<stage>.test`` (during the final test
     evaluation), ``<stage>.summary`` (just before the completed summary is written); ``<stage>`` is
-    ``autoencode`` or ``classify``. Unset (always, outside tests) it costs one dict lookup.
+    ``autoencode`` or ``classify``. Also ``data.load`` (the data decoded, before a stage accepts the run dir) and
+    the classify stage's phases: ``classify.embed`` (embeddings computed, not saved), ``classify.lr_search`` (after
+    each head of the learning-rate search), ``classify.probe_fit`` (a k-NN/logistic-regression fit),
+    ``classify.probes`` (after each extra probe), ``classify.plots`` (the result written, figures not yet). Unset (always, outside tests) it costs one dict lookup.
     """
     spec = os.environ.get(KILL_AT_ENV)
     if not spec:
@@ -613,6 +656,47 @@ class CheckpointOnSignal:
         if exc[0] is None:
             self.poll()  # a signal during the last steps is still handed on
         return False
+
+
+@contextlib.contextmanager
+def stop_on_signals() -> Iterator[None]:
+    """For a whole job: SIGTERM, SIGUSR2 and SIGINT end it with an exception wherever it is, so the stage's
+    ``except`` records the run as "interrupted" and nothing is left "running".
+
+    Only a signal whose action is the default is taken over: SIGTERM's and SIGUSR2's default kills the process
+    without running any Python code (no ``except``, no ``finally``), so outside ``CheckpointOnSignal``'s epoch
+    loops a single run died "running". Here they raise ``SystemExit(128 + signum)`` (the exit status a shell
+    reports for that signal); SIGINT raises ``KeyboardInterrupt`` as Python's own handler does. Handlers someone
+    else installed stay: submitit's (SIGUSR2 requeues, SIGTERM is logged and ignored) and a launcher's.
+    ``CheckpointOnSignal`` saves and then hands on to these handlers, so its loops end the same way. A second
+    signal while the first one's exception unwinds (the failure being recorded) is logged and ignored; kill -9
+    still stops the process. The previous handlers are restored on exit."""
+    stopping = []
+
+    def handler(signum, frame):
+        name = signal.Signals(signum).name
+        if stopping:
+            log.warning("received %s again: already stopping (the run is being recorded as interrupted)", name)
+            return
+        stopping.append(signum)
+        log.warning("received %s: stopping; the run is recorded as interrupted", name)
+        if signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        raise SystemExit(128 + signum)
+
+    old: Dict[int, Any] = {}
+    for s, default in ((signal.SIGTERM, signal.SIG_DFL), (signal.SIGUSR2, signal.SIG_DFL),
+                       (signal.SIGINT, signal.default_int_handler)):
+        try:
+            if signal.getsignal(s) in (default, None):
+                old[s] = signal.signal(s, handler)
+        except ValueError:  # not the main thread: no handlers possible
+            pass
+    try:
+        yield
+    finally:
+        for s, h in old.items():
+            signal.signal(s, h)
 
 
 # --- references between runs: relocatable results --------------------------------------------------------

@@ -64,3 +64,27 @@ def tiny_sweep(tmp_path_factory, cifar_root):
     ae = run_embclf([*common, "stage=autoencode"], tmp)
     clf = run_embclf([*common, "stage=classify"], tmp)
     return {"tmp": tmp, "out": out, "ae": ae, "clf": clf}
+
+
+@pytest.fixture
+def small_tmpfs(tmp_path):
+    """A factory: ``small_tmpfs(size_bytes, ro=False)`` mounts a tmpfs of that size (read-only if ``ro``) and
+    returns its path: a real full (or read-only) file system. Unmounted at teardown. Needs root (skipped
+    otherwise)."""
+    mounted = []
+
+    def mount(size: int, ro: bool = False) -> Path:
+        if os.geteuid() != 0:
+            pytest.skip("mounting a tmpfs needs root")
+        d = tmp_path / f"tmpfs{len(mounted)}"
+        d.mkdir()
+        opts = f"size={size}" + (",ro" if ro else "")
+        proc = subprocess.run(["mount", "-t", "tmpfs", "-o", opts, "tmpfs", str(d)], capture_output=True, text=True)
+        if proc.returncode != 0:
+            pytest.skip(f"cannot mount a tmpfs here: {proc.stderr.strip()}")
+        mounted.append(d)
+        return d
+
+    yield mount
+    for d in reversed(mounted):
+        subprocess.run(["umount", "-l", str(d)], check=False)

@@ -6,7 +6,8 @@ Usage: ``python tests/resume_harness.py SPEC.json`` where SPEC is
 For each run: one attempt per entry of ``kills`` with ``EMBCLF_KILL_AT`` set to it (see
 ``embclf.runs.fault_point``), then attempts without it until one exits 0 (at most 3) -- the same command each
 time, as a user or a batch system restarting a killed job would. Prints one JSON object: for each run the
-list of attempts, ``{"kill_at": spec or null, "signal": name or null, "exit": code or null}``.
+list of attempts, ``{"kill_at": spec or null, "signal": name or null, "exit": code or null, "statuses": {run dir
+relative to run_dir: its summary's status}}``.
 
 Each attempt is a ``fork()`` of the calling process, which has imported embclf (torch, Hydra, the stages)
 once: an attempt then costs its own work, not an interpreter start (~10 s of CPU each on the CI machine).
@@ -70,9 +71,17 @@ def attempt(args, run_dir: Path, kill_at, log_path: Path, timeout_s: float = 300
             os.waitpid(pid, 0)
             raise TimeoutError(f"attempt {kill_at or '(no kill)'} in {run_dir} ran over {timeout_s}s; see {log_path}")
         time.sleep(0.05)
+    # what each run dir's summary.json said when the attempt ended ({"autoencode": "interrupted", ...})
+    statuses = {}
+    for summary in sorted(Path(run_dir).rglob("summary.json")):
+        try:
+            statuses[summary.parent.relative_to(run_dir).as_posix()] = json.loads(summary.read_text()).get("status")
+        except ValueError:
+            statuses[summary.parent.relative_to(run_dir).as_posix()] = "unreadable"
     if os.WIFSIGNALED(status):
-        return {"kill_at": kill_at, "signal": signal.Signals(os.WTERMSIG(status)).name, "exit": None}
-    return {"kill_at": kill_at, "signal": None, "exit": os.WEXITSTATUS(status)}
+        return {"kill_at": kill_at, "signal": signal.Signals(os.WTERMSIG(status)).name, "exit": None,
+                "statuses": statuses}
+    return {"kill_at": kill_at, "signal": None, "exit": os.WEXITSTATUS(status), "statuses": statuses}
 
 
 def run_sequences(spec: dict) -> dict:

@@ -16,7 +16,7 @@ import torch
 from omegaconf import OmegaConf
 from PIL import Image, ImageOps
 
-from embclf import data
+from embclf import data, runs
 from embclf.config import DataConfig, Source
 
 CLASSES = ("airplane", "cat")
@@ -253,3 +253,26 @@ def test_cifar_cache_follows_the_files_torchvision_reads(tmp_path, monkeypatch, 
     expected = cls(str(root), train=False).data  # HWC uint8, all of test/
     assert torch.equal(after.test.images, torch.from_numpy(expected).permute(0, 3, 1, 2))
     assert after.files != before.files and after.fingerprint != before.fingerprint
+
+
+@pytest.mark.parametrize("how", ["full", "read-only"])
+def test_a_cache_dir_that_cannot_be_written_warns_once_and_the_data_loads(tmp_path, cifar_root, caplog,
+                                                                          small_tmpfs, how):
+    """data.cache_dir on a full or read-only file system (real tmpfs): the cache is a speed-up, so the data
+    loads as without it, one warning names data.cache_dir, and no temporary file is left to keep the disk full
+    (torch reports the failed write as RuntimeError, not OSError)."""
+    root = _tree(tmp_path / "tree", cifar_root)
+    cache = small_tmpfs(64 << 10, ro=how == "read-only")
+    if how == "full":  # full to the last byte, as a disk filled by other jobs
+        with open(cache / "fill", "wb") as f:
+            f.write(b"x" * shutil.disk_usage(cache).free)
+    runs._cache_warned.clear()
+    cfg = _cfg(tmp_path, root, cache_dir=str(cache))
+    with caplog.at_level(logging.WARNING, logger="embclf"):
+        ds = data.load(cfg)
+    warned = [r.getMessage() for r in caplog.records if "could not write the data cache" in r.getMessage()]
+    assert len(warned) == 1 and "data.cache_dir" in warned[0], caplog.text
+    assert ("disk is full" if how == "full" else "read-only") in warned[0]
+    assert [p.name for p in cache.iterdir()] == (["fill"] if how == "full" else [])  # nothing left behind
+    fresh = data.load(_cfg(tmp_path / "other", root))  # the same images, decoded with a working cache
+    assert torch.equal(ds.train.images, fresh.train.images) and ds.test.paths == fresh.test.paths

@@ -202,3 +202,23 @@ def test_disk_full_during_a_checkpoint_fails_clearly_and_leaves_nothing_half_wri
     s = json.loads((run_dir / "summary.json").read_text())
     assert s["status"] == "failed" and s["reason"] == "disk full", s
     assert not [p for p in run_dir.rglob("*") if ".tmp" in p.name], list(run_dir.rglob("*.tmp*"))
+
+
+@pytest.mark.parametrize("mode", ["single", "sweep"])
+def test_a_real_full_disk_during_a_checkpoint_is_recorded_as_disk_full(tmp_path, cifar_root, small_tmpfs, mode):
+    """The output dir on a real 8 MB file system (a tmpfs; a checkpoint is ~24 MB): the partial checkpoint's space
+    is freed before the failure is recorded, so summary.json says failed / disk full with the path, in a single
+    run and in a sweep (there the launcher's table and the report read it), and no temporary file is left."""
+    disk = small_tmpfs(8 << 20)
+    args = ["model=ae", "latent=8", *MINI, "autoencode.epochs=1", "logger=none"]
+    if mode == "sweep":
+        args = ["-m", *args, f"hydra.sweep.dir={disk}/sweep"]
+    else:
+        args += [f"hydra.run.dir={disk}/run"]
+    proc = run_embclf(args, tmp_path, check=False)
+    assert proc.returncode != 0, proc.stderr[-3000:]
+    (summary,) = list(disk.rglob("summary.json"))
+    s = json.loads(summary.read_text())
+    assert s["status"] == "failed" and s["reason"] == "disk full", s
+    assert "/checkpoints/" in s["error"] and "the disk is full" in s["error"], s
+    assert not [p for p in disk.rglob("*") if ".tmp" in p.name], list(disk.rglob("*"))

@@ -87,3 +87,47 @@ def test_a_run_written_before_a_key_existed_compares_equal_with_its_default():
     stored["model"]["beta"] = 0.5  # a real difference still is one
     assert identity.differences(identity.identity(stored, "autoencode"), identity.identity(cfg, "autoencode")) \
         == ["model.beta"]
+
+
+def _fill(d):
+    """Fill the file system of ``d`` to the last byte."""
+    import shutil
+    with open(d / "fill", "wb") as f:
+        f.write(b"x" * shutil.disk_usage(d).free)
+
+
+def test_a_checkpoint_that_fills_the_disk_frees_its_space_so_the_failure_can_be_recorded(small_tmpfs):
+    """A real full disk (tmpfs): the partial checkpoint's space is freed before the error reaches the caller,
+    even while the caller still holds the exception (as the stage does while it records the failure), so the
+    summary saying why can be written."""
+    import shutil
+
+    import pytest
+    import torch
+
+    d = small_tmpfs(1 << 20)
+    runs.write_json_atomic(d / "summary.json", {"status": "running"})
+    try:
+        runs.save_atomic({"w": torch.zeros(1_000_000)}, d / "checkpoints" / "last.pt")  # 4 MB on 1 MB
+        pytest.fail("the checkpoint fit")
+    except runs.WriteError as e:
+        assert e.reason == "disk full" and "last.pt: the disk is full" in str(e)
+        assert list((d / "checkpoints").iterdir()) == []
+        assert shutil.disk_usage(d).free > 900_000  # the partial file's blocks are free again
+        runs.mark_failed(d, str(e), reason=e.reason)
+    assert runs.read_summary(d)["reason"] == "disk full"
+
+
+def test_metrics_and_summary_writes_on_a_full_disk_fail_as_write_errors_and_leave_the_files_valid(small_tmpfs):
+    import pytest
+
+    d = small_tmpfs(64 << 10)
+    runs.write_json_atomic(d / "summary.json", {"status": "running"})
+    _fill(d)
+    with pytest.raises(runs.WriteError, match="metrics.jsonl: the disk is full") as e:
+        runs.append_metrics(d, {"epoch": 1, "split": "train"})  # a new file: buffered, this raised a bare OSError
+    assert e.value.reason == "disk full" and runs.read_metrics(d) == []
+    with pytest.raises(runs.WriteError, match="summary.json: the disk is full"):
+        runs.write_json_atomic(d / "summary.json", {"status": "failed", "pad": "x" * 10_000})
+    assert runs.read_summary(d) == {"status": "running"}
+    assert sorted(p.name for p in d.iterdir()) == ["fill", "metrics.jsonl", "summary.json"]

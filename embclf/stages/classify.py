@@ -246,6 +246,7 @@ def select_lr(head_cfg, cc, z, y, n_classes: int, seed: int):
     scores = {}
     for lr in cc.lr_grid:
         scores[f"{float(lr):g}"] = train_head(head_cfg, cc, z, y, n_classes, seed, float(lr))[1]["val_accuracy"]
+        runs.fault_point("classify.lr_search")
     best = max(cc.lr_grid, key=lambda lr: scores[f"{float(lr):g}"])
     log.info("head %s: lr %g chosen on val from %s", head_cfg.name, float(best), scores)
     return float(best), scores
@@ -258,6 +259,7 @@ def fit_probe(head_cfg, cc, z, y, n_classes: int, seed: int):
     if isinstance(head, torch.nn.Module):
         head = head.to(z["train"].device)
     info = head.fit(z["train"], y["train"], z["val"], y["val"])
+    runs.fault_point("classify.probe_fit")
     val_m, _ = _eval(head, z["val"], y["val"], 4096)
     return head, {"val_accuracy": val_m["accuracy"], **info}
 
@@ -364,7 +366,9 @@ def run(cfg, run_dir: Path, overrides: List[str], encoder: Optional[Path] = None
                for s in ("train", "val", "test")}
         emb["classes"] = ds.classes
         emb["key"] = key
-        runs.save_atomic(emb, emb_path)
+        runs.fault_point("classify.embed")
+        # a cache for a resumed job: a full disk fails at the next checkpoint, saying so, not here
+        runs.write_cache(emb, emb_path, "embeddings cache", "A resumed run computes the embeddings again.")
         log.info("embedded %d images in %.1fs", sum(len(emb[s]["z"]) for s in ("train", "val", "test")), time.time() - t0)
     z = {s: emb[s]["z"].to(device) for s in ("train", "val", "test")}
     y = {s: emb[s]["labels"].to(device) for s in ("train", "val", "test")}
@@ -435,6 +439,7 @@ def run(cfg, run_dir: Path, overrides: List[str], encoder: Optional[Path] = None
         probes[name] = {"val_accuracy": p_fit["val_accuracy"], "test_accuracy": p_test["accuracy"], **_probe_extras(p_fit)}
         log.info("probe %s: val accuracy %.4f, test accuracy %.4f (%.1fs)", name, p_fit["val_accuracy"],
                  p_test["accuracy"], time.time() - t0)
+        runs.fault_point("classify.probes")
     pred = logits.argmax(1).cpu().numpy()
     true = y["test"].cpu().numpy()
     cm = confusion_matrix(true, pred, labels=list(range(len(classes))))
@@ -449,6 +454,7 @@ def run(cfg, run_dir: Path, overrides: List[str], encoder: Optional[Path] = None
     runs.touch_attempt(summary, summary["end_time"])
     runs.fault_point("classify.summary")
     runs.write_json_atomic(run_dir / runs.SUMMARY, summary)
+    runs.fault_point("classify.plots")
     lc, png = cfg.logger, run_dir / "images" / "confusion.png"
     _optional("images/confusion.png", save_confusion_png, cm, classes, png,
               f"{enc_cfg['model']['name']} z{enc_cfg['latent']} {cfg.head.name}: test acc {test_m['accuracy']:.3f}")

@@ -1,0 +1,73 @@
+"""A signal anywhere in a stage ends with the run recorded "interrupted", never left "running".
+
+SIGTERM's and SIGUSR2's default action kills a process without running any Python code, so a signal outside the
+epoch loops (which save and hand on: ``runs.CheckpointOnSignal``) left summary.json saying "running". A single
+run of ``stage=all`` is signalled at each phase in turn (``EMBCLF_KILL_AT=POINT:1:SIG``) in one run dir, as a
+user re-running the same command after each stop would; ``resume_harness.py`` runs each attempt.
+"""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+from pathlib import Path
+
+from conftest import embclf_env
+from test_resume import ARGS, _small_tree
+
+HERE = Path(__file__).resolve().parent
+
+# (point, signal, the run dir whose summary must say "interrupted" afterwards; None: none is written yet)
+PHASES = [
+    ("data.load:1:TERM", None),                    # the autoencoder's data, before the run dir is accepted
+    ("startup:1:TERM", "autoencode"),              # run dir and summary written, nothing trained
+    ("classify.embed:1:TERM", "classify"),         # the autoencoder completes; embeddings computed, not saved
+    ("classify.lr_search:1:USR2", "classify"),     # the learning-rate search (SIGUSR2: a requeue signal)
+    ("classify.test:1:TERM", "classify"),          # the trained head's final test
+    ("classify.probe_fit:1:TERM", "classify"),     # a k-NN fit of the probes loop
+    ("classify.probes:1:INT", "classify"),         # between probes (Ctrl-C)
+    ("classify.plots:1:TERM", "classify"),         # the result written, figures not yet: it stays completed
+]
+
+
+def _sequence(tmp: Path, spec: dict) -> dict:
+    if threading.active_count() == 1 and hasattr(os, "fork"):  # fork this process: no second import of torch
+        from resume_harness import run_sequences
+
+        old, cwd = os.environ.copy(), os.getcwd()
+        os.environ.update(embclf_env(tmp))
+        os.chdir(tmp)
+        try:
+            return run_sequences(spec)
+        finally:
+            os.chdir(cwd)
+            os.environ.clear()
+            os.environ.update(old)
+    (tmp / "spec.json").write_text(json.dumps(spec))
+    proc = subprocess.run([sys.executable, str(HERE / "resume_harness.py"), str(tmp / "spec.json")], cwd=tmp,
+                          env=embclf_env(tmp), capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def test_a_signal_in_any_phase_records_the_run_as_interrupted(tmp_path, cifar_root):
+    tree = _small_tree(tmp_path / "data")
+    run_dir = tmp_path / "run"
+    args = [*ARGS, f"data.root={tree}", f"data.cache_dir={tmp_path / 'cache'}", "autoencode.epochs=1",
+            "classify.epochs=2", "classify.lr_grid=[0.01,0.1]", "head=linear", "classify.probes=[knn]"]
+    attempts = _sequence(tmp_path, {"args": args, "runs": {"run": {"run_dir": str(run_dir),
+                                                                     "kills": [k for k, _ in PHASES]}}})["run"]
+    log = (tmp_path / "run.attempts.log").read_text()
+    for a, (kill_at, where) in zip(attempts, PHASES):
+        sig = signal.Signals["SIG" + kill_at.rsplit(":", 1)[1]]
+        # an orderly exit with the signal's status (Ctrl-C: KeyboardInterrupt, 1 under the harness), never a
+        # death by the signal that skips every except and finally
+        assert a["signal"] is None and a["exit"] == (1 if sig == signal.SIGINT else 128 + sig), (a, log[-3000:])
+        assert "running" not in a["statuses"].values(), (a, log[-3000:])
+        if where is not None:
+            want = "completed" if kill_at.startswith("classify.plots") else "interrupted"
+            assert a["statuses"][where] == want, (a, log[-3000:])
+    assert attempts[len(PHASES)]["exit"] == 0 and set(attempts[-1]["statuses"].values()) == {"completed"}, attempts
