@@ -22,7 +22,9 @@ not exist or holds no run dirs.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import csv
+import errno
 import hashlib
 import json
 import math
@@ -207,15 +209,21 @@ def collect(paths: Sequence[Path]) -> List[dict]:
     Raises ``ReportError`` when a path does not exist or no run dir is found.
     """
     dirs: Dict[Path, dict] = OrderedDict()
+    configs: Dict[Path, Optional[dict]] = {}
+    unreadable: Dict[Path, str] = OrderedDict()  # run dir -> why it cannot be reported
     for p in paths:
         p = Path(p).expanduser()
         if not p.exists():
             raise ReportError(f"{p} does not exist. Pass a sweep dir, a run dir or the output_dir (e.g. outputs/).")
         for d in runs.iter_run_dirs(p):
-            s = runs.read_summary(d)
-            if s is not None:
+            s, why = read_summary(d)
+            c, why_c = read_config(d)
+            if why or why_c:
+                unreadable[d.resolve()] = why or why_c
+            else:
                 dirs[d.resolve()] = s
-    if not dirs:
+                configs[d.resolve()] = c
+    if not dirs and not unreadable:
         raise ReportError(f"no run dirs (directories with {runs.SUMMARY}) under {', '.join(map(str, paths))}. "
                           "Pass a sweep dir, a run dir or the output_dir (e.g. outputs/).")
 
@@ -240,16 +248,16 @@ def collect(paths: Sequence[Path]) -> List[dict]:
         if s.get("stage") != "autoencode":
             continue
         base = {**ae_fields(d, s), "stage": "autoencode"}
-        ae_cfg = runs.read_config(d)
+        ae_cfg = configs[d]
         for cd, cs in classify_by_encoder.pop(d, []) or [(None, None)]:
             row = _join(base, cd, cs)
-            row["config"] = unit_config(ae_cfg, runs.read_config(cd) if cd else None)
+            row["config"] = unit_config(ae_cfg, configs[cd] if cd else None)
             row["config"]["experiment"] = preset(cd) or preset(d)
             rows.append(row)
     # classify runs whose encoder is not in the report (or unknown): own row, encoder numbers read if possible
     for enc, items in classify_by_encoder.items():
         for cd, cs in items:
-            es = runs.read_summary(enc) if enc is not None else None
+            es = dirs.get(enc) if enc in dirs else (read_summary(enc)[0] if enc is not None else None)
             base = {**(ae_fields(enc, es) if es else {"status": "completed", "epochs": "", "run_dir": str(enc or "")}),
                     "stage": "classify"}
             for k in ("model", "latent", "seed"):
@@ -257,8 +265,8 @@ def collect(paths: Sequence[Path]) -> List[dict]:
             base["wall_seconds"] = None  # the encoder's training is not part of this report
             base["error"] = None
             row = _join(base, cd, cs, joined_stage="classify")
-            ae_cfg = runs.read_config(enc) if es else None
-            row["config"] = unit_config(ae_cfg, runs.read_config(cd))
+            ae_cfg = (configs[enc] if enc in configs else read_config(enc)[0]) if es else None
+            row["config"] = unit_config(ae_cfg, configs[cd])
             if ae_cfg is None:  # classify.encoder outside the report: the encoder's model and latent apply
                 row["config"].update({"model.name": row["model"], "latent": row["latent"]})
             row["config"]["experiment"] = preset(cd) or preset(enc)
@@ -267,7 +275,64 @@ def collect(paths: Sequence[Path]) -> List[dict]:
     rows.sort(key=lambda r: (str(r["model"]), r["latent"] if isinstance(r["latent"], int) else -1,
                              r["label"], r["seed"] if isinstance(r["seed"], int) else -1, r.get("end_time") or 0))
     _mark_used(rows)
+    # last, so that they change no other row's label
+    rows += [_unreadable_row(d, why) for d, why in unreadable.items()]
     return rows
+
+
+UNREADABLE = "unreadable"  # the status of a run dir whose summary.json or config.yaml cannot be read
+
+
+def read_summary(run_dir: Path) -> tuple:
+    """``(summary, None)`` for a run dir's readable ``summary.json``, else ``(None, why)``: why it cannot be
+    reported (unreadable, empty, not valid JSON as after a torn copy or a hand edit, not a JSON object, or no
+    ``stage`` of autoencode or classify), as one phrase naming the file."""
+    path = Path(run_dir) / runs.SUMMARY
+    try:
+        text = path.read_text()
+    except (OSError, ValueError) as e:  # ValueError: not UTF-8
+        return None, f"{runs.SUMMARY} cannot be read ({getattr(e, 'strerror', None) or e})"
+    if not text.strip():
+        return None, f"{runs.SUMMARY} is empty (a torn copy?)"
+    try:
+        s = json.loads(text)
+    except ValueError as e:
+        return None, f"{runs.SUMMARY} is not valid JSON ({e}: a torn copy or a hand edit?)"
+    if not isinstance(s, dict):
+        return None, f"{runs.SUMMARY} is not a JSON object (it holds a {type(s).__name__})"
+    if s.get("stage") not in ("autoencode", "classify"):
+        return None, f"{runs.SUMMARY} names no stage (\"stage\": {json.dumps(s.get('stage'))}; autoencode or classify)"
+    return s, None
+
+
+def read_config(run_dir: Path) -> tuple:
+    """``(config, None)`` for a run dir's ``config.yaml`` as a dict (None when it has none), else
+    ``(None, why)``: it is not valid YAML or not a mapping, so the run's settings are unknown."""
+    import yaml
+
+    try:
+        c = runs.read_config(run_dir)
+    except (OSError, ValueError, yaml.YAMLError) as e:  # omegaconf raises yaml's errors for bad YAML
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        return None, f"{runs.CONFIG} cannot be read ({first}), so the run's settings are unknown"
+    if c is not None and not isinstance(c, dict):
+        return None, f"{runs.CONFIG} is not a mapping of settings, so the run's settings are unknown"
+    return c, None
+
+
+def _unreadable_row(d: Path, why: str) -> dict:
+    """The row of a run dir that cannot be reported (``read_summary``/``read_config`` say why): listed among the
+    runs that did not complete, in report.csv, and named by whatever its config.yaml still tells."""
+    c = read_config(d)[0] or {}
+    model = (c.get("model") or {}).get("name") if isinstance(c.get("model"), dict) else None
+    latent, seed = c.get("latent"), c.get("seed")
+    stage = c.get("stage") if c.get("stage") in ("autoencode", "classify") else \
+        (d.name if d.name in ("autoencode", "classify") else None)
+    row = {k: None for k in COLUMNS}
+    row.update(label=f"{model}-z{latent}" if model and latent is not None else "?", model=model, latent=latent,
+               seed=seed, stage=stage, status=UNREADABLE, used=False, repeats=0, epochs="", run_dir=str(d),
+               error=why, config={}, varying=[], preset_keys=[], probes={}, per_class_accuracy=None)
+    return row
 
 
 def _join(base: dict, cd: Optional[Path], cs: Optional[dict], joined_stage: str = "autoencode+classify") -> dict:
@@ -396,9 +461,22 @@ def aggregate(rows: List[dict]) -> List[dict]:
             vals = [v for v in vals if v is not None]
             a[k] = (float(np.mean(vals)), float(np.std(vals, ddof=1)) if len(vals) > 1 else None) if vals else None
         pcs = [r["per_class_accuracy"] for r in rs if isinstance(r.get("per_class_accuracy"), dict)]
-        a["per_class_accuracy"] = {c: float(np.mean([p[c] for p in pcs if c in p])) for c in pcs[0]} if pcs else None
+        # every class any seed has (seeds on different class sets: each class's mean over the seeds that have it)
+        a["per_class_accuracy"] = {c: float(np.mean([_num(p[c]) for p in pcs if _num(p.get(c)) is not None]))
+                                   for c in class_names({"per_class_accuracy": p} for p in pcs)
+                                   if any(_num(p.get(c)) is not None for p in pcs)} if pcs else None
         out.append(a)
     return out
+
+
+def class_names(rows: Iterable[dict]) -> List[str]:
+    """Every class of the rows' ``per_class_accuracy`` in first-seen order: runs on different class sets (other
+    data, another ``data.classes``) show every class that occurs, not only the first run's."""
+    names: Dict[str, None] = OrderedDict()
+    for r in rows:
+        for c in r.get("per_class_accuracy") or {}:
+            names[str(c)] = None
+    return list(names)
 
 
 def _value(r: dict, k: str) -> Optional[float]:
@@ -435,8 +513,10 @@ def _header(c: str) -> str:
 
 def markdown_table(rows: List[dict], cols: Sequence[str]) -> str:
     """A GitHub-markdown table of ``rows`` (dicts) over ``cols``; numbers formatted per column. Columns
-    that are empty in every row are dropped (e.g. test KL in a sweep without VAEs)."""
+    that are empty in every row are dropped (e.g. test KL in a sweep without VAEs); "" when nothing is left."""
     cols = [c for c in cols if any(_cell(r, c) not in (None, "") for r in rows)]
+    if not rows or not cols:  # nothing to show: no table at all rather than a header of empty cells
+        return ""
     head = [_header(c) for c in cols]
     body = [[_fmt(c, _cell(r, c)) for c in cols] for r in rows]
     widths = [max(len(h), *(len(b[i]) for b in body)) if body else len(h) for i, h in enumerate(head)]
@@ -466,7 +546,7 @@ def write_csv(rows: List[dict], path: Path) -> None:
                   | {k for r in rows for k in r.get("preset_keys", [])})  # a preset's settings too
     probes = probe_names(rows)
     extra = [f"cfg:{k}" for k in vary] + [f"{PROBE_PREFIX}{p}" for p in probes] + [f"{PROBE_PREFIX}{p}:val" for p in probes]
-    with open(path, "w", newline="") as f:
+    with _atomic(path) as tmp, open(tmp, "w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=COLUMNS + extra, extrasaction="ignore")
         w.writeheader()
         for r in rows:
@@ -482,6 +562,34 @@ def write_csv(rows: List[dict], path: Path) -> None:
 
 
 # --- figures --------------------------------------------------------------------------------------
+
+@contextlib.contextmanager
+def _atomic(path: Path):
+    """Yield a temporary name beside ``path`` to write, renamed over ``path`` at the end: a report file is the
+    old one or the new one, never half of one (a full disk). On any error the temporary file is removed and
+    the error (an ``OSError`` naming ``path``: read-only file system, disk full, ...) is raised."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    try:
+        yield tmp
+        os.replace(tmp, path)
+    except OSError as e:
+        if e.filename in (str(tmp), tmp):  # name the file the user knows, not its temporary name
+            e.filename = str(path)
+        raise
+    finally:
+        with contextlib.suppress(OSError):
+            tmp.unlink()
+
+
+def _savefig(fig, path: Path, **kw) -> None:
+    """``fig.savefig`` as a PNG at 100 dpi, atomically (``_atomic``); closes the figure whatever happens."""
+    try:
+        with _atomic(path) as tmp:
+            fig.savefig(tmp, format="png", dpi=100, **kw)
+    finally:
+        _plt().close(fig)
+
 
 def _plt():
     import matplotlib
@@ -581,8 +689,7 @@ def plot_curves(rows: List[dict], out: Path) -> List[Path]:
         handles = [Line2D([], [], lw=1.5, label=lab, **sty[lab]) for lab in used]
         _legend(fig, handles, len(handles))
         fig.tight_layout()
-        fig.savefig(out / name, dpi=100, bbox_inches="tight")
-        plt.close(fig)
+        _savefig(fig, out / name, bbox_inches="tight")
         written.append(out / name)
     return written
 
@@ -621,8 +728,7 @@ def plot_vs_latent(agg: List[dict], out: Path) -> Optional[Path]:
     _legend(fig, handles, len(handles))
     fig.tight_layout()
     path = out / "vs_latent.png"
-    fig.savefig(path, dpi=100, bbox_inches="tight")
-    plt.close(fig)
+    _savefig(fig, path, bbox_inches="tight")
     return path
 
 
@@ -648,8 +754,7 @@ def _strips_figure(strips: List[tuple], title: str, path: Path) -> Path:
         ax.set_title(label, loc="left", fontsize=9)
     fig.suptitle(title, fontsize=10)
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    _savefig(fig, path)
     return path
 
 
@@ -732,30 +837,35 @@ def plot_reconstructions(rows: List[dict], out: Path) -> Optional[Path]:
 
 
 def plot_per_class(agg: List[dict], out: Path) -> Optional[Path]:
-    """per_class_accuracy.png: test accuracy per class (columns) for every configuration with a classifier
-    (rows; mean over seeds) as a heat map; values printed in the cells up to 20 classes."""
+    """per_class_accuracy.png: test accuracy per class (columns: every class of any configuration) for every
+    configuration with a classifier (rows; mean over seeds) as a heat map; values printed in the cells up to 20
+    classes; a class a configuration's data does not have is a grey cell."""
     rs = [a for a in agg if a.get("per_class_accuracy")]
     if not rs:
         return None
     plt = _plt()
-    classes = list(rs[0]["per_class_accuracy"])
-    m = np.array([[a["per_class_accuracy"].get(c, np.nan) for c in classes] for a in rs])
+    classes = class_names(rs)
+    m = np.array([[a["per_class_accuracy"].get(c, np.nan) for c in classes] for a in rs], dtype=float)
     fig, ax = plt.subplots(figsize=(max(6.0, 0.5 * len(classes) + 3) if len(classes) <= 20 else 16,
                                     1.2 + 0.35 * len(rs)))
-    im = ax.imshow(m, aspect="auto", cmap="viridis", vmin=0, vmax=1, interpolation="nearest")
+    cmap = plt.get_cmap("viridis").with_extremes(bad="lightgrey")  # NaN: a class not in that configuration's data
+    im = ax.imshow(np.ma.masked_invalid(m), aspect="auto", cmap=cmap, vmin=0, vmax=1, interpolation="nearest")
     ax.set_yticks(range(len(rs)), [a["label"] for a in rs], fontsize=8)
     ax.set_xticks(range(len(classes)), classes, rotation=90, fontsize=8 if len(classes) <= 20 else 5)
     if len(classes) <= 20:
         for i in range(m.shape[0]):
             for j in range(m.shape[1]):
+                if np.isnan(m[i, j]):
+                    continue
                 ax.text(j, i, f"{m[i, j]:.2f}", ha="center", va="center", fontsize=7,
                         color="white" if m[i, j] < 0.5 else "black")
-    ax.set_title("test accuracy per class (best-on-val head, mean over seeds)", fontsize=10)
+    ax.set_title("test accuracy per class (best-on-val head, mean over seeds"
+                 + ("; grey: the class is not in that configuration's data)" if np.isnan(m).any() else ")"),
+                 fontsize=10)
     fig.colorbar(im, ax=ax, fraction=0.03)
     fig.tight_layout()
     path = out / "per_class_accuracy.png"
-    fig.savefig(path, dpi=100, bbox_inches="tight")
-    plt.close(fig)
+    _savefig(fig, path, bbox_inches="tight")
     return path
 
 
@@ -857,16 +967,21 @@ def preamble(rows: List[dict], agg: List[dict]) -> List[str]:
 def report(paths: Sequence[Path], out: Optional[Path] = None, figures: bool = True) -> Dict[str, object]:
     """Write report.csv, report.md and figures/ for the runs under ``paths`` into ``out``.
 
-    Returns {"rows": per-run rows, "agg": one row per configuration, "table": the markdown table printed,
-    "not_completed": rows that did not complete, "files": paths written}. Raises ``ReportError`` (see
-    ``collect``).
+    Everything is computed first and written last, each file atomically. Results are readable from anywhere:
+    when ``out`` cannot be written (a read-only archive, a colleague's results, a full disk) the writing stops
+    at the first failure, leaves no partial file, and ``unwritten`` says which file and why; the rest of the
+    result (the table above all) is complete.
+
+    Returns {"rows": per-run rows, "agg": one row per configuration, "table": the markdown table printed (or,
+    when no run has completed, one sentence saying so), "not_completed": rows that did not complete (failed,
+    running, unreadable, ...), "files": paths written, "out": ``out``, "unwritten": None, or (path, why) of
+    the write that failed}. Raises ``ReportError`` (see ``collect``).
     """
     paths = [Path(p) for p in paths]
     rows = collect(paths)
     if out is None:
         out = paths[0] if len(paths) == 1 else Path(os.path.commonpath([p.resolve() for p in paths]))
     out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
     agg = aggregate(rows)
     probes = [PROBE_PREFIX + p for p in probe_names(rows)]
     cols = ["label", "stage", "seed", "n", "repeats", "epochs", "test_mse", "test_psnr"]
@@ -876,31 +991,60 @@ def report(paths: Sequence[Path], out: Optional[Path] = None, figures: bool = Tr
     cols += probes + ["wall_seconds"]
     if all(a["n"] == 1 for a in agg):
         cols.remove("n")
-    table = markdown_table(agg, cols)
+    table = markdown_table(agg, cols) if agg else no_completed_run(rows)
     bad = [r for r in rows if r["status"] != "completed"]
+    res = {"rows": rows, "agg": agg, "table": table, "not_completed": bad, "files": [], "out": out,
+           "unwritten": None}
+    try:
+        res["files"] = _write(paths, out, rows, agg, table, bad, figures)
+    except OSError as e:  # read-only, full, permissions: the table is still the result
+        res["unwritten"] = (Path(e.filename) if e.filename else out, e.strerror or str(e))
+    return res
+
+
+def no_completed_run(rows: List[dict]) -> str:
+    """What the table says when no run has completed (all running, failed, unreadable, ...): one sentence
+    with how many runs are in each state, e.g. "No run has completed yet (2 running); ...". """
+    counts: Dict[str, int] = OrderedDict()
+    for r in rows:
+        counts[r["status"]] = counts.get(r["status"], 0) + 1
+    return (f"No run has completed yet ({', '.join(f'{n} {st}' for st, n in counts.items())}); "
+            "every run is listed below.")
+
+
+def _write(paths: List[Path], out: Path, rows: List[dict], agg: List[dict], table: str, bad: List[dict],
+           figures: bool) -> List[Path]:
+    """report.csv, figures/ and report.md into ``out`` (see ``report``); returns the paths written. Raises
+    ``OSError`` (its ``filename`` the file or directory) at the first write that fails."""
+    out.mkdir(parents=True, exist_ok=True)
     files = [out / "report.csv", out / "report.md"]
     write_csv(rows, files[0])
     figs: List[Path] = []
     if figures:
         fig_dir = out / "figures"
         fig_dir.mkdir(exist_ok=True)
-        used = [r for r in rows if r.get("used") or r["status"] != "completed"]
+        used = [r for r in rows if r.get("used") or r["status"] not in ("completed", UNREADABLE)]
         figs = plot_curves(used, fig_dir)
         figs += [p for p in (plot_vs_latent(agg, fig_dir), plot_prior_samples(rows, fig_dir),
                              plot_reconstructions(rows, fig_dir), plot_per_class(agg, fig_dir)) if p]
     md = [f"# embclf report: {', '.join(str(p) for p in paths)}", ""] + preamble(rows, agg)
-    md += ["## Results", "", f"{len(agg)} configurations from {len(rows)} runs "
-           f"({sum(r['status'] == 'completed' for r in rows)} completed). Per-run numbers: report.csv.", "", table, ""]
+    md += ["## Results", ""]
+    if agg:
+        md += [f"{len(agg)} configurations from {len(rows)} runs ({sum(r['status'] == 'completed' for r in rows)} "
+               "completed). Per-run numbers: report.csv.", ""]
+    md += [table, ""]
     pcs = [a for a in agg if a.get("per_class_accuracy")]
-    if pcs and len(pcs[0]["per_class_accuracy"]) <= 20:
-        classes = list(pcs[0]["per_class_accuracy"])
+    classes = class_names(pcs)
+    if pcs and len(classes) <= 20:
         pc_rows = [{"label": a["label"], **{f"pc:{c}": a["per_class_accuracy"].get(c) for c in classes}} for a in pcs]
         FORMATS.update({f"pc:{c}": "{:.2f}" for c in classes})
         HEADERS.update({f"pc:{c}": c for c in classes})
-        md += ["## Test accuracy per class", "", "(best-on-val head, mean over seeds)", "",
+        missing = any(c not in a["per_class_accuracy"] for a in pcs for c in classes)
+        md += ["## Test accuracy per class", "", "(best-on-val head, mean over seeds"
+               + ("; blank: the class is not in that configuration's data)" if missing else ")"), "",
                markdown_table(pc_rows, ["label"] + [f"pc:{c}" for c in classes]), ""]
     elif pcs:
-        md += ["## Test accuracy per class", "", f"{len(pcs[0]['per_class_accuracy'])} classes: see "
+        md += ["## Test accuracy per class", "", f"{len(classes)} classes: see "
                "figures/per_class_accuracy.png (the numbers are in each classify run's summary.json).", ""]
     if bad:
         md += ["## Not completed", "", markdown_table(
@@ -908,8 +1052,9 @@ def report(paths: Sequence[Path], out: Optional[Path] = None, figures: bool = Tr
             ["label", "seed", "stage", "status", "epochs", "error", "run_dir"]), ""]
     if figs:
         md += ["## Figures", ""] + [f"![{p.stem}]({p.relative_to(out).as_posix()})" for p in figs] + [""]
-    files[1].write_text("\n".join(md))
-    return {"rows": rows, "agg": agg, "table": table, "not_completed": bad, "files": files + figs}
+    with _atomic(files[1]) as tmp:
+        tmp.write_text("\n".join(md))
+    return files + figs
 
 
 HELP_EPILOG = """\
@@ -951,7 +1096,14 @@ def main(argv: Optional[Iterable[str]] = None) -> int:
         return 2
     print(res["table"])
     for r in res["not_completed"]:
-        print(f"{r['status']}: {r['label']} seed {r['seed']} ({r.get('classify_dir') or r['run_dir']})")
+        why = f": {r['error']}" if r["status"] == UNREADABLE else ""
+        print(f"{r['status']}: {r['label']} seed {r['seed']} ({r.get('classify_dir') or r['run_dir']}){why}")
+    if res["unwritten"] is not None:
+        path, why = res["unwritten"]
+        print(f"could not write the report files into {res['out']} ({why}: {path}); the table above is complete. "
+              "--out DIR writes report.md, report.csv and figures/ elsewhere.", file=sys.stderr)
+        # the table is the result; a write asked for by --out that did not happen is an error
+        return 1 if args.out is not None else 0
     print(f"wrote {res['files'][1]} , report.csv and {len(res['files']) - 2} figures")
     return 0
 
