@@ -16,8 +16,18 @@ nothing is trained. Written into ``--out`` (default: the PATH, or the common par
   ``vs_latent.png``; ``prior_samples.png`` and ``reconstructions.png`` (runs side by side, the same test
   images); ``per_class_accuracy.png``.
 
-The table is also printed to the terminal. Exit status 2 with a one-paragraph message when a PATH does
-not exist or holds no run dirs.
+The table is also printed to the terminal, then the runs that did not complete (failed, interrupted, still
+running, or unreadable: a torn or hand-edited summary.json or config.yaml, with why); when no run has
+completed yet the table is one sentence saying so.
+
+Results are readable from anywhere: PATH may be read-only (an archive, a colleague's results). Everything
+is computed before anything is written, and each file is written atomically, so when the output dir cannot
+be written (read-only, full, no permission) the table is still printed, no partial file is left, and one
+line on stderr names the file and the reason and says that ``--out DIR`` writes elsewhere.
+
+Exit status: 0 when the table was printed (also when the default output dir, the PATH, could not be
+written: the table is the result); 1 when an explicit ``--out DIR`` could not be written (the table is
+printed all the same); 2 with a one-paragraph message when a PATH does not exist or holds no run dirs.
 """
 from __future__ import annotations
 
@@ -1068,6 +1078,12 @@ writes (into --out, default: the PATH):
 rows: one per configuration; any setting that differs between runs (model, latent, data.*, autoencode.*,
 head, head.*, classify.*, model.* options) separates rows and appears in the row label; only distinct
 seeds are averaged (n = seeds); a seed run more than once counts once (its newest completed run).
+
+read-only results (an archive, a colleague's sweep): the table is printed all the same, then one line
+saying where the files could not be written; --out DIR writes them elsewhere.
+
+exit status: 0 table printed (also when the PATH itself cannot be written); 1 an explicit --out DIR
+could not be written (table printed); 2 a PATH does not exist or holds no run dirs.
 
 examples:
   python -m embclf.report outputs/2026-11-30_10-00-00_3fa9c1          # one sweep

@@ -286,9 +286,11 @@ def read_metrics(run_dir: Path) -> List[dict]:
         return out
     for line in lines:
         try:
-            out.append(json.loads(line))
+            rec = json.loads(line)
         except ValueError:
             continue
+        if isinstance(rec, dict):  # a hand edit's stray value is not a record
+            out.append(rec)
     return out
 
 

@@ -104,6 +104,8 @@ def test_unreadable_summaries_are_listed_with_why(tmp_path, capsys):
     (e / runs.SUMMARY).write_text(json.dumps(s))
     e = ae_run(tmp_path / "latent=128" / "autoencode", "ae", 128, 0)
     (e / runs.CONFIG).write_text("model: {name: ae\n")  # an unreadable config: the run's settings are unknown
+    with open(tmp_path / "latent=8" / "autoencode" / runs.METRICS, "a") as f:
+        f.write("[1, 2]\n42\n")  # stray values in metrics.jsonl are not records (the run is still reported)
     res = report.report([tmp_path], out=tmp_path / "rep", figures=False)
     bad = {r["run_dir"]: r for r in res["not_completed"]}
     assert {os.path.relpath(d, tmp_path) for d in bad} == {"latent=16/classify", "latent=32/autoencode",
