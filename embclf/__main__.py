@@ -217,6 +217,27 @@ def objective_value(cfg, run_dir: Path) -> float:
     return float(value)
 
 
+def _interrupted(cfg: DictConfig, job_dir: Path, hc) -> None:
+    """Ctrl-C on a single run (its summary already says "interrupted"): log one line saying what was saved,
+    read from the run dir's files (``tracking.saved_state``: a checkpoint at an epoch's end, or mid-epoch,
+    or nothing), and the exact command that resumes it (``tracking.resume_command``, with its
+    ``hydra.run.dir``), then exit with status 130 (128 + SIGINT), as a shell reports Ctrl-C. A run dir that
+    holds nothing yet (interrupted before the run started) is removed, as after bad input."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # a second Ctrl-C must not turn the line into a traceback
+    _remove_if_empty(job_dir)
+    if not job_dir.is_dir():
+        saved = "nothing was saved (interrupted before the run started)"
+    elif cfg.stage == Stage.all:
+        parts = [f"{name}/ {tracking.saved_state(job_dir / name)}" if (job_dir / name / runs.SUMMARY).is_file()
+                 else f"{name}/ not started" for name in ("autoencode", "classify")]
+        saved = f"saved in {job_dir}: " + "; ".join(parts)
+    else:
+        saved = f"saved in {job_dir}: {tracking.saved_state(job_dir)}"
+    cmd = tracking.resume_command(list(hc.overrides.task), list(hc.overrides.hydra), job_dir)
+    log.warning("interrupted (Ctrl-C); %s. Resume with: %s", saved, cmd)
+    sys.exit(130)
+
+
 @hydra.main(config_path=conf_dir(), config_name="config", version_base=None)
 def main(cfg: DictConfig) -> float:
     """Hydra task function (see module docstring). Returns the value named by ``objective`` (a float, what
@@ -230,6 +251,10 @@ def main(cfg: DictConfig) -> float:
         run_dir = run_job(cfg, job_dir, list(hc.overrides.task))
         debug.warn(cfg)  # a debug run says so again at its end, where the user looks
         return objective_value(cfg, run_dir)
+    except KeyboardInterrupt:  # Ctrl-C
+        if hc.mode != RunMode.RUN:
+            raise  # in a sweep the launcher records and reports it
+        _interrupted(cfg, job_dir, hc)  # one line: what was saved, the command that resumes it; exit 130
     except locks.InUseError as e:  # another process holds the job dir: nothing there is ours to touch
         if hc.mode == RunMode.RUN:
             print(f"embclf: error: {e}", file=sys.stderr)

@@ -27,6 +27,7 @@ import logging
 import netrc
 import os
 import platform
+import re
 import secrets
 import shlex
 import socket
@@ -323,8 +324,12 @@ def _remove_if_only_multirun_yaml(sweep_dir: Path) -> None:
 
 
 class AnnounceOutputs(Callback):
-    """Hydra callback (``hydra.callbacks`` in conf/config.yaml): a sweep says where its outputs go, and at the
-    end how to summarise them."""
+    """Hydra callback (``hydra.callbacks`` in conf/config.yaml): a single run says where it writes (its run
+    dir); a sweep says where its outputs go, and at the end how to summarise them."""
+
+    def on_run_start(self, config, **kwargs) -> None:
+        # a single run says where it writes, as a sweep does (the dir is also the key to resuming it)
+        log.info("run dir: %s", Path(str(config.hydra.run.dir)).resolve())
 
     def on_multirun_start(self, config, **kwargs) -> None:
         sweep_dir = Path(str(config.hydra.sweep.dir)).resolve()
@@ -336,6 +341,59 @@ class AnnounceOutputs(Callback):
         # the interpreter running now (a bare `python` fails outside an activated venv); quoted for the shell
         cmd = [sys.executable, "-m", "embclf.report", str(Path(str(config.hydra.sweep.dir)).resolve())]
         log.info("sweep done; summarise it with: %s", " ".join(shlex.quote(c) for c in cmd))
+
+
+def run_dir_override(run_dir: Path) -> str:
+    """``"hydra.run.dir='<run dir>'"`` as the README writes it: single-quoted for Hydra (run dir names contain
+    ``=`` and ``,``), double-quoted for the shell; shell-quoted otherwise when the path holds characters the
+    shell would expand inside double quotes."""
+    # Hydra's quoted values: a quote is escaped as \', and only backslashes before a quote (or the closing one)
+    # are doubled
+    value = re.sub(r"(\\+)(?='|$)", lambda m: m.group(1) * 2, str(run_dir)).replace("'", "\\'")
+    override = f"hydra.run.dir='{value}'"
+    return f'"{override}"' if not set(override) & set('"$`\\!') else shlex.quote(override)
+
+
+def resume_command(task_overrides: List[str], hydra_overrides: List[str], run_dir: Path) -> str:
+    """The shell command that continues a single run in ``run_dir``: this interpreter, ``-m embclf``, the run's
+    own overrides (Hydra's ``overrides.task``, then its ``hydra.*`` ones but the run dir), and
+    ``run_dir_override``."""
+    hydra_ov = [o for o in map(str, hydra_overrides) if not o.startswith(("hydra.run.dir=", "hydra.mode="))]
+    return " ".join([shlex.quote(sys.executable), "-m", "embclf", *(shlex.quote(str(o)) for o in task_overrides),
+                     *map(shlex.quote, hydra_ov), run_dir_override(run_dir)])
+
+
+def saved_state(run_dir: Path) -> str:
+    """What a resume of the run in ``run_dir`` starts from, as a phrase read from the files themselves (not from
+    what the code meant to save): completed; ``checkpoints/last.pt`` at the end of epoch E of N (the unfinished
+    epoch E+1 is redone) or at step S of epoch E (mid-epoch: the resume continues with the next batch); only the
+    embeddings of a classify run; or nothing (no epoch finished)."""
+    from . import runs
+    from .runtime import EmbclfError
+
+    run_dir = Path(run_dir)
+    s = runs.read_summary(run_dir) or {}
+    if s.get("status") == "completed":
+        return "completed"
+    total = s.get("epochs", "?")
+    last = run_dir / "checkpoints" / "last.pt"
+    if last.is_file():
+        try:
+            ck = runs.load_checkpoint(last, ("state",), "last.pt")
+        except EmbclfError:
+            return "checkpoints/last.pt is unreadable: the resume starts over"
+        epoch, pos = int(ck["state"].get("epoch", 0)), ck.get("epoch_position")
+        if pos:
+            return (f"checkpoints/last.pt at step {int(pos['step'])} of epoch {int(pos['epoch'])} of {total} "
+                    "(the resume continues with the next batch)")
+        if isinstance(total, int) and epoch >= total:
+            return f"checkpoints/last.pt after the last epoch ({epoch}; the resume redoes the final evaluation)"
+        if epoch:
+            return (f"checkpoints/last.pt at the end of epoch {epoch} of {total} (the unfinished epoch "
+                    f"{epoch + 1} is redone on resume)")
+    if (run_dir / "embeddings.pt").is_file():
+        return "embeddings.pt (no head epoch had finished: the head's training starts over)"
+    return "nothing to resume from (no epoch had finished: the run starts over)"
 
 
 # --- provenance -----------------------------------------------------------------------------------
