@@ -234,7 +234,7 @@ def _interrupted(cfg: DictConfig, job_dir: Path, hc) -> None:
     else:
         saved = f"saved in {job_dir}: {tracking.saved_state(job_dir)}"
     cmd = tracking.resume_command(list(hc.overrides.task), list(hc.overrides.hydra), job_dir)
-    log.warning("interrupted (Ctrl-C); %s. Resume with: %s", saved, cmd)
+    log.warning("interrupted (Ctrl-C); %s. %s with: %s", saved, "Resume" if job_dir.is_dir() else "Start it again", cmd)
     sys.exit(130)
 
 

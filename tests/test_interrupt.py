@@ -128,3 +128,22 @@ def test_ctrl_c_in_a_stage_all_job_names_each_stage(tmp_path, caplog):
     assert (f"interrupted (Ctrl-C); saved in {job}: autoencode/ completed; classify/ checkpoints/last.pt at the "
             "end of epoch 3 of 30 (the unfinished epoch 4 is redone on resume). Resume with: ") in caplog.text
     assert caplog.text.rstrip().endswith(f"stage=all \"hydra.run.dir='{job}'\"")
+
+
+def test_ctrl_c_before_the_run_started_leaves_no_run_dir(tmp_path, caplog):
+    """Interrupted while the data loads (nothing of the run written yet): the dir holding only Hydra's record
+    is removed, as after bad input, and the line says nothing was saved."""
+    job = tmp_path / "job"
+    (job / ".hydra").mkdir(parents=True)
+    (job / "embclf.log").write_text("")
+    cfg = OmegaConf.create({"stage": Stage.autoencode})
+    hc = OmegaConf.create({"overrides": {"task": ["latent=8"], "hydra": []}})
+    old = signal.getsignal(signal.SIGINT)
+    try:
+        with caplog.at_level("WARNING"), pytest.raises(SystemExit) as e:
+            entry._interrupted(cfg, job, hc)
+    finally:
+        signal.signal(signal.SIGINT, old)
+    assert e.value.code == 130 and not job.exists()
+    assert ("interrupted (Ctrl-C); nothing was saved (interrupted before the run started). Start it again with: "
+            in caplog.text)
