@@ -366,8 +366,9 @@ def resume_command(task_overrides: List[str], hydra_overrides: List[str], run_di
 def saved_state(run_dir: Path) -> str:
     """What a resume of the run in ``run_dir`` starts from, as a phrase read from the files themselves (not from
     what the code meant to save): completed; ``checkpoints/last.pt`` at the end of epoch E of N (the unfinished
-    epoch E+1 is redone) or at step S of epoch E (mid-epoch: the resume continues with the next batch); only the
-    embeddings of a classify run; or nothing (no epoch finished)."""
+    epoch E+1 is redone), at step S of epoch E (mid-epoch: the resume continues with the next batch), or after
+    the training's last epoch (the last one, or a head stopped early: only the test and what follows are redone);
+    only the embeddings of a classify run; or nothing (no epoch finished)."""
     from . import runs
     from .runtime import EmbclfError
 
@@ -386,8 +387,13 @@ def saved_state(run_dir: Path) -> str:
         if pos:
             return (f"checkpoints/last.pt at step {int(pos['step'])} of epoch {int(pos['epoch'])} of {total} "
                     "(the resume continues with the next batch)")
-        if isinstance(total, int) and epoch >= total:
-            return f"checkpoints/last.pt after the last epoch ({epoch}; the resume redoes the final evaluation)"
+        # the head's early stopping (classify.patience) also ends the training before the last epoch
+        patience = ((ck.get("config") or {}).get("classify") or {}).get("patience") \
+            if s.get("stage") == "classify" else None
+        stopped = isinstance(patience, int) and epoch and epoch - int(ck["state"].get("best_epoch", 0)) >= patience
+        if (isinstance(total, int) and epoch >= total) or stopped:
+            return (f"checkpoints/last.pt after the training's last epoch ({epoch}; the resume redoes only what "
+                    "follows the training: the test evaluation and after)")
         if epoch:
             return (f"checkpoints/last.pt at the end of epoch {epoch} of {total} (the unfinished epoch "
                     f"{epoch + 1} is redone on resume)")

@@ -84,7 +84,17 @@ def test_saved_state_is_read_from_the_files(tmp_path):
     assert tracking.saved_state(d) == ("checkpoints/last.pt at step 4 of epoch 3 of 5 (the resume continues "
                                        "with the next batch)")
     torch.save({"state": {"epoch": 5}}, d / "checkpoints" / "last.pt")
-    assert "after the last epoch (5; the resume redoes the final evaluation)" in tracking.saved_state(d)
+    assert tracking.saved_state(d) == ("checkpoints/last.pt after the training's last epoch (5; the resume redoes "
+                                       "only what follows the training: the test evaluation and after)")
+    # a head stopped early (classify.patience=2: no better val accuracy since epoch 1) has finished training too
+    _summary(d, stage="classify")
+    torch.save({"state": {"epoch": 3, "best_epoch": 1}, "config": {"classify": {"patience": 2}}},
+               d / "checkpoints" / "last.pt")
+    assert "after the training's last epoch (3;" in tracking.saved_state(d)
+    torch.save({"state": {"epoch": 3, "best_epoch": 2}, "config": {"classify": {"patience": 2}}},
+               d / "checkpoints" / "last.pt")
+    assert "at the end of epoch 3 of 5 (the unfinished epoch 4 is redone on resume)" in tracking.saved_state(d)
+    _summary(d)
     (d / "checkpoints" / "last.pt").write_bytes(b"torn")
     assert "unreadable" in tracking.saved_state(d)
     (d / "checkpoints" / "last.pt").unlink()
