@@ -34,7 +34,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import csv
-import errno
 import hashlib
 import json
 import math
