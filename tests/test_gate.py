@@ -188,3 +188,75 @@ def test_empty_test_folder_single_run_exits_2_before_training(tmp_path):
                       tmp_path, check=False, timeout=120)
     assert f"{root / 'test'} holds no images" in _no_run_dir(proc, out)
     assert "epoch 1/1" not in proc.stderr  # refused before training
+
+
+# --- an encoder of another image size; every argument of evaluate / embed / report --------------------------
+
+@pytest.fixture(scope="module")
+def job(tmp_path_factory):
+    """One tiny real stage=all job (8-pixel images, a narrow conv AE): its dir, autoencode/ and classify/ in it."""
+    tmp = tmp_path_factory.mktemp("gate")
+    out = tmp / "outputs"
+    run_embclf(["stage=all", "data=folder", f"data.root={CIFAR}", "data.train_size=100", "data.test_size=40",
+                "data.image_size=8", "latent=4", "model.channels=[8,8,8,8,8]", "autoencode.epochs=1",
+                "autoencode.batch_size=30", "autoencode.image_epochs=[1]", "classify.epochs=1", "logger=none",
+                "logger.projections=[]", f"output_dir={out}", "hydra.run.dir=" + str(out / "job")], tmp, timeout=600)
+    return {"tmp": tmp, "dir": out / "job"}
+
+
+def test_classify_on_an_encoder_of_another_image_size_is_refused_up_front(job, tmp_path):
+    out = tmp_path / "outputs"
+    proc = run_embclf(["stage=classify", f"classify.encoder={job['dir'] / 'autoencode'}", "data=folder",
+                       f"data.root={CIFAR}", "data.train_size=100", "data.test_size=40", "data.image_size=16",
+                       "logger=none", f"output_dir={out}"], tmp_path, check=False, timeout=300)
+    msg = _no_run_dir(proc, out)
+    assert "data.image_size=16" in msg and "trained on 8-pixel images" in msg and "data.image_size at 8" in msg
+
+
+def _one_paragraph(proc):
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr
+    err = [line for line in proc.stderr.splitlines() if line.strip() and "[INFO]" not in line]
+    assert len(err) == 1, proc.stderr
+    return err[0]
+
+
+def test_evaluate_arguments_are_checked_before_the_work(job, tmp_path):
+    ae = job["dir"] / "autoencode"
+    for name in ("sub/x", ".hidden", ".."):
+        proc = run_embclf([str(ae), f"name={name}"], job["tmp"], check=False, timeout=120, module="embclf.evaluate")
+        assert f"name={name}: the evaluation's name is one folder name" in _one_paragraph(proc)
+        assert "decoding" not in proc.stderr and "encoder:" not in proc.stderr  # no work was done
+    assert not (ae / "eval").exists()
+    (ae / "eval").write_text("a file where the evaluations go")
+    try:
+        proc = run_embclf([str(ae)], job["tmp"], check=False, timeout=120, module="embclf.evaluate")
+        assert f"cannot create {ae / 'eval' / 'test-best'}: {ae / 'eval'} is a file" in _one_paragraph(proc)
+    finally:
+        (ae / "eval").unlink()
+    proc = run_embclf([str(ae), "data.image_size=12"], job["tmp"], check=False, timeout=120, module="embclf.evaluate")
+    assert "data.image_size=12 is invalid" in _one_paragraph(proc)
+    proc = run_embclf([str(job["dir"] / "classify"), "checkpoint=worst"], job["tmp"], check=False, timeout=120,
+                      module="embclf.evaluate")
+    assert "checkpoint must be one of best, last" in _one_paragraph(proc)
+    assert not (ae / "eval").exists() and not (job["dir"] / "classify" / "eval").exists()
+
+
+def test_embed_arguments_are_checked_before_the_work(job, tmp_path):
+    ae = job["dir"] / "autoencode"
+    (tmp_path / "folder").mkdir()
+    (tmp_path / "afile").write_text("x")
+    cases = [(f"out={tmp_path / 'folder'}", "is a folder"),
+             (f"out={tmp_path / 'z.csv'}", "ends in .csv but format=npz"),
+             (f"out={tmp_path / 'afile' / 'z.npz'}", f"{tmp_path / 'afile'} is a file, not a folder")]
+    for arg, why in cases:
+        proc = run_embclf([str(ae), arg], job["tmp"], check=False, timeout=120, module="embclf.embed")
+        assert why in _one_paragraph(proc)
+        assert "decoding" not in proc.stderr and "device" not in proc.stderr  # before any work
+    assert not (ae / "export").exists()
+
+
+def test_report_out_that_is_a_file_is_refused(job, tmp_path):
+    (tmp_path / "r").write_text("x")
+    proc = run_embclf([str(job["dir"]), "--out", str(tmp_path / "r")], job["tmp"], check=False, timeout=120,
+                      module="embclf.report")
+    assert "--out" in _one_paragraph(proc) and "is a file" in proc.stderr
