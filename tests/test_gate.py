@@ -260,3 +260,17 @@ def test_report_out_that_is_a_file_is_refused(job, tmp_path):
     proc = run_embclf([str(job["dir"]), "--out", str(tmp_path / "r")], job["tmp"], check=False, timeout=120,
                       module="embclf.report")
     assert "--out" in _one_paragraph(proc) and "is a file" in proc.stderr
+
+
+def test_a_gpu_index_the_machine_lacks_is_refused_before_the_stage(monkeypatch):
+    """No GPU here: torch's CUDA queries are replaced by a one-GPU machine's answers (the check reads only them)."""
+    import torch
+    from omegaconf import OmegaConf
+
+    from embclf import runtime
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    cfg = OmegaConf.create({"threads": None, "seed": 0, "device": "cuda:3", "precision": "fp32"})
+    with pytest.raises(runtime.EmbclfError, match="device=cuda:3: this machine has 1 CUDA device\\(s\\), cuda:0 to cuda:0"):
+        runtime.setup(cfg)
