@@ -274,3 +274,13 @@ def test_a_gpu_index_the_machine_lacks_is_refused_before_the_stage(monkeypatch):
     cfg = OmegaConf.create({"threads": None, "seed": 0, "device": "cuda:3", "precision": "fp32"})
     with pytest.raises(runtime.EmbclfError, match="device=cuda:3: this machine has 1 CUDA device\\(s\\), cuda:0 to cuda:0"):
         runtime.setup(cfg)
+
+
+def test_the_gates_name_lists_are_the_modules_own():
+    """config.py cannot import the modules (torch) at composition time, so it lists their names: kept equal here."""
+    from embclf import debug, heads, plots
+
+    assert config_mod.HEAD_NAMES == heads.HEADS and config_mod.PROJECTIONS == plots.METHODS
+    assert config_mod.DEBUG_MODES == debug.MODES
+    assert sorted(config_mod.LOGGERS) == sorted(p.stem for p in (Path(conf_dir()) / "logger").glob("*.yaml"))
+    assert sorted(config_mod.HEAD_NAMES) == sorted(p.stem for p in (Path(conf_dir()) / "head").glob("*.yaml"))
