@@ -372,6 +372,11 @@ def _folder_tree(cfg) -> dict:
         if skipped["hidden"] or skipped["other"]:
             log.info("%s: skipped %d hidden file(s) and %d non-image file(s)%s", d, skipped["hidden"],
                      skipped["other"], f" (e.g. {skipped['example']})" if skipped["example"] else "")
+        if not samples:  # nothing to train on or to report on: refused before any training
+            raise DataError(
+                f"data.root={cfg.root}: {d} holds no images ({_what_is_there(d, classes)}). data=folder needs "
+                f"images in every split: PATH/{split}/<class>/*.jpg (files with {', '.join(IMAGE_EXTENSIONS[:5])}, "
+                "... extensions; hidden files never count). Add images there, or point data.root at a complete tree.")
         counts = np.bincount([t for _, t in samples], minlength=len(classes))
         empty = [c for c, k in zip(classes, counts) if k == 0]
         if empty and split == "train":
@@ -386,6 +391,15 @@ def _folder_tree(cfg) -> dict:
                         ", ".join(empty[:10]))
         out[split] = samples
     return {"classes": classes, "samples": out, "dir": {s: top / s for s in ("train", "test")}}
+
+
+def _what_is_there(d: Path, classes: List[str]) -> str:
+    """What an image-less split folder ``d`` holds, for the error message."""
+    folders = [c for c in classes if (d / c).is_dir()]
+    if not folders:
+        return "no class folder"
+    return f"{len(folders)} class folder(s), all without images: {', '.join(str(d / c) for c in folders[:3])}" + \
+        (", ..." if len(folders) > 3 else "")
 
 
 def _folder_split(cfg, tree: dict, train: bool):
@@ -608,6 +622,12 @@ def load(cfg) -> Dataset:
     train = _cached_decode(cfg, "train", train_idx, tr_decode, tr_targets, tr_paths, tr_files)
     val = _cached_decode(cfg, "train", val_idx, tr_decode, tr_targets, tr_paths, tr_files)
     test = _cached_decode(cfg, "test", test_idx, te_decode, te_targets, te_paths, te_files)
+    for name, s, files_of in (("train", train, "train"), ("val", val, "train"), ("test", test, "test")):
+        if not len(s):  # every image of it was skipped as unreadable (data.skip_corrupt=true)
+            where = tree["dir"][files_of] if source == "folder" else f"data.root={cfg.root}"
+            raise DataError(f"data: the {name} split holds no readable image (all of its images in {where} were "
+                            "skipped as unreadable, data.skip_corrupt=true); a run needs images in every split. "
+                            "Replace the unreadable files (the log names the first one).")
     h = hashlib.sha1()
     for s in (train, val, test):
         h.update(s.images.numpy())  # the buffer itself: no 150 MB copy for CIFAR-10

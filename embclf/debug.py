@@ -213,6 +213,7 @@ def overfit_head(cfg, run_dir: Path, overrides: List[str], encoder: Optional[Pat
     summary = runs.base_summary(cfg, "classify", overrides)
     ckpt_path = (Path(encoder) / "checkpoints" / "best.pt") if encoder else classify.resolve_encoder(cfg)
     ck = runs.load_checkpoint(ckpt_path, ("model", "config"), "encoder checkpoint")
+    runs.check_image_size(ck["config"], int(cfg.data.image_size), ckpt_path)
     env = runtime.setup(cfg)
     device = env["device"]
     ds = data_mod.load(cfg.data)

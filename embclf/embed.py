@@ -38,7 +38,8 @@ import torch
 from . import data as data_mod
 from . import runs, runtime
 from .data import DataError
-from .evaluate import CHECKPOINTS, SPLITS, encoder_checkpoint, load_autoencoder, parse_args, run_config, run_stage
+from .evaluate import (CHECKPOINTS, SPLITS, check_writable, encoder_checkpoint, load_autoencoder, parse_args,
+                       run_config, run_stage)
 from .runtime import EmbclfError
 
 log = logging.getLogger("embclf.embed")
@@ -91,6 +92,21 @@ def write_export(path: Path, blob: bytes) -> str:
     return "written"
 
 
+def check_out(path: Path, fmt: str, explicit: bool) -> None:
+    """Refuse, before any work, an export path that cannot hold this export: empty, a folder, a suffix naming
+    another format (``out=z.csv`` with ``format=npz``), or a place that cannot be created. Raises ``EmbclfError``."""
+    what = f"out={path}" if explicit else f"the export file {path}"
+    if explicit and not str(path).strip():
+        raise EmbclfError("out=: give a file path, e.g. out=embeddings.npz (or leave out= out for RUN_DIR/export/).")
+    if path.is_dir():
+        raise EmbclfError(f"{what} is a folder; out= names the file to write, e.g. out={path / f'embeddings.{fmt}'}.")
+    suffix = path.suffix.lstrip(".").lower()
+    if suffix in FORMATS and suffix != fmt:
+        raise EmbclfError(f"{what} ends in .{suffix} but format={fmt}: the file would hold {fmt} data. Use "
+                          f"format={suffix}, or out={path.with_suffix('.' + fmt)}.")
+    check_writable(path, what)
+
+
 def _encoder_source(run_dir: Path, which: Optional[str]) -> Tuple[Path, Path]:
     """(the run dir whose config describes the data, the encoder checkpoint) for an autoencode run, a
     classify run or a stage=all job dir."""
@@ -114,6 +130,8 @@ def export(argv: Sequence[str]) -> Tuple[Path, str, Tuple[int, int]]:
     split_name, fmt = own.get("split", "test"), own.get("format", "npz")
     cfg_dir, ckpt = _encoder_source(run_dir, own.get("checkpoint"))
     log.info("encoder: %s", ckpt)
+    path = Path(own["out"]).expanduser() if own.get("out") else run_dir / "export" / f"embeddings_{split_name}.{fmt}"
+    check_out(path, fmt, "out" in own)  # before any work
     cfg = run_config(cfg_dir, overrides)
     device = runtime.setup(cfg)["device"]
     model, ck = load_autoencoder(ckpt, device, int(cfg.data.image_size), "encoder checkpoint")
@@ -133,7 +151,6 @@ def export(argv: Sequence[str]) -> Tuple[Path, str, Tuple[int, int]]:
     else:
         blob = pt_bytes({"embeddings": torch.from_numpy(z), "labels": torch.from_numpy(labels), "paths": paths,
                          "classes": classes})
-    path = Path(own["out"]).expanduser() if own.get("out") else run_dir / "export" / f"embeddings_{split_name}.{fmt}"
     return path, write_export(path, blob), z.shape
 
 

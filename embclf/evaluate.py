@@ -57,7 +57,7 @@ from torchvision.utils import make_grid, save_image
 
 from . import data as data_mod
 from . import identity, runs, runtime
-from .config import Config, conf_dir
+from .config import Config, conf_dir, problems
 from .data import DataError
 from .heads import build_head
 from .models import build_model
@@ -174,6 +174,10 @@ def run_config(run_dir: Path, overrides) -> DictConfig:
         except OmegaConfBaseException as e:
             raise EmbclfError(f"{o.input_line}: {str(e).splitlines()[0]}") from None
     cfg.data.root = identity.normalise_path(cfg.data.root, os.getcwd())
+    bad = problems(cfg)  # the ranges a run's own config must satisfy (config.VALUE_RULES), before any work
+    if bad:
+        raise EmbclfError(f"the run's config with {' '.join(o.input_line for o in overrides) or 'no overrides'} is "
+                          "invalid, nothing was computed: " + " ".join(bad))
     return cfg
 
 
@@ -184,10 +188,7 @@ def load_autoencoder(path: Path, device: torch.device, image_size: int, what: st
     Raises ``EmbclfError`` for an unreadable checkpoint or an ``image_size`` other than the model's."""
     ck = runs.load_checkpoint(path, ("model", "config"), what)
     c = ck["config"]
-    trained = int(c["data"]["image_size"])
-    if int(image_size) != trained:
-        raise EmbclfError(f"data.image_size={image_size}: the model in {path} was trained on {trained}-pixel images; "
-                          f"leave data.image_size at {trained} (images are resized to it).")
+    trained = runs.check_image_size(c, image_size, path)
     model = build_model(OmegaConf.create(c["model"]), int(c["latent"]), trained)
     model.load_state_dict(ck["model"])
     model.to(device, memory_format=runtime.memory_format(device)).eval().requires_grad_(False)
@@ -207,6 +208,47 @@ def encoder_checkpoint(run_dir: Path, summary: dict) -> Path:
                           "re-evaluated without it. A run's encoder travels with it when the whole sweep dir (or "
                           "output dir) is copied or moved, not the classify run dir alone.")
     return p
+
+
+def check_writable(path: Path, what: str) -> None:
+    """Refuse, before any work, a file or folder ``path`` that could not be created: its nearest existing ancestor
+    is not a folder, or is not writable (a read-only file system, no permission). ``what`` names the argument.
+
+    Raises ``EmbclfError``."""
+    parent = Path(os.path.abspath(path)).parent
+    while not parent.exists() and parent != parent.parent:
+        parent = parent.parent
+    if not parent.is_dir():
+        raise EmbclfError(f"{what}: cannot create {path}: {parent} is a file, not a folder. Choose another place.")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise EmbclfError(f"{what}: cannot create {path}: {parent} is not writable (read-only, or no permission); "
+                          "nothing was computed. Copy the run dir somewhere writable, or write elsewhere.")
+
+
+def check_name(name: str) -> None:
+    """Refuse an evaluation ``name=`` that is not one plain folder name (it is created under ``RUN_DIR/eval/``).
+    Raises ``EmbclfError``."""
+    if not name or name in (".", "..") or name.startswith(".") or "/" in name or os.sep in name or "\0" in name \
+            or len(name.encode()) > 200:
+        raise EmbclfError(f"name={name}: the evaluation's name is one folder name under RUN_DIR/eval/ (no '/', not "
+                          "empty, not starting with '.', at most 200 bytes), e.g. name=pets-test.")
+
+
+def _check_head_source(run_dir: Path, which: str, cfg) -> None:
+    """Before any work: the classify run holds what ``load_head`` reads (a trained head's ``checkpoints/<which>.pt``;
+    a fitted probe's checkpoint or ``embeddings.pt`` to refit on). Raises ``EmbclfError``."""
+    from .heads import is_trainable
+
+    ck = run_dir / "checkpoints" / f"{which}.pt"
+    if ck.is_file():
+        return
+    if is_trainable(str(cfg.head.name)):
+        have = sorted(p.stem for p in (run_dir / "checkpoints").glob("*.pt"))
+        raise EmbclfError(f"checkpoint={which}: {ck} does not exist (the run holds "
+                          f"{', '.join(f'checkpoint={h}' for h in have) or 'no checkpoint'}); choose one it has.")
+    if not (run_dir / "embeddings.pt").is_file():
+        raise EmbclfError(f"checkpoint={which}: {run_dir} holds neither {ck} nor embeddings.pt, from which its "
+                          f"head={cfg.head.name} is refitted; it cannot be re-evaluated.")
 
 
 # --- classify heads: the one place that turns a classify run dir into a predictor --------------------------
@@ -405,10 +447,23 @@ def evaluate_run(argv: Sequence[str]) -> Tuple[Path, dict]:
                                          "embclf.evaluate")
     stage, run_summary = run_stage(run_dir)
     which, split = own.get("checkpoint", "best"), own.get("split", "test")
-    if "name" in own and (run_dir / "eval" / own["name"]).exists():  # before any work; checked again when writing
-        raise EmbclfError(f"name={own['name']}: {run_dir / 'eval' / own['name']} exists; an earlier evaluation is "
-                          "never overwritten. Choose another name= (or leave name out for a new one).")
+    # every argument is checked before any work (the checks are made again when writing)
+    if "name" in own:
+        check_name(own["name"])
+        if (run_dir / "eval" / own["name"]).exists():
+            raise EmbclfError(f"name={own['name']}: {run_dir / 'eval' / own['name']} exists; an earlier evaluation "
+                              "is never overwritten. Choose another name= (or leave name out for a new one).")
+    check_writable(run_dir / "eval" / own.get("name", f"{split}-{which}"), "the evaluation folder")
     cfg = run_config(run_dir, overrides)
+    if stage == "autoencode":
+        ck = run_dir / "checkpoints" / f"{which}.pt"
+        if not ck.is_file():
+            have = sorted(p.stem for p in (run_dir / "checkpoints").glob("*.pt"))
+            raise EmbclfError(f"checkpoint={which}: {ck} does not exist (the run holds "
+                              f"{', '.join(f'checkpoint={h}' for h in have) or 'no checkpoint'}); choose one it has.")
+    else:
+        _check_head_source(run_dir, which, cfg)
+        encoder_checkpoint(run_dir, run_summary)
     env = runtime.setup(cfg)
     device = env["device"]
     if stage == "autoencode":

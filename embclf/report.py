@@ -1104,6 +1104,10 @@ def main(argv: Optional[Iterable[str]] = None) -> int:
                     "(default: the PATH, or the common parent of several)")
     ap.add_argument("--no-figures", action="store_true", help="table only (no matplotlib)")
     args = ap.parse_args(None if argv is None else list(argv))
+    if args.out is not None and args.out.exists() and not args.out.is_dir():  # before any run dir is read
+        print(f"error: --out {args.out} is a file; --out names the folder that receives report.md, report.csv and "
+              "figures/ (it is created if missing).", file=sys.stderr)
+        return 2
     try:
         res = report(args.paths, args.out, figures=not args.no_figures)
     except ReportError as e:

@@ -232,6 +232,20 @@ def load_checkpoint(path: Path, expect: tuple = (), what: str = "checkpoint") ->
     return ck
 
 
+def check_image_size(encoder_config: dict, image_size: int, path: Path) -> int:
+    """The one check that images of ``data.image_size`` = ``image_size`` fit the encoder of the checkpoint at ``path``
+    (whose stored config is ``encoder_config``): an encoder embeds images of the size it was trained on only (its
+    linear layer after the trunk has that size's feature map). Used by ``stage=classify``, ``debug=overfit``,
+    ``embclf.evaluate`` and ``embclf.embed`` before any data is loaded. Returns the trained image size.
+
+    Raises ``EmbclfError`` naming the key, the checkpoint and the size to use."""
+    trained = int(encoder_config["data"]["image_size"])
+    if int(image_size) != trained:
+        raise EmbclfError(f"data.image_size={image_size}: the model in {path} was trained on {trained}-pixel images; "
+                          f"leave data.image_size at {trained} (images are resized to it).")
+    return trained
+
+
 def file_sha1(path: Path) -> str:
     """SHA-1 (hex) of a file's bytes, read in 1 MiB blocks: what a cache derived from that file is keyed on."""
     h = hashlib.sha1()

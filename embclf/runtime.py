@@ -53,6 +53,10 @@ def setup(cfg) -> dict:
             raise EmbclfError(f"device={want} but torch sees no CUDA device (torch {torch.__version__}). "
                               "Use device=auto or device=cpu.")
         dev = torch.device(want)
+        if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
+            n = torch.cuda.device_count()  # before anything is written: .to(cuda:N) would fail in the stage
+            raise EmbclfError(f"device={want}: this machine has {n} CUDA device(s), cuda:0 to cuda:{n - 1}; use one "
+                              "of them, or device=auto.")
     else:
         raise EmbclfError(f"device={want!r} is not a device; use auto, cpu, cuda or cuda:N.")
     name = torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu"

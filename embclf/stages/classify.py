@@ -314,6 +314,7 @@ def run(cfg, run_dir: Path, overrides: List[str], encoder: Optional[Path] = None
     # read onto the CPU (weights_only: a checkpoint is data, never code); a file of another kind fails here
     ck = runs.load_checkpoint(ckpt_path, ("model", "config", "state"),
                               "classify.encoder" if cfg.classify.encoder else "encoder checkpoint")
+    runs.check_image_size(ck["config"], int(cfg.data.image_size), ckpt_path)  # before the data is decoded
     ds = data_mod.load(cfg.data)
     if resume is not None:  # a head's training continues on the same images only
         runs.refuse_changed_data(run_dir, prior, ds.fingerprint)
