@@ -436,6 +436,35 @@ def command_line() -> List[str]:
     return [str(a) for a in given] if isinstance(given, list) else list(sys.argv)
 
 
+def cpu_info() -> Dict[str, Any]:
+    """The CPU a run's numbers came from: ``model`` (from /proc/cpuinfo; ``platform.processor()`` elsewhere),
+    ``capability`` (the vector ISA PyTorch's CPU kernels use: ``torch.backends.cpu.get_cpu_capability()``, e.g.
+    "AVX2" or "AVX512") and ``flags`` (the AVX-512 / bf16 / AMX flags the kernel reports). Two runs of one
+    config are bit-identical only with equal ``capability``, thread count and library versions."""
+    import torch
+
+    model, flags = platform.processor() or None, []
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+        model = next((ln.split(":", 1)[1].strip() for ln in text.splitlines() if ln.startswith("model name")), model)
+        line = next((ln for ln in text.splitlines() if ln.startswith("flags")), "")
+        flags = sorted(f for f in line.split(":", 1)[-1].split()
+                       if f in ("avx2", "fma", "avx512f", "avx512_bf16", "avx512_vnni", "amx_bf16", "amx_tile"))
+    except OSError:
+        pass
+    try:
+        capability = torch.backends.cpu.get_cpu_capability()
+    except (AttributeError, RuntimeError):
+        capability = None
+    return {"model": model, "capability": capability, "flags": flags}
+
+
+def _threads() -> int:
+    import torch
+
+    return torch.get_num_threads()
+
+
 def provenance(cfg, fingerprint: Optional[str] = None, device_name: Optional[str] = None,
                files: Optional[str] = None) -> Dict[str, Any]:
     """What produced a run: code (git commit, dirty flag; None outside a git checkout, e.g. a wheel),
@@ -462,6 +491,9 @@ def provenance(cfg, fingerprint: Optional[str] = None, device_name: Optional[str
                  "subset_seed": d.subset_seed, "fingerprint": fingerprint, "files_fingerprint": files},
         "hostname": socket.gethostname(),
         "platform": platform.platform(),
+        # runs are bit-identical only on the same CPU kernels, thread count and library versions: record them
+        "cpu": cpu_info(),
+        "threads": _threads(),
         "device_name": device_name,
         "argv": command_line(),
         "start_time_iso": time.strftime("%Y-%m-%dT%H:%M:%S%z"),

@@ -72,6 +72,9 @@ def test_run_dir_artifacts_and_provenance(tiny_sweep):
             assert len(p["data"]["files_fingerprint"]) == 40
             assert p["data"]["root_resolved"] == os.path.realpath(p["data"]["root"])
         assert p["hostname"] and p["device_name"] == "cpu" and s["end_time"] > s["start_time"]
+        # what bit-identical results depend on: the CPU kernels' ISA and the thread count
+        import torch
+        assert p["cpu"]["capability"] == torch.backends.cpu.get_cpu_capability() and p["threads"] >= 1
         assert (p["git_commit"] is None) == (p["git_dirty"] is None)  # None only outside a git checkout
         if s["stage"] == "autoencode":
             from PIL import Image
