@@ -591,8 +591,6 @@ def iter_run_dirs(root: Path) -> Iterator[Path]:
                 yield p.parent
 
 
-with_schema_defaults = identity.with_schema_defaults
-
 # the objective's options in the model group and their "off" values (classify's hint prints the ones that are on)
 MODEL_OBJECTIVE_DEFAULTS = {"ce_weight": 0.0, "decorrelation_weight": 0.0, "decorrelation": "class", "kl_warmup_epochs": 0}
 
