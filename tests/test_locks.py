@@ -319,7 +319,7 @@ def test_sweep_records_are_archived_in_order_and_the_report_lists_each_command_o
 
 
 def test_launcher_sees_a_job_held_seconds_ago_before_its_summary_exists(tmp_path):
-    from hydra_plugins.embclf_launcher._common import PlannedJob, still_running
+    from hydra_plugins.embclf_launcher.sweep_plan import PlannedJob, still_running
 
     job = PlannedJob(idx=0, overrides=["seed=0"], cfg=OmegaConf.create({"stage": "autoencode"}), run_dir=tmp_path / "j")
     assert still_running(job) is None
