@@ -24,6 +24,7 @@ from omegaconf import DictConfig, open_dict
 from . import debug, locks, runs, tracking
 from .config import Stage, absolute_paths, conf_dir, problems
 from .data import DataError
+from .optional import needs_search_extras
 from .runtime import EmbclfError
 from .stages import autoencode, classify
 
@@ -238,6 +239,7 @@ def _interrupted(cfg: DictConfig, job_dir: Path, hc) -> None:
     sys.exit(130)
 
 
+@needs_search_extras  # before Hydra: a search without its extra says how to install it (embclf/optional.py)
 @hydra.main(config_path=conf_dir(), config_name="config", version_base=None)
 def main(cfg: DictConfig) -> float:
     """Hydra task function (see module docstring). Returns the value named by ``objective`` (a float, what
