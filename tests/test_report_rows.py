@@ -200,7 +200,6 @@ def test_a_running_job_is_checked_not_trusted(monkeypatch, tmp_path):
     """A summary that says "running" is checked: a dead process on this host reads "interrupted"; a job on
     another host or on SLURM, which this host cannot ask, says so instead of claiming to run."""
     import socket
-    from embclf import report
 
     monkeypatch.setenv("PATH", str(tmp_path))  # no squeue/sacct here
     dead = {"status": "running", "hostname": socket.gethostname(), "pid": 2**22 + 12345}

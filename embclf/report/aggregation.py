@@ -7,7 +7,7 @@ from typing import Dict, Iterable, List, Optional
 import numpy as np
 import pandas as pd
 
-from .rows import NUMERIC, PROBE_PREFIX, probe_names
+from .rows import NUMERIC, PROBE_PREFIX, _num, probe_names
 
 
 def class_names(rows: Iterable[dict]) -> List[str]:
@@ -26,61 +26,53 @@ def _value(r: dict, k: str) -> Optional[float]:
     return r.get(k)
 
 
-def _mean_std(col: pd.Series):
-    """(mean, sample std) of a group's non-missing values; std None for one value; None for no value."""
-    v = col.dropna()
-    if v.empty:
-        return None
-    return float(v.mean()), (float(v.std(ddof=1)) if len(v) > 1 else None)
-
-
 def aggregate(rows: List[dict]) -> List[dict]:
     """One row per configuration (``config_id``; rows without one group by label and stage) over completed,
     used runs: numbers as (mean, sample std) over distinct seeds, ``n`` the number of seeds. A seed that ran
     more than once counts once (its newest run, see ``rows._mark_used``), and ``repeats`` says so, e.g.
     "seed 0 ×2 (newest used)". Runs that did not complete are left out (listed separately).
 
-    Per-class accuracy is the mean over the seeds that have the class (seeds on different class sets)."""
+    Missing numbers (None, NaN of a diverged run) are left out of a mean; std is None for one value. Per-class
+    accuracy is each class's mean over the seeds that have it (seeds on different class sets)."""
     done = [r for r in rows if r["status"] == "completed"]
     if not done:
         return []
-    probes = [PROBE_PREFIX + p for p in probe_names(rows)]
-    nums = NUMERIC + probes
-    df = pd.DataFrame({
-        "group": [str(r.get("config_id") or r["label"]) for r in done],
-        "stage": [r["stage"] for r in done],
-        "seed": pd.Series([r["seed"] for r in done], dtype=object),  # ints stay ints, None stays None
-        "used": [bool(r.get("used", True)) for r in done],
-        "i": range(len(done)),  # the row itself, for the fields taken from a group's first row
-        # None (not measured) is NaN, missing like a diverged run's NaN: the mean is over the values there are
-        **{k: np.array([_value(r, k) for r in done], dtype=float) for k in nums},
-    })
+    nums = NUMERIC + [PROBE_PREFIX + p for p in probe_names(rows)]
+    keys = pd.DataFrame({"group": [str(r.get("config_id") or r["label"]) for r in done],
+                         "stage": [r["stage"] for r in done],
+                         "seed": pd.Series([r["seed"] for r in done], dtype=object),  # ints stay ints
+                         "used": [bool(r.get("used", True)) for r in done]})
     # a seed that ran more than once: how many runs the unused ones add, per (configuration, seed)
-    dups = df[~df["used"]].groupby(["group", "stage", "seed"], sort=False, dropna=False).size()
-    used = df[df["used"]]
+    dups = keys[~keys["used"]].groupby(["group", "stage", "seed"], sort=False, dropna=False).size()
+    used = keys["used"].to_numpy()
+    keys = keys[used].reset_index(drop=True)
+    kept = [r for r, u in zip(done, used) if u]
+    values = pd.DataFrame({k: np.array([_value(r, k) for r in kept], dtype=float) for k in nums})
+    by = [keys["group"], keys["stage"]]
+    grouped = values.groupby(by, sort=False, dropna=False)
+    mean, std, count = grouped.mean(), grouped.std(ddof=1), grouped.count()
+    pcs = pd.DataFrame.from_records([{str(c): _num(v) for c, v in r["per_class_accuracy"].items()}
+                                     if isinstance(r.get("per_class_accuracy"), dict) else {} for r in kept],
+                                    index=range(len(kept)))
+    pc_mean = pcs.astype(float).groupby(by, sort=False, dropna=False).mean() if len(pcs.columns) else None
     out = []
-    for (_, stage), g in used.groupby(["group", "stage"], sort=False, dropna=False):
-        first = done[int(g["i"].iloc[0])]
+    for (group, stage), idx in keys.groupby(["group", "stage"], sort=False, dropna=False).groups.items():
+        members = [kept[i] for i in idx]
+        first = members[0]
+        seeds = [r["seed"] for r in members]
         a = {"label": first["label"], "model": first["model"], "latent": first["latent"], "stage": stage,
-             "n": len(set(g["seed"].tolist())), "seed": ",".join(str(s) for s in g["seed"].tolist()), "status": "completed",
+             "n": len(set(seeds)), "seed": ",".join(str(s) for s in seeds), "status": "completed",
              "epochs": first["epochs"], "config_id": first.get("config_id"), "head": first.get("head"),
              "varying": first.get("varying", [])}
-        key = g["group"].iloc[0]
-        reps = [f"seed {s} ×{dups[(key, stage, s)] + 1}" for s in g["seed"].tolist() if (key, stage, s) in dups.index]
+        reps = [f"seed {s} ×{dups[(group, stage, s)] + 1}" for s in seeds if (group, stage, s) in dups.index]
         a["repeats"] = ", ".join(reps) + " (newest used)" if reps else ""
-        a.update({k: _mean_std(g[k]) for k in nums})
-        pcs = [done[i]["per_class_accuracy"] for i in g["i"] if isinstance(done[i].get("per_class_accuracy"), dict)]
-        a["per_class_accuracy"] = _per_class_mean(pcs)
+        for k in nums:
+            n = int(count.at[(group, stage), k])
+            a[k] = None if n == 0 else (float(mean.at[(group, stage), k]),
+                                        float(std.at[(group, stage), k]) if n > 1 else None)
+        have = [r["per_class_accuracy"] for r in members if isinstance(r.get("per_class_accuracy"), dict)]
+        a["per_class_accuracy"] = None if not have else {
+            c: float(pc_mean.at[(group, stage), c]) for c in class_names({"per_class_accuracy": p} for p in have)
+            if not np.isnan(pc_mean.at[(group, stage), c])}
         out.append(a)
     return out
-
-
-def _per_class_mean(pcs: List[dict]) -> Optional[Dict[str, float]]:
-    """Each class's mean accuracy over the per-class dicts that have a finite number for it (first-seen class
-    order); None when there are none."""
-    if not pcs:
-        return None
-    m = pd.DataFrame.from_records([{str(c): v for c, v in p.items()} for p in pcs])
-    m = m.apply(pd.to_numeric, errors="coerce").replace([np.inf, -np.inf], np.nan)
-    means = m.mean(skipna=True)
-    return {c: float(means[c]) for c in class_names({"per_class_accuracy": p} for p in pcs) if not np.isnan(means[c])}
