@@ -92,21 +92,24 @@ def make_sweep(root: Path, n_runs: int) -> Path:
         _jobs(root, jobs)
     finally:
         os.fsync = fsync
+    from omegaconf import OmegaConf
+
+    # last: the sweep's record marks a complete sweep (an interrupted generation is continued, not measured)
+    overrides = ["model=ae,vae", "autoencode.lr=" + ",".join(map(str, LRS)), "seed=range(0,5)", "stage=all"]
+    (root / "multirun.yaml").write_text(OmegaConf.to_yaml({"hydra": {"overrides": {"task": overrides}}}))
     return root
 
 
 def _jobs(root: Path, jobs: int) -> None:
-    from omegaconf import OmegaConf
-
     from embclf import runs
 
-    overrides = ["model=ae,vae", "autoencode.lr=" + ",".join(map(str, LRS)), "seed=range(0,5)", "stage=all"]
-    (root / "multirun.yaml").write_text(OmegaConf.to_yaml({"hydra": {"overrides": {"task": overrides}}}))
     for j in range(jobs):
         model = ("ae", "vae")[j % 2]
         lr = LRS[(j // 2) % len(LRS)]
         seed = j // (2 * len(LRS))
         job = root / f"{j}_model={model},lr={lr},seed={seed}"
+        if (job / "classify" / runs.SUMMARY).is_file():  # grown from a smaller sweep (hard-linked copy)
+            continue
         ae_dir = job / "autoencode"
         ae = _cfg(model, lr, seed, "autoencode")
         _run(ae_dir, ae, "autoencode", {"test_mse": 0.01 + j * 1e-5, "test_psnr": 20 + (j % 7) * 0.1,
@@ -163,11 +166,13 @@ def main() -> None:
     ap.add_argument("--json", type=Path, default=None)
     args = ap.parse_args()
     base = args.keep or Path(tempfile.mkdtemp(prefix="report_scale_"))
-    rows = []
+    rows, smaller = [], None
     for n in [int(x) for x in args.runs.split(",")]:
         sweep = base / f"sweep_{n}"
         if not (sweep / "multirun.yaml").is_file():
             t0 = time.perf_counter()
+            if smaller is not None and not sweep.exists():  # the smaller sweep's jobs, hard-linked, then the rest
+                subprocess.run(["cp", "-al", str(smaller), str(sweep)], check=True)
             make_sweep(sweep, n)
             print(f"generated {n} run dirs in {time.perf_counter() - t0:.0f} s: {sweep}", flush=True)
         row = {"run_dirs": n, "table": measure(sweep, figures=False)}
@@ -175,6 +180,7 @@ def main() -> None:
             row["with_figures"] = measure(sweep, figures=True)
         print(json.dumps(row), flush=True)
         rows.append(row)
+        smaller = sweep
     if args.json:
         args.json.write_text(json.dumps(rows, indent=1))
     if args.keep is None:

@@ -78,7 +78,7 @@ def test_per_epoch_curves_are_one_line_per_configuration_with_a_band(tmp_path):
     sw = _sweep(tmp_path)
     rows = [r for r in report.collect([sw]) if r["used"]]
     assert len(rows) == 6
-    metrics = {r["run_dir"]: figures._metrics(r["run_dir"], ["psnr"]) for r in rows}
+    metrics = figures._metrics([r["run_dir"] for r in rows], ["psnr"])
     fig = figures.curves_figure(rows, "run_dir", (("val", "psnr", "val PSNR"),), metrics)
     ax = fig.axes[0]
     assert len(ax.lines) == 2 == len({r["label"] for r in rows})  # lines = configurations, not seeds

@@ -56,28 +56,26 @@ def _curve_labels(rows: List[dict]) -> Dict[str, str]:
     return out
 
 
-def _metrics(run_dir: str, keys: Sequence[str]) -> pd.DataFrame:
-    """A run's metrics.jsonl as a DataFrame (one row per record) of ``epoch``, ``split`` and ``keys`` only:
-    the report holds many runs' metrics at once, so nothing else is kept."""
-    recs = [{k: m.get(k) for k in ("epoch", "split", *keys)} for m in runs.read_metrics(Path(run_dir))]
-    return pd.DataFrame.from_records(recs, columns=["epoch", "split", *keys])
+def _metrics(run_dirs: Sequence[str], keys: Sequence[str]) -> pd.DataFrame:
+    """The metrics.jsonl records of ``run_dirs`` as one DataFrame: ``run_dir``, ``epoch`` and ``split``, and
+    ``keys`` only (the report holds many runs' metrics at once, so nothing else is kept); non-numbers NaN."""
+    recs = [(d, m.get("epoch"), m.get("split"), *(m.get(k) for k in keys))
+            for d in run_dirs for m in runs.read_metrics(Path(d))]
+    df = pd.DataFrame.from_records(recs, columns=["run_dir", "epoch", "split", *keys])
+    for k in ("epoch", *keys):
+        df[k] = pd.to_numeric(df[k], errors="coerce")
+    return df
 
 
-def _band(frames: List[pd.DataFrame], split: str, key: str) -> Optional[pd.DataFrame]:
-    """Per epoch, the mean, min and max of ``key`` on ``split`` over the runs (seeds) in ``frames`` (each a
-    ``_metrics`` frame), and how many runs have the epoch; None when no run has that metric."""
-    parts = []
-    for i, m in enumerate(frames):
-        if m.empty or key not in m.columns or "epoch" not in m.columns or "split" not in m.columns:
-            continue
-        sel = m.loc[m["split"] == split, ["epoch", key]]
-        sel = sel.assign(epoch=pd.to_numeric(sel["epoch"], errors="coerce"),
-                         value=pd.to_numeric(sel[key], errors="coerce"), run=i).dropna(subset=["epoch", "value"])
-        parts.append(sel[["epoch", "value", "run"]])
-    if not parts:
-        return None
-    df = pd.concat(parts).drop_duplicates(["run", "epoch"], keep="last")  # a resumed epoch: its last record
-    return df.groupby("epoch")["value"].agg(["mean", "min", "max", "count"]).sort_index()
+def _bands(metrics: pd.DataFrame, label_of: Dict[str, str], split: str, key: str) -> pd.DataFrame:
+    """Per (label, epoch): the mean, min and max of ``key`` on ``split`` over the label's runs (seeds;
+    ``label_of``: run dir -> label), and how many runs have that epoch. A resumed epoch counts once (its
+    last record)."""
+    sel = metrics.loc[(metrics["split"] == split) & metrics["run_dir"].isin(label_of.keys()),
+                      ["run_dir", "epoch", key]].dropna()
+    sel = sel.drop_duplicates(["run_dir", "epoch"], keep="last")
+    sel = sel.assign(label=sel["run_dir"].map(label_of))
+    return sel.groupby(["label", "epoch"], sort=True)[key].agg(["mean", "min", "max", "count"])
 
 
 LINESTYLES = ("-", "--", "-.", ":")
@@ -111,11 +109,11 @@ CURVES = (("val_psnr.png", "run_dir", (("val", "psnr", "val PSNR (dB)"),)),
 BAND = "line: mean over seeds; band: min–max over seeds"
 
 
-def curves_figure(rows: List[dict], dir_key: str, panels: Sequence[tuple], metrics: Dict[str, pd.DataFrame]):
+def curves_figure(rows: List[dict], dir_key: str, panels: Sequence[tuple], metrics: pd.DataFrame):
     """One figure of per-epoch curves (one panel per (split, key, y label) of ``panels``) over the run dirs
     under ``dir_key`` of ``rows``: one line per configuration (the row label) at the mean over its seeds,
     with a shaded band from the min to the max over its seeds where it has more than one (the legend says
-    so). ``metrics``: run dir -> ``_metrics`` frame, read once per run. Returns the figure, or None when no
+    so). ``metrics``: the runs' ``_metrics``, read once per run. Returns the figure, or None when no
     run has any of the panels' metrics."""
     plt = _plt()
     from matplotlib.lines import Line2D
@@ -124,28 +122,26 @@ def curves_figure(rows: List[dict], dir_key: str, panels: Sequence[tuple], metri
 
     labels = list(OrderedDict((r["label"], None) for r in rows))
     sty = styles(labels)
-    per_label: Dict[str, List[str]] = OrderedDict()
-    seen = set()
+    label_of: Dict[str, str] = {}
     for r in rows:
         d = r.get(dir_key)
-        if not d or d in seen:  # an encoder shared by several heads is one run
-            continue
-        seen.add(d)
-        per_label.setdefault(r["label"], []).append(d)
+        if d and d not in label_of:  # an encoder shared by several heads is one run
+            label_of[d] = r["label"]
+    n_runs = pd.Series(list(label_of.values())).value_counts()
     fig, axes = plt.subplots(1, len(panels), figsize=(6.5 * len(panels), 4.5), squeeze=False)
     used, banded = OrderedDict(), False
     for ax, (split, key, ylabel) in zip(axes[0], panels):
-        for label, dirs in per_label.items():
-            st = _band([metrics[d] for d in dirs], split, key)
-            if st is None or st.empty:
-                continue
+        bands = _bands(metrics, label_of, split, key) if key in metrics.columns else None
+        present = set(bands.index.get_level_values(0)) if bands is not None else set()
+        for label in (lab for lab in labels if lab in present):
+            st = bands.loc[label]
             x = st.index.to_numpy()
             ax.plot(x, st["mean"].to_numpy(), lw=1.3, marker="." if len(x) < 20 else None, **sty[label])
             if st["count"].max() > 1:
                 ax.fill_between(x, st["min"].to_numpy(), st["max"].to_numpy(), alpha=0.2, lw=0,
                                 color=sty[label]["color"])
                 banded = True
-            used[label] = len(dirs)
+            used[label] = int(n_runs[label])
         ax.set_xlabel("epoch")
         ax.set_ylabel(ylabel)
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
@@ -165,14 +161,13 @@ def plot_curves(rows: List[dict], out: Path) -> List[Path]:
     """val_psnr.png, val_mse.png (autoencode), val_accuracy.png and ce.png (classify; train and val panels)
     against epoch (integer ticks): per configuration (the row label) the mean over seeds and a min–max band
     (``curves_figure``), the legend outside the axes. Each run's metrics.jsonl is read once."""
-    metrics: Dict[str, pd.DataFrame] = {}
+    metrics = pd.DataFrame()
     written, held = [], None
     for name, dir_key, panels in CURVES:
         if dir_key != held:  # the autoencode runs' metrics, then the classify runs': one set held at a time
             held = dir_key
             keys = sorted({k for _, dk, ps in CURVES if dk == dir_key for _, k, _ in ps})
-            metrics = {r[dir_key]: None for r in rows if r.get(dir_key)}
-            metrics = {d: _metrics(d, keys) for d in metrics}
+            metrics = _metrics(list(OrderedDict((r[dir_key], None) for r in rows if r.get(dir_key))), keys)
         fig = curves_figure(rows, dir_key, panels, metrics)
         if fig is None:
             continue
@@ -353,8 +348,8 @@ def plot_reconstructions(rows: List[dict], out: Path) -> Optional[Path]:
 
 def plot_per_class(agg: List[dict], out: Path) -> Optional[Path]:
     """per_class_accuracy.png: test accuracy per class (columns: every class of any configuration) for every
-    configuration with a classifier (rows; mean over seeds) as a heat map; values printed in the cells up to 20
-    classes; a class a configuration's data does not have is a grey cell."""
+    configuration with a classifier (rows; mean over seeds) as a heat map; values printed in the cells up to 20 classes
+    and 40 configurations; a class a configuration's data does not have is a grey cell."""
     rs = [a for a in agg if a.get("per_class_accuracy")]
     if not rs:
         return None
@@ -367,7 +362,7 @@ def plot_per_class(agg: List[dict], out: Path) -> Optional[Path]:
     im = ax.imshow(np.ma.masked_invalid(m), aspect="auto", cmap=cmap, vmin=0, vmax=1, interpolation="nearest")
     ax.set_yticks(range(len(rs)), [a["label"] for a in rs], fontsize=8)
     ax.set_xticks(range(len(classes)), classes, rotation=90, fontsize=8 if len(classes) <= 20 else 5)
-    if len(classes) <= 20:
+    if len(classes) <= 20 and len(rs) <= 40:  # numbers readable (and 4,000 texts cost a minute to lay out)
         for i in range(m.shape[0]):
             for j in range(m.shape[1]):
                 if np.isnan(m[i, j]):
