@@ -136,26 +136,29 @@ except SystemExit as e:
     code = e.code
 else:
     code = 0
-open(peak_file, "w").write(str(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss))
+ru = resource.getrusage(resource.RUSAGE_SELF)
+open(peak_file, "w").write(f"{ru.ru_maxrss} {ru.ru_utime + ru.ru_stime}")
 sys.exit(code)
 """
 
 
-def measure(sweep: Path, figures: bool) -> dict:
-    """Wall seconds and peak RSS (MiB) of ``python -m embclf.report SWEEP`` in a fresh interpreter."""
+def measure(sweep: Path, figures: bool, repo: Path = REPO) -> dict:
+    """Wall seconds, CPU seconds (user + system: what the wall time is on a quiet machine, the report being
+    single-threaded) and peak RSS (MiB) of ``python -m embclf.report SWEEP`` in a fresh interpreter, run from
+    the checkout ``repo`` (another one measures a baseline)."""
     out = Path(tempfile.mkdtemp(prefix="report_out_"))
     peak = out / "peak"
     cmd = [sys.executable, "-c", _CHILD, str(peak), str(sweep), "--out", str(out / "rep")]
     cmd += [] if figures else ["--no-figures"]
-    env = {**os.environ, "PYTHONPATH": str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    env = {**os.environ, "PYTHONPATH": str(repo) + os.pathsep + os.environ.get("PYTHONPATH", "")}
     t0 = time.perf_counter()
-    proc = subprocess.run(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.run(cmd, env=env, cwd=repo, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     wall = time.perf_counter() - t0
     if proc.returncode != 0:
         raise SystemExit(f"report failed ({proc.returncode}): {proc.stderr[-2000:]}")
-    rss = int(peak.read_text())
+    rss, cpu = peak.read_text().split()
     shutil.rmtree(out, ignore_errors=True)
-    return {"seconds": round(wall, 2), "peak_rss_mib": round(rss / 1024, 1)}
+    return {"seconds": round(wall, 2), "cpu_seconds": round(float(cpu), 2), "peak_rss_mib": round(int(rss) / 1024, 1)}
 
 
 def main() -> None:
@@ -164,6 +167,7 @@ def main() -> None:
     ap.add_argument("--no-figures", action="store_true")
     ap.add_argument("--keep", type=Path, default=None, help="generate the sweeps under this dir and keep them")
     ap.add_argument("--json", type=Path, default=None)
+    ap.add_argument("--baseline", type=Path, default=None, help="also measure the table with this checkout")
     args = ap.parse_args()
     base = args.keep or Path(tempfile.mkdtemp(prefix="report_scale_"))
     rows, smaller = [], None
@@ -176,6 +180,8 @@ def main() -> None:
             make_sweep(sweep, n)
             print(f"generated {n} run dirs in {time.perf_counter() - t0:.0f} s: {sweep}", flush=True)
         row = {"run_dirs": n, "table": measure(sweep, figures=False)}
+        if args.baseline:
+            row["table_baseline"] = measure(sweep, figures=False, repo=args.baseline.resolve())
         if not args.no_figures:
             row["with_figures"] = measure(sweep, figures=True)
         print(json.dumps(row), flush=True)
