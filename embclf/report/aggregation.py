@@ -55,7 +55,8 @@ def aggregate(rows: List[dict]) -> List[dict]:
     pcs = pd.DataFrame.from_records([{str(c): _num(v) for c, v in r["per_class_accuracy"].items()}
                                      if isinstance(r.get("per_class_accuracy"), dict) else {} for r in kept],
                                     index=range(len(kept)))
-    pc_mean = pcs.astype(float).groupby(by, sort=False, dropna=False).mean().to_dict("index") if len(pcs.columns) else {}
+    pc_mean = (pcs.astype(float).groupby(by, sort=False, dropna=False).mean().to_dict("index")
+               if len(pcs.columns) else {})
     out = []
     for (group, stage), idx in keys.groupby(["group", "stage"], sort=False, dropna=False).groups.items():
         members = [kept[i] for i in idx]

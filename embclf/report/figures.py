@@ -149,7 +149,8 @@ def curves_figure(rows: List[dict], dir_key: str, panels: Sequence[tuple], metri
     if not used:
         plt.close(fig)
         return None
-    handles = [Line2D([], [], lw=1.5, label=lab + (f" (n={n})" if n > 1 else ""), **sty[lab]) for lab, n in used.items()]
+    handles = [Line2D([], [], lw=1.5, label=lab + (f" (n={n})" if n > 1 else ""), **sty[lab])
+               for lab, n in used.items()]
     if banded:
         handles.append(Patch(color="grey", alpha=0.3, label=BAND))
     _legend(fig, handles, len(handles))

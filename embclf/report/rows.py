@@ -1,6 +1,6 @@
-"""Collect runs: read every run dir under the given paths (each once, summary.json and config.yaml only) into
-rows, one per unit (an autoencode run joined with the classify run on its encoder), and ``load``: the same
-runs as a pandas DataFrame, one row per run dir, for a notebook."""
+"""Collect runs: read every run dir under the given paths once (``read_runs``: summary.json and config.yaml
+only; ``frame.load`` builds its DataFrame from the same reading) and join them into rows, one per unit (an
+autoencode run joined with the classify run on its encoder), each with its settings, label and row identity."""
 from __future__ import annotations
 
 import hashlib

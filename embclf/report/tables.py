@@ -20,14 +20,16 @@ from .rows import COLUMNS, PROBE_PREFIX, _short, probe_names
 
 # columns that count things: printed as integers where they are whole (a mean over seeds keeps 1 decimal)
 COUNTS = frozenset({"active_units"})
-FORMATS = MappingProxyType({"test_mse": "{:.5f}", "test_psnr": "{:.2f}", "test_kl": "{:.2f}", "active_units": "{:.1f}",
-           "val_accuracy": "{:.4f}", "test_accuracy": "{:.4f}", "wall_seconds": "{:.0f}", "final_test_mse": "{:.5f}",
-           "final_test_psnr": "{:.2f}", "final_test_accuracy": "{:.4f}"})
-HEADERS = MappingProxyType({"label": "run", "test_mse": "test MSE", "test_psnr": "test PSNR (dB)", "test_kl": "test KL (nats)",
-           "active_units": "active units", "val_accuracy": "val acc", "test_accuracy": "test acc",
-           "final_test_mse": "last-epoch test MSE", "final_test_psnr": "last-epoch test PSNR",
-           "final_test_accuracy": "last-epoch test acc", "wall_seconds": "wall (s)", "epochs": "epochs",
-           "repeats": "repeated seeds"})
+FORMATS = MappingProxyType({
+    "test_mse": "{:.5f}", "test_psnr": "{:.2f}", "test_kl": "{:.2f}", "active_units": "{:.1f}",
+    "val_accuracy": "{:.4f}", "test_accuracy": "{:.4f}", "wall_seconds": "{:.0f}", "final_test_mse": "{:.5f}",
+    "final_test_psnr": "{:.2f}", "final_test_accuracy": "{:.4f}"})
+HEADERS = MappingProxyType({
+    "label": "run", "test_mse": "test MSE", "test_psnr": "test PSNR (dB)", "test_kl": "test KL (nats)",
+    "active_units": "active units", "val_accuracy": "val acc", "test_accuracy": "test acc",
+    "final_test_mse": "last-epoch test MSE", "final_test_psnr": "last-epoch test PSNR",
+    "final_test_accuracy": "last-epoch test acc", "wall_seconds": "wall (s)", "epochs": "epochs",
+    "repeats": "repeated seeds"})
 PC_PREFIX = "pc:"  # per-class accuracy columns of report.md: "pc:<class>"
 
 
