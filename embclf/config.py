@@ -297,7 +297,7 @@ def _non_negative_real(v) -> bool:
 SEED_MAX = 2 ** 32 - 1  # numpy's and scikit-learn's seeds are 32-bit unsigned
 DEVICE_PATTERN = re.compile(r"auto|cpu|cuda(:\d+)?")
 HEAD_NAMES = ("mlp", "linear", "knn", "logreg")  # embclf/heads.py HEADS (the head group's options)
-PROJECTIONS = ("pca", "tsne", "umap")  # embclf/plots.py METHODS
+PROJECTIONS = ("pca", "tsne", "umap")  # embclf/report/projections.py METHODS
 LOGGERS = ("wandb", "none")  # conf/logger/*.yaml
 DEBUG_MODES = ("none", "fast", "overfit")  # conf/debug/*.yaml
 

@@ -18,7 +18,9 @@ from PIL import Image
 from conftest import CIFAR, REPO
 from report_fixtures import ae_run, clf_run
 
-from embclf import identity, plots, report, runs
+from embclf import identity, report, runs
+from embclf import liveness
+from embclf.report import figures, projections as plots, tables
 from embclf.config import conf_dir
 from embclf.data import Split
 from embclf.models import build_model
@@ -64,7 +66,7 @@ def test_rows_are_configurations_not_seeds(tmp_path):
     assert "## What was run" in md and "`head.hidden`" in md and "best-on-val" in md
     assert "seed 0 ×2 (newest used)" in md and "## Test accuracy per class" in md
     # curve legends tell every run apart
-    labels = report._curve_labels(res["rows"])
+    labels = figures._curve_labels(res["rows"])
     assert len(set(labels.values())) == len(labels) == 9
 
 
@@ -198,25 +200,24 @@ def test_a_running_job_is_checked_not_trusted(monkeypatch, tmp_path):
     """A summary that says "running" is checked: a dead process on this host reads "interrupted"; a job on
     another host or on SLURM, which this host cannot ask, says so instead of claiming to run."""
     import socket
-    from embclf import report
 
     monkeypatch.setenv("PATH", str(tmp_path))  # no squeue/sacct here
     dead = {"status": "running", "hostname": socket.gethostname(), "pid": 2**22 + 12345}
-    assert report._status(dead) == "interrupted"
-    assert "cannot check" in report._status({"status": "running", "hostname": "node17", "pid": 1})
-    slurm = report._status({"status": "running", "hostname": "node17", "slurm_job_id": "123_4"})
+    assert liveness.status_text(dead) == "interrupted"
+    assert "cannot check" in liveness.status_text({"status": "running", "hostname": "node17", "pid": 1})
+    slurm = liveness.status_text({"status": "running", "hostname": "node17", "slurm_job_id": "123_4"})
     assert slurm.startswith("running?") and "SLURM job 123_4" in slurm
-    assert report._status({"status": "completed"}) == "completed"
+    assert liveness.status_text({"status": "completed"}) == "completed"
 
 
 def test_counts_print_as_integers_over_seeds_too():
     """Active units are a count: one seed, or several seeds with the same count, print as an integer; a
     mean over seeds that differ keeps one decimal."""
-    assert report._fmt("active_units", 32.0) == "32"
-    assert report._fmt("active_units", (32.0, None)) == "32"
-    assert report._fmt("active_units", (32.0, 0.0)) == "32"
-    assert report._fmt("active_units", (31.5, 0.7071)) == "31.5 ± 0.7"
-    assert report._fmt("test_psnr", (16.0, 0.0)) == "16.00 ± 0.00"  # not a count: the spread is shown
+    assert tables._fmt("active_units", 32.0) == "32"
+    assert tables._fmt("active_units", (32.0, None)) == "32"
+    assert tables._fmt("active_units", (32.0, 0.0)) == "32"
+    assert tables._fmt("active_units", (31.5, 0.7071)) == "31.5 ± 0.7"
+    assert tables._fmt("test_psnr", (16.0, 0.0)) == "16.00 ± 0.00"  # not a count: the spread is shown
 
 
 def _preset_record(run_dir, name):

@@ -13,7 +13,7 @@
    ``classify.probes`` fits more heads on the same embeddings: summary ``probes`` =
    {head name: {"val_accuracy", "test_accuracy", ...}} (the main head included).
 5. Write the result (summary.json, status "completed") first; only then the optional extras: project the
-   test embeddings to 2-D (images/pca.png, tsne.png, umap.png; ``embclf.plots``) and log them, a table of
+   test embeddings to 2-D (images/pca.png, tsne.png, umap.png; ``embclf.report.projections``) and log them, a table of
    test embeddings and the confusion matrix to the tracker (wandb, ``embclf.tracking``). A failure of an
    extra is a warning and never loses the result.
 """
@@ -29,7 +29,8 @@ import torch
 from omegaconf import OmegaConf
 
 from .. import data as data_mod
-from .. import identity, losses, plots, runs, runtime, tracking
+from .. import identity, losses, runs, runtime, tracking
+from ..report import projections as plots
 from ..heads import build_head, check_dropout, check_names, is_trainable
 from ..models import build_model
 from .autoencode import _rng_state, _set_rng_state
