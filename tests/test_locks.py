@@ -88,8 +88,15 @@ def _wait_stopped(pid: int, proc: Proc = None, timeout: float = 120) -> None:
 
 
 def _snapshot(d: Path) -> dict:
-    """Every file under ``d`` (lock file included) -> md5 of its content."""
-    return {str(p.relative_to(d)): hashlib.md5(p.read_bytes()).hexdigest() for p in sorted(d.rglob("*")) if p.is_file()}
+    """Every file under ``d`` -> md5 of its content; a lock file -> its record without the heartbeat.
+
+    A live holder rewrites its heartbeat every ``locks.HEARTBEAT_S`` seconds: on a loaded machine a refused second
+    command can take longer than that, so the heartbeat is the one field that may move (who holds it may not)."""
+    def content(p: Path):
+        if p.name == ".embclf.lock":
+            return {k: v for k, v in json.loads(p.read_text()).items() if k != "heartbeat"}
+        return hashlib.md5(p.read_bytes()).hexdigest()
+    return {str(p.relative_to(d)): content(p) for p in sorted(d.rglob("*")) if p.is_file()}
 
 
 def _epochs(run_dir: Path) -> list:
