@@ -96,7 +96,9 @@ def _snapshot(d: Path) -> dict:
         if p.name == ".embclf.lock":
             return {k: v for k, v in json.loads(p.read_text()).items() if k != "heartbeat"}
         return hashlib.md5(p.read_bytes()).hexdigest()
-    return {str(p.relative_to(d)): content(p) for p in sorted(d.rglob("*")) if p.is_file()}
+    # a heartbeat's temporary (``.embclf.lock.<token>.<ns>.tmp``) lives for a moment: not part of what is kept
+    return {str(p.relative_to(d)): content(p) for p in sorted(d.rglob("*"))
+            if p.is_file() and not (p.name.startswith(".embclf.lock.") and p.name.endswith(".tmp"))}
 
 
 def _epochs(run_dir: Path) -> list:
