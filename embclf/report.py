@@ -782,33 +782,26 @@ def _ae_runs(rows: List[dict]) -> List[tuple]:
 
 
 def plot_prior_samples(rows: List[dict], out: Path) -> Optional[Path]:
-    """prior_samples.png: per autoencode run, the top row of its last ``images/samples_eNNN.png``."""
-    from PIL import Image
-
-    from .stages.autoencode import N_SAMPLES
+    """prior_samples.png: per autoencode run, the first 8 of its last decoded samples (``images.read_samples``;
+    a VAE's from its prior N(0, I), a plain AE's from a Gaussian fitted to its training codes: the label says)."""
+    from . import images
 
     strips = []
     for label, d in _ae_runs(rows):
-        f = _last_image(d, "samples")
-        if f is None:
+        s = images.read_samples(d)
+        if s is None:
             continue
-        img = np.asarray(Image.open(f).convert("RGB"))
-        # make_grid(nrow=8, padding=1) of N_SAMPLES images: rows of (size + 1) pixels plus one border pixel
-        row_h = (img.shape[0] - 1) // math.ceil(N_SAMPLES / 8)
-        strip = img[:row_h + 1]
-        k = max(1, 96 // max(1, row_h - 1))  # enlarged like the reconstructions, to be judged by eye
-        strips.append((f"{label} (epoch {_epoch_of(f)})", strip.repeat(k, 0).repeat(k, 1)))
+        strips.append((f"{label} (epoch {s['epoch']}; {s['source']})", images.strip(s["samples"][:8])))
     if not strips:
         return None
-    return _strips_figure(strips, "8 samples from the prior N(0, I) per run (same z in every run)",
-                          out / "prior_samples.png")
+    return _strips_figure(strips, "8 decoded samples per run (same draws in every run)", out / "prior_samples.png")
 
 
 def recon_rows(img: np.ndarray) -> Optional[tuple]:
-    """Split a ``recon_eNNN.png`` (``stages.autoencode.save_images``: rows of RECON_COLS originals above
+    """Split a ``recon_eNNN.png`` (``images.save_images``: rows of RECON_COLS originals above
     their reconstructions, RECON_PAD pixels apart) into (originals, reconstructions) of its first row pair;
     None for a grid of another layout (runs written before the layout existed)."""
-    from .stages.autoencode import RECON_COLS, RECON_PAD
+    from .images import RECON_COLS, RECON_PAD
 
     h, w = img.shape[:2]
     tile = (w - RECON_PAD) / RECON_COLS - RECON_PAD
@@ -823,22 +816,19 @@ def recon_rows(img: np.ndarray) -> Optional[tuple]:
 
 def plot_reconstructions(rows: List[dict], out: Path) -> Optional[Path]:
     """reconstructions.png: the same class-balanced test images (top) and every autoencode run's
-    reconstruction of them (one row per run, from its last ``images/recon_eNNN.png``)."""
-    from PIL import Image
+    reconstruction of them (one row per run, from its last ``images.read_reconstructions``)."""
+    from . import images
 
     strips = []
     for label, d in _ae_runs(rows):
-        f = _last_image(d, "recon")
-        if f is None:
+        r = images.read_reconstructions(d)
+        if r is None:
             continue
-        img = np.asarray(Image.open(f).convert("RGB"))
-        pair = recon_rows(img)
-        if pair is None:  # another layout: the whole grid
-            strips.append((f"{label} (epoch {_epoch_of(f)}; originals above reconstructions)", img))
-            continue
+        n = min(images.RECON_COLS, len(r["originals"]))
         if not strips:
-            strips.append(("test images (a fixed class-balanced set, the same in every run)", pair[0]))
-        strips.append((f"{label} (epoch {_epoch_of(f)})", pair[1]))
+            strips.append(("test images (a fixed class-balanced set, the same in every run)",
+                           images.strip(r["originals"][:n])))
+        strips.append((f"{label} (epoch {r['epoch']})", images.strip(r["reconstructions"][:n])))
     if not strips:
         return None
     return _strips_figure(strips, "reconstructions of the same test images, one row per run",
