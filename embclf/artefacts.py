@@ -35,7 +35,7 @@ def resolve_encoder(cfg) -> Path:
             f"classify.encoder={given}: no encoder checkpoint there (looked for {' and '.join(map(str, tried))}). "
             "Point it at a completed autoencode run dir, a stage=all job dir (holding autoencode/), or a "
             "checkpoint .pt file; a run that has not completed has no best.pt yet.")
-    out = Path(str(cfg.output_dir))
+    out = Path(cfg.output_dir)
     found = runs.find_encoder_run(cfg, out)
     if found is None:
         ident = identity.identity(cfg, "autoencode")

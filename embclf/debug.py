@@ -67,7 +67,7 @@ def apply(cfg) -> str:
         cfg.data.test_size = _at_most(cfg.data.test_size, d.test_size)
         if m == "fast":
             cfg.autoencode.epochs = cfg.classify.epochs = 1
-            cfg.autoencode.batch_size = cfg.classify.batch_size = int(d.batch_size)
+            cfg.autoencode.batch_size = cfg.classify.batch_size = d.batch_size
             cfg.autoencode.image_epochs = [1]
     warn(cfg)
     return m
@@ -130,10 +130,10 @@ def overfit_autoencoder(cfg, run_dir: Path, overrides: List[str]) -> Path:
     device = env["device"]
     precision = runtime.precision(cfg)
     ds = data_mod.load(cfg.data)
-    batch = fixed_batch(ds.train, int(d.batch_size), int(cfg.seed)).to(device)
-    model = build_model(cfg.model, int(cfg.latent), int(cfg.data.image_size)).to(device)
-    beta = float(cfg.model.beta)
-    opt = runtime.adam(model.parameters(), device, float(cfg.autoencode.lr), float(cfg.autoencode.weight_decay))
+    batch = fixed_batch(ds.train, d.batch_size, cfg.seed).to(device)
+    model = build_model(cfg.model, cfg.latent, cfg.data.image_size).to(device)
+    beta = cfg.model.beta
+    opt = runtime.adam(model.parameters(), device, cfg.autoencode.lr, cfg.autoencode.weight_decay)
     run.start(device=str(device), device_name=env["name"], parameters=count_parameters(model),
               data_fingerprint=ds.fingerprint, overfit_batch=len(batch), overfit_target_psnr=d.target_psnr)
     tracker = tracking.start(cfg, run_dir, "autoencode")
@@ -142,7 +142,7 @@ def overfit_autoencoder(cfg, run_dir: Path, overrides: List[str]) -> Path:
         return engine.batch_step(model, x, beta, precision)
 
     x = data_mod.to_float(batch.images)
-    target, every, steps = float(d.target_psnr), int(d.eval_every), int(d.steps)
+    target, every, steps = d.target_psnr, d.eval_every, d.steps
     m, step, passed = {}, 0, False
     for step in range(1, steps + 1):
         model.train()
@@ -153,7 +153,7 @@ def overfit_autoencoder(cfg, run_dir: Path, overrides: List[str]) -> Path:
         if step % every == 0 or step == steps:
             m = engine.evaluate(step_fn, model, batch, len(batch))
             runs.append_metrics(run_dir, {"step": step, "split": "overfit", **m})
-            tracker.log_epoch(step, lr=float(cfg.autoencode.lr), overfit=m)
+            tracker.log_epoch(step, lr=cfg.autoencode.lr, overfit=m)
             log.info("overfit step %d/%d: PSNR %.2f dB on the batch (target %.1f dB), mse %.5f", step, steps,
                      m["psnr"], target, m["mse"])
             passed = m["psnr"] > target
@@ -202,7 +202,7 @@ def overfit_head(cfg, run_dir: Path, overrides: List[str], encoder: Optional[Pat
     env = runtime.setup(cfg)
     device = env["device"]
     ds = data_mod.load(cfg.data)
-    batch = fixed_batch(ds.train, int(d.batch_size), int(cfg.seed))
+    batch = fixed_batch(ds.train, d.batch_size, cfg.seed)
     enc_cfg = ck["config"]
     model = artefacts.build_autoencoder(ck, device)
     z = engine.embed(model, batch, device, 1000, enc_cfg.get("precision", "fp32")).to(device)
@@ -213,7 +213,7 @@ def overfit_head(cfg, run_dir: Path, overrides: List[str], encoder: Optional[Pat
               device=str(device), device_name=env["name"], overfit_batch=len(batch), classes=ds.classes)
     tracker = tracking.start(cfg, run_dir, "classify", encoder_cfg=enc_cfg)
 
-    torch.manual_seed(int(cfg.seed))
+    torch.manual_seed(cfg.seed)
     head = build_head(cfg.head, z.shape[1], len(ds.classes))
     m, step = {}, 0
     if hasattr(head, "fit"):  # a fitted probe: one fit on the batch, no steps
@@ -223,8 +223,8 @@ def overfit_head(cfg, run_dir: Path, overrides: List[str], encoder: Optional[Pat
         head = head.to(device)
         if hasattr(head, "fit_standardizer"):
             head.fit_standardizer(z)
-        opt = runtime.adam(head.parameters(), device, float(cfg.classify.lr), float(cfg.classify.weight_decay))
-        every, steps = int(d.eval_every), int(d.steps)
+        opt = runtime.adam(head.parameters(), device, cfg.classify.lr, cfg.classify.weight_decay)
+        every, steps = d.eval_every, d.steps
         for step in range(1, steps + 1):
             head.train()
             loss = losses.cross_entropy(head(z), y)
@@ -234,7 +234,7 @@ def overfit_head(cfg, run_dir: Path, overrides: List[str], encoder: Optional[Pat
             if step % every == 0 or step == steps:
                 m, _ = engine.eval_head(head, z, y, 4096)
                 runs.append_metrics(run_dir, {"step": step, "split": "overfit", **m})
-                tracker.log_epoch(step, lr=float(cfg.classify.lr), overfit=m)
+                tracker.log_epoch(step, lr=cfg.classify.lr, overfit=m)
                 log.info("overfit step %d/%d: accuracy %.4f on the batch, cross-entropy %.4f", step, steps,
                          m["accuracy"], m["loss"])
                 if m["accuracy"] >= 1.0:

@@ -310,8 +310,8 @@ def train_head(head_cfg, cc, z: Dict[str, torch.Tensor], y: Dict[str, torch.Tens
     torch.manual_seed(seed)
     head = build_head(head_cfg, z["train"].shape[1], n_classes, seed).to(device)
     head.fit_standardizer(z["train"])
-    opt = runtime.adam(head.parameters(), device, float(lr), float(cc.weight_decay))
-    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=int(cc.epochs))
+    opt = runtime.adam(head.parameters(), device, float(lr), cc.weight_decay)
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=cc.epochs)
     g = torch.Generator().manual_seed(seed)
     state = {"epoch": 0, "best_acc": -math.inf, "best_epoch": 0}
     if resume is not None:  # continue the head's training exactly where last.pt left it
@@ -322,15 +322,15 @@ def train_head(head_cfg, cc, z: Dict[str, torch.Tensor], y: Dict[str, torch.Tens
         g.set_state(resume["batch_rng"])
         state = dict(resume["state"])
     best_acc, best_epoch, best_state, epoch = state["best_acc"], state["best_epoch"], None, state["epoch"]
-    patience = None if cc.patience is None else int(cc.patience)
+    patience = None if cc.patience is None else cc.patience
     if patience is not None and epoch and epoch - best_epoch >= patience:
         epoch_range = range(0)  # it had stopped early before the interruption
     else:
-        epoch_range = range(state["epoch"] + 1, int(cc.epochs) + 1)
+        epoch_range = range(state["epoch"] + 1, cc.epochs + 1)
     for epoch in epoch_range:
         t0 = time.time()
         lr_now = opt.param_groups[0]["lr"]
-        tot_loss, tot_correct = train_head_epoch(head, opt, z["train"], y["train"], int(cc.batch_size), g).tolist()
+        tot_loss, tot_correct = train_head_epoch(head, opt, z["train"], y["train"], cc.batch_size, g).tolist()
         sched.step()
         n = len(z["train"])
         train_m = {"loss": tot_loss / n, "accuracy": tot_correct / n}
@@ -349,7 +349,7 @@ def train_head(head_cfg, cc, z: Dict[str, torch.Tensor], y: Dict[str, torch.Tens
         head.load_state_dict(best_state)
     epoch = max(epoch, state["epoch"])
     return head, {"val_accuracy": best_acc, "best_epoch": best_epoch, "epochs_run": epoch,
-                  "early_stopped": epoch < int(cc.epochs), "lr": float(lr)}
+                  "early_stopped": epoch < cc.epochs, "lr": float(lr)}
 
 
 def select_lr(head_cfg, cc, z, y, n_classes: int, seed: int):
@@ -358,7 +358,7 @@ def select_lr(head_cfg, cc, z, y, n_classes: int, seed: int):
 
     Returns (lr, {lr as text: val accuracy} or None)."""
     if not cc.lr_grid:
-        return float(cc.lr), None
+        return cc.lr, None
     scores = {}
     for lr in cc.lr_grid:
         scores[f"{float(lr):g}"] = train_head(head_cfg, cc, z, y, n_classes, seed, float(lr))[1]["val_accuracy"]

@@ -212,7 +212,7 @@ def _check_head_source(run_dir: Path, which: str, cfg) -> None:
     ck = run_dir / "checkpoints" / f"{which}.pt"
     if ck.is_file():
         return
-    if is_trainable(str(cfg.head.name)):
+    if is_trainable(cfg.head.name):
         have = sorted(p.stem for p in (run_dir / "checkpoints").glob("*.pt"))
         raise EmbclfError(f"checkpoint={which}: {ck} does not exist (the run holds "
                           f"{', '.join(f'checkpoint={h}' for h in have) or 'no checkpoint'}); choose one it has.")

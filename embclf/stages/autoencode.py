@@ -49,15 +49,15 @@ def run(cfg, run_dir: Path, overrides: List[str]) -> Path:
     if run.completed():
         return run_dir
     ac = cfg.autoencode
-    if int(cfg.latent) < 1:
+    if cfg.latent < 1:
         raise runtime.EmbclfError(f"latent={cfg.latent} must be a positive integer (e.g. latent=64).")
-    if int(ac.epochs) < 1:
+    if ac.epochs < 1:
         raise runtime.EmbclfError(f"autoencode.epochs={ac.epochs} must be at least 1.")
-    if int(cfg.model.kl_warmup_epochs) < 0:
+    if cfg.model.kl_warmup_epochs < 0:
         raise runtime.EmbclfError(f"model.kl_warmup_epochs={cfg.model.kl_warmup_epochs} must be >= 0 "
                                   "(0 = the full model.beta from the first epoch).")
     try:  # the objective's weights, checked before anything is written (the head is rebuilt below)
-        build_objective(cfg.model, int(cfg.latent), 2)
+        build_objective(cfg.model, cfg.latent, 2)
     except ValueError as e:
         raise runtime.EmbclfError(f"{e}.") from None
     last = run_dir / "checkpoints" / "last.pt"
@@ -72,13 +72,13 @@ def run(cfg, run_dir: Path, overrides: List[str]) -> Path:
         run.refuse_changed_data(ds.fingerprint)
     # airbench-style: every split lives on the training device as uint8; batches are index lookups there
     train, val, test = (s.to(device) for s in (ds.train, ds.val, ds.test))
-    model = build_model(cfg.model, int(cfg.latent), int(cfg.data.image_size)).to(device, memory_format=fmt)
+    model = build_model(cfg.model, cfg.latent, cfg.data.image_size).to(device, memory_format=fmt)
     # the joint head (model.ce_weight) and the decorrelation penalty; the head trains with the model's optimizer
-    objective = build_objective(cfg.model, int(cfg.latent), len(ds.classes))
+    objective = build_objective(cfg.model, cfg.latent, len(ds.classes))
     head = objective.head.to(device) if objective.head is not None else None
     need_labels = objective.needs_labels
-    beta = float(cfg.model.beta)
-    warmup = int(cfg.model.kl_warmup_epochs)
+    beta = cfg.model.beta
+    warmup = cfg.model.kl_warmup_epochs
     # KL weights as device tensors: the epoch's beta (warm-up) for training; the full beta for val and test, so
     # the val objective of every epoch is the same function and select_on=loss compares like with like
     beta_train = torch.tensor(beta, device=device)
@@ -86,13 +86,13 @@ def run(cfg, run_dir: Path, overrides: List[str]) -> Path:
     params = list(model.parameters()) + (list(head.parameters()) if head is not None else [])
     # model.weight_decay (the reference study's 1e-4 for the plain AE) overrides autoencode.weight_decay
     wd = float(ac.weight_decay if cfg.model.get("weight_decay") is None else cfg.model.weight_decay)
-    opt = runtime.adam(params, device, float(ac.lr), wd)
-    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=int(ac.epochs))
+    opt = runtime.adam(params, device, ac.lr, wd)
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=ac.epochs)
 
     def core(x, y, b):
         return engine.batch_step(model, x, b, precision, y, objective)
 
-    core = runtime.maybe_compile(core, bool(cfg.compile))  # one compiled step per job, train and eval
+    core = runtime.maybe_compile(core, cfg.compile)  # one compiled step per job, train and eval
 
     def step(x, y=None):  # training: this epoch's beta
         return core(x, y, beta_train)
@@ -104,7 +104,7 @@ def run(cfg, run_dir: Path, overrides: List[str]) -> Path:
     log.info("model %s, latent %d, %d parameters", cfg.model.name, cfg.latent, count_parameters(model))
     # bad input has failed by now; only from here on does the run dir hold a config and a summary
     run.start(resume["state"]["epoch"] if resume is not None else None, device=str(device), device_name=env["name"], device_fallback=env["fallback"],
-                   precision=precision, compile=bool(cfg.compile), tf32=env["tf32"], weight_decay=wd,
+                   precision=precision, compile=cfg.compile, tf32=env["tf32"], weight_decay=wd,
                    cudnn_benchmark=env["cudnn_benchmark"], channels_last=fmt == torch.channels_last,
                    parameters=count_parameters(model), data_fingerprint=ds.fingerprint,
                    n_train=len(train), n_val=len(val), n_test=len(test),
@@ -114,7 +114,7 @@ def run(cfg, run_dir: Path, overrides: List[str]) -> Path:
 
     # --- the loop: train, validate, record, checkpoint ---------------------------------------------------
     ckpt_dir = last.parent
-    g = torch.Generator().manual_seed(int(cfg.seed))  # batch order; saved in checkpoints for exact resumes
+    g = torch.Generator().manual_seed(cfg.seed)  # batch order; saved in checkpoints for exact resumes
     # best_val: the lowest val `select_on` metric so far (best_val_mse: that epoch's val MSE)
     state = {"epoch": 0, "best_val_mse": math.inf, "best_epoch": 0, "best_val": math.inf}
     position = None  # where a mid-epoch checkpoint stopped: {"epoch", "step", "sums", "batch_rng"}
@@ -145,12 +145,12 @@ def run(cfg, run_dir: Path, overrides: List[str]) -> Path:
         else:
             save(last)
 
-    image_epochs = set(int(e) for e in ac.image_epochs) | {int(ac.epochs)}
+    image_epochs = set(ac.image_epochs) | {ac.epochs}
     values_per_image = train.images[0].numel()
     # On SIGUSR2/SIGTERM (SLURM time limit, preemption) save last.pt at the next optimizer step, with the
     # position inside the epoch, then hand on to submitit's requeue handler: a resume continues from there.
     with runs.CheckpointOnSignal(checkpoint_on_signal) as signals:
-        for epoch in range(state["epoch"] + 1, int(ac.epochs) + 1):
+        for epoch in range(state["epoch"] + 1, ac.epochs + 1):
             t0 = time.time()
             lr = opt.param_groups[0]["lr"]
             bar = tracking.progress(len(train), f"epoch {epoch}/{ac.epochs}")  # only on a terminal
@@ -158,7 +158,7 @@ def run(cfg, run_dir: Path, overrides: List[str]) -> Path:
             if position is not None and int(position["epoch"]) == epoch:  # continue a mid-epoch checkpoint
                 g.set_state(position["batch_rng"])
                 live.update(step=int(position["step"]), sums=position["sums"])
-                bar.update(min(len(train), int(position["step"]) * int(ac.batch_size)))
+                bar.update(min(len(train), int(position["step"]) * ac.batch_size))
             position = None
             live.update(epoch=epoch, batch_rng=g.get_state())  # the state that draws this epoch's permutation
 
@@ -170,7 +170,7 @@ def run(cfg, run_dir: Path, overrides: List[str]) -> Path:
 
             beta_e = losses.kl_weight(epoch, beta, warmup)  # KL warm-up: the same value for the whole epoch
             beta_train.fill_(beta_e)
-            sums = engine.train_epoch(step, model, opt, train.images, int(ac.batch_size), g, fmt, on_step,
+            sums = engine.train_epoch(step, model, opt, train.images, ac.batch_size, g, fmt, on_step,
                                labels=train.labels if need_labels else None, position=live).tolist()
             train_m = engine.means(sums[:len(engine.SUMS)], len(train), values_per_image, model.variational,
                              objective)  # one sync per epoch
@@ -179,7 +179,7 @@ def run(cfg, run_dir: Path, overrides: List[str]) -> Path:
             bar.close()
             sched.step()
             seconds = time.time() - t0
-            val_m = engine.evaluate(eval_step, model, val, int(ac.eval_batch_size), fmt, objective)
+            val_m = engine.evaluate(eval_step, model, val, ac.eval_batch_size, fmt, objective)
             if model.variational:
                 val_m["beta"] = beta  # the val objective always uses the full beta (comparable across epochs)
             engine.check_finite(epoch, int(sums[-1]), train_m, val_m, lr, last)
@@ -209,16 +209,16 @@ def run(cfg, run_dir: Path, overrides: List[str]) -> Path:
 
         # --- the result: test metrics of the last and the best-on-val model --------------------------------
         # still inside the handler: a signal during the test evaluation must not leave "running" behind
-        final = engine.evaluate(eval_step, model, test, int(ac.eval_batch_size), fmt, objective)
-        runs.append_metrics(run_dir, {"epoch": int(ac.epochs), "split": "test", **final})
+        final = engine.evaluate(eval_step, model, test, ac.eval_batch_size, fmt, objective)
+        runs.append_metrics(run_dir, {"epoch": ac.epochs, "split": "test", **final})
         runs.fault_point("autoencode.test")
         best_ck = checkpoint.load(ckpt_dir / "best.pt", ("model", "val") + (("joint_head",) if head else ()),
                                        "best checkpoint")
         model.load_state_dict(best_ck["model"])
         if head is not None:
             head.load_state_dict(best_ck["joint_head"])
-        best = engine.evaluate(eval_step, model, test, int(ac.eval_batch_size), fmt, objective)
-        tracker.log_images(int(ac.epochs), interpolation=images.save_interpolation(model, test, device, run_dir))  # best-on-val
+        best = engine.evaluate(eval_step, model, test, ac.eval_batch_size, fmt, objective)
+        tracker.log_images(ac.epochs, interpolation=images.save_interpolation(model, test, device, run_dir))  # best-on-val
         run.summary.update({f"test_{k}": v for k, v in best.items()})
         run.summary.update({f"final_test_{k}": v for k, v in final.items()})
         run.summary.update({f"val_{k}": v for k, v in best_ck["val"].items()})
@@ -228,11 +228,11 @@ def run(cfg, run_dir: Path, overrides: List[str]) -> Path:
         if train_seconds:
             run.summary.update(train_seconds=train_seconds, train_images_per_second=len(trained) * len(train) / train_seconds)
         if model.variational:  # posterior collapse: most latent dims carry no information about the input
-            collapsed = best["active_units"] < COLLAPSE_FRACTION * int(cfg.latent)
+            collapsed = best["active_units"] < COLLAPSE_FRACTION * cfg.latent
             run.summary["posterior_collapse"] = collapsed
             if collapsed:
                 log.warning("posterior collapse: %d of %d latent dims are active (< %d%%); the embeddings carry little "
-                            "information. Lower model.beta.", best["active_units"], int(cfg.latent),
+                            "information. Lower model.beta.", best["active_units"], cfg.latent,
                             round(100 * COLLAPSE_FRACTION))
         runs.fault_point("autoencode.summary")
         run.complete(best_epoch=state["best_epoch"], select_on=select_on)

@@ -52,10 +52,10 @@ def check_settings(cfg) -> None:
     cc = cfg.classify
     check_names([cfg.head.name], "head.name")
     check_names(list(cc.probes), "classify.probes")
-    if cc.patience is not None and int(cc.patience) < 1:
+    if cc.patience is not None and cc.patience < 1:
         raise runtime.EmbclfError(f"classify.patience={cc.patience} must be at least 1 (epochs without a better val "
                                   "accuracy before stopping), or null to train all classify.epochs.")
-    if any(float(lr) <= 0 for lr in cc.lr_grid) or float(cc.lr) <= 0:
+    if any(float(lr) <= 0 for lr in cc.lr_grid) or cc.lr <= 0:
         raise runtime.EmbclfError(f"classify.lr={cc.lr} / classify.lr_grid={list(cc.lr_grid)}: learning rates must be positive.")
     for name in {cfg.head.name, *cc.probes}:  # a bad head.k, head.C, head.dropout fails here, naming the key
         if is_trainable(name):
@@ -72,12 +72,12 @@ def _probe_extras(fit: dict) -> dict:
 def _head_settings(head_cfg, cc) -> dict:
     """What the summary records of the head's training (trainable heads) or settings (the others)."""
     if is_trainable(head_cfg.name):
-        return {"dropout": float(head_cfg.dropout), "weight_decay": float(cc.weight_decay),
-                "patience": cc.patience, "lr_grid": [float(x) for x in cc.lr_grid], "epochs": int(cc.epochs),
+        return {"dropout": head_cfg.dropout, "weight_decay": cc.weight_decay,
+                "patience": cc.patience, "lr_grid": [float(x) for x in cc.lr_grid], "epochs": cc.epochs,
                 **({"hidden": list(head_cfg.hidden)} if head_cfg.name == "mlp" else {})}
     if head_cfg.name == "knn":
-        return {"k": int(head_cfg.k), "temperature": float(head_cfg.temperature)}
-    return {"C": [float(c) for c in head_cfg.C], "max_iter": int(head_cfg.max_iter)}
+        return {"k": head_cfg.k, "temperature": head_cfg.temperature}
+    return {"C": [float(c) for c in head_cfg.C], "max_iter": head_cfg.max_iter}
 
 
 
@@ -97,7 +97,7 @@ def run(cfg, run_dir: Path, overrides: List[str], encoder: Optional[Path] = None
     if run.completed():
         return run_dir
     cc = cfg.classify
-    if int(cc.epochs) < 1:
+    if cc.epochs < 1:
         raise runtime.EmbclfError(f"classify.epochs={cc.epochs} must be at least 1.")
     check_settings(cfg)
     ckpt_dir = run_dir / "checkpoints"
@@ -109,7 +109,7 @@ def run(cfg, run_dir: Path, overrides: List[str], encoder: Optional[Path] = None
     # read onto the CPU (weights_only: a checkpoint is data, never code); a file of another kind fails here
     ck = checkpoint.load(ckpt_path, ("model", "config", "state"),
                               "classify.encoder" if cfg.classify.encoder else "encoder checkpoint")
-    runs.check_image_size(ck["config"], int(cfg.data.image_size), ckpt_path)  # before the data is decoded
+    runs.check_image_size(ck["config"], cfg.data.image_size, ckpt_path)  # before the data is decoded
     ds = data_mod.load(cfg.data)
     if resume is not None:  # a head's training continues on the same images only
         run.refuse_changed_data(ds.fingerprint)
@@ -119,10 +119,10 @@ def run(cfg, run_dir: Path, overrides: List[str], encoder: Optional[Path] = None
     env = runtime.setup(cfg)
     device = env["device"]
     enc_cfg = ck["config"]
-    if (enc_cfg["model"]["name"], int(enc_cfg["latent"])) != (cfg.model.name, int(cfg.latent)):
+    if (enc_cfg["model"]["name"], int(enc_cfg["latent"])) != (cfg.model.name, cfg.latent):
         named = [o for o in overrides if o.split("=", 1)[0].lstrip("+~") in ("model", "latent")]
         where = f"the command line's {' '.join(named)}" if named else \
-            f"the config's defaults (model={cfg.model.name} latent={int(cfg.latent)})"
+            f"the config's defaults (model={cfg.model.name} latent={cfg.latent})"
         log.info("classify.encoder is a model=%s latent=%d encoder; %s are not used (summary.json records the "
                  "encoder's)", enc_cfg["model"]["name"], int(enc_cfg["latent"]), where)
         if named:
@@ -169,7 +169,7 @@ def run(cfg, run_dir: Path, overrides: List[str], encoder: Optional[Path] = None
     runs.truncate_metrics(run_dir, int(resume["state"]["epoch"]) if resume is not None else 0)
     n_classes = len(classes)
     if is_trainable(cfg.head.name):
-        lr, lr_search = engine.select_lr(cfg.head, cc, z, y, n_classes, int(cfg.seed))
+        lr, lr_search = engine.select_lr(cfg.head, cc, z, y, n_classes, cfg.seed)
         cur: dict = {}  # the head's training as far as it got, for save_last (set by on_epoch)
 
         def save_last() -> None:
@@ -198,7 +198,7 @@ def run(cfg, run_dir: Path, overrides: List[str], encoder: Optional[Path] = None
             log.info("resuming the head's training from %s at epoch %d", last, resume["state"]["epoch"])
         # SIGUSR2/SIGTERM: last.pt after the current epoch (a head's epoch is short), then hand on (requeue)
         with runs.CheckpointOnSignal(save_last) as signals:
-            head, fit = engine.train_head(cfg.head, cc, z, y, n_classes, int(cfg.seed), lr, on_epoch, resume=resume,
+            head, fit = engine.train_head(cfg.head, cc, z, y, n_classes, cfg.seed, lr, on_epoch, resume=resume,
                                    keep_last_epoch=True)
         resume = None
         final_m, _ = engine.eval_head(head, z["test"], y["test"], 4096)
@@ -209,7 +209,7 @@ def run(cfg, run_dir: Path, overrides: List[str], encoder: Optional[Path] = None
         fit.update(lr=lr, lr_search=lr_search, final_test_accuracy=final_m["accuracy"],
                    val_accuracy=best["val"]["accuracy"])
     else:  # knn, logreg: fitted once on train (logreg's C chosen on val); no epochs
-        head, fit = engine.fit_probe(cfg.head, cc, z, y, n_classes, int(cfg.seed))
+        head, fit = engine.fit_probe(cfg.head, cc, z, y, n_classes, cfg.seed)
         summary["epochs"] = 0
     # --- the result: test accuracy, probes, confusion matrix; then the optional extras ----------------------
     test_m, logits = engine.eval_head(head, z["test"], y["test"], 4096)
@@ -243,11 +243,11 @@ def run(cfg, run_dir: Path, overrides: List[str], encoder: Optional[Path] = None
     _optional("images/confusion.png", plots.confusion, cm, classes, png,
               f"{enc_cfg['model']['name']} z{enc_cfg['latent']} {cfg.head.name}: test acc {test_m['accuracy']:.3f}")
     images = _optional("projections", plots.save_projections, emb["test"]["z"].numpy(), true, classes,
-                       run_dir / "images", list(lc.projections), int(lc.projection_points),
-                       f"{enc_cfg['model']['name']}-z{enc_cfg['latent']}", seed=int(cfg.seed)) or {}
-    _optional("tracker images", tracker.log_images, int(cc.epochs), confusion=png, **images)
+                       run_dir / "images", list(lc.projections), lc.projection_points,
+                       f"{enc_cfg['model']['name']}-z{enc_cfg['latent']}", seed=cfg.seed) or {}
+    _optional("tracker images", tracker.log_images, cc.epochs, confusion=png, **images)
     _optional("tracker embeddings table", tracker.log_embeddings, emb["test"]["z"].numpy(), true, classes,
-              int(lc.wandb.table_rows), seed=int(cfg.seed))
+              lc.wandb.table_rows, seed=cfg.seed)
     _optional("tracker confusion matrix", tracker.log_confusion, true, pred, classes)
     _optional("tracker finish", tracker.finish, summary)
     log.info("head %s: test accuracy %.4f (val %.4f)%s", cfg.head.name, test_m["accuracy"], best_acc,
