@@ -5,7 +5,7 @@ a random permutation; evaluate on val; append train/val metrics to metrics.jsonl
 (model, optimizer, scheduler, epoch, RNG states, best-so-far, the joint head) and, when the val metric
 named by ``autoencode.select_on`` improves (the val objective at full weights by default, or val MSE),
 checkpoints/best.pt. The objective (SSE + β·KL, plus the optional joint-head CE, decorrelation penalty and KL
-warm-up of ``embclf.models.objectives``; docs/objectives.md) is computed in ``batch_step``. After the last
+warm-up of ``embclf.models.objectives``; docs/objectives.md) is computed in ``engine.batch_step``. After the last
 epoch: test metrics of the final model (``final_test_*``, what the reference study reported) and of the
 best-on-val checkpoint (``test_*``), images, summary.json.
 Every epoch also goes to the tracker (wandb, ``embclf.tracking``); on a terminal a tqdm bar shows the epoch.
@@ -15,6 +15,10 @@ dir whose summary says completed for the same config is left as it is. The resum
 previous attempt stopped: records of epochs after the checkpoint are replaced, not duplicated; best.pt is
 written before last.pt; on SIGTERM/SIGUSR2 last.pt holds the position inside the epoch (step, running sums,
 the batch generator's state at the epoch's start) and the resume continues with the next batch.
+
+A recipe (torchtune's sense): setup, loop, result. The steps are ``embclf.engine``'s, the checkpoint format
+``embclf.checkpoint``'s, the images ``embclf.images``' and the run dir's start and end ``embclf.lifecycle``'s;
+nothing imports this module but the entrypoint.
 """
 from __future__ import annotations
 

@@ -16,6 +16,9 @@
    test embeddings to 2-D (images/pca.png, tsne.png, umap.png; ``embclf.plots``) and log them, a table of
    test embeddings and the confusion matrix to the tracker (wandb, ``embclf.tracking``). A failure of an
    extra is a warning and never loses the result.
+
+A recipe: the steps are ``embclf.engine``'s, the encoder lookup and loading ``embclf.artefacts``', the
+checkpoints ``embclf.checkpoint``'s, the run dir's start and end ``embclf.lifecycle``'s.
 """
 from __future__ import annotations
 
