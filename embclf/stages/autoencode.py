@@ -107,12 +107,13 @@ def run(cfg, run_dir: Path, overrides: List[str]) -> Path:
     select_on = str(getattr(ac.select_on, "value", ac.select_on))
     log.info("model %s, latent %d, %d parameters", cfg.model.name, cfg.latent, count_parameters(model))
     # bad input has failed by now; only from here on does the run dir hold a config and a summary
-    run.start(resume["state"]["epoch"] if resume is not None else None, device=str(device), device_name=env["name"], device_fallback=env["fallback"],
-                   precision=precision, compile=cfg.compile, tf32=env["tf32"], weight_decay=wd,
-                   cudnn_benchmark=env["cudnn_benchmark"], channels_last=fmt == torch.channels_last,
-                   parameters=count_parameters(model), data_fingerprint=ds.fingerprint,
-                   n_train=len(train), n_val=len(val), n_test=len(test),
-                   provenance=tracking.provenance(cfg, ds.fingerprint, env["name"], files=ds.files))
+    run.start(resume["state"]["epoch"] if resume is not None else None,
+              device=str(device), device_name=env["name"], device_fallback=env["fallback"],
+              precision=precision, compile=cfg.compile, tf32=env["tf32"], weight_decay=wd,
+              cudnn_benchmark=env["cudnn_benchmark"], channels_last=fmt == torch.channels_last,
+              parameters=count_parameters(model), data_fingerprint=ds.fingerprint,
+              n_train=len(train), n_val=len(val), n_test=len(test),
+              provenance=tracking.provenance(cfg, ds.fingerprint, env["name"], files=ds.files))
     tracker = tracking.start(cfg, run_dir, "autoencode")  # wandb (or nothing); closed by finish below
     runs.fault_point("startup")
 
@@ -217,7 +218,7 @@ def run(cfg, run_dir: Path, overrides: List[str]) -> Path:
         runs.append_metrics(run_dir, {"epoch": ac.epochs, "split": "test", **final})
         runs.fault_point("autoencode.test")
         best_ck = checkpoint.load(ckpt_dir / "best.pt", ("model", "val") + (("joint_head",) if head else ()),
-                                       "best checkpoint")
+                                  "best checkpoint")
         model.load_state_dict(best_ck["model"])
         if head is not None:
             head.load_state_dict(best_ck["joint_head"])

@@ -111,7 +111,7 @@ def run(cfg, run_dir: Path, overrides: List[str], encoder: Optional[Path] = None
     log.info("encoder: %s", ckpt_path)
     # read onto the CPU (weights_only: a checkpoint is data, never code); a file of another kind fails here
     ck = checkpoint.load(ckpt_path, ("model", "config", "state"),
-                              "classify.encoder" if cfg.classify.encoder else "encoder checkpoint")
+                         "classify.encoder" if cfg.classify.encoder else "encoder checkpoint")
     runs.check_image_size(ck["config"], cfg.data.image_size, ckpt_path)  # before the data is decoded
     ds = data_mod.load(cfg.data)
     if resume is not None:  # a head's training continues on the same images only
