@@ -66,3 +66,16 @@ def test_a_sweep_job_that_failed_before_writing_records_who_failed(tmp_path):
     assert s["status"] == "failed" and s["error"] == "EmbclfError: bad input" and s["stage"] == "autoencode"
     lifecycle.record_failure(tmp_path / "none", EmbclfError("bad input"))  # a single run: nothing written
     assert not (tmp_path / "none").exists()
+
+
+def test_start_removes_temporaries_a_sigkill_left_in_the_run_dir_checkpoints_and_images(tmp_path):
+    cfg = _cfg(tmp_path, "latent=8")
+    run = _open(tmp_path, cfg)
+    dead = 2 ** 22 + 7  # above Linux's largest pid_max: no such process
+    left = [run.path / f".summary.json.tmp{dead}-1", run.path / "checkpoints" / f".last.pt.tmp{dead}-2",
+            run.path / "images" / f".samples_e001.pt.tmp{dead}-3"]
+    for p in left:
+        p.parent.mkdir(parents=True, exist_ok=True)
+        p.write_bytes(b"partial")
+    run.start()
+    assert not [p for p in left if p.exists()]
