@@ -203,16 +203,18 @@ def worst_figure(images: torch.Tensor, captions: Sequence[str], path_or_buf, tit
     n = max(1, len(images))
     rows = (n + cols - 1) // cols
     per = 2 if below is not None else 1
-    fig, axes = plt.subplots(rows * per, cols, figsize=(1.3 * cols, (1.3 * per + 0.45) * rows), squeeze=False)
-    for ax in axes.flat:
-        ax.set_axis_off()
+    fig, axes = plt.subplots(rows * per, cols, figsize=(1.3 * cols, (1.25 * per + 0.5) * rows), squeeze=False)
+    for ax in axes.flat:  # no axes drawn; an x label (the caption) still takes its room in tight_layout
+        ax.set_xticks([]), ax.set_yticks([])
+        for side in ax.spines.values():
+            side.set_visible(False)
     for i in range(len(images)):
         r, c = divmod(i, cols)
         shown = [images[i]] + ([below[i]] if below is not None else [])
         for k, im in enumerate(shown):
             ax = axes[r * per + k, c]
             ax.imshow(im.detach().float().clamp(0, 1).permute(1, 2, 0).cpu().numpy(), interpolation="nearest")
-        axes[r * per + per - 1, c].set_title(captions[i], fontsize=7, y=-0.02, va="top")
+        axes[r * per + per - 1, c].set_xlabel(captions[i], fontsize=7)
     if not len(images):
         axes[0, 0].text(0, 0.5, "none", fontsize=10)
     fig.suptitle(title, fontsize=9)
