@@ -48,19 +48,27 @@ def _cfg(model: str, lr: float, seed: int, stage: str):
 
 
 def _images(run_dir: Path, epoch: int, seed: int) -> None:
-    """images/recon_eNNN.png and samples_eNNN.png in the autoencode stage's layout (random pixels)."""
+    """images/recon_eNNN.png/.pt and samples_eNNN.png/.pt as the autoencode stage writes them (random pixels):
+    the report reads the .pt data (``embclf.images.read_reconstructions`` / ``read_samples``)."""
     import torch
     from torchvision.utils import make_grid, save_image
 
-    from embclf.stages.autoencode import N_SAMPLES, RECON_COLS, RECON_PAD
+    from embclf import images
 
     g = torch.Generator().manual_seed(seed)
     d = run_dir / "images"
     d.mkdir(exist_ok=True)
-    rows = torch.rand(2 * RECON_COLS, 3, 96, 96, generator=g)
-    save_image(make_grid(rows, nrow=RECON_COLS, padding=RECON_PAD, pad_value=1.0), d / f"recon_e{epoch:03d}.png")
-    save_image(make_grid(torch.rand(N_SAMPLES, 3, 32, 32, generator=g), nrow=8, padding=1),
-               d / f"samples_e{epoch:03d}.png")
+    x, x_hat = (torch.rand(images.N_RECON, 3, 32, 32, generator=g) for _ in range(2))
+    rows = torch.cat([x[:images.RECON_COLS], x_hat[:images.RECON_COLS]])
+    save_image(make_grid(images.enlarge(rows), nrow=images.RECON_COLS, padding=images.RECON_PAD, pad_value=1.0),
+               d / f"recon_e{epoch:03d}.png")
+    images._save_data({"originals": images.to_uint8(x), "reconstructions": images.to_uint8(x_hat),
+                       "indices": torch.arange(len(x)), "labels": torch.arange(len(x)) % 10, "epoch": epoch},
+                      d / f"recon_e{epoch:03d}.pt")
+    samples = torch.rand(images.N_SAMPLES, 3, 32, 32, generator=g)
+    save_image(make_grid(samples, nrow=8, padding=1), d / f"samples_e{epoch:03d}.png")
+    images._save_data({"samples": images.to_uint8(samples), "source": images.PRIOR, "epoch": epoch},
+                      d / f"samples_e{epoch:03d}.pt")
 
 
 def _run(run_dir: Path, cfg, stage: str, extra: dict, encoder=None) -> None:

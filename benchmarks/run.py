@@ -5,7 +5,7 @@
     python benchmarks/run.py --json out.json # also write every measurement
 
 Rows (each ratio: variants interleaved, repeated ``--repeats`` times, median reported):
-1. autoencode training images/s: embclf's loop (``stages.autoencode.train_epoch``: uint8 tensor on the
+1. autoencode training images/s: embclf's loop (``engine.train_epoch``: uint8 tensor on the
    device, index batches, metric sums on the device) vs the reference study's naive loop (torchvision
    ImageFolder + DataLoader, per-sample ToTensor, 2 workers, shuffle, batch 200, ``loss.item()`` per
    step), the same conv AE and Adam step on the same images; and embclf vs the pure-compute bound (the
@@ -42,7 +42,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from embclf import data as data_mod  # noqa: E402
 from embclf import losses  # noqa: E402
 from embclf.heads import MLPHead  # noqa: E402
-from embclf.stages import autoencode, classify  # noqa: E402
+from embclf import engine  # noqa: E402
 
 DEFAULT_DATA = REPO.parent / "shared" / "data" / "cifar10"
 MODELS = ("ae", "vae", "resnet", "resnet_vae")
@@ -76,7 +76,7 @@ def train_flops_per_image(name: str, latent: int = 64, batch: int = 8) -> float:
     model.train()
     x = torch.rand(batch, 3, 32, 32)
     with FlopCounterMode(display=False) as fc:
-        loss, _, _ = autoencode.batch_step(model, x, 0.1)
+        loss, _, _ = engine.batch_step(model, x, 0.1)
         loss.backward()
     return fc.get_total_flops() / batch
 
@@ -136,7 +136,7 @@ def row1(root: Path, repeats: int, n_images: int = 1000, batch: int = 200) -> di
         model, opt = build("ae")
         g = torch.Generator().manual_seed(0)
         t0 = time.perf_counter()
-        sums = autoencode.train_epoch(lambda x: autoencode.batch_step(model, x, 0.1, precision), model, opt,
+        sums = engine.train_epoch(lambda x: engine.batch_step(model, x, 0.1, precision), model, opt,
                                       images, batch, g)
         sums.tolist()  # the epoch's one host read, as in the stage
         return n_images / (time.perf_counter() - t0)
@@ -177,7 +177,7 @@ def row2(root: Path, repeats: int, n_train: int = 400, n_val: int = 200, epochs:
     va = data_mod.Split(images[n_train:], labels[n_train:])
     encoder, _ = build("ae")
     encoder.eval().requires_grad_(False)
-    z_ref = classify.embed(encoder, tr, "cpu", 1000)
+    z_ref = engine.embed(encoder, tr, "cpu", 1000)
 
     def head_and_opt():
         torch.manual_seed(0)
@@ -187,12 +187,12 @@ def row2(root: Path, repeats: int, n_train: int = 400, n_val: int = 200, epochs:
 
     def cached():
         t0 = time.perf_counter()
-        z_tr, z_va = classify.embed(encoder, tr, "cpu", 1000), classify.embed(encoder, va, "cpu", 1000)
+        z_tr, z_va = engine.embed(encoder, tr, "cpu", 1000), engine.embed(encoder, va, "cpu", 1000)
         head, opt = head_and_opt()
         g = torch.Generator().manual_seed(0)
         for _ in range(epochs):
-            classify.train_head_epoch(head, opt, z_tr, tr.labels, batch, g).tolist()
-            m, _ = classify._eval(head, z_va, va.labels, 4096)
+            engine.train_head_epoch(head, opt, z_tr, tr.labels, batch, g).tolist()
+            m, _ = engine.eval_head(head, z_va, va.labels, 4096)
         return time.perf_counter() - t0, m["accuracy"]
 
     @torch.no_grad()
@@ -242,7 +242,7 @@ import resource, sys, time, torch
 from hydra import compose, initialize_config_dir
 from embclf import data as data_mod
 from embclf.config import conf_dir
-from embclf.stages import autoencode
+from embclf import engine
 torch.set_num_threads(2)
 with initialize_config_dir(config_dir=conf_dir(), version_base=None):
     cfg = compose("config", overrides=["data=folder", f"data.root={sys.argv[1]}", "model=ae"])
@@ -256,8 +256,8 @@ opt = torch.optim.Adam(model.parameters(), lr=1e-3)
 steps = int(sys.argv[2])
 g = torch.Generator().manual_seed(0)
 images = ds.train.images[torch.randperm(len(ds.train), generator=g)[:steps * 200]]  # a view's worth of batches
-autoencode.train_epoch(lambda x: autoencode.batch_step(model, x, 0.1), model, opt, images, 200, g).tolist()
-val = autoencode.evaluate(lambda x: autoencode.batch_step(model, x, 0.1), model, ds.val, 1000)
+engine.train_epoch(lambda x: engine.batch_step(model, x, 0.1), model, opt, images, 200, g).tolist()
+val = engine.evaluate(lambda x: engine.batch_step(model, x, 0.1), model, ds.val, 1000)
 print({"n_train": len(ds.train), "n_val": len(ds.val), "n_test": len(ds.test), "data_seconds": t_data,
        "rss_after_data_kib": rss_data, "peak_rss_kib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss})
 """
@@ -295,7 +295,7 @@ def row5(root: Path, repeats: int) -> dict:
                 for s in range(3):  # the first step warms up (allocations, dispatch); two are timed
                     if s == 1:
                         t0 = time.perf_counter()
-                    loss, _, _ = autoencode.batch_step(model, x, 0.1, precision)
+                    loss, _, _ = engine.batch_step(model, x, 0.1, precision)
                     opt.zero_grad()
                     loss.backward()
                     opt.step()

@@ -21,7 +21,7 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig, open_dict
 
-from . import debug, locks, runs, tracking
+from . import debug, lifecycle, locks, runs, tracking
 from .config import Stage, absolute_paths, conf_dir, problems
 from .data import DataError
 from .optional import needs_search_extras
@@ -60,7 +60,7 @@ def run_job(cfg: DictConfig, job_dir: Path, overrides) -> Path:
     record there (``locks.HoldOutputDirs``, the launchers); this hold covers any other caller. Raises
     ``locks.InUseError`` when another live process holds it, before anything is read or written."""
     # a signal anywhere in the job (data loading, embedding, fits, plots) records the run "interrupted"
-    with runs.stop_on_signals(), locks.hold(job_dir):
+    with lifecycle.hold(job_dir):
         before = _config_mtimes(job_dir)
         try:
             return _run_stages(cfg, job_dir, overrides, before)
@@ -124,22 +124,14 @@ def _run_stages(cfg: DictConfig, job_dir: Path, overrides, before: dict) -> Path
         with _log_to(current):
             return clf_run(_stage_cfg(cfg, Stage.classify), current, overrides, encoder=ae_dir)
     except BaseException as e:  # KeyboardInterrupt/SystemExit too: the summary must not say "running"
-        # a signal or a requeue (submitit exits with SystemExit) is an interruption, not a failure
-        stopped = isinstance(e, (SystemExit, KeyboardInterrupt))
         # a run dir no stage accepted this time (a refused re-run: another config is in it) is not ours to mark
-        ours = _config_mtimes(job_dir) != before or not (current / runs.SUMMARY).is_file()
-        if not (current / runs.SUMMARY).is_file() and HydraConfig.get().mode == RunMode.MULTIRUN:
+        if _config_mtimes(job_dir) != before or not (current / runs.SUMMARY).is_file():
             # bad input before anything was written: a sweep still records who failed and why (for the
             # launcher's table and the report); a single run leaves no run dir at all (see main)
             sub = current.name if current.name in ("autoencode", "classify") and stage == Stage.all else \
                 ("autoencode" if stage == Stage.all else stage.value)
-            runs.write_json_atomic(current / runs.SUMMARY, runs.base_summary(cfg, sub, overrides))
-        if ours and (current / runs.SUMMARY).is_file():
-            try:
-                runs.mark_failed(current, f"{type(e).__name__}: {e}", "interrupted" if stopped else "failed",
-                                 reason=getattr(e, "reason", None))
-            except runs.WriteError as w:  # e.g. the disk is still full: the original error is what matters
-                log.error("could not record the failure in %s: %s", current, w)
+            base = runs.base_summary(cfg, sub, overrides) if HydraConfig.get().mode == RunMode.MULTIRUN else None
+            lifecycle.record_failure(current, e, base)
         tracking.finish_active(exit_code=1)  # the wandb run shows failed; the next job in this process starts fresh
         if not isinstance(e, (EmbclfError, DataError, SystemExit, KeyboardInterrupt)):
             log.error("failed:\n%s", traceback.format_exc())

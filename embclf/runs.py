@@ -163,10 +163,10 @@ def save_atomic(obj: Any, path: Path) -> None:
 
 
 def remove_stale_temporaries(run_dir: Path) -> List[Path]:
-    """Delete the temporary files (``.NAME.tmp<pid>-<ns>``) that a write killed with SIGKILL left in ``run_dir``
-    and its ``checkpoints/``: those of processes no longer alive on this host. Returns the paths removed."""
+    """Delete the temporary files (``.NAME.tmp<pid>-<ns>``) that a write killed with SIGKILL left in ``run_dir``,
+    its ``checkpoints/`` and ``images/``: those of processes no longer alive on this host. Returns the paths removed."""
     removed = []
-    for d in (Path(run_dir), Path(run_dir) / "checkpoints"):
+    for d in (Path(run_dir), Path(run_dir) / "checkpoints", Path(run_dir) / "images"):
         for t in d.glob(".*.tmp*") if d.is_dir() else ():
             try:
                 pid = int(t.name.rsplit(".tmp", 1)[1].split("-", 1)[0])

@@ -256,7 +256,7 @@ def test_corrupt_cifar_archive_says_checksum_mismatch(tmp_path):
 
 def test_no_training_batch_of_one_image():
     from embclf.models import build_model
-    from embclf.stages import autoencode
+    from embclf import engine
 
     g = torch.Generator().manual_seed(0)
     sizes = lambda n, b, shuffle: [len(i) for i in data.batches(n, b, "cpu", shuffle, g)]  # noqa: E731
@@ -269,7 +269,7 @@ def test_no_training_batch_of_one_image():
                                           "channels": [32, 64, 128, 256, 256], "strides": [2, 1, 2, 1, 2]}), 8, 8)
     opt = torch.optim.Adam(model.parameters(), 1e-3)
     images = torch.randint(0, 256, (90, 3, 8, 8), dtype=torch.uint8)
-    sums = autoencode.train_epoch(lambda x: autoencode.batch_step(model, x, 0.0), model, opt, images, 89, g)
+    sums = engine.train_epoch(lambda x: engine.batch_step(model, x, 0.0), model, opt, images, 89, g)
     assert torch.isfinite(sums).all()
 
 

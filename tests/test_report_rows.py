@@ -24,6 +24,7 @@ from embclf.report import figures, projections as plots, tables
 from embclf.config import conf_dir
 from embclf.data import Split
 from embclf.models import build_model
+from embclf import images
 from embclf.stages import autoencode
 from embclf.runtime import EmbclfError
 
@@ -95,10 +96,10 @@ def test_probes_get_one_column_each(tmp_path):
 
 def test_recon_indices_are_class_balanced():
     labels = torch.arange(10).repeat_interleave(50)  # ordered by class, like the test split
-    idx = autoencode.recon_indices(labels)
+    idx = images.recon_indices(labels)
     assert len(idx) == 20 and sorted(labels[idx[:10]].tolist()) == list(range(10))
-    assert torch.equal(idx, autoencode.recon_indices(labels))  # the same images in every run
-    many = autoencode.recon_indices(torch.arange(100).repeat_interleave(3))
+    assert torch.equal(idx, images.recon_indices(labels))  # the same images in every run
+    many = images.recon_indices(torch.arange(100).repeat_interleave(3))
     assert len(set((many // 3).tolist())) == 20  # 100 classes: 20 different ones
 
 
@@ -112,7 +113,7 @@ def test_figures_exist_with_readable_sizes(tmp_path):
         d = ae_run(tmp_path / "sw" / f"model={m}" / "autoencode", m, lat, 0)
         model = build_model(OmegaConf.create({"name": m, "arch": "conv", "variational": m == "vae", "beta": 0.1,
                                               "channels": [8, 8, 8, 8, 8], "strides": [2, 1, 2, 1, 2]}), lat, 32)
-        autoencode.save_images(model, split, "cpu", d, 3)
+        images.save_images(model, split, "cpu", d, 3)
         clf_run(d.parent / "classify", d, 0.3, classes=[f"c{i}" for i in range(10)])
     recon = Image.open(next((tmp_path / "sw").glob("*/autoencode/images/recon_e003.png")))
     assert recon.size == (10 * 98 + 2, 4 * 98 + 2)  # rows of 10 images enlarged to 96 pixels
@@ -122,7 +123,8 @@ def test_figures_exist_with_readable_sizes(tmp_path):
             "reconstructions.png", "per_class_accuracy.png"} <= set(sizes)
     assert all(w >= 600 and h >= 150 for w, h in sizes.values()), sizes
     assert sizes["reconstructions.png"][1] > 3 * 96  # originals + one row per run
-    assert report.recon_rows(np.asarray(recon)) is not None
+    pair = images.read_reconstructions(d)  # the same images as data: nobody parses the PNG's geometry back
+    assert pair["originals"].shape == pair["reconstructions"].shape == (20, 3, 32, 32) and pair["epoch"] == 3
     # 100 classes: a heat map without per-cell numbers, fast and large enough to read
     cm = np.random.default_rng(0).integers(0, 5, (100, 100))
     p = plots.confusion(cm, [f"class{i}" for i in range(100)], tmp_path / "cm.png", "100 classes")

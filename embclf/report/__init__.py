@@ -55,8 +55,7 @@ _WHERE = {
     "markdown_table": "tables", "write_csv": "tables", "commands": "tables", "preamble": "tables",
     "no_completed_run": "tables", "FORMATS": "tables", "HEADERS": "tables", "COUNTS": "tables",
     "plot_curves": "figures", "plot_vs_latent": "figures", "plot_prior_samples": "figures",
-    "plot_reconstructions": "figures", "plot_per_class": "figures", "recon_rows": "figures",
-    "read_reconstructions": "figures", "styles": "figures",
+    "plot_reconstructions": "figures", "plot_per_class": "figures", "styles": "figures",
 }
 __all__ = sorted(_WHERE)
 

@@ -215,15 +215,6 @@ def plot_vs_latent(agg: List[dict], out: Path) -> Optional[Path]:
     return path
 
 
-def _last_image(d: Path, prefix: str) -> Optional[Path]:
-    files = sorted((d / "images").glob(f"{prefix}_e*.png"))
-    return files[-1] if files else None
-
-
-def _epoch_of(p: Path) -> str:
-    return p.stem.split("_e")[-1].lstrip("0") or "0"
-
-
 # the strips figures' layout, in inches: the title's band, each strip's label band, the gap below a strip
 TITLE_IN, LABEL_IN, GAP_IN, DPI = 0.45, 0.26, 0.06, 100
 
@@ -272,74 +263,36 @@ def _ae_runs(rows: List[dict]) -> List[tuple]:
 
 
 def plot_prior_samples(rows: List[dict], out: Path) -> Optional[Path]:
-    """prior_samples.png: per autoencode run, the top row of its last ``images/samples_eNNN.png``."""
-    from PIL import Image
+    """prior_samples.png: per autoencode run, the first 8 of its last decoded samples (``images.read_samples``;
+    a VAE's from its prior N(0, I), a plain AE's from a Gaussian fitted to its training codes: the label says)."""
+    from .. import images
 
-    from ..stages.autoencode import N_SAMPLES
-
-    strips = []
-    ae, note = _capped([(lab, d) for lab, d in _ae_runs(rows) if _last_image(d, "samples") is not None], "runs")
-    for label, d in ae:
-        f = _last_image(d, "samples")
-        img = np.asarray(Image.open(f).convert("RGB"))
-        # make_grid(nrow=8, padding=1) of N_SAMPLES images: rows of (size + 1) pixels plus one border pixel
-        row_h = (img.shape[0] - 1) // math.ceil(N_SAMPLES / 8)
-        strip = img[:row_h + 1]
-        k = max(1, 96 // max(1, row_h - 1))  # enlarged like the reconstructions, to be judged by eye
-        strips.append((f"{label} (epoch {_epoch_of(f)})", strip.repeat(k, 0).repeat(k, 1)))
+    found = [(lab, d, images.read_samples(d)) for lab, d in _ae_runs(rows)]
+    ae, note = _capped([f for f in found if f[2] is not None], "runs")
+    strips = [(f"{label} (epoch {s['epoch']}; {s['source']})", images.strip(s["samples"][:8])) for label, _, s in ae]
     if not strips:
         return None
-    fig = strips_figure(strips, "8 samples from the prior N(0, I) per run (same z in every run)" + note)
+    fig = strips_figure(strips, "8 decoded samples per run (same draws in every run)" + note)
     _savefig(fig, out / "prior_samples.png")
     return out / "prior_samples.png"
 
 
-def recon_rows(img: np.ndarray) -> Optional[tuple]:
-    """Split a ``recon_eNNN.png`` (``stages.autoencode.save_images``: rows of RECON_COLS originals above
-    their reconstructions, RECON_PAD pixels apart) into (originals, reconstructions) of its first row pair;
-    None for a grid of another layout (runs written before the layout existed)."""
-    from ..stages.autoencode import RECON_COLS, RECON_PAD
-
-    h, w = img.shape[:2]
-    tile = (w - RECON_PAD) / RECON_COLS - RECON_PAD
-    if tile < 1 or not float(tile).is_integer():
-        return None
-    step = int(tile) + RECON_PAD
-    n_rows = (h - RECON_PAD) / step
-    if not float(n_rows).is_integer() or n_rows < 2 or int(n_rows) % 2:
-        return None
-    return img[:step + RECON_PAD], img[step:2 * step + RECON_PAD]
-
-
-def read_reconstructions(run_dir: Path) -> Optional[tuple]:
-    """``(epoch, originals, reconstructions)`` of an autoencode run's last ``images/recon_eNNN.png`` (uint8
-    [H, W, 3] strips; ``originals`` None and ``reconstructions`` the whole grid for another layout), or None
-    when it has none. The one place that parses the PNG's geometry (``recon_rows``): swap for
-    ``embclf.images.read_reconstructions`` where that exists."""
-    from PIL import Image
-
-    f = _last_image(Path(run_dir), "recon")
-    if f is None:
-        return None
-    img = np.asarray(Image.open(f).convert("RGB"))
-    pair = recon_rows(img)
-    return (_epoch_of(f), None, img) if pair is None else (_epoch_of(f), *pair)
-
-
 def plot_reconstructions(rows: List[dict], out: Path) -> Optional[Path]:
     """reconstructions.png: the same class-balanced test images (top) and every autoencode run's
-    reconstruction of them (one row per run, from its last ``images/recon_eNNN.png``; at most
-    ``MAX_STRIPS`` runs, the title says when more were left out)."""
+    reconstruction of them (one row per run, from ``images.read_reconstructions``, the uint8 images the stage
+    saved beside its last ``images/recon_eNNN.png``; at most ``MAX_STRIPS`` runs, the title says when more
+    were left out)."""
+    from .. import images
+
+    found = [(lab, d, images.read_reconstructions(d)) for lab, d in _ae_runs(rows)]
+    ae, note = _capped([f for f in found if f[2] is not None], "runs")
     strips = []
-    ae, note = _capped([(lab, d) for lab, d in _ae_runs(rows) if _last_image(d, "recon") is not None], "runs")
-    for label, d in ae:
-        epoch, originals, recon = read_reconstructions(d)
-        if originals is None:  # another layout: the whole grid
-            strips.append((f"{label} (epoch {epoch}; originals above reconstructions)", recon))
-            continue
+    for label, _, r in ae:
+        n = min(images.RECON_COLS, len(r["originals"]))
         if not strips:
-            strips.append(("test images (a fixed class-balanced set, the same in every run)", originals))
-        strips.append((f"{label} (epoch {epoch})", recon))
+            strips.append(("test images (a fixed class-balanced set, the same in every run)",
+                           images.strip(r["originals"][:n])))
+        strips.append((f"{label} (epoch {r['epoch']})", images.strip(r["reconstructions"][:n])))
     if not strips:
         return None
     fig = strips_figure(strips, "reconstructions of the same test images, one row per run" + note)
