@@ -278,7 +278,7 @@ def test_no_training_batch_of_one_image():
 def test_constant_embeddings_skip_projections_without_crashing(tmp_path):
     # in a subprocess: scikit-learn's t-SNE segfaults on this input, which would take pytest down with it
     code = ("import numpy as np, logging, sys; logging.basicConfig(level=logging.INFO, stream=sys.stdout)\n"
-            "from embclf import plots\n"
+            "from embclf.report import projections as plots\n"
             f"out = plots.save_projections(np.ones((200, 32)), np.arange(200) % 2, ['a', 'b'], r'{tmp_path}', "
             "['pca', 'tsne'], 1000, 'dead encoder')\n"
             "print('written', sorted(out))\n"
@@ -324,7 +324,7 @@ def test_classify_result_survives_failing_extras(tmp_path, caplog):
 
 
 def test_degenerate_embeddings_are_recognised():
-    from embclf import plots
+    from embclf.report import projections as plots
 
     rng = np.random.default_rng(0)
     assert "identical" in plots.degenerate(np.ones((200, 32), np.float32))
