@@ -29,6 +29,7 @@ import torch
 from sklearn.model_selection import train_test_split
 
 from . import runs
+from .config import check_group
 
 log = logging.getLogger(__name__)
 
@@ -571,8 +572,10 @@ def load(cfg) -> Dataset:
     """Load the ``data`` config into memory: stratified subsets, a val split held out of train.
 
     Raises:
-        DataError: missing or unreadable files, impossible sizes (message names the key and the fix).
+        DataError: a value the gate refuses (``config.VALUE_RULES`` for ``data.*``), missing or unreadable files,
+            sizes these images cannot meet (message names the key and the fix).
     """
+    check_group(cfg, "data", DataError)  # the entrypoint checked the whole config; this is for direct callers
     source = _source(cfg)
     if source in ("cifar10", "cifar100"):
         raw = {s: _torchvision_split(cfg, s == "train") for s in ("train", "test")}
@@ -582,9 +585,9 @@ def load(cfg) -> Dataset:
         raw = {s: _folder_split(cfg, tree, s == "train") for s in ("train", "test")}
         where = {s: (lambda i, s=s: f"{tree['classes'][i]!r} ({tree['dir'][s] / tree['classes'][i]})")
                  for s in ("train", "test")}
-    else:  # unreachable through the schema's enum; kept for direct callers
-        raise DataError(f"data.source={source!r} is unknown; use cifar10, cifar100 or folder")
-    seed = int(cfg.subset_seed)
+    else:  # the schema's enum has no other value
+        raise AssertionError(source)
+    seed = cfg.subset_seed
     tr_targets, tr_decode, classes, tr_paths, tr_files = raw["train"]
     te_targets, te_decode, _, te_paths, te_files = raw["test"]
 
@@ -597,12 +600,9 @@ def load(cfg) -> Dataset:
     test_idx, _ = _stratified(te_targets.numpy(), cfg.test_size, seed, "data.test_size", _typed(cfg.test_size),
                               "test", "unused", "test images", where["test"], count("data.test_size", len(te_targets)))
     # val is held out of the (subsetted) train split: model selection never looks at test
-    v = float(cfg.val_size)
+    v = cfg.val_size  # a fraction in (0, 1) or a whole count (config.VALUE_RULES)
     n_train = len(train_idx)
-    n_val = round(v * n_train) if 0 < v < 1 else int(v)
-    if v <= 0 or (v >= 1 and v != int(v)):
-        raise DataError(f"data.val_size={_typed(cfg.val_size)} must be a fraction in (0, 1) or a positive count: "
-                        "the best checkpoint is chosen on val, never on test.")
+    n_val = round(v * n_train) if v < 1 else int(v)
 
     def val_fix(k, lo, hi):
         if v >= 1:

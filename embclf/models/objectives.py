@@ -29,9 +29,7 @@ import torch
 from torch import nn
 
 from .. import losses
-
-DECORRELATIONS = ("class", "feature")
-
+from ..config import check_group
 
 @dataclass
 class Objective:
@@ -96,17 +94,13 @@ def build_objective(model_cfg, latent: int, n_classes: int) -> Objective:
     Returns:
         ``Objective``; its ``head`` (``nn.Linear(latent, n_classes)``, PyTorch's default init) when ce_weight > 0.
     Raises:
-        ValueError: a negative weight, or an unknown ``model.decorrelation``, naming the key.
+        ValueError: with the gate's message (``config.VALUE_RULES``, ``model.*``) for a negative weight: the
+            entrypoint checked the whole config already; this is for direct callers.
     """
-    gamma = float(getattr(model_cfg, "ce_weight", 0.0) or 0.0)
-    lam = float(getattr(model_cfg, "decorrelation_weight", 0.0) or 0.0)
-    kind = getattr(model_cfg, "decorrelation", "class")
-    kind = str(getattr(kind, "value", kind))
-    if gamma < 0:
-        raise ValueError(f"model.ce_weight={gamma:g} must be >= 0 (0 = no joint classification head)")
-    if lam < 0:
-        raise ValueError(f"model.decorrelation_weight={lam:g} must be >= 0 (0 = off)")
-    if kind not in DECORRELATIONS:
-        raise ValueError(f"model.decorrelation={kind!r} is unknown; use class or feature")
+    check_group(model_cfg, "model", ValueError)
+    gamma = getattr(model_cfg, "ce_weight", 0.0) or 0.0
+    lam = getattr(model_cfg, "decorrelation_weight", 0.0) or 0.0
+    kind = getattr(model_cfg, "decorrelation", "class")  # an Enum (composed config) or its name (a stored one)
+    kind = getattr(kind, "value", kind)
     head = nn.Linear(latent, n_classes) if gamma > 0 else None
     return Objective(head=head, ce_weight=gamma, decorrelation_weight=lam, decorrelation=kind, n_classes=n_classes)
