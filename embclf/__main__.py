@@ -189,7 +189,7 @@ def objective_key(cfg) -> str:
 
     Raises ``EmbclfError`` unless the key's last part starts with ``val_``: a search must never select on test.
     """
-    key = str(cfg.get("objective", "auto"))
+    key = cfg.get("objective", "auto")
     if key == "auto":
         # the stage as an Enum (composed config) or as text (a resolved plain copy)
         return "val_loss" if getattr(cfg.stage, "value", cfg.stage) == Stage.autoencode.value else "val_accuracy"

@@ -86,7 +86,7 @@ def _source(cfg) -> str:
 def cache_dir(cfg) -> Path:
     """``data.cache_dir`` or ``~/.cache/embclf/data`` (honours ``XDG_CACHE_HOME``)."""
     if cfg.cache_dir:
-        return Path(os.path.expanduser(str(cfg.cache_dir)))
+        return Path(os.path.expanduser(cfg.cache_dir))
     base = os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache")
     return Path(base) / "embclf" / "data"
 
@@ -182,7 +182,7 @@ def _torchvision_split(cfg, train: bool):
 
     src = _source(cfg)
     cls = datasets.CIFAR10 if src == "cifar10" else datasets.CIFAR100
-    root = Path(os.path.expanduser(str(cfg.root)))
+    root = Path(os.path.expanduser(cfg.root))
 
     def present():
         try:
@@ -227,7 +227,7 @@ def _torchvision_split(cfg, train: bool):
     files = file_listing((str(root / cls.base_folder / n), 0) for n in names)
     images = torch.from_numpy(np.ascontiguousarray(ds.data)).permute(0, 3, 1, 2).contiguous()
     targets = torch.as_tensor(ds.targets, dtype=torch.int64)
-    size = int(cfg.image_size)
+    size = cfg.image_size
     if images.shape[-1] != size:
         images = torch.nn.functional.interpolate(images.float(), size=(size, size), mode="bilinear",
                                                  antialias=True).round().clamp(0, 255).to(torch.uint8)
@@ -343,7 +343,7 @@ def _folder_tree(cfg) -> dict:
     if cfg.root in (None, "", "???"):
         raise DataError("data=folder needs data.root=PATH, a directory with train/<class>/* and test/<class>/* "
                         "(e.g. data.root=../shared/data/cifar10).")
-    top = Path(os.path.expanduser(str(cfg.root)))
+    top = Path(os.path.expanduser(cfg.root))
     dirs = {}
     for split in ("train", "test"):
         d = top / split
@@ -409,8 +409,8 @@ def _folder_split(cfg, tree: dict, train: bool):
 
     split = "train" if train else "test"
     samples, root = tree["samples"][split], tree["dir"][split]
-    size = int(cfg.image_size)
-    skip = bool(getattr(cfg, "skip_corrupt", False))
+    size = cfg.image_size
+    skip = cfg.skip_corrupt
 
     def decode_one(path: str):
         try:
@@ -529,7 +529,7 @@ def _cached_decode(cfg, split: str, idx: np.ndarray, decode, targets: torch.Tens
     bool mask of the decoded indices (``data.skip_corrupt``: unreadable images are left out). ``paths``: every
     file of the source split (image folders), of which the split keeps those of ``idx`` (and of ``keep``)."""
     picked = [paths[int(i)] for i in idx] if paths is not None else None
-    selection = [_source(cfg), os.path.abspath(os.path.expanduser(str(cfg.root))), split, int(cfg.image_size),
+    selection = [_source(cfg), os.path.abspath(os.path.expanduser(cfg.root)), split, cfg.image_size,
                  hashlib.sha1(idx.tobytes()).hexdigest()]
     if _source(cfg) == "folder" and getattr(cfg, "skip_corrupt", False):
         selection.append("skip_corrupt")

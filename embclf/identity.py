@@ -215,7 +215,7 @@ def job_identity(cfg: Any) -> dict:
     given ``classify.encoder`` is identified by the normalised path (its run dir name is fixed before the
     encoder is read)."""
     c = with_schema_defaults(plain(cfg))
-    stage = str(c.get("stage", "autoencode"))
+    stage = c.get("stage", "autoencode")
     out: dict = {"stage": stage}
     if stage in ("autoencode", "all"):
         out["autoencode"] = identity(c, "autoencode")

@@ -89,7 +89,7 @@ def build_objective(model_cfg, latent: int, n_classes: int) -> Objective:
     """Build the extra objective terms named by the ``model`` group.
 
     Args:
-        model_cfg: the ``model`` config (reads ce_weight, decorrelation_weight, decorrelation; missing keys = off).
+        model_cfg: the ``model`` config node (reads ce_weight, decorrelation_weight, decorrelation).
         latent: the latent size (the head's input). n_classes: the dataset's class count (the head's output).
     Returns:
         ``Objective``; its ``head`` (``nn.Linear(latent, n_classes)``, PyTorch's default init) when ce_weight > 0.
@@ -98,9 +98,7 @@ def build_objective(model_cfg, latent: int, n_classes: int) -> Objective:
             entrypoint checked the whole config already; this is for direct callers.
     """
     check_group(model_cfg, "model", ValueError)
-    gamma = getattr(model_cfg, "ce_weight", 0.0) or 0.0
-    lam = getattr(model_cfg, "decorrelation_weight", 0.0) or 0.0
-    kind = getattr(model_cfg, "decorrelation", "class")  # an Enum (composed config) or its name (a stored one)
-    kind = getattr(kind, "value", kind)
+    gamma, lam = model_cfg.ce_weight, model_cfg.decorrelation_weight
+    kind = getattr(model_cfg.decorrelation, "value", model_cfg.decorrelation)  # the Enum's name: class | feature
     head = nn.Linear(latent, n_classes) if gamma > 0 else None
     return Objective(head=head, ce_weight=gamma, decorrelation_weight=lam, decorrelation=kind, n_classes=n_classes)
