@@ -6,11 +6,16 @@ unknown key fails at composition time with an error naming the key (e.g. ``laten
 
 One group per module: ``data`` -> ``embclf/data.py``, ``model`` -> ``embclf/models/``, ``head`` ->
 ``embclf/heads.py``, ``stage`` -> ``embclf/stages/``, ``logger`` -> ``embclf/tracking.py``, ``debug`` ->
-``embclf/debug.py``. Nothing else lives here.
+``embclf/debug.py``. Here: the schemas (the home of every default; conf/ YAMLs hold only what differs), the
+key roles on them (read by ``embclf/identity.py``), and the one validation gate (``VALUE_RULES``,
+``CROSS_RULES``, ``problems``). Run-dir naming lives beside it in ``embclf/identity.py``; the command line's
+key check in ``embclf/overrides.py``.
+
+Importing this module stores the schema in Hydra's ConfigStore (as ``config_schema``) and registers the
+run-dir-name resolvers with OmegaConf: entries in their registries, the documented way; nothing is patched.
 """
 from __future__ import annotations
 
-import difflib
 import math
 import re
 from dataclasses import dataclass, field, is_dataclass
@@ -307,7 +312,9 @@ def _names(allowed):
 
 # key -> (check, what a valid value is). Keys a config does not have are skipped. Every key of the schema whose
 # type allows a value that cannot run is here (enums and booleans are typed by the schema already); ranges that
-# depend on other keys are in CROSS_RULES below. The stages re-check some of them for direct callers.
+# depend on other keys are in CROSS_RULES below. They are the only checks of values: library functions called
+# directly (heads, objectives, models, data, runtime) apply them through check_value/check_group/check_model.
+# A new key touches one schema field and at most one rule.
 VALUE_RULES = {
     "latent": (_positive, "a positive integer (e.g. latent=64)"),
     "seed": (lambda v: 0 <= v <= SEED_MAX, f"an integer from 0 to {SEED_MAX} (e.g. seed=0)"),
@@ -438,28 +445,6 @@ CROSS_RULES = (_image_size_vs_model, _channels_vs_strides, _val_count_vs_train_s
 _ABSENT = object()
 
 
-def _unknown_keys(node: Any, schema: Any, prefix: str, out: List[str]) -> None:
-    """Append a message for every key of ``node`` that its structured ``schema`` node does not define."""
-    if not isinstance(node, DictConfig) or not isinstance(schema, DictConfig):
-        return
-    if OmegaConf.get_type(schema) in (dict, None):  # a free-form Dict[str, ...] field: any key is fine
-        return
-    known = [str(k) for k in schema.keys()]
-    for key in node.keys():
-        key = str(key)
-        full = f"{prefix}{key}"
-        if full == "hydra":
-            continue
-        if key not in known:
-            close = difflib.get_close_matches(key, known, n=1, cutoff=0.6)
-            hint = f"did you mean {prefix}{close[0]}?" if close else \
-                f"valid keys here: {', '.join(prefix + k for k in known)}"
-            out.append(f"{full} is not a config key ({hint}); `+{full}=...` adds a key that nothing reads. "
-                       f"Remove it or fix its name.")
-            continue
-        _unknown_keys(node._get_node(key), schema._get_node(key), f"{full}.", out)
-
-
 def _as_override(v: Any) -> str:
     """A value as it is written on the command line: [pca,tsn], null, fast (not ['pca', 'tsn'], None)."""
     if isinstance(v, (list, tuple)):
@@ -481,7 +466,9 @@ def problems(cfg: DictConfig) -> List[str]:
     for key in OmegaConf.missing_keys(cfg):
         if not str(key).startswith("hydra."):
             out.append(f"{key} has no value (???): set it on the command line, e.g. {key}=VALUE.")
-    _unknown_keys(cfg, OmegaConf.structured(Config), "", out)
+    from .overrides import unknown_keys  # keys outside the schema: the command line's check lives there too
+
+    unknown_keys(cfg, OmegaConf.structured(Config), "", out)
     for key in VALUE_RULES:
         v = _get(cfg, key)  # missing or unresolvable: reported above or by Hydra
         if v is not _ABSENT:

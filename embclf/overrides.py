@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import difflib
 from pathlib import Path
-from typing import List, Optional, Sequence
+from typing import Any, List, Optional, Sequence
 
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
@@ -57,6 +57,30 @@ def _known(schema: DictConfig, key: str) -> bool:
             return False
         node = node._get_node(part)
     return True
+
+
+def unknown_keys(node: Any, schema: Any, prefix: str, out: List[str]) -> None:
+    """Append to ``out`` a message for every key of ``node`` (a composed config, recursively) that its structured
+    ``schema`` node does not define, naming the closest valid key: the gate's check (``config.problems``) for a key
+    that got past composition (``+key=`` under an untyped node, a hand-edited stored config)."""
+    if not isinstance(node, DictConfig) or not isinstance(schema, DictConfig):
+        return
+    if OmegaConf.get_type(schema) in (dict, None):  # a free-form Dict[str, ...] field: any key is fine
+        return
+    known = [str(k) for k in schema.keys()]
+    for key in node.keys():
+        key = str(key)
+        full = f"{prefix}{key}"
+        if full == "hydra":
+            continue
+        if key not in known:
+            close = difflib.get_close_matches(key, known, n=1, cutoff=0.6)
+            hint = f"did you mean {prefix}{close[0]}?" if close else \
+                f"valid keys here: {', '.join(prefix + k for k in known)}"
+            out.append(f"{full} is not a config key ({hint}); `+{full}=...` adds a key that nothing reads. "
+                       f"Remove it or fix its name.")
+            continue
+        unknown_keys(node._get_node(key), schema._get_node(key), f"{full}.", out)
 
 
 def mistyped(argv: Sequence[str]) -> Optional[str]:
