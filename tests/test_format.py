@@ -54,6 +54,7 @@ def test_a_newer_format_is_refused_and_left_alone(tmp_path, record):
 
 
 def test_the_summary_records_the_group_choices(tmp_path):
+    HydraConfig.instance().cfg = None  # (an earlier test in this process may have set one)
     assert "choices" not in runs.base_summary(_compose(), "autoencode", [])  # no Hydra job: nothing to record
     cfg = _compose("experiment=quick", "model=vae", "head=knn", hydra_node=True)
     with read_write(cfg.hydra), open_dict(cfg.hydra):
