@@ -28,6 +28,11 @@ class EmbclfError(RuntimeError):
     """
 
 
+class DataError(RuntimeError):
+    """A data source is missing, unreadable or misconfigured; the message says how to fix it (``embclf.data``,
+    ``embclf.image_folder``). The entrypoint prints it like ``EmbclfError``."""
+
+
 def setup(cfg) -> dict:
     """Apply ``threads`` and ``seed``, choose the device. Returns {"device": torch.device, "fallback": bool, "name": str}.
 
