@@ -248,3 +248,17 @@ def test_mistyped_key_on_the_command_line_fails_naming_the_closest(tmp_path):
     assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr
     assert "embclf: error: Could not override 'autoencode.epoch': no such key. Did you mean autoencode.epochs?" \
         in proc.stderr and not (tmp_path / "out").exists()
+
+
+def test_importing_embclf_patches_nothing_in_hydra():
+    """``import embclf`` (and the entrypoint) only add entries to Hydra's ConfigStore and OmegaConf's resolvers."""
+    from hydra._internal.config_loader_impl import ConfigLoaderImpl
+    from hydra.core.config_store import ConfigStore
+    from omegaconf import OmegaConf
+
+    import embclf.__main__  # noqa: F401 -- everything the entrypoint imports
+
+    apply = ConfigLoaderImpl._apply_overrides_to_config
+    assert apply.__module__ == "hydra._internal.config_loader_impl" and not hasattr(apply, "_embclf_suggests")
+    assert "config_schema.yaml" in ConfigStore.instance().list("")
+    assert all(OmegaConf.has_resolver(r) for r in ("embclf_name", "embclf_token", "embclf_output_dir"))
