@@ -252,11 +252,13 @@ def test_mistyped_key_on_the_command_line_fails_naming_the_closest(tmp_path):
 
 def test_importing_embclf_patches_nothing_in_hydra():
     """``import embclf`` (and the entrypoint) only add entries to Hydra's ConfigStore and OmegaConf's resolvers."""
+    import importlib
+
     from hydra._internal.config_loader_impl import ConfigLoaderImpl
     from hydra.core.config_store import ConfigStore
     from omegaconf import OmegaConf
 
-    import embclf.__main__  # noqa: F401 -- everything the entrypoint imports
+    importlib.import_module("embclf.__main__")  # everything the entrypoint imports
 
     apply = ConfigLoaderImpl._apply_overrides_to_config
     assert apply.__module__ == "hydra._internal.config_loader_impl" and not hasattr(apply, "_embclf_suggests")
