@@ -212,9 +212,9 @@ def test_the_yaml_walk_sees_every_group_and_finds_a_repeat(tmp_path, monkeypatch
         test_no_yaml_repeats_a_schema_default()
 
 
-def test_reference_preset_is_the_reference_study():
+def test_reference_preset_pins_every_study_setting():
     """experiment=reference sets only what differs from the defaults; the study's settings stay pinned here, so a
-    change of a default that would change the reference study fails (conf/experiment/reference.yaml)."""
+    change of a default that would change the reference study fails (conf/experiment/reference.yaml; tests/test_research.py checks the headline values)."""
     for model in ("ae", "vae"):
         cfg = _compose("experiment=reference", f"model={model}")
         assert cfg.stage == Stage.all and cfg.head.name == "mlp" and list(cfg.head.hidden) == [128, 64]
