@@ -21,8 +21,9 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig, open_dict
 
-from . import debug, lifecycle, locks, runs, tracking
-from .config import Stage, absolute_paths, conf_dir, problems
+from . import debug, lifecycle, locks, overrides, runs, tracking
+from .config import Stage, conf_dir, problems
+from .identity import absolute_paths
 from .data import DataError
 from .optional import needs_search_extras
 from .runtime import EmbclfError
@@ -180,7 +181,7 @@ def objective_key(cfg) -> str:
 
     Raises ``EmbclfError`` unless the key's last part starts with ``val_``: a search must never select on test.
     """
-    key = str(cfg.get("objective", "auto"))
+    key = cfg.get("objective", "auto")
     if key == "auto":
         # the stage as an Enum (composed config) or as text (a resolved plain copy)
         return "val_loss" if getattr(cfg.stage, "value", cfg.stage) == Stage.autoencode.value else "val_accuracy"
@@ -231,9 +232,8 @@ def _interrupted(cfg: DictConfig, job_dir: Path, hc) -> None:
     sys.exit(130)
 
 
-@needs_search_extras  # before Hydra: a search without its extra says how to install it (embclf/optional.py)
 @hydra.main(config_path=conf_dir(), config_name="config", version_base=None)
-def main(cfg: DictConfig) -> float:
+def task(cfg: DictConfig) -> float:
     """Hydra task function (see module docstring). Returns the value named by ``objective`` (a float, what
     a sweeper such as Optuna's optimizes; see docs/research.md)."""
     hc = HydraConfig.get()
@@ -261,6 +261,17 @@ def main(cfg: DictConfig) -> float:
             sys.exit(2)
         log.error("%s", e)
         raise  # in a sweep the launcher records and reports it
+
+
+@needs_search_extras  # before Hydra: a search without its extra says how to install it (embclf/optional.py)
+def main() -> None:
+    """``python -m embclf`` / ``embclf``: check the command line's keys (``embclf.overrides``: a mistyped key
+    names the closest valid one, exit status 2, nothing written), then run ``task`` under Hydra."""
+    bad = overrides.mistyped(sys.argv[1:])
+    if bad:
+        print(f"embclf: error: {bad}", file=sys.stderr)
+        sys.exit(2)
+    task()
 
 
 if __name__ == "__main__":

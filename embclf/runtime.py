@@ -16,6 +16,8 @@ from typing import Callable
 import numpy as np
 import torch
 
+from .config import check_value
+
 log = logging.getLogger(__name__)
 
 
@@ -26,20 +28,27 @@ class EmbclfError(RuntimeError):
     """
 
 
+class DataError(RuntimeError):
+    """A data source is missing, unreadable or misconfigured; the message says how to fix it (``embclf.data``,
+    ``embclf.image_folder``). The entrypoint prints it like ``EmbclfError``."""
+
+
 def setup(cfg) -> dict:
     """Apply ``threads`` and ``seed``, choose the device. Returns {"device": torch.device, "fallback": bool, "name": str}.
 
     ``device=auto`` picks CUDA when usable, else CPU. When a launcher or SLURM set ``CUDA_VISIBLE_DEVICES``
     but no CUDA device is usable (a CPU-only node, fake GPUs in tests), the job says so once and runs on
-    the CPU (``fallback`` True). Raises ``EmbclfError`` for ``device=cuda`` without CUDA or an unknown value.
+    the CPU (``fallback`` True). Raises ``EmbclfError`` for ``device=cuda`` without CUDA, a GPU index this
+    machine lacks, or a value the gate refuses (``config.VALUE_RULES["device"]``, for direct callers).
     """
+    check_value("device", cfg.device, EmbclfError)
     if cfg.threads:
-        torch.set_num_threads(int(cfg.threads))
-    seed = int(cfg.seed)
+        torch.set_num_threads(cfg.threads)
+    seed = cfg.seed
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)
-    want = str(cfg.device)
+    want = cfg.device
     cuda = torch.cuda.is_available()
     fallback = False
     if want == "auto":
@@ -48,7 +57,7 @@ def setup(cfg) -> dict:
         if not cuda and visible not in (None, "", "-1"):
             fallback = True
             log.warning("CUDA_VISIBLE_DEVICES=%s was given but no CUDA device is usable: falling back to CPU", visible)
-    elif want == "cpu" or want.startswith("cuda"):
+    else:  # cpu, cuda or cuda:N (the gate allows nothing else)
         if want.startswith("cuda") and not cuda:
             raise EmbclfError(f"device={want} but torch sees no CUDA device (torch {torch.__version__}). "
                               "Use device=auto or device=cpu.")
@@ -57,10 +66,8 @@ def setup(cfg) -> dict:
             n = torch.cuda.device_count()  # before anything is written: .to(cuda:N) would fail in the stage
             raise EmbclfError(f"device={want}: this machine has {n} CUDA device(s), cuda:0 to cuda:{n - 1}; use one "
                               "of them, or device=auto.")
-    else:
-        raise EmbclfError(f"device={want!r} is not a device; use auto, cpu, cuda or cuda:N.")
     name = torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu"
-    backends = configure_backends(dev, bool(cfg.get("tf32", True)))
+    backends = configure_backends(dev, cfg.tf32)
     if precision(cfg) == "bf16" and dev.type == "cpu" and not cpu_has_fast_bf16():
         log.warning("precision=bf16 on a CPU without native bf16 (%s; no AVX512-BF16/AMX): the convolutions run "
                     "in emulated bf16, ~15-30x slower than fp32 (benchmarks/run.py, row 5). Use precision=fp32 "

@@ -249,7 +249,7 @@ def start(cfg, run_dir: Path, stage: str, encoder_cfg: Optional[dict] = None) ->
     config = runs.resolved(cfg)
     if encoder_cfg is not None:
         config.update(model=encoder_cfg["model"], latent=encoder_cfg["latent"])
-    model, latent, data = config["model"]["name"], int(config["latent"]), config["data"]["source"]
+    model, latent, data = config["model"]["name"], config["latent"], config["data"]["source"]
     # a classify run is also named and tagged by its head (several probes may run on one encoder)
     head_name = config.get("head", {}).get("name") if stage == "classify" else None
     head_part, head_tag = (f"-{head_name}", [f"head={head_name}"]) if head_name else ("", [])
@@ -259,7 +259,7 @@ def start(cfg, run_dir: Path, stage: str, encoder_cfg: Optional[dict] = None) ->
         run = wandb.init(
             id=run_id, resume="allow",
             mode=mode, dir=str(run_dir), project=lc.wandb.project, entity=lc.wandb.entity,
-            group=_group(run_dir), job_type=stage, name=f"{model}-z{latent}-s{int(cfg.seed)}{head_part}",
+            group=_group(run_dir), job_type=stage, name=f"{model}-z{latent}-s{cfg.seed}{head_part}",
             tags=[f"model={model}", f"latent={latent}", f"data={data}", *head_tag, *lc.wandb.tags],
             config=config, reinit="finish_previous",
             # silent: the one line below says what matters; wandb's banner would repeat per job in a sweep

@@ -130,7 +130,7 @@ def test_setup_device_choice(monkeypatch):
         pytest.skip("CPU-only branches")
     with pytest.raises(runtime.EmbclfError, match="device=cuda but torch sees no CUDA device"):
         runtime.setup(_cfg("device=cuda"))
-    with pytest.raises(runtime.EmbclfError, match="is not a device"):
+    with pytest.raises(runtime.EmbclfError, match="device=tpu is invalid: it must be auto, cpu, cuda or cuda:N"):
         runtime.setup(_cfg("device=tpu"))
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "3")  # a launcher gave a GPU this node does not have
     env = runtime.setup(_cfg("device=auto"))

@@ -152,8 +152,9 @@ def _stage_cfg(tmp_path, cifar_root, *overrides):
 def test_bad_objective_keys_are_refused_before_anything_is_written(tmp_path, cifar_root):
     from embclf import runtime
 
-    for bad, msg in (("model.ce_weight=-1", "model.ce_weight=-1 must be >= 0"),
-                     ("model.decorrelation_weight=-0.5", "model.decorrelation_weight=-0.5 must be >= 0"),
+    for bad, msg in (("model.ce_weight=-1", "model.ce_weight=-1.0 is invalid: it must be a cross-entropy weight >= 0"),
+                     ("model.decorrelation_weight=-0.5", "model.decorrelation_weight=-0.5 is invalid: it must be a "
+                                                         "weight >= 0"),
                      ("model.kl_warmup_epochs=-2", "model.kl_warmup_epochs=-2 must be >= 0")):
         run_dir = tmp_path / bad
         with pytest.raises(runtime.EmbclfError, match=msg):

@@ -12,7 +12,6 @@ import numpy as np
 import pytest
 import torch
 from hydra import compose, initialize_config_dir
-from hydra.errors import ConfigCompositionException
 from PIL import Image
 
 from conftest import CIFAR, REPO
@@ -152,14 +151,6 @@ def test_report_help(capsys):
     text = capsys.readouterr().out
     assert "python -m embclf.report outputs/sweepA outputs/sweepB --out reports/ab" in text
     assert "reconstructions" in text and "distinct" in text
-
-
-def test_mistyped_keys_suggest_the_closest():
-    with initialize_config_dir(config_dir=conf_dir(), version_base=None):
-        for override in ("autoencode.epoch=3", "autoencod.epochs=3", "+autoencode.epoch=3"):
-            with pytest.raises(ConfigCompositionException, match="Did you mean autoencode.epochs"):
-                compose("config", overrides=[override])
-        assert compose("config", overrides=["autoencode.epochs=3"]).autoencode.epochs == 3
 
 
 def test_keep_last_false_drops_last_pt_and_stays_completed(tmp_path):

@@ -170,7 +170,7 @@ def _config_problems(cfg: DictConfig) -> List[str]:
 
 def _absolute_paths(app: dict, base: str) -> dict:
     try:
-        from embclf.config import absolute_paths
+        from embclf.identity import absolute_paths
     except ImportError:
         return app
     return absolute_paths(app, base)
