@@ -41,6 +41,17 @@ def _save_data(obj: dict, path: Path) -> None:
     runs._atomic(path, lambda t: t.write_bytes(buf.getvalue()))
 
 
+def pyplot():
+    """``matplotlib.pyplot`` on the file-only Agg backend (figures are written, never shown; a job on a node
+    without a display must not try to open one). Imported on first use: matplotlib costs ~0.5 s to import."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
 def to_uint8(x: torch.Tensor) -> torch.Tensor:
     """float [..] in [0, 1] -> uint8 [..] on the CPU, rounded as ``torchvision.utils.save_image`` rounds."""
     return x.detach().float().mul(255).add(0.5).clamp(0, 255).to(torch.uint8).cpu()
@@ -197,9 +208,8 @@ def worst_figure(images: torch.Tensor, captions: Sequence[str], path_or_buf, tit
     shown above its counterpart, e.g. its reconstruction), a caption under each (class, PSNR/MSE or the
     prediction), ``cols`` per row, each image ~1.3 inch wide at 100 dpi (so a 32-pixel image is shown at
     ~4x), saved as PNG to a path or a binary file object. Returns the captions drawn."""
-    from .plots import _plt
 
-    plt = _plt()
+    plt = pyplot()
     n = max(1, len(images))
     rows = (n + cols - 1) // cols
     per = 2 if below is not None else 1

@@ -32,12 +32,9 @@ def _savefig(fig, path: Path, **kw) -> None:
 
 
 def _plt():
-    import matplotlib
+    from ..images import pyplot  # the one place that picks matplotlib's file-only backend
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
+    return pyplot()
 
 
 def _curve_labels(rows: List[dict]) -> Dict[str, str]:
