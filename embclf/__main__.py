@@ -21,7 +21,7 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig, open_dict
 
-from . import debug, locks, runs, tracking
+from . import debug, locks, runs, runtime, tracking
 from .config import Stage, absolute_paths, conf_dir, problems
 from .data import DataError
 from .runtime import EmbclfError
@@ -96,6 +96,9 @@ def _run_stages(cfg: DictConfig, job_dir: Path, overrides, before: dict) -> Path
         raise EmbclfError("invalid config, nothing was run: " + " ".join(bad))
     stage = cfg.stage
     current = job_dir
+    # precision=auto becomes what this machine runs (bf16 where native, else fp32) before anything is written:
+    # the run dir's config, identity and summary hold the precision the run used (docs/run-dirs.md)
+    runtime.resolve_precision_in(cfg)
     # a relative path means "relative to where I launched" (not the job's working dir, which
     # hydra.job.chdir=true moves into the run dir): store it absolute, so lookups and resumes compare one path
     absolute_paths(cfg, _launch_dir())

@@ -181,10 +181,13 @@ class ClassifyConfig:
 
 class Precision(Enum):
     """``precision``: ``fp32`` (default) or ``bf16`` autocast for the forward pass (CUDA and CPU); losses,
-    metric sums, optimizer state and checkpoints stay fp32."""
+    metric sums, optimizer state and checkpoints stay fp32. ``auto``: bf16 where the device runs it natively
+    (CUDA with bf16, a CPU with AVX512-BF16 or AMX), else fp32 (``runtime.resolve_precision``); a run dir
+    records the resolved value, and that is its identity."""
 
     fp32 = "fp32"
     bf16 = "bf16"
+    auto = "auto"
 
 
 class WandbMode(Enum):
@@ -619,6 +622,9 @@ def _suggesting(apply):
         try:
             apply(overrides, cfg)
         except ConfigCompositionException as e:
+            bad = _bad_value(e, overrides, cfg)
+            if bad:  # raised without its cause: Hydra then prints this paragraph alone, not OmegaConf's 5 lines
+                raise ConfigCompositionException(bad) from None
             if isinstance(e.__cause__, (ConfigAttributeError, ConfigKeyError)) and str(e).startswith("Could not override"):
                 key = str(e).split("'")[1]
                 raise ConfigCompositionException(f"Could not override '{key}': no such key." + hint(key, cfg)) \
@@ -627,6 +633,42 @@ def _suggesting(apply):
 
     apply_overrides._embclf_suggests = True
     return apply_overrides
+
+
+# what a typed node of the schema holds, for the message about a value that does not fit it
+_KINDS = {"IntegerNode": "an integer", "FloatNode": "a number", "BooleanNode": "true or false"}
+
+
+def _bad_value(e: Exception, overrides, cfg) -> Optional[str]:
+    """One paragraph for an override whose value does not fit its typed key (``stage=foo``, ``precision=fp8``,
+    ``latent=abc``): the key, the value, what it accepts (an Enum's values, read from the schema's node) and the
+    fix. None for any other composition error (Hydra's message stays)."""
+    from omegaconf.errors import ValidationError
+    from omegaconf.nodes import EnumNode
+
+    cause = e.__cause__
+    if not isinstance(cause, ValidationError) or not getattr(cause, "full_key", None):
+        return None
+    key = str(cause.full_key)
+    line = next((o.input_line for o in overrides if o.key_or_group.lstrip("+~") == key), None)
+    value = line.split("=", 1)[1] if line and "=" in line else "?"
+    parent, _, leaf = key.rpartition(".")
+    try:
+        node = (OmegaConf.select(cfg, parent) if parent else cfg)._get_node(leaf)
+    except Exception:  # noqa: BLE001 -- a node we cannot look at: Hydra's own message
+        return None
+    if isinstance(node, EnumNode):
+        names = [m.name for m in node.enum_type]
+        what = f"one of {', '.join(names)}"
+        example = f"{key}={(difflib.get_close_matches(value, names, n=1, cutoff=0.3) or names)[0]}"
+    elif type(node).__name__ in _KINDS:
+        what, v = _KINDS[type(node).__name__], node._value()
+        example = f"{key}={str(v).lower() if isinstance(v, bool) else _as_override(v)}" if v is not None else None
+    else:
+        return None
+    return (f"{key}={value} is invalid: {key} is {what}" + (f" (e.g. {example})" if example else "") + ". Fix it on "
+            "the command line or in the YAML that sets it; nothing was run. (python -m embclf --help lists the main "
+            "keys; --cfg job shows every key and its value.)")
 
 
 def _install_key_suggestions() -> None:
