@@ -84,11 +84,11 @@ def cpu_has_fast_bf16() -> bool:
     return bool(cpu_bf16_flags())
 
 
-def cpu_bf16_flags() -> list:
-    """The native-bf16 flags of this CPU (``avx512_bf16``, ``amx_bf16``) as /proc/cpuinfo lists them; [] when
+def cpu_bf16_flags(cpuinfo: str = "/proc/cpuinfo") -> list:
+    """The native-bf16 flags of this CPU (``avx512_bf16``, ``amx_bf16``) as ``cpuinfo`` lists them; [] when
     it has none or the file cannot be read."""
     try:
-        with open("/proc/cpuinfo") as f:
+        with open(cpuinfo) as f:
             line = next((ln for ln in f if ln.startswith("flags")), "")
     except OSError:
         return []
