@@ -388,7 +388,10 @@ def main(argv=None) -> dict:
     p.add_argument("--repeats", type=int, default=3, help="repeats per variant; the median is reported")
     p.add_argument("--data", type=Path, default=DEFAULT_DATA, help="ImageFolder root with train/ and test/")
     p.add_argument("--json", type=Path, help="also write all measurements here")
+    p.add_argument("--threads", type=int, help="torch threads (default: torch's, one per core)")
     a = p.parse_args(argv)
+    if a.threads:
+        torch.set_num_threads(a.threads)
     if not (a.data / "train").is_dir():
         sys.exit(f"benchmarks/run.py: no ImageFolder tree at {a.data} (train/<class>/*.jpg); pass --data PATH")
     rows = {"1": row1, "2": row2, "3": row3, "4": row4, "5": row5, "6": row6}

@@ -253,7 +253,8 @@ class Config:
     device: str = field(default="auto", metadata=RUN)  # auto | cpu | cuda | cuda:N
     threads: Optional[int] = field(default=None, metadata=RUN)  # null = torch default (honours OMP_NUM_THREADS)
     # bf16: autocast forward passes (embclf/runtime.py); classify embeds at its encoder's precision
-    precision: Precision = field(default=Precision.fp32, metadata=stages("autoencode"))
+    # (runs written before the key existed ran fp32: ``before``, whatever the default becomes)
+    precision: Precision = field(default=Precision.fp32, metadata=stages("autoencode", before="fp32"))
     compile: bool = field(default=False, metadata=RUN)  # torch.compile the model's training/eval step, once per job
     tf32: bool = field(default=True, metadata=RUN)  # CUDA only: TF32 matmuls and convolutions (recorded in the summary)
     output_dir: str = field(default="outputs", metadata=RUN_PATH)

@@ -65,35 +65,54 @@ def test_on_a_read_only_file_system(sweep, small_tmpfs, tmp_path, capsys):
     assert embed.main([str(run), "threads=1", f"out={tmp_path / 'z.npz'}"]) == 0 and (tmp_path / "z.npz").is_file()
 
 
-def test_as_another_user_on_a_copy_without_write_permission(sweep):
-    if os.geteuid() != 0 or shutil.which("setpriv") is None:
-        pytest.skip("needs root and setpriv (to run as nobody: root may write anywhere)")
+@pytest.mark.parametrize("how", ["read-only-bind", "nobody"])
+def test_the_commands_on_a_copy_nobody_may_write(sweep, how):
+    """The real commands on a ``chmod -R a-w`` copy, read through a read-only bind mount (root), or as ``nobody``
+    (``setpriv``; skipped where nobody cannot run this Python, e.g. a venv under root's 0700 home)."""
+    if os.geteuid() != 0:
+        pytest.skip("needs root (a bind mount, or setpriv to become nobody)")
     base = Path("/tmp") / f"embclf-readonly-{os.getpid()}"  # pytest's tmp dirs are root's 0700: nobody cannot read them
     shutil.rmtree(base, ignore_errors=True)
+    results, mine = base / "results", base / "mine"
+    as_user: list = []
+    env = embclf_env(base)
+    env.update(PYTHONPATH=str(REPO))
     try:
-        run, mine = base / "results" / "run", base / "mine"
-        shutil.copytree(_ae_run(sweep["out"]), run)
-        subprocess.run(["chmod", "-R", "a-w,a+rX", str(base / "results")], check=True)
+        shutil.copytree(_ae_run(sweep["out"]), results / "run")
+        subprocess.run(["chmod", "-R", "a-w,a+rX", str(results)], check=True)
         base.chmod(0o755)
         mine.mkdir()
-        os.chown(mine, 65534, 65534)
-        env = embclf_env(mine)
-        env.update(PYTHONPATH=str(REPO), HOME=str(mine), XDG_CACHE_HOME=str(mine / "cache"))
-        as_nobody = ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", sys.executable, "-m"]
+        if how == "nobody":
+            if shutil.which("setpriv") is None:
+                pytest.skip("setpriv is not installed")
+            as_user = ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups"]
+            if subprocess.run([*as_user, sys.executable, "-c", "pass"], capture_output=True).returncode != 0:
+                pytest.skip(f"nobody cannot run {sys.executable}")
+            os.chown(mine, 65534, 65534)
+            env.update(HOME=str(mine), XDG_CACHE_HOME=str(mine / "cache"))
+            run = results / "run"
+        else:
+            run = base / "mounted"
+            run.mkdir()
+            for cmd in (["mount", "--bind", str(results / "run"), str(run)], ["mount", "-o", "remount,bind,ro", str(run)]):
+                done = subprocess.run(cmd, capture_output=True, text=True)
+                if done.returncode != 0:
+                    pytest.skip(f"{' '.join(cmd)}: {done.stderr.strip()}")
 
-        def run_as_nobody(*args):
-            return subprocess.run([*as_nobody, *args, "threads=1"], cwd=mine, env=env, capture_output=True,
-                                  text=True, timeout=600)
+        def command(*args):
+            return subprocess.run([*as_user, sys.executable, "-m", *args, "threads=1"], cwd=mine, env=env,
+                                  capture_output=True, text=True, timeout=600)
 
-        proc = run_as_nobody("embclf.evaluate", str(run))
+        proc = command("embclf.evaluate", str(run))
         assert proc.returncode == 2, proc.stderr[-3000:]
         line = _one_line(proc.stderr)
         assert f"cannot create {run}/eval/test-best: {run} is not writable" in line and "out=DIR" in line
-        proc = run_as_nobody("embclf.evaluate", str(run), f"out={mine / 'evals'}")
+        proc = command("embclf.evaluate", str(run), f"out={mine / 'evals'}")
         assert proc.returncode == 0, proc.stderr[-3000:]
         assert (mine / "evals" / "test-best" / "per_sample.csv").is_file()
-        proc = run_as_nobody("embclf.embed", str(run))
+        proc = command("embclf.embed", str(run))
         assert proc.returncode == 2 and "out=PATH" in _one_line(proc.stderr), proc.stderr[-3000:]
         assert not (run / "eval").exists() and not (run / "export").exists()
     finally:
+        subprocess.run(["umount", "-l", str(base / "mounted")], capture_output=True)
         shutil.rmtree(base, ignore_errors=True)
