@@ -21,6 +21,9 @@ from embclf import runs, tracking
 from embclf.config import Stage
 
 
+HANDLED = (signal.SIGINT, signal.SIGTERM, signal.SIGUSR2)
+
+
 def _run(cmd, cwd, kill_at=None):
     """``cmd`` (argv) as a user's shell runs it: SIGINT at its default (a test runner started in the
     background would pass it on ignored, and Python would then never raise KeyboardInterrupt)."""
@@ -149,12 +152,13 @@ def test_ctrl_c_in_a_stage_all_job_names_each_stage(tmp_path, caplog):
     torch.save({"state": {"epoch": 3}}, job / "classify" / "checkpoints" / "last.pt")
     cfg = OmegaConf.create({"stage": Stage.all})
     hc = OmegaConf.create({"overrides": {"task": ["stage=all"], "hydra": ["hydra.mode=RUN"]}})
-    old = signal.getsignal(signal.SIGINT)
+    old = {s: signal.getsignal(s) for s in HANDLED}  # _interrupted ignores them (it exits next): restore them
     try:
         with caplog.at_level("WARNING"), pytest.raises(SystemExit) as e:
             entry._interrupted(cfg, job, hc)
     finally:
-        signal.signal(signal.SIGINT, old)
+        for s, h in old.items():
+            signal.signal(s, h)
     assert e.value.code == 130
     assert (f"interrupted (Ctrl-C); saved in {job}: autoencode/ completed; classify/ checkpoints/last.pt at the "
             "end of epoch 3 of 30 (the unfinished epoch 4 is redone on resume). Resume with: ") in caplog.text
@@ -169,12 +173,13 @@ def test_ctrl_c_before_the_run_started_leaves_no_run_dir(tmp_path, caplog):
     (job / "embclf.log").write_text("")
     cfg = OmegaConf.create({"stage": Stage.autoencode})
     hc = OmegaConf.create({"overrides": {"task": ["latent=8"], "hydra": []}})
-    old = signal.getsignal(signal.SIGINT)
+    old = {s: signal.getsignal(s) for s in HANDLED}  # _interrupted ignores them (it exits next): restore them
     try:
         with caplog.at_level("WARNING"), pytest.raises(SystemExit) as e:
             entry._interrupted(cfg, job, hc)
     finally:
-        signal.signal(signal.SIGINT, old)
+        for s, h in old.items():
+            signal.signal(s, h)
     assert e.value.code == 130 and not job.exists()
     assert ("interrupted (Ctrl-C); nothing was saved (interrupted before the run started). Start it again with: "
             in caplog.text)
