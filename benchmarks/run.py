@@ -1,7 +1,8 @@
 """embclf's speed and memory, as ratios measured side by side in one invocation (not part of the tests).
 
-    python benchmarks/run.py                 # rows 1-5, ~8 minutes on a 2-core CPU
+    python benchmarks/run.py                 # rows 1-6, ~10 minutes on a 2-core CPU
     python benchmarks/run.py --rows 1,5      # some rows
+    python benchmarks/run.py --rows 6 --repeats 7   # fp32 vs bf16 autocast at batch 200 (~2 min)
     python benchmarks/run.py --json out.json # also write every measurement
 
 Rows (each ratio: variants interleaved, repeated ``--repeats`` times, median reported):
@@ -17,6 +18,8 @@ Rows (each ratio: variants interleaved, repeated ``--repeats`` times, median rep
 4. peak resident memory of one job on the whole CIFAR-10 (first decode and cache, then training steps).
 5. training images/s per model at fp32 and bf16, FLOPs per image per training step counted by
    ``torch.utils.flop_counter`` (forward + backward), achieved GFLOP/s.
+6. conv AE training images/s at batch 200: fp32 vs bf16 autocast, interleaved, and what ``precision=auto``
+   resolves to on this machine (``runtime.resolve_precision``): the row that decides ``auto``.
 
 Needs ../shared/data/cifar10 (an ImageFolder copy of CIFAR-10) beside the repo, or ``--data PATH``.
 Exit status 0 always: a measurement, not a test.
@@ -306,6 +309,34 @@ def row5(root: Path, repeats: int) -> dict:
     return out
 
 
+# --- row 6 --------------------------------------------------------------------------------------------
+
+def row6(root: Path, repeats: int, batch: int = 200, steps: int = 3) -> dict:
+    """The conv AE's training step (forward under autocast, backward, Adam) at ``batch``, fp32 and bf16
+    alternating in every repeat (a busy machine slows both alike), ``steps`` timed after one warm-up step.
+    Returns the median img/s of each, their ratio and ``precision=auto``'s choice here."""
+    from embclf import runtime
+
+    x = data_mod.to_float(torch.randint(0, 256, (batch, 3, 32, 32), dtype=torch.uint8))
+    rates = {"fp32": [], "bf16": []}
+    for _ in range(repeats):
+        for precision in ("fp32", "bf16"):
+            model, opt = build("ae")
+            model.train()
+            for s in range(steps + 1):
+                if s == 1:
+                    t0 = time.perf_counter()
+                loss, _, _ = autoencode.batch_step(model, x, 0.1, precision)
+                opt.zero_grad()
+                loss.backward()
+                opt.step()
+            rates[precision].append(batch * steps / (time.perf_counter() - t0))
+    med = {k: _median(v) for k, v in rates.items()}
+    auto, why = runtime.resolve_precision("auto", "cpu")
+    return {"batch": batch, "images_per_second": med, "all": rates, "ratio": med["bf16"] / med["fp32"],
+            "auto": auto, "auto_why": why, "capability": torch.backends.cpu.get_cpu_capability()}
+
+
 # --- table ----------------------------------------------------------------------------------------------
 
 def _fmt(r: dict) -> str:
@@ -343,19 +374,27 @@ def _fmt(r: dict) -> str:
         for k, a in r["row5"].items():
             lines.append(f"| 5 | {k} (batch {a['batch']}): img/s, GFLOP/img (fwd+bwd), GFLOP/s | "
                          f"{a['images_per_second']:.1f} img/s, {a['gflop_per_image']:.2f}, {a['achieved_gflops']:.1f} | |")
+    if "row6" in r:
+        a = r["row6"]
+        ips = a["images_per_second"]
+        lines.append(f"| 6 | conv AE training img/s, batch {a['batch']}: bf16 autocast / fp32 ({ips['bf16']:.0f} / "
+                     f"{ips['fp32']:.0f}; {a['capability']}; precision=auto -> {a['auto']}) | {a['ratio']:.2f}x | |")
     return "\n".join(lines)
 
 
 def main(argv=None) -> dict:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--rows", default="1,2,3,4,5", help="comma-separated rows to run (default all)")
+    p.add_argument("--rows", default="1,2,3,4,5,6", help="comma-separated rows to run (default all)")
     p.add_argument("--repeats", type=int, default=3, help="repeats per variant; the median is reported")
     p.add_argument("--data", type=Path, default=DEFAULT_DATA, help="ImageFolder root with train/ and test/")
     p.add_argument("--json", type=Path, help="also write all measurements here")
+    p.add_argument("--threads", type=int, help="torch threads (default: torch's, one per core)")
     a = p.parse_args(argv)
+    if a.threads:
+        torch.set_num_threads(a.threads)
     if not (a.data / "train").is_dir():
         sys.exit(f"benchmarks/run.py: no ImageFolder tree at {a.data} (train/<class>/*.jpg); pass --data PATH")
-    rows = {"1": row1, "2": row2, "3": row3, "4": row4, "5": row5}
+    rows = {"1": row1, "2": row2, "3": row3, "4": row4, "5": row5, "6": row6}
     res = {"machine": {"cores": os.cpu_count(), "threads": torch.get_num_threads(), "torch": torch.__version__,
                        "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None}}
     for k in a.rows.split(","):

@@ -185,10 +185,13 @@ class ClassifyConfig:
 
 class Precision(Enum):
     """``precision``: ``fp32`` (default) or ``bf16`` autocast for the forward pass (CUDA and CPU); losses,
-    metric sums, optimizer state and checkpoints stay fp32."""
+    metric sums, optimizer state and checkpoints stay fp32. ``auto``: bf16 where the device runs it natively
+    (CUDA with bf16, a CPU with AVX512-BF16 or AMX), else fp32 (``runtime.resolve_precision``); a run dir
+    records the resolved value, and that is its identity."""
 
     fp32 = "fp32"
     bf16 = "bf16"
+    auto = "auto"
 
 
 class WandbMode(Enum):
@@ -254,7 +257,8 @@ class Config:
     device: str = field(default="auto", metadata=RUN)  # auto | cpu | cuda | cuda:N
     threads: Optional[int] = field(default=None, metadata=RUN)  # null = torch default (honours OMP_NUM_THREADS)
     # bf16: autocast forward passes (embclf/runtime.py); classify embeds at its encoder's precision
-    precision: Precision = field(default=Precision.fp32, metadata=stages("autoencode"))
+    # (runs written before the key existed ran fp32: ``before``, whatever the default becomes)
+    precision: Precision = field(default=Precision.fp32, metadata=stages("autoencode", before="fp32"))
     compile: bool = field(default=False, metadata=RUN)  # torch.compile the model's training/eval step, once per job
     tf32: bool = field(default=True, metadata=RUN)  # CUDA only: TF32 matmuls and convolutions (recorded in the summary)
     output_dir: str = field(default="outputs", metadata=RUN_PATH)

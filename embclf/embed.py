@@ -104,7 +104,7 @@ def check_out(path: Path, fmt: str, explicit: bool) -> None:
     if suffix in FORMATS and suffix != fmt:
         raise EmbclfError(f"{what} ends in .{suffix} but format={fmt}: the file would hold {fmt} data. Use "
                           f"format={suffix}, or out={path.with_suffix('.' + fmt)}.")
-    check_writable(path, what)
+    check_writable(path, what, f"Write the export elsewhere with out=PATH, e.g. out=/tmp/{path.name}.")
 
 
 def _encoder_source(run_dir: Path, which: Optional[str]) -> Tuple[Path, Path]:

@@ -8,6 +8,8 @@ Keys of its own:
 - ``split=test|train|val`` (default test).
 - ``name=NAME``: the evaluation's folder name (default ``<split>-<checkpoint>``, plus the overrides that
   change the data, e.g. ``test-best-data=folder,data.root=pets``).
+- ``out=DIR``: write the evaluation to ``DIR/<name>/`` instead of ``RUN_DIR/eval/<name>/`` (a read-only run dir:
+  an archive, a colleague's results).
 
 Every other ``key=value`` is applied to the run's saved ``config.yaml`` as Hydra applies overrides: parsed by
 Hydra's override parser; a group option (``data=folder``) is composed from ``conf/`` with Hydra's compose API
@@ -180,9 +182,10 @@ def run_config(run_dir: Path, overrides) -> DictConfig:
     return cfg
 
 
-def check_writable(path: Path, what: str) -> None:
+def check_writable(path: Path, what: str, fix: str = "Copy the run dir somewhere writable, or write elsewhere.") -> None:
     """Refuse, before any work, a file or folder ``path`` that could not be created: its nearest existing ancestor
-    is not a folder, or is not writable (a read-only file system, no permission). ``what`` names the argument.
+    is not a folder, or is not writable (a read-only file system, no permission). ``what`` names the argument,
+    ``fix`` says how to write elsewhere (the command's ``out=``).
 
     Raises ``EmbclfError``."""
     parent = Path(os.path.abspath(path)).parent
@@ -192,7 +195,7 @@ def check_writable(path: Path, what: str) -> None:
         raise EmbclfError(f"{what}: cannot create {path}: {parent} is a file, not a folder. Choose another place.")
     if not os.access(parent, os.W_OK | os.X_OK):
         raise EmbclfError(f"{what}: cannot create {path}: {parent} is not writable (read-only, or no permission); "
-                          "nothing was computed. Copy the run dir somewhere writable, or write elsewhere.")
+                          f"nothing was computed. {fix}")
 
 
 def check_name(name: str) -> None:
@@ -401,17 +404,21 @@ def evaluate_run(argv: Sequence[str]) -> Tuple[Path, dict]:
     """Run one evaluation (see the module docstring). Returns (the eval folder, its summary).
 
     Raises ``EmbclfError`` / ``DataError`` for bad input, before anything is written."""
-    run_dir, own, overrides = parse_args(argv, {"checkpoint": CHECKPOINTS, "split": SPLITS, "name": None},
-                                         "embclf.evaluate")
+    run_dir, own, overrides = parse_args(argv, {"checkpoint": CHECKPOINTS, "split": SPLITS, "name": None,
+                                                "out": None}, "embclf.evaluate")
     stage, run_summary = run_stage(run_dir)
     which, split = own.get("checkpoint", "best"), own.get("split", "test")
+    # out=DIR: evaluations go to DIR/<name>/ instead of RUN_DIR/eval/<name>/ (a read-only or someone else's run)
+    parent = Path(os.path.expanduser(own["out"])).absolute() if own.get("out") else run_dir / "eval"
     # every argument is checked before any work (the checks are made again when writing)
     if "name" in own:
         check_name(own["name"])
-        if (run_dir / "eval" / own["name"]).exists():
-            raise EmbclfError(f"name={own['name']}: {run_dir / 'eval' / own['name']} exists; an earlier evaluation "
+        if (parent / own["name"]).exists():
+            raise EmbclfError(f"name={own['name']}: {parent / own['name']} exists; an earlier evaluation "
                               "is never overwritten. Choose another name= (or leave name out for a new one).")
-    check_writable(run_dir / "eval" / own.get("name", f"{split}-{which}"), "the evaluation folder")
+    check_writable(parent / own.get("name", f"{split}-{which}"), f"out={own['out']}" if own.get("out") else
+                   "the evaluation folder", "Write the evaluation elsewhere with out=DIR (it goes to DIR/<name>/), "
+                   "e.g. out=/tmp/evals.")
     cfg = run_config(run_dir, overrides)
     if stage == "autoencode":
         ck = run_dir / "checkpoints" / f"{which}.pt"
@@ -447,7 +454,7 @@ def evaluate_run(argv: Sequence[str]) -> Tuple[Path, dict]:
     summary["worst"] = worst
     shown = identity.readable([o.input_line for o in overrides])  # the overrides that change what was computed
     name = own.get("name") or f"{split}-{which}" + (f"-{shown}" if shown else "")
-    out = write_new_dir(run_dir / "eval", name, "name" in own,
+    out = write_new_dir(parent, name, "name" in own,
                         {"per_sample.csv": csv_bytes(rows), "summary.json": _json_bytes(summary),
                          "worst.png": figure})
     return out, summary

@@ -194,6 +194,10 @@ def identity(cfg: Any, stage: str, encoder: Any = None) -> dict:
     if stage not in STAGES:
         raise ValueError(f"stage must be one of {STAGES}, not {stage!r}")
     c = with_schema_defaults(plain(cfg))
+    if c.get("precision") == "auto":  # the precision the run uses on this machine is what it computes
+        from .runtime import resolve_precision
+
+        c["precision"] = resolve_precision("auto", c.get("device"))[0]
     out: dict = {}
     for r in _leaves():
         if r.role != "identity" or stage not in r.stages or r.key == "classify.encoder":

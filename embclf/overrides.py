@@ -1,5 +1,7 @@
 """The command line's ``key=value`` overrides, checked against the schema before Hydra composes them.
 
+A value that does not fit its typed key (``stage=foo``, ``precision=fp8``, ``latent=abc``) is one paragraph
+naming the key and what it takes (``bad_value``), instead of OmegaConf's multi-line validation error.
 A mistyped key names the closest valid one: ``autoencode.epoch=3`` -> "Could not override 'autoencode.epoch':
 no such key. Did you mean autoencode.epochs?". ``+key=value`` / ``++key=value`` that would add a key the schema
 does not have (``+autoencode.epoch=3``) fails the same way: nothing reads such a key, so its value would be
@@ -110,4 +112,70 @@ def mistyped(argv: Sequence[str]) -> Optional[str]:
         if o.is_add() or o.is_force_add():
             return f"Could not add '{key}': embclf has no such key, so the value would be ignored." + hint
         return f"Could not override '{key}': no such key." + hint
+    return None
+
+
+# what a typed node of the schema holds, for the message about a value that does not fit it
+_KINDS = {"IntegerNode": "an integer", "FloatNode": "a number", "BooleanNode": "true or false"}
+
+
+def _values(o) -> list:
+    """The values a parsed override sets: one, or each of a sweep's (``stage=all,foo``; a range's are numbers)."""
+    from hydra.core.override_parser.types import ChoiceSweep, Glob, IntervalSweep, RangeSweep
+
+    v = o.value()
+    if isinstance(v, ChoiceSweep):
+        return list(v.list)
+    if isinstance(v, (RangeSweep, IntervalSweep, Glob)):
+        return []  # numbers by construction, or a glob over group options: nothing to check here
+    return [v]
+
+
+def bad_value(argv: Sequence[str]) -> Optional[str]:
+    """One paragraph for the first override in ``argv`` whose value does not fit its typed key in the schema
+    (an Enum key: its values, read from the schema, and the closest as an example; an int, float or bool key:
+    what it takes and its default as an example); None when every value fits. Values of untyped keys, group
+    choices, ``hydra.*``, interpolations and ``null`` are left to Hydra and the gate (``config.problems``)."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+    from omegaconf.errors import ValidationError
+    from omegaconf.nodes import EnumNode
+
+    from .config import _as_override
+
+    lines = [a for a in argv if not a.startswith("-") and "=" in a]
+    try:
+        parsed = OverridesParser.create().parse_overrides(lines)
+    except Exception:  # noqa: BLE001 -- a syntax error: Hydra's own message says where
+        return None
+    schema = OmegaConf.structured(Config)
+    for o in parsed:
+        key = o.key_or_group
+        if o.is_delete() or o.package is not None or "/" in key or key.split(".")[0] == "hydra":
+            continue
+        parent, _, leaf = key.rpartition(".")
+        try:
+            node = (OmegaConf.select(schema, parent) if parent else schema)._get_node(leaf)
+        except Exception:  # noqa: BLE001 -- not a schema key (``mistyped`` names it) or a free-form node
+            continue
+        if not (isinstance(node, EnumNode) or type(node).__name__ in _KINDS):
+            continue
+        for v in _values(o):
+            if v is None or (isinstance(v, str) and "${" in v):
+                continue
+            try:
+                node.validate_and_convert(v)
+                continue
+            except ValidationError:
+                pass
+            shown = str(v).lower() if isinstance(v, bool) else str(v)
+            if isinstance(node, EnumNode):
+                names = [m.name for m in node.enum_type]
+                what = f"one of {', '.join(names)}"
+                example = f"{key}={(difflib.get_close_matches(shown, names, n=1, cutoff=0.3) or names)[0]}"
+            else:
+                what, d = _KINDS[type(node).__name__], node._value()
+                example = None if d is None else f"{key}={str(d).lower() if isinstance(d, bool) else _as_override(d)}"
+            return (f"{key}={shown} is invalid: {key} is {what}" + (f" (e.g. {example})" if example else "") +
+                    ". Fix it on the command line or in the YAML that sets it; nothing was run. (python -m embclf "
+                    "--help lists the main keys; --cfg job shows every key and its value.)")
     return None

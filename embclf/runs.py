@@ -670,7 +670,7 @@ class CheckpointOnSignal:
     the signal: saving inside it could catch the optimizer between two parameter updates (on the CPU,
     Adam updates parameters in a Python loop). The training loop calls ``poll()`` after every optimizer
     step and epoch, where the state is consistent; ``poll`` saves, then calls the old handler (for the
-    default action it raises ``SystemExit(128 + signum)`` so the stage records "interrupted").
+    default action it raises ``Stopped``, a ``SystemExit(128 + signum)``, so the stage records "interrupted").
     On exit the old handlers are restored.
     """
 
@@ -699,7 +699,7 @@ class CheckpointOnSignal:
         if callable(old):
             old(signum, frame)
         elif old in (signal.SIG_DFL, None):
-            raise SystemExit(128 + signum)
+            raise Stopped(signum)
 
     def __enter__(self):
         for s in self.SIGNALS:
@@ -717,6 +717,16 @@ class CheckpointOnSignal:
         return False
 
 
+class Stopped(SystemExit):
+    """SIGTERM or SIGUSR2 ended the job (``stop_on_signals``): a ``SystemExit`` with the shell's exit status for
+    the signal (``128 + signum``: 143 for SIGTERM), and ``signum``, so a single run can say what was saved and
+    how to resume, as after Ctrl-C."""
+
+    def __init__(self, signum: int):
+        super().__init__(128 + signum)
+        self.signum = signum
+
+
 @contextlib.contextmanager
 def stop_on_signals() -> Iterator[None]:
     """For a whole job: SIGTERM, SIGUSR2 and SIGINT end it with an exception wherever it is, so the stage's
@@ -724,8 +734,8 @@ def stop_on_signals() -> Iterator[None]:
 
     Only a signal whose action is the default is taken over: SIGTERM's and SIGUSR2's default kills the process
     without running any Python code (no ``except``, no ``finally``), so outside ``CheckpointOnSignal``'s epoch
-    loops a single run died "running". Here they raise ``SystemExit(128 + signum)`` (the exit status a shell
-    reports for that signal); SIGINT raises ``KeyboardInterrupt`` as Python's own handler does. Handlers someone
+    loops a single run died "running". Here they raise ``Stopped`` (a ``SystemExit(128 + signum)``: the exit
+    status a shell reports for that signal); SIGINT raises ``KeyboardInterrupt`` as Python's own handler does. Handlers someone
     else installed stay: submitit's (SIGUSR2 requeues, SIGTERM is logged and ignored) and a launcher's.
     ``CheckpointOnSignal`` saves and then hands on to these handlers, so its loops end the same way. A second
     signal while the first one's exception unwinds (the failure being recorded) is logged and ignored; kill -9
@@ -741,7 +751,7 @@ def stop_on_signals() -> Iterator[None]:
         log.warning("received %s: stopping; the run is recorded as interrupted", name)
         if signum == signal.SIGINT:
             raise KeyboardInterrupt
-        raise SystemExit(128 + signum)
+        raise Stopped(signum)
 
     old: Dict[int, Any] = {}
     for s, default in ((signal.SIGTERM, signal.SIG_DFL), (signal.SIGUSR2, signal.SIG_DFL),

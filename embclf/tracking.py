@@ -470,9 +470,11 @@ def provenance(cfg, fingerprint: Optional[str] = None, device_name: Optional[str
     """What produced a run: code (git commit, dirty flag; None outside a git checkout, e.g. a wheel),
     package versions, data (source, root and ``root_resolved``, sizes, ``fingerprint`` = sha1 of the decoded
     pixels and labels, ``files_fingerprint`` = ``files``, ``data.Dataset.files``: sha1 of the listing of the
-    source files read, their paths, sizes and times), host, device and command line. Stored under
+    source files read, their paths, sizes and times), host, device, precision (``requested``, ``resolved``,
+    ``why``) and command line. Stored under
     ``provenance`` in summary.json; start/end time are the summary's ``start_time``/``end_time`` (unix seconds)."""
     from . import __version__
+    from .runtime import precision_choice
 
     commit = _git("rev-parse", "HEAD")
     # tracked files only: outputs/ and caches inside the checkout do not make the code dirty
@@ -495,6 +497,8 @@ def provenance(cfg, fingerprint: Optional[str] = None, device_name: Optional[str
         "cpu": cpu_info(),
         "threads": _threads(),
         "device_name": device_name,
+        # precision=auto: what it resolved to on this machine and why (runtime.resolve_precision)
+        "precision": precision_choice(cfg),
         "argv": command_line(),
         "start_time_iso": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     }
