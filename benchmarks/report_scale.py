@@ -72,12 +72,12 @@ def _images(run_dir: Path, epoch: int, seed: int) -> None:
 
 
 def _run(run_dir: Path, cfg, stage: str, extra: dict, encoder=None) -> None:
-    from embclf import identity, runs
+    from embclf import identity, lifecycle, runs
 
     run_dir.mkdir(parents=True, exist_ok=True)
     plain = runs.resolved(cfg)
     runs.write_config(run_dir, cfg, identity.identity(plain, stage, encoder=encoder), stage)
-    s = runs.base_summary(cfg, stage, [f"model={cfg.model.name}", f"autoencode.lr={cfg.autoencode.lr}",
+    s = lifecycle.base_summary(cfg, stage, [f"model={cfg.model.name}", f"autoencode.lr={cfg.autoencode.lr}",
                                        f"seed={cfg.seed}", "stage=all"])
     epochs = int(cfg[stage].epochs)
     for e in range(1, epochs + 1):
@@ -110,7 +110,7 @@ def make_sweep(root: Path, n_runs: int) -> Path:
 
 
 def _jobs(root: Path, jobs: int) -> None:
-    from embclf import runs
+    from embclf import references, runs
 
     for j in range(jobs):
         model = ("ae", "vae")[j % 2]
@@ -132,7 +132,7 @@ def _jobs(root: Path, jobs: int) -> None:
             "head": "mlp", "test_accuracy": acc, "val_accuracy": acc, "final_test_accuracy": acc,
             "per_class_accuracy": {c: acc for c in ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog",
                                                     "horse", "ship", "truck")},
-            **runs.reference_fields(job / "classify", root, encoder_run=ae_dir)}, encoder=runs.resolved(ae))
+            **references.reference_fields(job / "classify", root, encoder_run=ae_dir)}, encoder=runs.resolved(ae))
 
 
 # runs the report's CLI in this child, then writes the child's own peak RSS (KiB) to the file in argv[1]

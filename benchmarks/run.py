@@ -326,7 +326,7 @@ def row6(root: Path, repeats: int, batch: int = 200, steps: int = 3) -> dict:
             for s in range(steps + 1):
                 if s == 1:
                     t0 = time.perf_counter()
-                loss, _, _ = autoencode.batch_step(model, x, 0.1, precision)
+                loss, _, _ = engine.batch_step(model, x, 0.1, precision)
                 opt.zero_grad()
                 loss.backward()
                 opt.step()

@@ -19,14 +19,14 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from embclf import runs  # noqa: E402
+from embclf import references, runs  # noqa: E402
 
 
 def summarise(sweep: Path, times=None) -> dict:
     from run import train_flops_per_image
 
     ae, clf, other = [], [], []
-    for d in runs.iter_run_dirs(sweep):
+    for d in references.iter_run_dirs(sweep):
         s = runs.read_summary(d) or {}
         (ae if s.get("stage") == "autoencode" else clf if s.get("stage") == "classify" else other).append(s)
     flops_cache = {}

@@ -21,7 +21,7 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig, open_dict
 
-from . import debug, lifecycle, locks, overrides, runs, runtime, tracking
+from . import debug, lifecycle, locks, overrides, references, runs, runtime, tracking
 from .config import Stage, conf_dir, problems
 from .identity import absolute_paths
 from .data import DataError
@@ -134,7 +134,7 @@ def _run_stages(cfg: DictConfig, job_dir: Path, overrides, before: dict) -> Path
             # launcher's table and the report); a single run leaves no run dir at all (see main)
             sub = current.name if current.name in ("autoencode", "classify") and stage == Stage.all else \
                 ("autoencode" if stage == Stage.all else stage.value)
-            base = runs.base_summary(cfg, sub, overrides) if HydraConfig.get().mode == RunMode.MULTIRUN else None
+            base = lifecycle.base_summary(cfg, sub, overrides) if HydraConfig.get().mode == RunMode.MULTIRUN else None
             lifecycle.record_failure(current, e, base)
         tracking.finish_active(exit_code=1)  # the wandb run shows failed; the next job in this process starts fresh
         if not isinstance(e, (EmbclfError, DataError, SystemExit, KeyboardInterrupt)):
@@ -153,7 +153,7 @@ def _sibling_encoder(ae_cfg: DictConfig, job_dir: Path) -> Optional[Path]:
     own = job_dir / "autoencode"
     if HydraConfig.get().mode != RunMode.MULTIRUN or runs.stored_identity(own, "autoencode") is not None:
         return None
-    found = runs.find_encoder_run(ae_cfg, job_dir.parent)
+    found = references.find_encoder_run(ae_cfg, job_dir.parent)
     if found is not None and found.parent != job_dir:
         log.info("stage=all: the sweep dir already holds this autoencoder, completed, in %s; training the head on "
                  "it (nothing is retrained)", found)
@@ -251,7 +251,7 @@ def task(cfg: DictConfig) -> float:
         run_dir = run_job(cfg, job_dir, list(hc.overrides.task))
         debug.warn(cfg)  # a debug run says so again at its end, where the user looks
         return objective_value(cfg, run_dir)
-    except (KeyboardInterrupt, runs.Stopped) as e:  # Ctrl-C; SIGTERM, SIGUSR2 (runs.stop_on_signals)
+    except (KeyboardInterrupt, lifecycle.Stopped) as e:  # Ctrl-C; SIGTERM, SIGUSR2 (lifecycle.stop_on_signals)
         if hc.mode != RunMode.RUN:
             raise  # in a sweep the launcher records and reports it
         # one line: what was saved, the command that resumes it; exit 128 + signum (130, 143)

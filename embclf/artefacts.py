@@ -10,7 +10,7 @@ from typing import Optional
 import torch
 from omegaconf import OmegaConf
 
-from . import identity, runs, runtime
+from . import identity, references, runs, runtime
 from .heads import build_head
 from .models import build_model
 from .models.objectives import Objective, build_objective
@@ -36,7 +36,7 @@ def resolve_encoder(cfg) -> Path:
             "Point it at a completed autoencode run dir, a stage=all job dir (holding autoencode/), or a "
             "checkpoint .pt file; a run that has not completed has no best.pt yet.")
     out = Path(cfg.output_dir)
-    found = runs.find_encoder_run(cfg, out)
+    found = references.find_encoder_run(cfg, out)
     if found is None:
         ident = identity.identity(cfg, "autoencode")
         ident.setdefault("debug", {"name": "none"})
@@ -116,10 +116,10 @@ def load_objective(ck: dict, n_classes: int, device: torch.device) -> Objective:
 
 def encoder_checkpoint(run_dir: Path, summary: dict) -> Path:
     """The encoder checkpoint a classify run was trained on (its summary's ``encoder_checkpoint``, read by
-    ``runs.encoder_checkpoint_of``: a relative record is found at the run dir's current location).
+    ``references.encoder_checkpoint_of``: a relative record is found at the run dir's current location).
 
     Raises ``EmbclfError`` when none is recorded or the file is gone."""
-    p = runs.encoder_checkpoint_of(run_dir, summary)
+    p = references.encoder_checkpoint_of(run_dir, summary)
     if p is None or not p.is_file():
         rec = summary.get("encoder_checkpoint") or summary.get("encoder_run")
         where = f"{p}, recorded as {rec}" if rec and not Path(rec).is_absolute() else str(p or "not recorded")

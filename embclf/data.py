@@ -26,7 +26,7 @@ import numpy as np
 import torch
 from sklearn.model_selection import train_test_split
 
-from . import runs
+from . import faults, runs
 from .config import check_group
 from .image_folder import file_listing, folder_split, folder_tree, read_image, to_rgb
 from .runtime import DataError
@@ -376,7 +376,7 @@ def load(cfg) -> Dataset:
         h.update(s.labels.numpy())
     log.info("data %s: train %d, val %d, test %d images, %d classes", source, len(train), len(val), len(test), len(classes))
     files = hashlib.sha1(f"{tr_files}\n{te_files}".encode()).hexdigest()
-    runs.fault_point("data.load")
+    faults.fault_point("data.load")
     return Dataset(train, val, test, classes, h.hexdigest(), files)
 
 

@@ -27,7 +27,7 @@ import torch
 from omegaconf import open_dict
 from torchvision.utils import make_grid, save_image
 
-from . import artefacts, checkpoint, engine, identity, losses, runs, runtime, tracking
+from . import artefacts, checkpoint, engine, identity, losses, references, runs, runtime, tracking
 from . import data as data_mod
 from .heads import build_head
 from .lifecycle import RunDir
@@ -207,7 +207,7 @@ def overfit_head(cfg, run_dir: Path, overrides: List[str], encoder: Optional[Pat
     model = artefacts.build_autoencoder(ck, device)
     z = engine.embed(model, batch, device, 1000, enc_cfg.get("precision", "fp32")).to(device)
     y = batch.labels.to(device)
-    run.start(**runs.reference_fields(run_dir, cfg.output_dir, encoder_run=ckpt_path.parent.parent,
+    run.start(**references.reference_fields(run_dir, cfg.output_dir, encoder_run=ckpt_path.parent.parent,
                                       encoder_checkpoint=ckpt_path),
               model=enc_cfg["model"]["name"], latent=int(enc_cfg["latent"]), head=cfg.head.name,
               device=str(device), device_name=env["name"], overfit_batch=len(batch), classes=ds.classes)

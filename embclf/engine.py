@@ -17,7 +17,7 @@ from typing import Dict, Optional
 import torch
 
 from . import data as data_mod
-from . import losses, runs, runtime
+from . import faults, losses, runtime
 from .checkpoint import set_rng_state
 from .heads import build_head
 from .models.objectives import Objective
@@ -362,7 +362,7 @@ def select_lr(head_cfg, cc, z, y, n_classes: int, seed: int):
     scores = {}
     for lr in cc.lr_grid:
         scores[f"{float(lr):g}"] = train_head(head_cfg, cc, z, y, n_classes, seed, float(lr))[1]["val_accuracy"]
-        runs.fault_point("classify.lr_search")
+        faults.fault_point("classify.lr_search")
     best = max(cc.lr_grid, key=lambda lr: scores[f"{float(lr):g}"])
     log.info("head %s: lr %g chosen on val from %s", head_cfg.name, float(best), scores)
     return float(best), scores
@@ -375,7 +375,7 @@ def fit_probe(head_cfg, cc, z, y, n_classes: int, seed: int):
     if isinstance(head, torch.nn.Module):
         head = head.to(z["train"].device)
     info = head.fit(z["train"], y["train"], z["val"], y["val"])
-    runs.fault_point("classify.probe_fit")
+    faults.fault_point("classify.probe_fit")
     val_m, _ = eval_head(head, z["val"], y["val"], 4096)
     return head, {"val_accuracy": val_m["accuracy"], **info}
 

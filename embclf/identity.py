@@ -11,7 +11,7 @@ Who asks (and nobody decides it another way):
   (resume), another experiment (refused, naming the keys that differ) -- ``runs.open_run_dir``;
 - the launchers' "already completed?" and the Optuna sweeper's skip of a finished trial (``runs.completed_in``);
 - run dir names (``run_name``: the swept identity keys, readable, plus the digest of the job's identity);
-- the encoder lookup of ``stage=classify`` (``runs.find_encoder_run``);
+- the encoder lookup of ``stage=classify`` (``references.find_encoder_run``);
 - the report's rows (a row is one identity without the seed; a seed run twice is a repeat) and
   ``embclf.evaluate``'s "same data as the run?" check (``data_identity``).
 

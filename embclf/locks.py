@@ -101,7 +101,7 @@ def _pid_ns() -> Optional[str]:
 
 
 def _slurm() -> tuple:
-    from .runs import slurm_job_id
+    from .lifecycle import slurm_job_id  # lifecycle builds on this module: imported here, when needed
 
     return slurm_job_id(), int(os.environ.get("SLURM_RESTART_COUNT") or 0)
 

@@ -4,7 +4,7 @@ Usage: ``python tests/resume_harness.py SPEC.json`` where SPEC is
 ``{"args": [...], "runs": {"name": {"run_dir": PATH, "kills": ["startup", "autoencode.step:3", ...],
 "extra_args": [...]}}}`` (``extra_args`` optional, appended to ``args`` for that run).
 For each run: one attempt per entry of ``kills`` with ``EMBCLF_KILL_AT`` set to it (see
-``embclf.runs.fault_point``), then attempts without it until one exits 0 (at most 3) -- the same command each
+``embclf.faults.fault_point``), then attempts without it until one exits 0 (at most 3) -- the same command each
 time, as a user or a batch system restarting a killed job would. Prints one JSON object: for each run the
 list of attempts, ``{"kill_at": spec or null, "signal": name or null, "exit": code or null, "statuses": {run dir
 relative to run_dir: its summary's status}}``.

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from embclf import runs
+from embclf import references
 
 from conftest import MINI, TINY, embclf_env, run_embclf
 
@@ -54,7 +54,7 @@ def test_sweep_classify_uses_matching_encoders(tiny_sweep):
         assert s["status"] == "completed"
         # two sweep dirs in one output dir: relative to the run, the absolute path kept as a fallback
         assert not Path(s["encoder_run"]).is_absolute() and s["encoder_run_absolute"]
-        assert runs.encoder_run_of(run_dir, s) == ae[(s["model"], s["latent"])].resolve()
+        assert references.encoder_run_of(run_dir, s) == ae[(s["model"], s["latent"])].resolve()
         # above chance (0.1) on 200 test images, with 450 training images and 2 epochs
         assert s["test_accuracy"] > 0.15, s
         assert set(s["per_class_accuracy"]) == {"airplane", "automobile", "bird", "cat", "deer", "dog", "frog",
@@ -73,12 +73,12 @@ def test_stage_all_writes_both_run_dirs(tmp_path, cifar_root):
     ae, clf = json.loads((job / "autoencode/summary.json").read_text()), json.loads((job / "classify/summary.json").read_text())
     assert ae["status"] == clf["status"] == "completed" and ae["stage"] == "autoencode" and clf["stage"] == "classify"
     assert clf["encoder_run"] == "../autoencode" and "encoder_run_absolute" not in clf
-    assert runs.encoder_run_of(job / "classify", clf) == (job / "autoencode").resolve()
+    assert references.encoder_run_of(job / "classify", clf) == (job / "autoencode").resolve()
     assert (job / "classify/.hydra/overrides.yaml").is_file() and (job / "autoencode/checkpoints/best.pt").is_file()
     # the lookup treats it like a separately run autoencode stage
     run_embclf(["stage=classify", "model=vae", "latent=8", *MINI, "autoencode.epochs=1", f"output_dir={out}"], tmp_path)
     new = [p for p in out.iterdir() if p != job]
-    assert runs.encoder_run_of(new[0], json.loads((new[0] / "summary.json").read_text())) == (job / "autoencode").resolve()
+    assert references.encoder_run_of(new[0], json.loads((new[0] / "summary.json").read_text())) == (job / "autoencode").resolve()
 
 
 def test_classify_without_encoder_fails_clearly(tmp_path, cifar_root):

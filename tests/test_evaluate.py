@@ -11,7 +11,7 @@ import pytest
 
 from conftest import MINI, run_embclf
 
-from embclf import debug, embed, evaluate, report, runs
+from embclf import debug, embed, evaluate, references, report, runs
 from embclf.runtime import EmbclfError
 
 REL = 1e-5
@@ -170,9 +170,9 @@ def test_debug_fast_end_to_end_and_kept_apart(tmp_path, cifar_root):
         assert (job / f).is_file(), f
     # a real (non-debug) classifier with the same settings never finds the debug encoder; a debug one does
     real = runs.read_config(job / "autoencode")
-    assert runs.find_encoder_run(real, out) == job / "autoencode"
+    assert references.find_encoder_run(real, out) == job / "autoencode"
     real.pop("debug")
-    assert runs.find_encoder_run(real, out) is None
+    assert references.find_encoder_run(real, out) is None
     # the report lists it apart from the results
     rows = report.collect([out])
     assert len(rows) == 1 and rows[0]["status"].startswith("debug=fast")

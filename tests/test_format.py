@@ -8,7 +8,7 @@ from hydra import compose, initialize_config_dir
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import open_dict, read_write
 
-from embclf import identity, runs
+from embclf import identity, lifecycle, references, runs
 from embclf.config import conf_dir
 from embclf.runtime import EmbclfError
 
@@ -24,7 +24,7 @@ def _accepted(tmp_path):
     run_dir = tmp_path / "run"
     run_dir.mkdir()
     runs.write_config(run_dir, cfg, ident, "autoencode")
-    runs.write_json_atomic(run_dir / runs.SUMMARY, {**runs.base_summary(cfg, "autoencode", []), "status": "completed"})
+    runs.write_json_atomic(run_dir / runs.SUMMARY, {**lifecycle.base_summary(cfg, "autoencode", []), "status": "completed"})
     return run_dir, ident
 
 
@@ -49,19 +49,19 @@ def test_a_newer_format_is_refused_and_left_alone(tmp_path, record):
     assert f"{path} was written by a newer embclf (run dir format {runs.FORMAT + 1}" in msg
     assert f"reads format {runs.FORMAT} and older" in msg and "\n" not in msg
     assert not runs.completed_in(run_dir, ident, "autoencode")  # the launcher does not skip it: the stage refuses
-    assert runs.find_encoder_run(_compose("model=vae", "latent=8"), tmp_path) is None
+    assert references.find_encoder_run(_compose("model=vae", "latent=8"), tmp_path) is None
     assert {p.name: p.read_bytes() for p in run_dir.iterdir()} == before
 
 
 def test_the_summary_records_the_group_choices(tmp_path):
     HydraConfig.instance().cfg = None  # (an earlier test in this process may have set one)
-    assert "choices" not in runs.base_summary(_compose(), "autoencode", [])  # no Hydra job: nothing to record
+    assert "choices" not in lifecycle.base_summary(_compose(), "autoencode", [])  # no Hydra job: nothing to record
     cfg = _compose("experiment=quick", "model=vae", "head=knn", hydra_node=True)
     with read_write(cfg.hydra), open_dict(cfg.hydra):
         cfg.hydra.runtime.output_dir = str(tmp_path)
     HydraConfig.instance().set_config(cfg)
     try:
-        s = runs.base_summary(cfg, "autoencode", ["experiment=quick", "model=vae", "head=knn"])
+        s = lifecycle.base_summary(cfg, "autoencode", ["experiment=quick", "model=vae", "head=knn"])
     finally:
         HydraConfig.instance().cfg = None
     assert s["choices"]["experiment"] == "quick" and s["choices"]["model"] == "vae" and s["choices"]["head"] == "knn"

@@ -7,7 +7,7 @@ from hydra import compose, initialize_config_dir
 from hydra.errors import ConfigCompositionException
 from omegaconf import OmegaConf
 
-from embclf import runs
+from embclf import references
 from embclf.config import conf_dir
 from embclf.heads import HEADS, KNNProbe
 from embclf.runtime import EmbclfError
@@ -133,6 +133,6 @@ def test_classify_with_knn_head_and_probes_on_the_sweeps_encoder(tiny_sweep):
     for name, p in s["probes"].items():
         assert 0.0 <= p["val_accuracy"] <= 1.0 and 0.0 <= p["test_accuracy"] <= 1.0, (name, p)
     assert s["probes"]["knn"]["test_accuracy"] == s["test_accuracy"] > 0.15  # above chance on real embeddings
-    assert runs.encoder_run_of(d, s) == encoder.resolve() and (s["model"], s["latent"]) == ("vae", 16)
+    assert references.encoder_run_of(d, s) == encoder.resolve() and (s["model"], s["latent"]) == ("vae", 16)
     assert len(list(tiny_sweep["out"].rglob("checkpoints/best.pt"))) == n_before and \
         not list(out.rglob("checkpoints"))  # nothing retrained, knn has no checkpoint

@@ -16,7 +16,7 @@ from omegaconf import OmegaConf, open_dict, read_write
 
 from conftest import CIFAR, MINI, run_embclf
 
-from embclf import identity, report, runs
+from embclf import faults, identity, report, runs
 from embclf.config import conf_dir
 from embclf.runtime import EmbclfError
 from embclf.stages import autoencode, classify
@@ -238,11 +238,11 @@ def test_a_run_does_not_resume_on_other_images(tmp_path, monkeypatch):
                    "autoencode.epochs=1", "autoencode.batch_size=4", "autoencode.image_epochs=[]", "logger=none",
                    "threads=1", "latent=4", "model.channels=[4,4,4,4,4]")
     run_dir = tmp_path / "run"
-    monkeypatch.setenv(runs.KILL_AT_ENV, "autoencode.summary:1:raise")  # an ordinary failure after last.pt
+    monkeypatch.setenv(faults.KILL_AT_ENV, "autoencode.summary:1:raise")  # an ordinary failure after last.pt
     monkeypatch.setattr(runs, "_fault_counts", {})
     with pytest.raises(RuntimeError, match="injected failure"):
         autoencode.run(cfg, run_dir, [])
-    monkeypatch.delenv(runs.KILL_AT_ENV)
+    monkeypatch.delenv(faults.KILL_AT_ENV)
     assert (run_dir / "checkpoints" / "last.pt").is_file() and runs.read_summary(run_dir)["status"] != "completed"
     before = _snapshot(run_dir)
     victim = sorted((root / "train" / "cat").iterdir())[0]

@@ -17,7 +17,7 @@ from omegaconf import OmegaConf
 from conftest import MINI, embclf_env
 
 from embclf import __main__ as entry
-from embclf import runs, tracking
+from embclf import faults, runs, tracking
 from embclf.config import Stage
 
 
@@ -28,9 +28,9 @@ def _run(cmd, cwd, kill_at=None):
     """``cmd`` (argv) as a user's shell runs it: SIGINT at its default (a test runner started in the
     background would pass it on ignored, and Python would then never raise KeyboardInterrupt)."""
     env = embclf_env(cwd)
-    env.pop(runs.KILL_AT_ENV, None)
+    env.pop(faults.KILL_AT_ENV, None)
     if kill_at:
-        env[runs.KILL_AT_ENV] = kill_at  # the process sends itself SIGINT there, as Ctrl-C would
+        env[faults.KILL_AT_ENV] = kill_at  # the process sends itself SIGINT there, as Ctrl-C would
     return subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=600,
                           preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
 

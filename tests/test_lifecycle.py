@@ -61,7 +61,7 @@ def test_a_sweep_job_that_failed_before_writing_records_who_failed(tmp_path):
     cfg = _cfg(tmp_path, "latent=8")
     d = tmp_path / "job"
     d.mkdir()
-    lifecycle.record_failure(d, EmbclfError("bad input"), runs.base_summary(cfg, "autoencode", []))
+    lifecycle.record_failure(d, EmbclfError("bad input"), lifecycle.base_summary(cfg, "autoencode", []))
     s = runs.read_summary(d)
     assert s["status"] == "failed" and s["error"] == "EmbclfError: bad input" and s["stage"] == "autoencode"
     lifecycle.record_failure(tmp_path / "none", EmbclfError("bad input"))  # a single run: nothing written

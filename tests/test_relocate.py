@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from embclf import report, runs
+from embclf import references, report, runs
 
 from conftest import MINI, embclf_env, run_embclf
 
@@ -26,10 +26,10 @@ WHERE = {"run_dir", "classify_dir"}
 def _runs_by(root: Path) -> dict:
     """{(stage, seed, sweep dir name): (run dir, summary)} of every run under ``root``."""
     out = {}
-    for d in runs.iter_run_dirs(root):
+    for d in references.iter_run_dirs(root):
         s = runs.read_summary(d)
         if s and s.get("stage") in ("autoencode", "classify"):
-            sweep = runs.sweep_dir_of(d)
+            sweep = references.sweep_dir_of(d)
             key = (s["stage"], s["seed"], sweep.name if sweep else None, (d.parent / "autoencode").is_dir())
             assert key not in out, key
             out[key] = (d, s)
@@ -68,11 +68,11 @@ def test_references_are_relative_inside_the_tree(relocated):
     ae1 = r[("autoencode", 1, "S", False)][0]
     d, s = r[("classify", 1, "S", False)]  # same sweep dir: a sibling job
     assert s["encoder_run"] == f"../{ae1.name}" and "encoder_run_absolute" not in s
-    assert runs.encoder_run_of(d, s) == ae1.resolve()
+    assert references.encoder_run_of(d, s) == ae1.resolve()
     d, s = r[("classify", 1, "S2", False)]  # another sweep of the same output dir: relative, absolute as fallback
     assert s["encoder_run"] == f"../../S/{ae1.name}"
     assert s["encoder_run_absolute"] == str((relocated["orig"] / "S" / ae1.name).resolve())
-    assert runs.encoder_run_of(d, s) == ae1.resolve()  # the copy's, not the original's
+    assert references.encoder_run_of(d, s) == ae1.resolve()  # the copy's, not the original's
 
 
 def test_report_on_a_copy_equals_the_original(relocated):
@@ -101,13 +101,13 @@ def test_evaluate_and_embed_on_a_copy_use_the_copys_encoder(relocated):
         d, s = r[key]
         run_embclf([str(d)], tmp, module="embclf.evaluate")
         (ev,) = [json.loads(p.read_text()) for p in (d / "eval").glob("*/summary.json")]
-        enc = runs.encoder_run_of(d, s)
+        enc = references.encoder_run_of(d, s)
         assert Path(ev["encoder_checkpoint"]) == enc / "checkpoints" / "best.pt"
         assert enc.is_relative_to(relocated["copy"].resolve())
         assert ev["accuracy"] == pytest.approx(s["test_accuracy"], abs=1e-6)
     # embed exports with the encoder the run was trained on: the copy's (the original is gone)
     d, s = r[("classify", 0, "S", True)]
-    enc = runs.encoder_run_of(d, s)
+    enc = references.encoder_run_of(d, s)
     run_embclf([str(d)], tmp, module="embclf.embed")
     run_embclf([str(enc)], tmp, module="embclf.embed")  # the encoder's own export: the same numbers
     a, b = (np.load(p / "export" / "embeddings_test.npz") for p in (d, enc))
@@ -130,12 +130,12 @@ def test_an_encoder_outside_the_tree_is_found_by_its_absolute_path(relocated):
     ae1 = _runs_by(relocated["copy"])[("autoencode", 1, "S", False)][0].resolve()
     far = tmp / "far" / "outputs"
     run_embclf([*COMMON, "stage=classify", "seed=1", f"classify.encoder='{ae1}'", f"output_dir={far}"], tmp)
-    (d,) = list(runs.iter_run_dirs(far))
+    (d,) = list(references.iter_run_dirs(far))
     s = runs.read_summary(d)
     assert s["encoder_run"] == str(ae1) and s["encoder_checkpoint"] == str(ae1 / "checkpoints" / "best.pt")
     moved = tmp / "far-moved"
     (tmp / "far").rename(moved)
-    (d,) = list(runs.iter_run_dirs(moved))
+    (d,) = list(references.iter_run_dirs(moved))
     run_embclf([str(d)], tmp, module="embclf.evaluate")
     (ev,) = [json.loads(p.read_text()) for p in (d / "eval").glob("*/summary.json")]
     assert ev["encoder_checkpoint"] == str(ae1 / "checkpoints" / "best.pt")
@@ -168,44 +168,44 @@ def _tree(tmp: Path) -> dict:
 def test_reference_rule(tmp_path, clf, enc, recorded, absolute):
     t = _tree(tmp_path)
     target = t["out"] / enc if enc else t["elsewhere"]
-    f = runs.reference_fields(t["out"] / clf, t["out"], encoder_run=target)
+    f = references.reference_fields(t["out"] / clf, t["out"], encoder_run=target)
     if recorded is None:
         assert f == {"encoder_run": str(target.resolve())}
     else:
         assert f["encoder_run"] == recorded and ("encoder_run_absolute" in f) == absolute
         if absolute:
             assert f["encoder_run_absolute"] == str(target.resolve())
-    assert runs.encoder_run_of(t["out"] / clf, f) == target.resolve()
+    assert references.encoder_run_of(t["out"] / clf, f) == target.resolve()
 
 
 def test_recorded_path_follows_the_copy_and_falls_back_only_outside_it(tmp_path, caplog):
     t = _tree(tmp_path)
     out = t["out"]
-    fields = runs.reference_fields(out / "S2/clf", out, encoder_run=out / "S/ae",
+    fields = references.reference_fields(out / "S2/clf", out, encoder_run=out / "S/ae",
                                    encoder_checkpoint=out / "S/ae/checkpoints/best.pt")
     # the whole output dir copied: the copy's encoder
     shutil.copytree(out, tmp_path / "copy")
-    assert runs.encoder_run_of(tmp_path / "copy/S2/clf", fields) == (tmp_path / "copy/S/ae").resolve()
-    assert runs.encoder_checkpoint_of(tmp_path / "copy/S2/clf", fields) == \
+    assert references.encoder_run_of(tmp_path / "copy/S2/clf", fields) == (tmp_path / "copy/S/ae").resolve()
+    assert references.encoder_checkpoint_of(tmp_path / "copy/S2/clf", fields) == \
         (tmp_path / "copy/S/ae/checkpoints/best.pt").resolve()
     # S2 copied alone: its encoder is not in the copy, so the original (where it was recorded) is read, saying so
     shutil.copytree(out / "S2", tmp_path / "lone/S2")
-    assert runs.encoder_run_of(tmp_path / "lone/S2/clf", fields) == (out / "S/ae").resolve()
+    assert references.encoder_run_of(tmp_path / "lone/S2/clf", fields) == (out / "S/ae").resolve()
     assert "reading it from where it was recorded" in caplog.text
     # and when that is gone too: the relative location, for the caller to report as gone
     shutil.rmtree(out / "S/ae")
-    assert runs.encoder_run_of(tmp_path / "lone/S2/clf", fields) == (tmp_path / "lone/S/ae").resolve()
+    assert references.encoder_run_of(tmp_path / "lone/S2/clf", fields) == (tmp_path / "lone/S/ae").resolve()
     # inside the own tree no absolute is recorded: a copy without its encoder never reads the original
-    inside = runs.reference_fields(out / "S/job_all/classify", out, encoder_run=out / "S/job_all/autoencode")
+    inside = references.reference_fields(out / "S/job_all/classify", out, encoder_run=out / "S/job_all/autoencode")
     shutil.copytree(out / "S/job_all/classify", tmp_path / "c2/classify")
-    assert runs.encoder_run_of(tmp_path / "c2/classify", inside) == (tmp_path / "c2/autoencode").resolve()
+    assert references.encoder_run_of(tmp_path / "c2/classify", inside) == (tmp_path / "c2/autoencode").resolve()
 
 
 def test_summaries_with_absolute_paths_stay_readable(tmp_path):
     """Summaries written before references were relative: absolute ``encoder_run`` (and sometimes no
     ``encoder_checkpoint``) are read as they are."""
     enc = tmp_path / "ae"
-    assert runs.encoder_run_of(tmp_path / "x", {"encoder_run": str(enc)}) == enc
-    assert runs.encoder_checkpoint_of(tmp_path / "x", {"encoder_run": str(enc)}) == enc / "checkpoints" / "best.pt"
-    assert runs.encoder_checkpoint_of(tmp_path / "x", {"encoder_checkpoint": str(enc / "e.pt")}) == enc / "e.pt"
-    assert runs.encoder_run_of(tmp_path / "x", {}) is None and runs.encoder_checkpoint_of(tmp_path / "x", {}) is None
+    assert references.encoder_run_of(tmp_path / "x", {"encoder_run": str(enc)}) == enc
+    assert references.encoder_checkpoint_of(tmp_path / "x", {"encoder_run": str(enc)}) == enc / "checkpoints" / "best.pt"
+    assert references.encoder_checkpoint_of(tmp_path / "x", {"encoder_checkpoint": str(enc / "e.pt")}) == enc / "e.pt"
+    assert references.encoder_run_of(tmp_path / "x", {}) is None and references.encoder_checkpoint_of(tmp_path / "x", {}) is None

@@ -14,7 +14,7 @@ import pytest
 
 from report_fixtures import ae_run, clf_run
 
-from embclf import report, runs
+from embclf import references, report, runs
 
 
 @contextlib.contextmanager
@@ -46,7 +46,7 @@ def _sweep(t):
         e = ae_run(t / f"latent={z}" / "autoencode", "ae", z, 0)
         c = clf_run(t / f"latent={z}" / "classify", e, 0.3 + z / 100)
         s = runs.read_summary(c)
-        s.update(runs.reference_fields(c, t, encoder_run=e))
+        s.update(references.reference_fields(c, t, encoder_run=e))
         runs.write_json_atomic(c / runs.SUMMARY, s)
     return t
 

@@ -17,7 +17,7 @@ from PIL import Image
 from conftest import CIFAR, REPO
 from report_fixtures import ae_run, clf_run
 
-from embclf import identity, report, runs
+from embclf import identity, references, report, runs
 from embclf import liveness
 from embclf.report import figures, projections as plots, tables
 from embclf.config import conf_dir
@@ -167,7 +167,7 @@ def test_keep_last_false_drops_last_pt_and_stays_completed(tmp_path):
     assert done["status"] == "completed"
     cfg.autoencode.keep_last = True  # keep_last changes what is kept, not the experiment
     assert runs.completed_in(run_dir, identity.identity(cfg, "autoencode"), "autoencode")
-    assert runs.find_encoder_run(cfg, tmp_path) == run_dir
+    assert references.find_encoder_run(cfg, tmp_path) == run_dir
     autoencode.run(cfg, run_dir, [])  # never retrained
     assert runs.read_summary(run_dir)["end_time"] == done["end_time"]
     assert not (run_dir / "checkpoints" / "last.pt").exists()

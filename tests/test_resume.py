@@ -1,7 +1,7 @@
 """Exact resume: a run killed at any instant and started again with the same command ends with exactly the
 metrics of an uninterrupted run (CPU, bit-identical records apart from timing), and the bookkeeping of attempts.
 
-The kills come from the test-only ``EMBCLF_KILL_AT`` (``embclf.runs.fault_point``); ``resume_harness.py`` runs
+The kills come from the test-only ``EMBCLF_KILL_AT`` (``embclf.faults.fault_point``); ``resume_harness.py`` runs
 the real entrypoint once per attempt in a forked child, so a dozen attempts cost seconds, not interpreter starts.
 """
 from __future__ import annotations
@@ -148,22 +148,22 @@ def test_sigterm_mid_epoch_resumes_exactly(resumed):
 
 def test_attempts_compute_and_wall_seconds(tmp_path):
     """compute_seconds sums the attempts; wall_seconds spans first start to end, idle gaps included."""
-    from embclf import runs
+    from embclf import lifecycle, runs
 
     t0 = time.time() - 1000
     first = {"start_time": t0}
-    runs.start_attempt(first, None)
+    lifecycle.start_attempt(first, None)
     first["attempt_times"][-1] = [t0, t0 + 10]  # ran 10 s, then was killed
     first["resumed_from_epoch"] = 3
     second = {"start_time": t0 + 500}  # restarted 490 s later
-    runs.start_attempt(second, first, resumed_from=4)
+    lifecycle.start_attempt(second, first, resumed_from=4)
     assert second["start_time"] == t0 and second["attempts"] == 2 and second["resumed_from_epoch"] == [3, 4]
-    runs.touch_attempt(second, t0 + 520)
+    lifecycle.touch_attempt(second, t0 + 520)
     assert second["compute_seconds"] == pytest.approx(30)
     # a failure in this process ends its attempt; one recorded by a launcher for a dead job does not
     second["pid"] = os.getpid()
     runs.write_json_atomic(tmp_path / runs.SUMMARY, second)
-    runs.mark_failed(tmp_path, "boom")
+    lifecycle.mark_failed(tmp_path, "boom")
     s = runs.read_summary(tmp_path)
     assert s["compute_seconds"] > 500 and s["wall_seconds"] >= s["compute_seconds"]
 

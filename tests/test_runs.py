@@ -1,18 +1,18 @@
 """Run-dir helpers: atomic writes, failure marking that never overwrites a completed run."""
 import json
 
-from embclf import identity, runs
+from embclf import identity, lifecycle, runs
 
 
 def test_mark_failed_keeps_completed(tmp_path):
     runs.write_json_atomic(tmp_path / "summary.json", {"status": "completed", "test_mse": 0.01})
-    runs.mark_failed(tmp_path, "killed")
+    lifecycle.mark_failed(tmp_path, "killed")
     assert runs.read_summary(tmp_path) == {"status": "completed", "test_mse": 0.01}
 
 
 def test_mark_failed_records_error(tmp_path):
     runs.write_json_atomic(tmp_path / "summary.json", {"status": "running", "start_time": 1.0})
-    runs.mark_failed(tmp_path, "OOM")
+    lifecycle.mark_failed(tmp_path, "OOM")
     s = runs.read_summary(tmp_path)
     assert s["status"] == "failed" and s["error"] == "OOM" and s["wall_seconds"] > 0
 
@@ -114,7 +114,7 @@ def test_a_checkpoint_that_fills_the_disk_frees_its_space_so_the_failure_can_be_
         assert e.reason == "disk full" and "last.pt: the disk is full" in str(e)
         assert list((d / "checkpoints").iterdir()) == []
         assert shutil.disk_usage(d).free > 900_000  # the partial file's blocks are free again
-        runs.mark_failed(d, str(e), reason=e.reason)
+        lifecycle.mark_failed(d, str(e), reason=e.reason)
     assert runs.read_summary(d)["reason"] == "disk full"
 
 

@@ -1,7 +1,7 @@
 """A signal anywhere in a stage ends with the run recorded "interrupted", never left "running".
 
 SIGTERM's and SIGUSR2's default action kills a process without running any Python code, so a signal outside the
-epoch loops (which save and hand on: ``runs.CheckpointOnSignal``) left summary.json saying "running". A single
+epoch loops (which save and hand on: ``lifecycle.CheckpointOnSignal``) left summary.json saying "running". A single
 run of ``stage=all`` is signalled at each phase in turn (``EMBCLF_KILL_AT=POINT:1:SIG``) in one run dir, as a
 user re-running the same command after each stop would; ``resume_harness.py`` runs each attempt.
 """

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from embclf import runs
+from embclf import references
 from slurm_fixture import (  # noqa: F401  (slurm_cluster is a fixture)
     REPO,
     assert_no_gpu_shared_while_overlapping,
@@ -81,7 +81,7 @@ def test_classify_sweep_finds_each_encoder(ae_sweep):
     assert len(records) == 2
     for d, r in records:
         assert r["status"] == "completed" and r["stage"] == "classify" and r["slurm_job_id"], r
-        assert runs.encoder_run_of(d, r) == encoders[(r["model"], r["latent"])], r
+        assert references.encoder_run_of(d, r) == encoders[(r["model"], r["latent"])], r
 
 
 def _wait_for(predicate, timeout: float, what: str, proc=None):

@@ -14,12 +14,12 @@ from conftest import REPO
 from tracking_fixtures import SECRET, failing_sweep  # noqa: F401 (session fixture)
 from wandb_log import read_run
 
-from embclf import runs, tracking
+from embclf import references, runs, tracking
 
 
 def _run_dirs(out: Path):
     """{run dir: summary} for every run under ``out``."""
-    return {d: runs.read_summary(d) for d in runs.iter_run_dirs(out)}  # evaluations' eval/*/ are not runs
+    return {d: runs.read_summary(d) for d in references.iter_run_dirs(out)}  # evaluations' eval/*/ are not runs
 
 
 def _keys(run: dict) -> set:

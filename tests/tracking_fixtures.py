@@ -15,7 +15,7 @@ import pytest
 
 from conftest import TINY, embclf_env
 
-from embclf import runs
+from embclf import references, runs
 
 SECRET = "embclf-test-secret-" + "0123456789abcdef" * 2  # shaped like a real 40-character key
 
@@ -32,7 +32,7 @@ def failing_sweep(tiny_sweep, tmp_path_factory):
 
 
 def _make(tiny_sweep, tmp_path_factory) -> dict:
-    summaries = {d: runs.read_summary(d) for d in runs.iter_run_dirs(tiny_sweep["out"])}
+    summaries = {d: runs.read_summary(d) for d in references.iter_run_dirs(tiny_sweep["out"])}
     encoder = next(d for d, s in summaries.items() if (s["stage"], s["model"], s["latent"]) == ("autoencode", "vae", 8))
     tmp = tmp_path_factory.mktemp("failing")
     out = tmp / "outputs"

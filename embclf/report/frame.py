@@ -8,7 +8,7 @@ from typing import List, Union
 
 import pandas as pd
 
-from .. import identity, liveness, runs
+from .. import identity, liveness, references
 from .rows import UNREADABLE, flatten, read_config, read_runs
 
 # columns first in every frame (then the identity keys, then the summary's fields)
@@ -57,7 +57,7 @@ def load(*paths: Union[str, Path]) -> pd.DataFrame:
     ident_keys: dict = {}
     for d, s in dirs.items():
         stage, cfg = s["stage"], configs[d]
-        enc_dir = runs.encoder_run_of(d, s) if stage == "classify" else None
+        enc_dir = references.encoder_run_of(d, s) if stage == "classify" else None
         status = liveness.status_text(s)  # a "running" one checked: asked once per run
         rec = {"run_dir": str(d), "stage": stage, "status": status,
                "name": identity.readable(s.get("overrides") or [], cfg),

@@ -14,7 +14,7 @@ from typing import Dict, Iterable, List, Optional, Sequence
 
 import yaml  # PyYAML (libyaml's C parser where built with it), a dependency of omegaconf
 
-from .. import identity, liveness, runs
+from .. import identity, liveness, references, runs
 
 COLUMNS = ["label", "model", "latent", "seed", "stage", "status", "used", "epochs", "test_mse", "test_psnr",
            "test_kl", "active_units", "val_accuracy", "test_accuracy", "final_test_mse", "final_test_psnr",
@@ -130,7 +130,7 @@ def read_runs(paths: Sequence[Path]) -> tuple:
         p = Path(p).expanduser()
         if not p.exists():
             raise ReportError(f"{p} does not exist. Pass a sweep dir, a run dir or the output_dir (e.g. outputs/).")
-        for d in runs.iter_run_dirs(p):
+        for d in references.iter_run_dirs(p):
             d = d.resolve()
             s, why = read_summary(d)
             c, why_c = read_config(d)
@@ -173,7 +173,7 @@ def collect(paths: Sequence[Path]) -> List[dict]:
     rows = []
     for d, s in dirs.items():
         if s.get("stage") == "classify":
-            enc = runs.encoder_run_of(d, s)  # a relative record: found where the sweep is now, not where it ran
+            enc = references.encoder_run_of(d, s)  # a relative record: found where the sweep is now, not where it ran
             classify_by_encoder[enc.resolve() if enc is not None else None].append((d, s))
     for d, s in dirs.items():
         if s.get("stage") != "autoencode":

@@ -30,7 +30,7 @@ from typing import List
 
 import torch
 
-from .. import checkpoint, engine, identity, images, losses, runs, runtime, tracking
+from .. import checkpoint, engine, faults, identity, images, lifecycle, losses, runs, runtime, tracking
 from .. import data as data_mod
 from ..lifecycle import RunDir
 from ..models import build_model, count_parameters
@@ -115,7 +115,7 @@ def run(cfg, run_dir: Path, overrides: List[str]) -> Path:
               n_train=len(train), n_val=len(val), n_test=len(test),
               provenance=tracking.provenance(cfg, ds.fingerprint, env["name"], files=ds.files))
     tracker = tracking.start(cfg, run_dir, "autoencode")  # wandb (or nothing); closed by finish below
-    runs.fault_point("startup")
+    faults.fault_point("startup")
 
     # --- the loop: train, validate, record, checkpoint ---------------------------------------------------
     ckpt_dir = last.parent
@@ -154,7 +154,7 @@ def run(cfg, run_dir: Path, overrides: List[str]) -> Path:
     values_per_image = train.images[0].numel()
     # On SIGUSR2/SIGTERM (SLURM time limit, preemption) save last.pt at the next optimizer step, with the
     # position inside the epoch, then hand on to submitit's requeue handler: a resume continues from there.
-    with runs.CheckpointOnSignal(checkpoint_on_signal) as signals:
+    with lifecycle.CheckpointOnSignal(checkpoint_on_signal) as signals:
         for epoch in range(state["epoch"] + 1, ac.epochs + 1):
             t0 = time.time()
             lr = opt.param_groups[0]["lr"]
@@ -168,7 +168,7 @@ def run(cfg, run_dir: Path, overrides: List[str]) -> Path:
             live.update(epoch=epoch, batch_rng=g.get_state())  # the state that draws this epoch's permutation
 
             def on_step(n_images: int) -> None:
-                runs.fault_point("autoencode.step")
+                faults.fault_point("autoencode.step")
                 signals.poll()  # a pending SIGUSR2/SIGTERM: save a consistent state, then hand on
                 if not bar.disable:
                     bar.update(n_images)
@@ -198,7 +198,7 @@ def run(cfg, run_dir: Path, overrides: List[str]) -> Path:
                      f" kl {val_m['kl']:.2f} (train beta {beta_e:g})" if "kl" in val_m else "",
                      f" joint head acc {val_m['joint_head_accuracy']:.3f}" if head is not None else "",
                      seconds, len(train) / seconds)
-            runs.fault_point("autoencode.metrics")
+            faults.fault_point("autoencode.metrics")
             if epoch in image_epochs:  # before last.pt: a kill after it must not lose this epoch's images
                 tracker.log_images(epoch, **images.save_images(model, test, device, run_dir, epoch, train))
             live.clear()
@@ -207,7 +207,7 @@ def run(cfg, run_dir: Path, overrides: List[str]) -> Path:
             if engine.is_better(val_m, state.get("best_val", math.inf), select_on):
                 state.update(best_val=val_m[select_on], best_val_mse=val_m["mse"], best_epoch=epoch)
                 save(ckpt_dir / "best.pt", val=val_m)
-                runs.fault_point("autoencode.best")
+                faults.fault_point("autoencode.best")
             save(last)
             run.save()  # compute_seconds so far
             signals.poll()
@@ -216,7 +216,7 @@ def run(cfg, run_dir: Path, overrides: List[str]) -> Path:
         # still inside the handler: a signal during the test evaluation must not leave "running" behind
         final = engine.evaluate(eval_step, model, test, ac.eval_batch_size, fmt, objective)
         runs.append_metrics(run_dir, {"epoch": ac.epochs, "split": "test", **final})
-        runs.fault_point("autoencode.test")
+        faults.fault_point("autoencode.test")
         best_ck = checkpoint.load(ckpt_dir / "best.pt", ("model", "val") + (("joint_head",) if head else ()),
                                   "best checkpoint")
         model.load_state_dict(best_ck["model"])
@@ -239,7 +239,7 @@ def run(cfg, run_dir: Path, overrides: List[str]) -> Path:
                 log.warning("posterior collapse: %d of %d latent dims are active (< %d%%); the embeddings carry little "
                             "information. Lower model.beta.", best["active_units"], cfg.latent,
                             round(100 * COLLAPSE_FRACTION))
-        runs.fault_point("autoencode.summary")
+        faults.fault_point("autoencode.summary")
         run.complete(best_epoch=state["best_epoch"], select_on=select_on)
         if not ac.get("keep_last", True):  # completed: last.pt is only needed to resume, best.pt is the result
             last.unlink(missing_ok=True)

@@ -29,7 +29,7 @@ from typing import List, Optional
 
 from omegaconf import OmegaConf
 
-from .. import artefacts, checkpoint, engine, identity, runs, runtime, tracking
+from .. import artefacts, checkpoint, engine, faults, identity, lifecycle, references, runs, runtime, tracking
 from .. import data as data_mod
 from ..report import projections as plots
 from ..heads import build_head, check_dropout, check_names, is_trainable
@@ -133,7 +133,7 @@ def run(cfg, run_dir: Path, overrides: List[str], encoder: Optional[Path] = None
             log.warning("classify.encoder decides the model and latent: %s do not apply", " ".join(named))
     model = artefacts.build_autoencoder(ck, device)  # CPU weights, then onto the device; eval mode, frozen
     # relative to this run dir when the encoder travels with it (docs/run-dirs.md, "Relocatable results")
-    summary.update(**runs.reference_fields(run_dir, cfg.output_dir, encoder_run=encoder_run, encoder_checkpoint=ckpt_path))
+    summary.update(**references.reference_fields(run_dir, cfg.output_dir, encoder_run=encoder_run, encoder_checkpoint=ckpt_path))
     summary.update(encoder_epoch=int(ck["state"]["epoch"]), model=enc_cfg["model"]["name"],
                    latent=int(enc_cfg["latent"]), device=str(device), device_name=env["name"],
                    device_fallback=env["fallback"], head=cfg.head.name,
@@ -142,7 +142,7 @@ def run(cfg, run_dir: Path, overrides: List[str], encoder: Optional[Path] = None
     emb_path = run_dir / "embeddings.pt"
     run.save(data_fingerprint=ds.fingerprint)  # a failure from here on keeps the encoder and provenance
     tracker = tracking.start(cfg, run_dir, "classify", encoder_cfg=enc_cfg)  # wandb (or nothing); closed by finish below
-    runs.fault_point("startup")
+    faults.fault_point("startup")
     prec = enc_cfg.get("precision", "fp32")  # embed as the encoder was trained
     # embeddings.pt is a cache: reused (a resumed job) only when it was computed from this encoder's weights,
     # these images and these rules; anything else recomputes it
@@ -160,7 +160,7 @@ def run(cfg, run_dir: Path, overrides: List[str], encoder: Optional[Path] = None
                for s in ("train", "val", "test")}
         emb["classes"] = ds.classes
         emb["key"] = key
-        runs.fault_point("classify.embed")
+        faults.fault_point("classify.embed")
         # a cache for a resumed job: a full disk fails at the next checkpoint, saying so, not here
         runs.write_cache(emb, emb_path, "embeddings cache", "A resumed run computes the embeddings again.")
         log.info("embedded %d images in %.1fs", sum(len(emb[s]["z"]) for s in ("train", "val", "test")), time.time() - t0)
@@ -188,11 +188,11 @@ def run(cfg, run_dir: Path, overrides: List[str], encoder: Optional[Path] = None
             tracker.log_epoch(epoch, train=train_m, val=val_m, lr=lr_now)
             log.info("epoch %d/%d  train ce %.4f acc %.4f | val ce %.4f acc %.4f", epoch, cc.epochs,
                      train_m["loss"], train_m["accuracy"], val_m["loss"], val_m["accuracy"])
-            runs.fault_point("classify.metrics")
+            faults.fault_point("classify.metrics")
             if improved:  # best.pt before last.pt: a kill between the two redoes this epoch
                 checkpoint.save({"head": head.state_dict(), "epoch": epoch, "val": val_m, "config": runs.resolved(cfg)},
                                 ckpt_dir / "best.pt")
-                runs.fault_point("classify.best")
+                faults.fault_point("classify.best")
             cur.update(head=head, opt=opt, sched=sched, g=g, state=state)
             save_last()
             run.save()  # compute_seconds so far
@@ -201,13 +201,13 @@ def run(cfg, run_dir: Path, overrides: List[str], encoder: Optional[Path] = None
         if resume is not None:
             log.info("resuming the head's training from %s at epoch %d", last, resume["state"]["epoch"])
         # SIGUSR2/SIGTERM: last.pt after the current epoch (a head's epoch is short), then hand on (requeue)
-        with runs.CheckpointOnSignal(save_last) as signals:
+        with lifecycle.CheckpointOnSignal(save_last) as signals:
             head, fit = engine.train_head(cfg.head, cc, z, y, n_classes, cfg.seed, lr, on_epoch, resume=resume,
                                    keep_last_epoch=True)
         resume = None
         final_m, _ = engine.eval_head(head, z["test"], y["test"], 4096)
         runs.append_metrics(run_dir, {"epoch": fit["epochs_run"], "split": "test", **final_m})
-        runs.fault_point("classify.test")
+        faults.fault_point("classify.test")
         best = checkpoint.load(ckpt_dir / "best.pt", ("head", "val"), "best head checkpoint")
         head.load_state_dict(best["head"])
         fit.update(lr=lr, lr_search=lr_search, final_test_accuracy=final_m["accuracy"],
@@ -232,17 +232,17 @@ def run(cfg, run_dir: Path, overrides: List[str], encoder: Optional[Path] = None
         probes[name] = {"val_accuracy": p_fit["val_accuracy"], "test_accuracy": p_test["accuracy"], **_probe_extras(p_fit)}
         log.info("probe %s: val accuracy %.4f, test accuracy %.4f (%.1fs)", name, p_fit["val_accuracy"],
                  p_test["accuracy"], time.time() - t0)
-        runs.fault_point("classify.probes")
+        faults.fault_point("classify.probes")
     pred = logits.argmax(1).cpu().numpy()
     true = y["test"].cpu().numpy()
     cm = confusion_matrix(true, pred, labels=list(range(len(classes))))
     per_class = {c: float(cm[i, i] / max(1, cm[i].sum())) for i, c in enumerate(classes)}
     # the result first: nothing optional below (figures, projections, wandb) can lose or hide it
-    runs.fault_point("classify.summary")
+    faults.fault_point("classify.summary")
     run.complete(test_accuracy=test_m["accuracy"], test_loss=test_m["loss"], val_accuracy=best_acc,
                  head_settings=_head_settings(cfg.head, cc), **{k: v for k, v in fit.items() if k != "val_accuracy"},
                  probes=probes, per_class_accuracy=per_class, confusion_matrix=cm.tolist(), classes=classes)
-    runs.fault_point("classify.plots")
+    faults.fault_point("classify.plots")
     lc, png = cfg.logger, run_dir / "images" / "confusion.png"
     _optional("images/confusion.png", plots.confusion, cm, classes, png,
               f"{enc_cfg['model']['name']} z{enc_cfg['latent']} {cfg.head.name}: test acc {test_m['accuracy']:.3f}")

@@ -45,7 +45,7 @@ def mark_timeout(job: PlannedJob, timeout_min: float, max_num_timeout: int, hits
 
 def record_failure(job: PlannedJob, error: str, status: str = "failed", reason: Optional[str] = None,
                    extra: Optional[dict] = None) -> None:
-    """Write status "failed" and ``error`` into the job's run dir(s) with ``embclf.runs.mark_failed``.
+    """Write status "failed" and ``error`` into the job's run dir(s) with ``embclf.lifecycle.mark_failed``.
 
     The core already does this for an exception inside a stage; this covers a worker that was killed
     (out of memory, scancel) or died before the stage started.  Stage run dirs that completed are
@@ -54,7 +54,8 @@ def record_failure(job: PlannedJob, error: str, status: str = "failed", reason: 
     Never raises: failing to record a failure must not hide the other jobs' results.
     """
     try:
-        from embclf.runs import SUMMARY, base_summary, mark_failed, write_json_atomic
+        from embclf.lifecycle import base_summary, mark_failed
+        from embclf.runs import SUMMARY, write_json_atomic
     except Exception as e:  # noqa: BLE001
         log.warning("cannot record the failure of %s: embclf.runs unavailable (%s)", job.label, e)
         return
