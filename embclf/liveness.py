@@ -16,17 +16,29 @@ from __future__ import annotations
 import os
 import socket
 import subprocess
-from typing import Mapping, Tuple
+from typing import Mapping, Optional, Tuple
 
 # the one state map: what is known about a process that a record says is running
 RUNNING, PENDING, DEAD, UNKNOWN = "running", "pending", "dead", "unknown"
 STATES = (RUNNING, PENDING, DEAD, UNKNOWN)
 
-# sacct's final state (first word) of a job whose summary still says "running": it died without recording it.
-# The report's status word for each (COMPLETED: the batch script ended, the run did not record completion).
-SLURM_ENDED = {"OUT_OF_MEMORY": "killed (out of memory)", "NODE_FAIL": "killed (node failure)",
-               "BOOT_FAIL": "killed (node failure)", "CANCELLED": "cancelled", "TIMEOUT": "timeout",
-               "PREEMPTED": "interrupted", "FAILED": "failed", "COMPLETED": "killed"}
+# sacct's final state (first word) of a job that ended without recording it: (status, reason, what happened).
+# The one SLURM state map: the launcher records the first five in the run dir when it sees them (a time limit and
+# the job's own failure it records from their own evidence); the report shows ``SLURM_ENDED`` for a summary
+# still "running" (COMPLETED: the batch script ended, the run did not record completion).
+SLURM_ENDINGS = {
+    "OUT_OF_MEMORY": ("killed", "out of memory", "SLURM killed it for exceeding its memory (--mem)"),
+    "CANCELLED": ("cancelled", "cancelled", "cancelled (scancel, or an administrator)"),
+    "NODE_FAIL": ("killed", "node failure", "its node failed"),
+    "BOOT_FAIL": ("killed", "node failure", "its node failed to boot"),
+    "PREEMPTED": ("interrupted", "preempted", "preempted by a higher-priority job"),
+    "TIMEOUT": ("timeout", "time limit", "it reached its time limit (--time)"),
+    "FAILED": ("failed", None, "its batch script failed"),
+    "COMPLETED": ("killed", None, "its batch script ended without the run recording how it ended"),
+}
+SLURM_FROM_OUTSIDE = ("OUT_OF_MEMORY", "CANCELLED", "NODE_FAIL", "BOOT_FAIL", "PREEMPTED")
+# the report's status word for each: "killed (out of memory)", "cancelled", "timeout", ...
+SLURM_ENDED = {w: st + (f" ({why})" if st == "killed" and why else "") for w, (st, why, _) in SLURM_ENDINGS.items()}
 SLURM_TIMEOUT_S = 20  # one squeue/sacct call; a slow controller must not hang a report
 
 
@@ -44,6 +56,26 @@ def pid_alive(pid: int) -> bool:
             return f.read().rpartition(")")[2].split()[0] != "Z"
     except (OSError, IndexError):
         return True
+
+
+def proc_start(pid: int) -> Optional[str]:
+    """The start time of process ``pid`` (Linux: clock ticks since boot, /proc/PID/stat field 22), or None.
+    With the pid it names one process: a pid reused by a later process has another start time."""
+    try:
+        with open(f"/proc/{int(pid)}/stat") as f:
+            fields = f.read().rpartition(")")[2].split()  # the command name (field 2) may hold spaces and ')'
+    except OSError:
+        return None
+    return fields[19] if len(fields) > 19 else None
+
+
+def same_process(pid: int, start: Optional[str]) -> bool:
+    """Whether ``pid`` is alive on this host (``pid_alive``) and is the process that started at ``start``
+    (``proc_start``; None: not recorded, the pid alone decides)."""
+    if not pid_alive(pid):
+        return False
+    now = proc_start(pid)
+    return start is None or now is None or now == start
 
 
 def _ask(cmd) -> Tuple[int, str]:

@@ -44,6 +44,7 @@ from typing import Dict, Iterator, Optional
 
 from filelock import FileLock
 
+from . import liveness
 from .runtime import EmbclfError
 
 log = logging.getLogger(__name__)
@@ -78,21 +79,6 @@ def _read(path: str) -> Optional[str]:
         return None
 
 
-def _proc_start(pid: int) -> Optional[str]:
-    """The start time of process ``pid`` (Linux: clock ticks since boot, /proc/PID/stat field 22), or None.
-    With the pid it names one process: a pid reused by a later process has another start time."""
-    stat = _read(f"/proc/{pid}/stat")
-    if not stat:
-        return None
-    fields = stat.rpartition(")")[2].split()  # the command name (field 2) may hold spaces and ')'
-    return fields[19] if len(fields) > 19 else None
-
-
-def _proc_state(pid: int) -> Optional[str]:
-    stat = _read(f"/proc/{pid}/stat")
-    return stat.rpartition(")")[2].split()[0] if stat else None
-
-
 def _pid_ns() -> Optional[str]:
     try:
         return os.readlink("/proc/self/ns/pid")  # e.g. 'pid:[4026531836]': containers on one host differ
@@ -109,27 +95,13 @@ def _slurm() -> tuple:
 def _me(token: str) -> dict:
     now = time.time()
     job, restarts = _slurm()
-    return {"host": socket.gethostname(), "pid": os.getpid(), "proc_start": _proc_start(os.getpid()),
+    return {"host": socket.gethostname(), "pid": os.getpid(), "proc_start": liveness.proc_start(os.getpid()),
             "boot_id": _read("/proc/sys/kernel/random/boot_id"), "pid_ns": _pid_ns(),
             "slurm_job_id": job, "slurm_restart_count": restarts, "start_time": now, "heartbeat": now,
             "token": token}
 
 
 # --- stale or live --------------------------------------------------------------------------------
-
-def _alive(pid: int, proc_start: Optional[str]) -> bool:
-    """Whether ``pid`` runs on this host and is the process that wrote the record (same start time)."""
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        pass  # exists, another user's
-    if _proc_state(pid) == "Z":  # dead, not yet reaped by its parent
-        return False
-    now_start = _proc_start(pid)
-    return proc_start is None or now_start is None or now_start == proc_start
-
 
 def stale_reason(record: dict, now: Optional[float] = None, me: Optional[dict] = None) -> Optional[str]:
     """Why the lock ``record`` no longer holds its directory, or None while its process may still run.
@@ -147,7 +119,7 @@ def stale_reason(record: dict, now: Optional[float] = None, me: Optional[dict] =
     if same_host and record.get("boot_id") and me.get("boot_id") and record["boot_id"] != me["boot_id"]:
         return f"host {host} was rebooted since it was taken"
     if same_host and record.get("pid_ns") == me.get("pid_ns") and isinstance(pid, int):
-        if not _alive(pid, record.get("proc_start")):
+        if not liveness.same_process(pid, record.get("proc_start")):
             return f"pid {pid} no longer runs on host {host}"
         return None
     job = record.get("slurm_job_id")

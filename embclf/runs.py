@@ -39,7 +39,7 @@ from typing import Any, Callable, Dict, List, Optional
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from . import faults, identity
+from . import faults, identity, liveness
 from .runtime import EmbclfError
 
 log = logging.getLogger(__name__)
@@ -174,21 +174,11 @@ def remove_stale_temporaries(run_dir: Path) -> List[Path]:
                 pid = int(t.name.rsplit(".tmp", 1)[1].split("-", 1)[0])
             except (ValueError, IndexError):
                 continue  # not one of ours
-            if pid == os.getpid() or _pid_alive(pid):
+            if pid == os.getpid() or liveness.pid_alive(pid):
                 continue
             t.unlink(missing_ok=True)
             removed.append(t)
     return removed
-
-
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except (PermissionError, OSError):
-        return True
-    return True
 
 
 def load_checkpoint(path: Path, expect: tuple = (), what: str = "checkpoint") -> dict:

@@ -20,7 +20,7 @@ import pytest
 from omegaconf import OmegaConf
 
 from conftest import CIFAR
-from embclf import locks
+from embclf import liveness, locks
 from embclf.report import commands
 
 ARGS = ["data=folder", f"data.root={CIFAR}", "data.train_size=60", "data.val_size=10", "data.test_size=20", "autoencode.batch_size=50",
@@ -129,11 +129,11 @@ def _dead_pid() -> int:
 def test_same_host_dead_or_reused_pid_is_stale_live_pid_holds():
     assert "no longer runs" in locks.stale_reason(_record(pid=_dead_pid(), proc_start=None))
     parent = os.getppid()
-    assert locks.stale_reason(_record(pid=parent, proc_start=locks._proc_start(parent))) is None
+    assert locks.stale_reason(_record(pid=parent, proc_start=liveness.proc_start(parent))) is None
     # the pid now belongs to a process that started at another time: reused, so the holder is gone
     assert "no longer runs" in locks.stale_reason(_record(pid=parent, proc_start="1"))
     # a rebooted host: every pid of the record is from before
-    assert "rebooted" in locks.stale_reason(_record(pid=parent, proc_start=locks._proc_start(parent), boot_id="old"))
+    assert "rebooted" in locks.stale_reason(_record(pid=parent, proc_start=liveness.proc_start(parent), boot_id="old"))
 
 
 def test_other_host_is_judged_by_its_heartbeat():
@@ -156,7 +156,7 @@ def test_a_requeued_slurm_job_takes_over_its_own_lock():
     # another SLURM job's fresh lock holds
     assert locks.stale_reason(rec, now=now, me=dict(me_other_node, slurm_job_id="78")) is None
     # on the holder's own host the process table decides, even for the same SLURM job id
-    live = _record(pid=os.getppid(), proc_start=locks._proc_start(os.getppid()), slurm_job_id="77_3")
+    live = _record(pid=os.getppid(), proc_start=liveness.proc_start(os.getppid()), slurm_job_id="77_3")
     assert locks.stale_reason(live, me=dict(locks._me("z" * 32), slurm_job_id="77_3", slurm_restart_count=1)) is None
 
 
@@ -168,7 +168,7 @@ def test_refused_while_a_live_process_holds_it_and_nothing_changes(tmp_path):
         d = tmp_path / "run"
         d.mkdir()
         (d / "summary.json").write_text("{}")
-        rec = _record(pid=holder.pid, proc_start=locks._proc_start(holder.pid))
+        rec = _record(pid=holder.pid, proc_start=liveness.proc_start(holder.pid))
         (d / ".embclf.lock").write_text(json.dumps(rec))
         before = _snapshot(d)
         with pytest.raises(locks.InUseError) as e:
@@ -335,7 +335,7 @@ def test_launcher_sees_a_job_held_seconds_ago_before_its_summary_exists(tmp_path
     holder = subprocess.Popen(["sleep", "60"])
     try:
         job.run_dir.mkdir()
-        rec = _record(pid=holder.pid, proc_start=locks._proc_start(holder.pid))
+        rec = _record(pid=holder.pid, proc_start=liveness.proc_start(holder.pid))
         (job.run_dir / ".embclf.lock").write_text(json.dumps(rec))  # no summary.json yet
         assert still_running(job).startswith(f"its run dir is in use by pid {holder.pid} on host ")
     finally:

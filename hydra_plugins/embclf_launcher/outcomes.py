@@ -138,21 +138,13 @@ def killed_outcome(signum: int, oom_before: Optional[int], oom_after: Optional[i
     return f"killed by {name} (signal {signum}) from outside the job", name, extra
 
 
-# SLURM job states (sacct's State, first word) of a job that ended from outside: (status, reason, what happened)
-SLURM_ENDINGS = {
-    "OUT_OF_MEMORY": ("killed", "out of memory", "SLURM killed it for exceeding its memory (--mem)"),
-    "CANCELLED": ("cancelled", "cancelled", "cancelled (scancel, or an administrator)"),
-    "NODE_FAIL": ("killed", "node failure", "its node failed"),
-    "BOOT_FAIL": ("killed", "node failure", "its node failed to boot"),
-    "PREEMPTED": ("interrupted", "preempted", "preempted by a higher-priority job"),
-}
-
-
 def slurm_outcome(state: Optional[str]) -> Optional[Tuple[str, str, str]]:
     """(status, reason, error) for a SLURM job that ended in ``state`` (e.g. "OUT_OF_MEMORY", "CANCELLED by
     1000") from outside, or None for any other state (its own error, or a time limit, is recorded elsewhere)."""
+    from embclf.liveness import SLURM_ENDINGS, SLURM_FROM_OUTSIDE  # the one SLURM state map
+
     word = (state or "").split(" ")[0].upper()
-    if word not in SLURM_ENDINGS:
+    if word not in SLURM_FROM_OUTSIDE:
         return None
     status, reason, what = SLURM_ENDINGS[word]
     return status, reason, f"SLURM state {state}: {what}"

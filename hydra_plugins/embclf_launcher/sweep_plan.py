@@ -10,8 +10,6 @@ still runs (:func:`still_running`) need.  What happens once jobs ran lives in ``
 import json
 import logging
 import os
-import socket
-import subprocess
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -254,29 +252,20 @@ def still_running(job: PlannedJob) -> Optional[str]:
     record = holder(job.run_dir) if holder is not None else None
     if record:
         return f"its run dir is in use by {describe(record)}"
+    from embclf import liveness
+
     for run_dir in stage_run_dirs(job):
         s = _read_json(run_dir / "summary.json") or {}
         if s.get("status") != "running":
             continue
+        state, detail = liveness.process_state(s)  # squeue for a SLURM job, the pid on this host; else UNKNOWN
+        if state not in (liveness.RUNNING, liveness.PENDING):
+            continue  # dead, or cannot tell from here (no SLURM client, another host): do not block
         jid = s.get("slurm_job_id")
         if jid:
-            try:
-                out = subprocess.run(["squeue", "-h", "-j", str(jid), "-o", "%T"], stdout=subprocess.PIPE,
-                                     stderr=subprocess.DEVNULL, text=True, timeout=60)
-            except (OSError, subprocess.SubprocessError):
-                continue  # no SLURM client here: cannot tell, so do not block
-            if out.returncode == 0 and out.stdout.strip():
-                return f"SLURM job {jid} ({out.stdout.split()[0]}); see squeue -j {jid}"
-        elif s.get("hostname") == socket.gethostname() and s.get("pid"):
-            pid = int(s["pid"])
-            try:
-                os.kill(pid, 0)
-            except ProcessLookupError:
-                continue
-            except PermissionError:
-                pass  # exists, owned by someone else
-            if _pid_runs_python(pid):
-                return f"process {pid} on this host"
+            return f"SLURM job {jid} ({detail}); see squeue -j {jid}"
+        if _pid_runs_python(int(s["pid"])):  # a reused pid of another program is not our job
+            return f"process {s['pid']} on this host"
     return None
 
 
