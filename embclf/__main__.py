@@ -58,7 +58,7 @@ def run_job(cfg: DictConfig, job_dir: Path, overrides) -> Path:
 
     The process holds ``job_dir`` for the whole job (``embclf.locks``; stage=all: the job dir covers
     ``autoencode/`` and ``classify/``). A single run and a sweep job took it already, before Hydra wrote its
-    record there (``locks.HoldOutputDirs``, the launchers); this hold covers any other caller. Raises
+    record there (``hold_dirs.HoldOutputDirs``, the launchers); this hold covers any other caller. Raises
     ``locks.InUseError`` when another live process holds it, before anything is read or written."""
     # a signal anywhere in the job (data loading, embedding, fits, plots) records the run "interrupted"
     with lifecycle.hold(job_dir):

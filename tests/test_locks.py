@@ -20,7 +20,7 @@ import pytest
 from omegaconf import OmegaConf
 
 from conftest import CIFAR
-from embclf import liveness, locks
+from embclf import hold_dirs, liveness, locks
 from embclf.report import commands
 
 ARGS = ["data=folder", f"data.root={CIFAR}", "data.train_size=60", "data.val_size=10", "data.test_size=20", "autoencode.batch_size=50",
@@ -311,20 +311,20 @@ def test_sweep_records_are_archived_in_order_and_the_report_lists_each_command_o
     (sweep / "job").mkdir(parents=True)
     (sweep / "job" / "summary.json").write_text("{}")
     (sweep / "multirun.yaml").write_text(_multirun(["model=ae"]))
-    assert locks.archive_sweep_record(sweep, _multirun(["model=ae"])) is None  # the same command again
+    assert hold_dirs.archive_sweep_record(sweep, _multirun(["model=ae"])) is None  # the same command again
     for task in (["model=vae"], ["model=vae"], ["seed=1"]):  # Hydra writes the new record after the archive
-        locks.archive_sweep_record(sweep, _multirun(task))
+        hold_dirs.archive_sweep_record(sweep, _multirun(task))
         (sweep / "multirun.yaml").write_text(_multirun(task))
-    assert [p.name for p in locks.sweep_record_archives(sweep)] == ["multirun.001.yaml", "multirun.002.yaml"]
+    assert [p.name for p in hold_dirs.sweep_record_archives(sweep)] == ["multirun.001.yaml", "multirun.002.yaml"]
     cmds = commands([{"run_dir": str(sweep / "job")}])
     assert [c.split("    #")[0] for c in cmds] == ["python -m embclf -m model=ae", "python -m embclf -m model=vae",
                                                     "python -m embclf -m seed=1"]
     # a sweep refused before any job started restores the earlier record
-    locks.archive_sweep_record(sweep, _multirun(["bad=1"]))
+    hold_dirs.archive_sweep_record(sweep, _multirun(["bad=1"]))
     (sweep / "multirun.yaml").write_text(_multirun(["bad=1"]))
-    locks.restore_sweep_record(sweep)
+    hold_dirs.restore_sweep_record(sweep)
     assert (sweep / "multirun.yaml").read_text() == _multirun(["seed=1"])
-    assert len(locks.sweep_record_archives(sweep)) == 2
+    assert len(hold_dirs.sweep_record_archives(sweep)) == 2
 
 
 def test_launcher_sees_a_job_held_seconds_ago_before_its_summary_exists(tmp_path):

@@ -158,7 +158,7 @@ def commands(rows: List[dict]) -> List[str]:
             else:
                 job = d.parent if d.name in ("autoencode", "classify") and (d.parent / ".hydra").is_dir() else d
                 singles[job] = None
-    from ..locks import sweep_record_archives
+    from ..hold_dirs import sweep_record_archives
 
     out = []
     for root, multi in [(p, True) for p in seen] + [(p, False) for p in singles]:

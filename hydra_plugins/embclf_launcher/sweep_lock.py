@@ -15,7 +15,7 @@ log = logging.getLogger("embclf.launcher")
 def holding_sweep_dir(config: Any) -> Iterator[None]:
     """Hold the sweep dir (``embclf.locks``) while the launcher plans, starts (or submits) and waits for its jobs.
 
-    Hydra's ``on_multirun_start`` callback (``embclf.locks.HoldOutputDirs``) normally holds it already, from
+    Hydra's ``on_multirun_start`` callback (``embclf.hold_dirs.HoldOutputDirs``) normally holds it already, from
     before ``multirun.yaml`` is written; this covers a launcher used without it. Held without the heartbeat
     thread (the local launcher forks only without other threads): the polling loops call :func:`beat`.
     A sweep dir another live process holds: its message on stderr and exit status 2, nothing started.
@@ -40,7 +40,7 @@ def restore_sweep_record(config: Any) -> None:
     """Put back the sweep dir's earlier record (``multirun.yaml``) when a sweep stopped before starting anything;
     never raises."""
     try:
-        from embclf.locks import restore_sweep_record as restore
+        from embclf.hold_dirs import restore_sweep_record as restore
     except ImportError:
         return
     try:
