@@ -1,12 +1,8 @@
 """The benchmarks run end to end at a tiny size (their numbers are measured by `python benchmarks/run.py`,
 not here: CI stays deterministic), and the GPU study script runs on a CPU with a tiny override."""
 import json
-import os
 import subprocess
 import sys
-from pathlib import Path
-
-import pytest
 
 from conftest import REPO, embclf_env
 

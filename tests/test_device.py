@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 import torch
 from hydra import compose, initialize_config_dir
-from omegaconf import OmegaConf, open_dict
+from omegaconf import open_dict
 
 from embclf import runs, runtime
 from embclf.config import conf_dir

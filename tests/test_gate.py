@@ -8,7 +8,6 @@ paragraph, no traceback and no run dir left."""
 from __future__ import annotations
 
 import dataclasses
-import json
 import shutil
 from enum import Enum
 from pathlib import Path

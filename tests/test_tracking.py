@@ -10,8 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import REPO
-from tracking_fixtures import SECRET, failing_sweep  # noqa: F401 (session fixture)
+from conftest import REPO, SECRET
 from wandb_log import read_run
 
 from embclf import runs, tracking
