@@ -4,11 +4,14 @@ import json
 import subprocess
 import sys
 
+import pytest
+
 from conftest import REPO, embclf_env
 
 sys.path.insert(0, str(REPO / "benchmarks"))
 
 
+@pytest.mark.slow
 def test_row1_loops_and_row2_cached_embeddings_match(cifar_root):
     import run as bench
 
@@ -28,6 +31,7 @@ def test_flops_per_image_of_the_reference_conv_ae():
     assert 0.44e9 < bench.train_flops_per_image("ae", 64) < 0.48e9
 
 
+@pytest.mark.slow
 def test_gpu_study_script_runs_end_to_end_on_cpu(tmp_path, cifar_root):
     env = embclf_env(tmp_path)
     env.update(MODELS="ae", LATENTS="8", PRECISION="fp32", PY=sys.executable, OUT=str(tmp_path / "study"),

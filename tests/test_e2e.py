@@ -66,6 +66,7 @@ def test_sweep_classify_uses_matching_encoders(tiny_sweep):
         assert (run_dir / "images" / "confusion.png").is_file()
 
 
+@pytest.mark.slow
 def test_stage_all_writes_both_run_dirs(tmp_path, cifar_root):
     out = tmp_path / "o"
     run_embclf(["stage=all", "model=vae", "latent=8", *MINI, "autoencode.epochs=1", f"output_dir={out}"], tmp_path)
@@ -91,6 +92,7 @@ def test_classify_without_encoder_fails_clearly(tmp_path, cifar_root):
     assert not out.exists() or not any(out.iterdir())  # nothing half-written
 
 
+@pytest.mark.slow
 def test_resume_after_sigterm_and_skip_completed(tmp_path, cifar_root):
     run_dir = tmp_path / "run"
     args = ["model=ae", "latent=8", *MINI, "autoencode.epochs=3", f"hydra.run.dir={run_dir}"]
@@ -154,6 +156,7 @@ def test_classify_encoder_that_would_run_code_is_refused(tmp_path, cifar_root):
     assert not out.exists() or not any(out.iterdir())  # nothing half-written
 
 
+@pytest.mark.slow
 def test_divergence_stops_the_run_and_is_recorded(tmp_path, cifar_root):
     run_dir = tmp_path / "run"
     proc = run_embclf(["model=vae", "latent=8", *MINI, "autoencode.epochs=3", "autoencode.lr=1e30",
@@ -179,6 +182,7 @@ def test_divergence_later_keeps_the_last_finite_checkpoint(tmp_path):
     _check_finite(3, 0, {"loss": 1.0}, {"mse": 0.1}, 1e-3, last)  # finite: nothing happens
 
 
+@pytest.mark.slow
 def test_posterior_collapse_is_flagged(tmp_path, cifar_root):
     run_dir = tmp_path / "run"
     proc = run_embclf(["model=vae", "latent=8", *MINI, "autoencode.epochs=1", "model.beta=100",
@@ -188,6 +192,7 @@ def test_posterior_collapse_is_flagged(tmp_path, cifar_root):
     assert "posterior collapse" in proc.stderr + proc.stdout
 
 
+@pytest.mark.slow
 def test_disk_full_during_a_checkpoint_fails_clearly_and_leaves_nothing_half_written(tmp_path, cifar_root):
     """`ulimit -f` (4 MB: the data cache and JSON fit, a checkpoint does not) stands in for a full disk."""
     import resource

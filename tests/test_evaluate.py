@@ -155,6 +155,7 @@ def test_debug_overfit_fits_one_batch(tmp_path, cifar_root, model):
     assert s["status"] == "failed" and s["reason"] == "overfit" and not s["overfit_passed"]
 
 
+@pytest.mark.slow
 def test_debug_fast_end_to_end_and_kept_apart(tmp_path, cifar_root):
     out = tmp_path / "o"
     proc = run_embclf(["stage=all", "debug=fast", "model=ae", "latent=8", *MINI, "logger=none", "debug.train_size=120",

@@ -41,6 +41,7 @@ def _interrupted_line(proc):
     return saved, cmd
 
 
+@pytest.mark.slow
 def test_ctrl_c_on_a_single_run_says_what_was_saved_and_how_to_resume(tmp_path, cifar_root):
     first = [sys.executable, "-m", "embclf", *MINI, "autoencode.epochs=2", "threads=1",
              f"output_dir={tmp_path / 'out'}"]

@@ -91,6 +91,7 @@ def test_reinvoking_a_finished_sweep_skips_completed_jobs(gpu_sweep):
     assert after == before  # nothing was retrained or rewritten
 
 
+@pytest.mark.slow
 def test_failed_jobs_are_isolated_recorded_and_all_named(tmp_path):
     """Two jobs fail at run time (a test subset larger than the 10,000 test images: only the data can
     tell); the third completes; the command exits non-zero naming both failed overrides."""
@@ -182,6 +183,7 @@ def _sweep_killing_one(sweep_dir, *args, epochs=4):
     return args, proc.returncode, out, victim
 
 
+@pytest.mark.slow
 def test_killed_job_is_recorded_killed_and_reinvoking_resumes_it(tmp_path):
     """A worker killed from outside (SIGKILL, as the OOM killer does) writes nothing itself: the
     launcher records it in its run dir as status "killed" with the signal (not a bare log tail), the
@@ -216,6 +218,7 @@ def test_killed_job_is_recorded_killed_and_reinvoking_resumes_it(tmp_path):
     assert run_dirs(sweep_dir) == sorted([victim, other[0]])  # same run dirs, no new ones
 
 
+@pytest.mark.slow
 def test_stopping_the_launcher_stops_its_jobs(tmp_path):
     """While a sweep runs, a second invocation into its sweep dir refuses to start its jobs again.
     SIGTERM (or Ctrl-C) to the launcher stops every running job -- no orphaned workers -- and
@@ -248,6 +251,7 @@ def test_stopping_the_launcher_stops_its_jobs(tmp_path):
     assert "sweep interrupted" in out and f"hydra.sweep.dir={sweep_dir}" in out and "Traceback" not in out, out[-3000:]
 
 
+@pytest.mark.slow
 def test_two_sweeps_started_together_never_share_a_dir(tmp_path):
     """Same command, same output_dir, same second: each invocation gets its own sweep dir (the
     random token in the sweep dir name), so their run dirs cannot collide."""
@@ -284,6 +288,7 @@ def _threads_used(run_dir):
     return int(m.group(1))
 
 
+@pytest.mark.slow
 def test_fork_false_runs_each_job_in_a_fresh_interpreter(tmp_path):
     """hydra.launcher.fork=false: submitit's own local executor (a controller process and a fresh
     ``python -m submitit.core._submit`` per job) -- the fallback where forking is unsafe.  Two jobs at
@@ -457,6 +462,7 @@ def test_forked_job_is_signalled_then_stopped_at_its_time_limit(tmp_path):
         deaf.result()
 
 
+@pytest.mark.slow
 def test_a_job_out_of_time_is_a_timeout_row_with_its_limit(tmp_path):
     """A job that keeps reaching hydra.launcher.timeout_min is told (USR2), saves, is restarted
     max_num_timeout times, then ends with status "timeout" naming both keys; its run dir says so too. A

@@ -102,6 +102,7 @@ def _log(resumed, name: str) -> str:
     return (resumed["tmp"] / f"{name}.attempts.log").read_text()
 
 
+@pytest.mark.slow
 def test_kill_at_any_instant_resumes_exactly(resumed):
     attempts = resumed["attempts"]["kill"]
     log = _log(resumed, "kill")
@@ -130,6 +131,7 @@ def test_kill_at_any_instant_resumes_exactly(resumed):
     assert "resuming the head's training" in log
 
 
+@pytest.mark.slow
 def test_sigterm_mid_epoch_resumes_exactly(resumed):
     """SIGTERM (a SLURM time limit, preemption) at step 3 of epoch 2: last.pt holds that position and the
     restart continues with step 4, so the result equals the uninterrupted run's."""
