@@ -10,8 +10,11 @@
 - Markers (registered in pyproject.toml): ``slow`` (trains through the CLI, or needs root), ``slurm`` (needs the
   local SLURM cluster). ``pytest -m "not slow and not slurm"`` is the quick subset (≤ 1 min, no root, no SLURM).
   Tests using ``slurm_cluster`` are marked ``slurm`` and tests using ``small_tmpfs`` ``slow`` here, automatically.
-- Under pytest-xdist (``-n 2 --dist loadgroup``, pyproject's addopts) tests sharing a session fixture run on one
-  worker (``xdist_group``), so each shared sweep is still built once; so do the tests sharing a module fixture.
+- Under pytest-xdist (``-n 2 --dist loadfile``, pyproject's addopts) each test file runs on one worker, so a
+  module fixture is built once; the shared sweeps are built once per session by whichever worker asks first
+  (``_once``: a file lock in the base temp dir the workers share), the other worker reads the record.
+  (``--dist loadgroup`` would not do: with pytest 9 its ``xdist_group`` marks are not applied, checked with
+  pytest 9.2 / pytest-xdist 3.8.)
 
 Helpers for hand-written run dirs are in ``report_fixtures.py``, those of the launcher/SLURM tests in
 ``slurm_fixture.py``, the kill-and-resume driver in ``resume_harness.py``, the wandb log reader in ``wandb_log.py``.
@@ -190,18 +193,58 @@ def cifar_root() -> Path:
     return CIFAR
 
 
+def _encode(v):
+    if isinstance(v, Path):
+        return {"path": str(v)}
+    if isinstance(v, subprocess.CompletedProcess):
+        return {"proc": [v.args, v.returncode, v.stdout, v.stderr]}
+    return {"value": v}
+
+
+def _decode(v):
+    if "path" in v:
+        return Path(v["path"])
+    if "proc" in v:
+        return subprocess.CompletedProcess(*v["proc"])
+    return v["value"]
+
+
+def _once(tmp_path_factory, name: str, build) -> dict:
+    """``build(tmp_dir)`` once per test session, also under pytest-xdist: there the first worker to ask builds it
+    under a file lock in the base temp dir all workers share and records the result (a dict of paths,
+    CompletedProcesses and plain values); the others wait for it and read the record."""
+    if "PYTEST_XDIST_WORKER" not in os.environ:
+        return build(tmp_path_factory.mktemp(name))
+    from filelock import FileLock
+
+    import json
+
+    shared = tmp_path_factory.getbasetemp().parent
+    record = shared / f"{name}.json"
+    with FileLock(str(shared / f"{name}.lock")):
+        if record.is_file():
+            return {k: _decode(v) for k, v in json.loads(record.read_text()).items()}
+        tmp = shared / name
+        tmp.mkdir(exist_ok=True)
+        result = build(tmp)
+        record.write_text(json.dumps({k: _encode(v) for k, v in result.items()}))
+        return result
+
+
 @pytest.fixture(scope="session")
 def tiny_sweep(tmp_path_factory, cifar_root):
     """A 2x2 sweep (model=ae,vae x latent=8,16): autoencode, then classify, as two separate sweeps.
 
-    Returns dict with the tmp dir, the output dir and both processes.
+    Returns dict with the tmp dir, the output dir and both processes. Built once per session (``_once``).
     """
-    tmp = tmp_path_factory.mktemp("sweep")
-    out = tmp / "outputs"
-    common = ["-m", "model=ae,vae", "latent=8,16", *TINY, f"output_dir={out}"]
-    ae = run_embclf([*common, "stage=autoencode"], tmp)
-    clf = run_embclf([*common, "stage=classify"], tmp)
-    return {"tmp": tmp, "out": out, "ae": ae, "clf": clf}
+    def build(tmp):
+        out = tmp / "outputs"
+        common = ["-m", "model=ae,vae", "latent=8,16", *TINY, f"output_dir={out}"]
+        ae = run_embclf([*common, "stage=autoencode"], tmp)
+        clf = run_embclf([*common, "stage=classify"], tmp)
+        return {"tmp": tmp, "out": out, "ae": ae, "clf": clf}
+
+    return _once(tmp_path_factory, "sweep", build)
 
 
 @pytest.fixture(scope="session")
@@ -214,12 +257,16 @@ def failing_sweep(tiny_sweep, tmp_path_factory):
     set so the tests can check it is never written anywhere.
 
     Returns dict: out (output_dir), sweep (the sweep dir), proc (CompletedProcess), encoder (the vae-z8 run dir).
+    Built once per session (``_once``).
     """
+    return _once(tmp_path_factory, "failing", lambda tmp: _failing_sweep(tiny_sweep, tmp))
+
+
+def _failing_sweep(tiny_sweep, tmp: Path) -> dict:
     from embclf import runs
 
     summaries = {d: runs.read_summary(d) for d in runs.iter_run_dirs(tiny_sweep["out"])}
     encoder = next(d for d, s in summaries.items() if (s["stage"], s["model"], s["latent"]) == ("autoencode", "vae", 8))
-    tmp = tmp_path_factory.mktemp("failing")
     out = tmp / "outputs"
     env = embclf_env(tmp)
     env["WANDB_API_KEY"] = SECRET  # with mode=offline given explicitly: nothing may try to use it online
@@ -271,29 +318,13 @@ def small_tmpfs(tmp_path):
 
 
 # ------------------------------------------------------------------------------------------------
-# markers and xdist groups
-
-# session fixtures that build something expensive: every test using one runs on the same xdist worker
-_SHARED = {"tiny_sweep": "tiny_sweep", "failing_sweep": "tiny_sweep", "slurm_cluster": "slurm",
-           "relocated": "relocated"}
+# markers
 
 
-@pytest.hookimpl(tryfirst=True)  # before xdist's own hook, which reads the xdist_group markers
 def pytest_collection_modifyitems(config, items):
     for item in items:
         names = set(item.fixturenames)
-        if "slurm_cluster" in names:
+        if "slurm_cluster" in names:  # a real local SLURM, started as root
             item.add_marker(pytest.mark.slurm)
-        if "small_tmpfs" in names:  # mounts a file system: root only
+        if names & {"small_tmpfs", "tiny_sweep", "failing_sweep", "relocated"}:  # mounts a file system (root); a sweep
             item.add_marker(pytest.mark.slow)
-        if any(n in names for n in ("tiny_sweep", "failing_sweep", "relocated")):
-            item.add_marker(pytest.mark.slow)
-        if item.get_closest_marker("xdist_group"):
-            continue
-        group = next((g for n, g in _SHARED.items() if n in names), None)
-        if group is None:
-            defs = getattr(getattr(item, "_fixtureinfo", None), "name2fixturedefs", {})
-            if any(d.scope in ("module", "class") for fds in defs.values() for d in fds):
-                group = item.module.__name__  # a module fixture: its tests on one worker, built once
-        if group:
-            item.add_marker(pytest.mark.xdist_group(group))
