@@ -82,6 +82,7 @@ def test_stage_all_writes_both_run_dirs(tmp_path, cifar_root):
     assert runs.encoder_run_of(new[0], json.loads((new[0] / "summary.json").read_text())) == (job / "autoencode").resolve()
 
 
+@pytest.mark.slow
 def test_classify_without_encoder_fails_clearly(tmp_path, cifar_root):
     out = tmp_path / "o"
     proc = run_embclf(["stage=classify", "model=vae", "latent=24", *MINI, f"output_dir={out}"], tmp_path, check=False)
@@ -127,6 +128,7 @@ def test_resume_after_sigterm_and_skip_completed(tmp_path, cifar_root):
     assert not (run_dir / ".hydra.new").exists()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("bad", ["autoencode.epochs=0", "classify.epochs=0 stage=classify"])
 def test_zero_epochs_is_a_clear_error(tmp_path, bad):
     proc = run_embclf([*MINI, *bad.split(), f"output_dir={tmp_path / 'o'}"], tmp_path, check=False)
@@ -135,6 +137,7 @@ def test_zero_epochs_is_a_clear_error(tmp_path, bad):
     assert not (tmp_path / "o").exists() or not any((tmp_path / "o").iterdir())  # nothing half-written
 
 
+@pytest.mark.slow
 def test_classify_encoder_that_would_run_code_is_refused(tmp_path, cifar_root):
     marker = tmp_path / "pwned"
 

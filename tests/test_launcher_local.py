@@ -46,6 +46,7 @@ def gpu_sweep(tmp_path_factory):
     return {"proc": proc, "sweep_dir": sweep_dir, "args": args, "seconds": time.time() - t0}
 
 
+@pytest.mark.slow
 def test_one_gpu_per_concurrent_job(gpu_sweep):
     proc, sweep_dir = gpu_sweep["proc"], gpu_sweep["sweep_dir"]
     assert proc.returncode == 0, proc.stdout[-4000:]
@@ -81,6 +82,7 @@ def test_one_gpu_per_concurrent_job(gpu_sweep):
         assert any(o.startswith("data.root=") and "/" in o for o in overrides_of(d))
 
 
+@pytest.mark.slow
 def test_reinvoking_a_finished_sweep_skips_completed_jobs(gpu_sweep):
     sweep_dir = gpu_sweep["sweep_dir"]
     before = {d.name: summary(d) for d in run_dirs(sweep_dir)}
@@ -116,6 +118,7 @@ def test_failed_jobs_are_isolated_recorded_and_all_named(tmp_path):
     assert "completed" in out and out.count("failed") >= 2
 
 
+@pytest.mark.slow
 def test_invalid_values_fail_before_any_job_starts(tmp_path):
     """Value ranges are checked for every job in the launcher: nothing starts, every bad job is named with
     its key, and no sweep dir is left behind."""
@@ -266,6 +269,7 @@ def test_two_sweeps_started_together_never_share_a_dir(tmp_path):
         assert len(dirs) == 1 and summary(dirs[0])["status"] == "completed"
 
 
+@pytest.mark.slow
 def test_invalid_job_config_fails_before_any_job_starts(tmp_path):
     """Hydra's sweeper checks that each job composes (stopping at the first); the launcher also
     resolves every job's whole config and names every bad job before starting any. Here two of
@@ -441,6 +445,7 @@ def test_a_result_left_by_an_earlier_worker_of_the_same_pid_is_never_read(tmp_pa
         job.result()
 
 
+@pytest.mark.slow
 def test_forked_job_is_signalled_then_stopped_at_its_time_limit(tmp_path):
     """USR2 ``signal_delay_s`` before the limit (submitit's handler: not checkpointable, so the job
     ends with an error result), and a job still running at the limit is stopped."""

@@ -184,6 +184,7 @@ def test_stale_temporaries_of_dead_writers_are_removed(tmp_path):
     assert not stale.exists() and live.exists()
 
 
+@pytest.mark.slow
 def test_resumed_run_continues_its_wandb_run(tmp_path, monkeypatch):
     """Each attempt of a run dir logs to the same wandb run: the id is kept in ``wandb_run_id`` and passed to
     ``wandb.init(id=..., resume="allow")`` (offline here: each attempt writes an offline-run-*-<id> folder)."""

@@ -141,6 +141,7 @@ def test_mode_decided_without_network(tmp_path, monkeypatch):
     assert tracking.resolve_mode("online")[0] == "offline"
 
 
+@pytest.mark.slow
 def test_logger_none_never_imports_wandb(tmp_path):
     code = f"""
 import sys
