@@ -1,11 +1,12 @@
 """embclf's speed and memory, as ratios measured side by side in one invocation (not part of the tests).
 
-    python benchmarks/run.py                 # rows 1-5, ~8 minutes on a 2-core CPU
+    python benchmarks/run.py                 # rows 1-6, ~10 minutes on a 2-core CPU
     python benchmarks/run.py --rows 1,5      # some rows
+    python benchmarks/run.py --rows 6 --repeats 7   # fp32 vs bf16 autocast at batch 200 (~2 min)
     python benchmarks/run.py --json out.json # also write every measurement
 
 Rows (each ratio: variants interleaved, repeated ``--repeats`` times, median reported):
-1. autoencode training images/s: embclf's loop (``stages.autoencode.train_epoch``: uint8 tensor on the
+1. autoencode training images/s: embclf's loop (``engine.train_epoch``: uint8 tensor on the
    device, index batches, metric sums on the device) vs the reference study's naive loop (torchvision
    ImageFolder + DataLoader, per-sample ToTensor, 2 workers, shuffle, batch 200, ``loss.item()`` per
    step), the same conv AE and Adam step on the same images; and embclf vs the pure-compute bound (the
@@ -17,6 +18,8 @@ Rows (each ratio: variants interleaved, repeated ``--repeats`` times, median rep
 4. peak resident memory of one job on the whole CIFAR-10 (first decode and cache, then training steps).
 5. training images/s per model at fp32 and bf16, FLOPs per image per training step counted by
    ``torch.utils.flop_counter`` (forward + backward), achieved GFLOP/s.
+6. conv AE training images/s at batch 200: fp32 vs bf16 autocast, interleaved, and what ``precision=auto``
+   resolves to on this machine (``runtime.resolve_precision``): the row that decides ``auto``.
 
 Needs ../shared/data/cifar10 (an ImageFolder copy of CIFAR-10) beside the repo, or ``--data PATH``.
 Exit status 0 always: a measurement, not a test.
@@ -42,7 +45,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from embclf import data as data_mod  # noqa: E402
 from embclf import losses  # noqa: E402
 from embclf.heads import MLPHead  # noqa: E402
-from embclf.stages import autoencode, classify  # noqa: E402
+from embclf import engine  # noqa: E402
 
 DEFAULT_DATA = REPO.parent / "shared" / "data" / "cifar10"
 MODELS = ("ae", "vae", "resnet", "resnet_vae")
@@ -76,7 +79,7 @@ def train_flops_per_image(name: str, latent: int = 64, batch: int = 8) -> float:
     model.train()
     x = torch.rand(batch, 3, 32, 32)
     with FlopCounterMode(display=False) as fc:
-        loss, _, _ = autoencode.batch_step(model, x, 0.1)
+        loss, _, _ = engine.batch_step(model, x, 0.1)
         loss.backward()
     return fc.get_total_flops() / batch
 
@@ -136,7 +139,7 @@ def row1(root: Path, repeats: int, n_images: int = 1000, batch: int = 200) -> di
         model, opt = build("ae")
         g = torch.Generator().manual_seed(0)
         t0 = time.perf_counter()
-        sums = autoencode.train_epoch(lambda x: autoencode.batch_step(model, x, 0.1, precision), model, opt,
+        sums = engine.train_epoch(lambda x: engine.batch_step(model, x, 0.1, precision), model, opt,
                                       images, batch, g)
         sums.tolist()  # the epoch's one host read, as in the stage
         return n_images / (time.perf_counter() - t0)
@@ -177,7 +180,7 @@ def row2(root: Path, repeats: int, n_train: int = 400, n_val: int = 200, epochs:
     va = data_mod.Split(images[n_train:], labels[n_train:])
     encoder, _ = build("ae")
     encoder.eval().requires_grad_(False)
-    z_ref = classify.embed(encoder, tr, "cpu", 1000)
+    z_ref = engine.embed(encoder, tr, "cpu", 1000)
 
     def head_and_opt():
         torch.manual_seed(0)
@@ -187,12 +190,12 @@ def row2(root: Path, repeats: int, n_train: int = 400, n_val: int = 200, epochs:
 
     def cached():
         t0 = time.perf_counter()
-        z_tr, z_va = classify.embed(encoder, tr, "cpu", 1000), classify.embed(encoder, va, "cpu", 1000)
+        z_tr, z_va = engine.embed(encoder, tr, "cpu", 1000), engine.embed(encoder, va, "cpu", 1000)
         head, opt = head_and_opt()
         g = torch.Generator().manual_seed(0)
         for _ in range(epochs):
-            classify.train_head_epoch(head, opt, z_tr, tr.labels, batch, g).tolist()
-            m, _ = classify._eval(head, z_va, va.labels, 4096)
+            engine.train_head_epoch(head, opt, z_tr, tr.labels, batch, g).tolist()
+            m, _ = engine.eval_head(head, z_va, va.labels, 4096)
         return time.perf_counter() - t0, m["accuracy"]
 
     @torch.no_grad()
@@ -242,7 +245,7 @@ import resource, sys, time, torch
 from hydra import compose, initialize_config_dir
 from embclf import data as data_mod
 from embclf.config import conf_dir
-from embclf.stages import autoencode
+from embclf import engine
 torch.set_num_threads(2)
 with initialize_config_dir(config_dir=conf_dir(), version_base=None):
     cfg = compose("config", overrides=["data=folder", f"data.root={sys.argv[1]}", "model=ae"])
@@ -256,8 +259,8 @@ opt = torch.optim.Adam(model.parameters(), lr=1e-3)
 steps = int(sys.argv[2])
 g = torch.Generator().manual_seed(0)
 images = ds.train.images[torch.randperm(len(ds.train), generator=g)[:steps * 200]]  # a view's worth of batches
-autoencode.train_epoch(lambda x: autoencode.batch_step(model, x, 0.1), model, opt, images, 200, g).tolist()
-val = autoencode.evaluate(lambda x: autoencode.batch_step(model, x, 0.1), model, ds.val, 1000)
+engine.train_epoch(lambda x: engine.batch_step(model, x, 0.1), model, opt, images, 200, g).tolist()
+val = engine.evaluate(lambda x: engine.batch_step(model, x, 0.1), model, ds.val, 1000)
 print({"n_train": len(ds.train), "n_val": len(ds.val), "n_test": len(ds.test), "data_seconds": t_data,
        "rss_after_data_kib": rss_data, "peak_rss_kib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss})
 """
@@ -295,7 +298,7 @@ def row5(root: Path, repeats: int) -> dict:
                 for s in range(3):  # the first step warms up (allocations, dispatch); two are timed
                     if s == 1:
                         t0 = time.perf_counter()
-                    loss, _, _ = autoencode.batch_step(model, x, 0.1, precision)
+                    loss, _, _ = engine.batch_step(model, x, 0.1, precision)
                     opt.zero_grad()
                     loss.backward()
                     opt.step()
@@ -304,6 +307,34 @@ def row5(root: Path, repeats: int) -> dict:
             out[f"{name}/{precision}"] = {"batch": batch, "images_per_second": ips, "gflop_per_image": flops / 1e9,
                                           "achieved_gflops": ips * flops / 1e9}
     return out
+
+
+# --- row 6 --------------------------------------------------------------------------------------------
+
+def row6(root: Path, repeats: int, batch: int = 200, steps: int = 3) -> dict:
+    """The conv AE's training step (forward under autocast, backward, Adam) at ``batch``, fp32 and bf16
+    alternating in every repeat (a busy machine slows both alike), ``steps`` timed after one warm-up step.
+    Returns the median img/s of each, their ratio and ``precision=auto``'s choice here."""
+    from embclf import runtime
+
+    x = data_mod.to_float(torch.randint(0, 256, (batch, 3, 32, 32), dtype=torch.uint8))
+    rates = {"fp32": [], "bf16": []}
+    for _ in range(repeats):
+        for precision in ("fp32", "bf16"):
+            model, opt = build("ae")
+            model.train()
+            for s in range(steps + 1):
+                if s == 1:
+                    t0 = time.perf_counter()
+                loss, _, _ = autoencode.batch_step(model, x, 0.1, precision)
+                opt.zero_grad()
+                loss.backward()
+                opt.step()
+            rates[precision].append(batch * steps / (time.perf_counter() - t0))
+    med = {k: _median(v) for k, v in rates.items()}
+    auto, why = runtime.resolve_precision("auto", "cpu")
+    return {"batch": batch, "images_per_second": med, "all": rates, "ratio": med["bf16"] / med["fp32"],
+            "auto": auto, "auto_why": why, "capability": torch.backends.cpu.get_cpu_capability()}
 
 
 # --- table ----------------------------------------------------------------------------------------------
@@ -343,19 +374,27 @@ def _fmt(r: dict) -> str:
         for k, a in r["row5"].items():
             lines.append(f"| 5 | {k} (batch {a['batch']}): img/s, GFLOP/img (fwd+bwd), GFLOP/s | "
                          f"{a['images_per_second']:.1f} img/s, {a['gflop_per_image']:.2f}, {a['achieved_gflops']:.1f} | |")
+    if "row6" in r:
+        a = r["row6"]
+        ips = a["images_per_second"]
+        lines.append(f"| 6 | conv AE training img/s, batch {a['batch']}: bf16 autocast / fp32 ({ips['bf16']:.0f} / "
+                     f"{ips['fp32']:.0f}; {a['capability']}; precision=auto -> {a['auto']}) | {a['ratio']:.2f}x | |")
     return "\n".join(lines)
 
 
 def main(argv=None) -> dict:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--rows", default="1,2,3,4,5", help="comma-separated rows to run (default all)")
+    p.add_argument("--rows", default="1,2,3,4,5,6", help="comma-separated rows to run (default all)")
     p.add_argument("--repeats", type=int, default=3, help="repeats per variant; the median is reported")
     p.add_argument("--data", type=Path, default=DEFAULT_DATA, help="ImageFolder root with train/ and test/")
     p.add_argument("--json", type=Path, help="also write all measurements here")
+    p.add_argument("--threads", type=int, help="torch threads (default: torch's, one per core)")
     a = p.parse_args(argv)
+    if a.threads:
+        torch.set_num_threads(a.threads)
     if not (a.data / "train").is_dir():
         sys.exit(f"benchmarks/run.py: no ImageFolder tree at {a.data} (train/<class>/*.jpg); pass --data PATH")
-    rows = {"1": row1, "2": row2, "3": row3, "4": row4, "5": row5}
+    rows = {"1": row1, "2": row2, "3": row3, "4": row4, "5": row5, "6": row6}
     res = {"machine": {"cores": os.cpu_count(), "threads": torch.get_num_threads(), "torch": torch.__version__,
                        "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None}}
     for k in a.rows.split(","):

@@ -21,9 +21,11 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig, open_dict
 
-from . import debug, locks, runs, tracking
-from .config import Stage, absolute_paths, conf_dir, problems
+from . import debug, lifecycle, locks, overrides, runs, runtime, tracking
+from .config import Stage, conf_dir, problems
+from .identity import absolute_paths
 from .data import DataError
+from .optional import needs_search_extras
 from .runtime import EmbclfError
 from .stages import autoencode, classify
 
@@ -59,7 +61,7 @@ def run_job(cfg: DictConfig, job_dir: Path, overrides) -> Path:
     record there (``locks.HoldOutputDirs``, the launchers); this hold covers any other caller. Raises
     ``locks.InUseError`` when another live process holds it, before anything is read or written."""
     # a signal anywhere in the job (data loading, embedding, fits, plots) records the run "interrupted"
-    with runs.stop_on_signals(), locks.hold(job_dir):
+    with lifecycle.hold(job_dir):
         before = _config_mtimes(job_dir)
         try:
             return _run_stages(cfg, job_dir, overrides, before)
@@ -96,6 +98,9 @@ def _run_stages(cfg: DictConfig, job_dir: Path, overrides, before: dict) -> Path
         raise EmbclfError("invalid config, nothing was run: " + " ".join(bad))
     stage = cfg.stage
     current = job_dir
+    # precision=auto becomes what this machine runs (bf16 where native, else fp32) before anything is written:
+    # the run dir's config, identity and summary hold the precision the run used (docs/run-dirs.md)
+    runtime.resolve_precision_in(cfg)
     # a relative path means "relative to where I launched" (not the job's working dir, which
     # hydra.job.chdir=true moves into the run dir): store it absolute, so lookups and resumes compare one path
     absolute_paths(cfg, _launch_dir())
@@ -123,22 +128,14 @@ def _run_stages(cfg: DictConfig, job_dir: Path, overrides, before: dict) -> Path
         with _log_to(current):
             return clf_run(_stage_cfg(cfg, Stage.classify), current, overrides, encoder=ae_dir)
     except BaseException as e:  # KeyboardInterrupt/SystemExit too: the summary must not say "running"
-        # a signal or a requeue (submitit exits with SystemExit) is an interruption, not a failure
-        stopped = isinstance(e, (SystemExit, KeyboardInterrupt))
         # a run dir no stage accepted this time (a refused re-run: another config is in it) is not ours to mark
-        ours = _config_mtimes(job_dir) != before or not (current / runs.SUMMARY).is_file()
-        if not (current / runs.SUMMARY).is_file() and HydraConfig.get().mode == RunMode.MULTIRUN:
+        if _config_mtimes(job_dir) != before or not (current / runs.SUMMARY).is_file():
             # bad input before anything was written: a sweep still records who failed and why (for the
             # launcher's table and the report); a single run leaves no run dir at all (see main)
             sub = current.name if current.name in ("autoencode", "classify") and stage == Stage.all else \
                 ("autoencode" if stage == Stage.all else stage.value)
-            runs.write_json_atomic(current / runs.SUMMARY, runs.base_summary(cfg, sub, overrides))
-        if ours and (current / runs.SUMMARY).is_file():
-            try:
-                runs.mark_failed(current, f"{type(e).__name__}: {e}", "interrupted" if stopped else "failed",
-                                 reason=getattr(e, "reason", None))
-            except runs.WriteError as w:  # e.g. the disk is still full: the original error is what matters
-                log.error("could not record the failure in %s: %s", current, w)
+            base = runs.base_summary(cfg, sub, overrides) if HydraConfig.get().mode == RunMode.MULTIRUN else None
+            lifecycle.record_failure(current, e, base)
         tracking.finish_active(exit_code=1)  # the wandb run shows failed; the next job in this process starts fresh
         if not isinstance(e, (EmbclfError, DataError, SystemExit, KeyboardInterrupt)):
             log.error("failed:\n%s", traceback.format_exc())
@@ -187,7 +184,7 @@ def objective_key(cfg) -> str:
 
     Raises ``EmbclfError`` unless the key's last part starts with ``val_``: a search must never select on test.
     """
-    key = str(cfg.get("objective", "auto"))
+    key = cfg.get("objective", "auto")
     if key == "auto":
         # the stage as an Enum (composed config) or as text (a resolved plain copy)
         return "val_loss" if getattr(cfg.stage, "value", cfg.stage) == Stage.autoencode.value else "val_accuracy"
@@ -217,13 +214,15 @@ def objective_value(cfg, run_dir: Path) -> float:
     return float(value)
 
 
-def _interrupted(cfg: DictConfig, job_dir: Path, hc) -> None:
-    """Ctrl-C on a single run (its summary already says "interrupted"): log one line saying what was saved,
-    read from the run dir's files (``tracking.saved_state``: a checkpoint at an epoch's end, or mid-epoch,
-    or nothing), and the exact command that resumes it (``tracking.resume_command``, with its
-    ``hydra.run.dir``), then exit with status 130 (128 + SIGINT), as a shell reports Ctrl-C. A run dir that
-    holds nothing yet (interrupted before the run started) is removed, as after bad input."""
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # a second Ctrl-C must not turn the line into a traceback
+def _interrupted(cfg: DictConfig, job_dir: Path, hc, signum: int = signal.SIGINT) -> None:
+    """Ctrl-C (or SIGTERM, or SIGUSR2 outside SLURM: ``signum``) on a single run (its summary already says
+    "interrupted"): log one line saying what was saved, read from the run dir's files
+    (``tracking.saved_state``: a checkpoint at an epoch's end, or mid-epoch, or nothing), and the exact command
+    that resumes it (``tracking.resume_command``, with its ``hydra.run.dir``), then exit with status
+    128 + signum (130 for Ctrl-C, 143 for SIGTERM), as a shell reports them. A run dir that holds nothing yet
+    (interrupted before the run started) is removed, as after bad input."""
+    for s in (signal.SIGINT, signal.SIGTERM, signal.SIGUSR2):  # a second signal must not make it a traceback
+        signal.signal(s, signal.SIG_IGN)
     _remove_if_empty(job_dir)
     if not job_dir.is_dir():
         saved = "nothing was saved (interrupted before the run started)"
@@ -234,12 +233,13 @@ def _interrupted(cfg: DictConfig, job_dir: Path, hc) -> None:
     else:
         saved = f"saved in {job_dir}: {tracking.saved_state(job_dir)}"
     cmd = tracking.resume_command(list(hc.overrides.task), list(hc.overrides.hydra), job_dir)
-    log.warning("interrupted (Ctrl-C); %s. %s with: %s", saved, "Resume" if job_dir.is_dir() else "Start it again", cmd)
-    sys.exit(130)
+    how = "Ctrl-C" if signum == signal.SIGINT else signal.Signals(signum).name
+    log.warning("interrupted (%s); %s. %s with: %s", how, saved, "Resume" if job_dir.is_dir() else "Start it again", cmd)
+    sys.exit(128 + signum)
 
 
 @hydra.main(config_path=conf_dir(), config_name="config", version_base=None)
-def main(cfg: DictConfig) -> float:
+def task(cfg: DictConfig) -> float:
     """Hydra task function (see module docstring). Returns the value named by ``objective`` (a float, what
     a sweeper such as Optuna's optimizes; see docs/research.md)."""
     hc = HydraConfig.get()
@@ -251,10 +251,11 @@ def main(cfg: DictConfig) -> float:
         run_dir = run_job(cfg, job_dir, list(hc.overrides.task))
         debug.warn(cfg)  # a debug run says so again at its end, where the user looks
         return objective_value(cfg, run_dir)
-    except KeyboardInterrupt:  # Ctrl-C
+    except (KeyboardInterrupt, runs.Stopped) as e:  # Ctrl-C; SIGTERM, SIGUSR2 (runs.stop_on_signals)
         if hc.mode != RunMode.RUN:
             raise  # in a sweep the launcher records and reports it
-        _interrupted(cfg, job_dir, hc)  # one line: what was saved, the command that resumes it; exit 130
+        # one line: what was saved, the command that resumes it; exit 128 + signum (130, 143)
+        _interrupted(cfg, job_dir, hc, getattr(e, "signum", signal.SIGINT))
     except locks.InUseError as e:  # another process holds the job dir: nothing there is ours to touch
         if hc.mode == RunMode.RUN:
             print(f"embclf: error: {e}", file=sys.stderr)
@@ -267,6 +268,17 @@ def main(cfg: DictConfig) -> float:
             sys.exit(2)
         log.error("%s", e)
         raise  # in a sweep the launcher records and reports it
+
+
+@needs_search_extras  # before Hydra: a search without its extra says how to install it (embclf/optional.py)
+def main() -> None:
+    """``python -m embclf`` / ``embclf``: check the command line's keys (``embclf.overrides``: a mistyped key
+    names the closest valid one, exit status 2, nothing written), then run ``task`` under Hydra."""
+    bad = overrides.mistyped(sys.argv[1:]) or overrides.bad_value(sys.argv[1:])
+    if bad:
+        print(f"embclf: error: {bad}", file=sys.stderr)
+        sys.exit(2)
+    task()
 
 
 if __name__ == "__main__":

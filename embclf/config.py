@@ -6,21 +6,25 @@ unknown key fails at composition time with an error naming the key (e.g. ``laten
 
 One group per module: ``data`` -> ``embclf/data.py``, ``model`` -> ``embclf/models/``, ``head`` ->
 ``embclf/heads.py``, ``stage`` -> ``embclf/stages/``, ``logger`` -> ``embclf/tracking.py``, ``debug`` ->
-``embclf/debug.py``. Nothing else lives here.
+``embclf/debug.py``. Here: the schemas (the home of every default; conf/ YAMLs hold only what differs), the
+key roles on them (read by ``embclf/identity.py``), and the one validation gate (``VALUE_RULES``,
+``CROSS_RULES``, ``problems``). Run-dir naming lives beside it in ``embclf/identity.py``; the command line's
+key check in ``embclf/overrides.py``.
+
+Importing this module stores the schema in Hydra's ConfigStore (as ``config_schema``) and registers the
+run-dir-name resolvers with OmegaConf: entries in their registries, the documented way; nothing is patched.
 """
 from __future__ import annotations
 
-import difflib
 import math
-import os
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, is_dataclass
 from enum import Enum
 from pathlib import Path
 from typing import Any, List, Optional
 
 from hydra.core.config_store import ConfigStore
-from omegaconf import MISSING, DictConfig, OmegaConf, open_dict
+from omegaconf import MISSING, DictConfig, OmegaConf
 
 CONF_DIR_NAME = "conf"
 
@@ -181,10 +185,13 @@ class ClassifyConfig:
 
 class Precision(Enum):
     """``precision``: ``fp32`` (default) or ``bf16`` autocast for the forward pass (CUDA and CPU); losses,
-    metric sums, optimizer state and checkpoints stay fp32."""
+    metric sums, optimizer state and checkpoints stay fp32. ``auto``: bf16 where the device runs it natively
+    (CUDA with bf16, a CPU with AVX512-BF16 or AMX), else fp32 (``runtime.resolve_precision``); a run dir
+    records the resolved value, and that is its identity."""
 
     fp32 = "fp32"
     bf16 = "bf16"
+    auto = "auto"
 
 
 class WandbMode(Enum):
@@ -250,7 +257,8 @@ class Config:
     device: str = field(default="auto", metadata=RUN)  # auto | cpu | cuda | cuda:N
     threads: Optional[int] = field(default=None, metadata=RUN)  # null = torch default (honours OMP_NUM_THREADS)
     # bf16: autocast forward passes (embclf/runtime.py); classify embeds at its encoder's precision
-    precision: Precision = field(default=Precision.fp32, metadata=stages("autoencode"))
+    # (runs written before the key existed ran fp32: ``before``, whatever the default becomes)
+    precision: Precision = field(default=Precision.fp32, metadata=stages("autoencode", before="fp32"))
     compile: bool = field(default=False, metadata=RUN)  # torch.compile the model's training/eval step, once per job
     tf32: bool = field(default=True, metadata=RUN)  # CUDA only: TF32 matmuls and convolutions (recorded in the summary)
     output_dir: str = field(default="outputs", metadata=RUN_PATH)
@@ -297,7 +305,7 @@ def _non_negative_real(v) -> bool:
 SEED_MAX = 2 ** 32 - 1  # numpy's and scikit-learn's seeds are 32-bit unsigned
 DEVICE_PATTERN = re.compile(r"auto|cpu|cuda(:\d+)?")
 HEAD_NAMES = ("mlp", "linear", "knn", "logreg")  # embclf/heads.py HEADS (the head group's options)
-PROJECTIONS = ("pca", "tsne", "umap")  # embclf/plots.py METHODS
+PROJECTIONS = ("pca", "tsne", "umap")  # embclf/report/projections.py METHODS
 LOGGERS = ("wandb", "none")  # conf/logger/*.yaml
 DEBUG_MODES = ("none", "fast", "overfit")  # conf/debug/*.yaml
 
@@ -308,7 +316,9 @@ def _names(allowed):
 
 # key -> (check, what a valid value is). Keys a config does not have are skipped. Every key of the schema whose
 # type allows a value that cannot run is here (enums and booleans are typed by the schema already); ranges that
-# depend on other keys are in CROSS_RULES below. The stages re-check some of them for direct callers.
+# depend on other keys are in CROSS_RULES below. They are the only checks of values: library functions called
+# directly (heads, objectives, models, data, runtime) apply them through check_value/check_group/check_model.
+# A new key touches one schema field and at most one rule.
 VALUE_RULES = {
     "latent": (_positive, "a positive integer (e.g. latent=64)"),
     "seed": (lambda v: 0 <= v <= SEED_MAX, f"an integer from 0 to {SEED_MAX} (e.g. seed=0)"),
@@ -439,28 +449,6 @@ CROSS_RULES = (_image_size_vs_model, _channels_vs_strides, _val_count_vs_train_s
 _ABSENT = object()
 
 
-def _unknown_keys(node: Any, schema: Any, prefix: str, out: List[str]) -> None:
-    """Append a message for every key of ``node`` that its structured ``schema`` node does not define."""
-    if not isinstance(node, DictConfig) or not isinstance(schema, DictConfig):
-        return
-    if OmegaConf.get_type(schema) in (dict, None):  # a free-form Dict[str, ...] field: any key is fine
-        return
-    known = [str(k) for k in schema.keys()]
-    for key in node.keys():
-        key = str(key)
-        full = f"{prefix}{key}"
-        if full == "hydra":
-            continue
-        if key not in known:
-            close = difflib.get_close_matches(key, known, n=1, cutoff=0.6)
-            hint = f"did you mean {prefix}{close[0]}?" if close else \
-                f"valid keys here: {', '.join(prefix + k for k in known)}"
-            out.append(f"{full} is not a config key ({hint}); `+{full}=...` adds a key that nothing reads. "
-                       f"Remove it or fix its name.")
-            continue
-        _unknown_keys(node._get_node(key), schema._get_node(key), f"{full}.", out)
-
-
 def _as_override(v: Any) -> str:
     """A value as it is written on the command line: [pca,tsn], null, fast (not ['pca', 'tsn'], None)."""
     if isinstance(v, (list, tuple)):
@@ -482,172 +470,85 @@ def problems(cfg: DictConfig) -> List[str]:
     for key in OmegaConf.missing_keys(cfg):
         if not str(key).startswith("hydra."):
             out.append(f"{key} has no value (???): set it on the command line, e.g. {key}=VALUE.")
-    _unknown_keys(cfg, OmegaConf.structured(Config), "", out)
-    for key, (ok, what) in VALUE_RULES.items():
-        try:
-            v = OmegaConf.select(cfg, key, default=_ABSENT, throw_on_missing=True)
-        except Exception:  # noqa: BLE001 -- missing or unresolvable: reported above or by Hydra
-            continue
-        if v is _ABSENT:
-            continue
-        try:
-            good = ok(v)
-        except TypeError:
-            good = False
-        if not good:
-            shown = _as_override(OmegaConf.to_container(v) if OmegaConf.is_list(v) else v)
-            out.append(f"{key}={shown} is invalid: it must be {what}.")
+    from .overrides import unknown_keys  # keys outside the schema: the command line's check lives there too
+
+    unknown_keys(cfg, OmegaConf.structured(Config), "", out)
+    for key in VALUE_RULES:
+        v = _get(cfg, key)  # missing or unresolvable: reported above or by Hydra
+        if v is not _ABSENT:
+            out += [m for m in [_breaks(key, v)] if m]
     if not out:  # a range across keys is only meaningful once each key is valid on its own
         out += [m for m in (rule(cfg) for rule in CROSS_RULES) if m]
     return out
 
 
-def absolute_paths(cfg: Any, base: str) -> Any:
-    """Normalise every path key of ``cfg`` (a DictConfig or a plain nested dict; the keys the schema marks
-    ``PATH``) in place: ``~`` expanded, absolute against ``base`` (the directory the command was launched from;
-    ``hydra.job.chdir=true`` runs the job elsewhere), symlinks resolved, no trailing slash. Stored so, one place
-    has one spelling in config.yaml, lookups, resumes and the launcher's "already completed?". Returns ``cfg``."""
-    from .identity import normalise_path, path_keys
-
-    for key in path_keys():
-        *parents, leaf = key.split(".")
-        node = cfg
-        for p in parents:
-            node = node.get(p) if isinstance(node, (dict, DictConfig)) else None
-        if not isinstance(node, (dict, DictConfig)) or leaf not in node:
-            continue
-        if isinstance(node, DictConfig):
-            if OmegaConf.is_missing(node, leaf):
-                continue
-            with open_dict(node):
-                node[leaf] = normalise_path(node[leaf], base)
-        else:
-            node[leaf] = normalise_path(node[leaf], base)
-    return cfg
-
-
-def safe_name(overrides: Any) -> str:
-    """A flat, filesystem-safe name from overrides alone (no config at hand): the readable part of a run dir
-    name (``identity.readable``) and 8 hex digits of the overrides' SHA-1. Run dirs are named by
-    ``identity.run_name`` (``${embclf_name:...}``), whose digest is the job's identity instead."""
-    from .identity import run_name
-
-    return run_name(overrides)
-
-
-_SWEEP_TOKEN = os.urandom(3).hex()
-
-
-def sweep_token() -> str:
-    """Random 6-hex token, fixed per process, that makes two invocations' dirs distinct.
-
-    Timestamps alone collide when two sweeps start in the same second (e.g. on a cluster).
-    """
-    return _SWEEP_TOKEN
-
-
-def _output_dir(*, _root_: Any) -> Any:
-    """``${embclf_output_dir:}`` in ``hydra.run.dir``/``hydra.sweep.dir``: the config's ``output_dir``.
-
-    A plain ``${output_dir}`` cannot resolve when Hydra shows its own node alone (``--cfg hydra --resolve``
-    drops the app keys); Hydra then still holds the whole composed config as the hydra node's parent.
-    """
-    if "output_dir" in _root_:
-        return _root_.output_dir
+def _breaks(key: str, value: Any) -> Optional[str]:
+    """The gate's message for ``key=value`` when ``VALUE_RULES[key]`` refuses it, else None."""
+    ok, what = VALUE_RULES[key]
     try:
-        from hydra.core.hydra_config import HydraConfig
-        return HydraConfig.instance().cfg.hydra._get_parent().output_dir
-    except Exception:  # noqa: BLE001 -- no composed config at hand: the schema's default
-        return Config.output_dir
+        good = ok(value)
+    except TypeError:  # e.g. a string where a number belongs (a plain dict bypassing the schema)
+        good = False
+    if good:
+        return None
+    shown = _as_override(OmegaConf.to_container(value) if OmegaConf.is_list(value) else value)
+    return f"{key}={shown} is invalid: it must be {what}."
 
 
-def config_keys(cfg) -> List[str]:
-    """Every dotted key of a (Dict)Config, nested ones too, without resolving interpolations."""
-    out: List[str] = []
-
-    def walk(node, prefix):
-        for k in node.keys() if isinstance(node, (dict, DictConfig)) else ():
-            try:
-                child = node._get_node(k) if isinstance(node, DictConfig) else node[k]
-            except Exception:  # noqa: BLE001 (an odd node: the key is still a key)
-                child = None
-            key = f"{prefix}{k}"
-            out.append(key)
-            if isinstance(child, DictConfig) and not child._is_missing() and not child._is_none() \
-                    and not child._is_interpolation():
-                walk(child, key + ".")
-
-    walk(cfg, "")
-    return out
+def check_value(key: str, value: Any, error: type = ValueError) -> None:
+    """Raise ``error`` with the gate's message (the one ``problems`` gives) when ``value`` breaks
+    ``VALUE_RULES[key]``. For library functions called directly (tests, notebooks): the entrypoint, the
+    launcher and ``embclf.evaluate`` have run ``problems`` on the whole config already."""
+    message = _breaks(key, value)
+    if message:
+        raise error(message)
 
 
-def closest_key(key: str, cfg) -> Optional[str]:
-    """The valid key of ``cfg`` nearest to a mistyped ``key`` (difflib ratio >= 0.6), or None."""
-    import difflib
-
-    keys = [k for k in config_keys(cfg) if (not k.startswith("hydra.") or key.startswith("hydra."))
-            and not any(p.startswith("_") for p in k.split("."))]
-    match = difflib.get_close_matches(key, keys, n=1, cutoff=0.6)
-    return match[0] if match else None
-
-
-def _suggesting(apply):
-    """Wrap Hydra's ``ConfigLoaderImpl._apply_overrides_to_config`` (where every ``key=value`` of the command
-    line is applied and an unknown key fails) so that the error names the closest valid key: "Could not
-    override 'autoencode.epoch': no such key. Did you mean autoencode.epochs?". ``+key=value`` adding a key
-    that the schema does not have under a typed node (``+autoencode.epoch=3``) would be silently ignored by
-    embclf, so it fails the same way."""
-    from hydra.errors import ConfigCompositionException
-    from omegaconf.errors import ConfigAttributeError, ConfigKeyError
-
-    def hint(key: str, cfg) -> str:
-        near = closest_key(key, cfg)
-        return (f" Did you mean {near}?" if near else "") + \
-            " (python -m embclf --help lists the main keys; --cfg job shows every key.)"
-
-    def apply_overrides(overrides, cfg):
-        for o in overrides:
-            if not (o.is_add() or o.is_force_add()) or o.package is not None or o.key_or_group.startswith("hydra."):
-                continue
-            parent, _, leaf = o.key_or_group.rpartition(".")
-            node = OmegaConf.select(cfg, parent, throw_on_missing=False) if parent else cfg
-            typed = isinstance(node, DictConfig) and OmegaConf.get_type(node) not in (dict, None)
-            if typed and leaf not in node:
-                raise ConfigCompositionException(
-                    f"Could not add '{o.key_or_group}': embclf has no such key, so the value would be ignored."
-                    + hint(o.key_or_group, cfg))
-        try:
-            apply(overrides, cfg)
-        except ConfigCompositionException as e:
-            if isinstance(e.__cause__, (ConfigAttributeError, ConfigKeyError)) and str(e).startswith("Could not override"):
-                key = str(e).split("'")[1]
-                raise ConfigCompositionException(f"Could not override '{key}': no such key." + hint(key, cfg)) \
-                    from e.__cause__
-            raise
-
-    apply_overrides._embclf_suggests = True
-    return apply_overrides
+def check_group(node: Any, group: str, error: type = ValueError) -> None:
+    """``check_value`` for every ``VALUE_RULES`` key of ``group`` (``"data"``, ``"head"``, ``"model"``) that
+    ``node`` (that group's node: a DictConfig, a dataclass or a plain dict) has; one ``error`` naming every bad
+    key."""
+    if not isinstance(node, DictConfig):
+        node = OmegaConf.structured(node) if is_dataclass(node) else OmegaConf.create(node)
+    prefix = group + "."
+    bad = []
+    for key in VALUE_RULES:
+        if key.startswith(prefix):
+            v = _get(node, key[len(prefix):])
+            if v is not _ABSENT:
+                bad += [m for m in [_breaks(key, v)] if m]
+    if bad:
+        raise error(" ".join(bad))
 
 
-def _install_key_suggestions() -> None:
-    try:
-        from hydra._internal.config_loader_impl import ConfigLoaderImpl
-    except ImportError:  # another Hydra layout: plain Hydra errors, still naming the key
-        return
-    current = ConfigLoaderImpl._apply_overrides_to_config
-    if not getattr(current, "_embclf_suggests", False):
-        ConfigLoaderImpl._apply_overrides_to_config = staticmethod(_suggesting(current))
+def check_model(model: Any, latent: int, image_size: int, error: type = ValueError) -> None:
+    """The gate for building a model directly (``embclf.models.build_model``): ``latent``, the ``model``
+    group's ranges and the rules across ``model`` and ``data.image_size`` (``CROSS_RULES``). Raises ``error``
+    with the gate's messages."""
+    check_value("latent", latent, error)
+    check_group(model, "model", error)
+    cfg = OmegaConf.create({"model": model if isinstance(model, DictConfig) else OmegaConf.create(model),
+                            "data": {"image_size": image_size}})
+    bad = [m for m in (rule(cfg) for rule in CROSS_RULES) if m]
+    if bad:
+        raise error(" ".join(bad))
 
 
-def register() -> None:
-    """Register the schemas and resolvers, and make unknown-key errors suggest the closest key. Idempotent;
-    called on import of ``embclf``."""
-    _install_key_suggestions()
-    cs = ConfigStore.instance()
-    cs.store(name="config_schema", node=Config)
-    from .identity import run_name
+# The schema as Hydra's ConfigStore entry ``config_schema`` (conf/config.yaml's defaults list names it), stored
+# when this module is imported: Hydra's documented way for structured configs. It adds an entry, patches nothing.
+ConfigStore.instance().store(name="config_schema", node=Config)
+
+
+def _register_resolvers() -> None:
+    """The resolvers of conf/config.yaml's run and sweep dir names (``embclf/identity.py``): ``embclf_name``
+    (a job's run dir name), ``embclf_token`` (6 hex digits fixed per process) and ``embclf_output_dir`` (the
+    config's ``output_dir``). Registered with OmegaConf beside the schema, so any composition of ``conf/``
+    (the entrypoint, the launchers, ``hydra.compose`` in tests or notebooks) resolves them. Idempotent."""
+    from .identity import output_dir_resolver, run_name, sweep_token
 
     OmegaConf.register_new_resolver("embclf_name", run_name, replace=True)
-    OmegaConf.register_new_resolver("embclf_safe", run_name, replace=True)  # the name before 2026-12
     OmegaConf.register_new_resolver("embclf_token", sweep_token, use_cache=True, replace=True)
-    OmegaConf.register_new_resolver("embclf_output_dir", _output_dir, replace=True)
+    OmegaConf.register_new_resolver("embclf_output_dir", output_dir_resolver, replace=True)
+
+
+_register_resolvers()

@@ -20,17 +20,17 @@ from __future__ import annotations
 
 import logging
 import math
-import time
 from pathlib import Path
 from typing import List, Optional
 
 import torch
-from omegaconf import OmegaConf, open_dict
+from omegaconf import open_dict
 from torchvision.utils import make_grid, save_image
 
+from . import artefacts, checkpoint, engine, identity, losses, runs, runtime, tracking
 from . import data as data_mod
-from . import identity, losses, runs, runtime, tracking
 from .heads import build_head
+from .lifecycle import RunDir
 from .models import build_model, count_parameters
 
 log = logging.getLogger("embclf")
@@ -67,7 +67,7 @@ def apply(cfg) -> str:
         cfg.data.test_size = _at_most(cfg.data.test_size, d.test_size)
         if m == "fast":
             cfg.autoencode.epochs = cfg.classify.epochs = 1
-            cfg.autoencode.batch_size = cfg.classify.batch_size = int(d.batch_size)
+            cfg.autoencode.batch_size = cfg.classify.batch_size = d.batch_size
             cfg.autoencode.image_epochs = [1]
     warn(cfg)
     return m
@@ -101,14 +101,10 @@ def _check_sizes(cfg) -> None:
             raise runtime.EmbclfError(f"debug.{key}={d[key]} must be at least 1.")
 
 
-def _finish(run_dir: Path, summary: dict, passed: bool, failure: str, tracker) -> None:
+def _finish(run: RunDir, passed: bool, failure: str, tracker) -> None:
     """Write the overfit run's final summary; raise ``EmbclfError`` (status failed, reason overfit) if it failed."""
-    summary.update(overfit_passed=passed, end_time=time.time(),
-                   status="completed" if passed else "failed")
-    summary["wall_seconds"] = summary["end_time"] - summary["start_time"]
-    if not passed:
-        summary.update(reason="overfit", error=failure)
-    runs.write_json_atomic(run_dir / runs.SUMMARY, summary)
+    summary = run.complete("completed" if passed else "failed", overfit_passed=passed,
+                           **({} if passed else {"reason": "overfit", "error": failure}))
     tracker.finish(summary, exit_code=0 if passed else 1)
     if not passed:
         raise runtime.EmbclfError(failure)
@@ -124,36 +120,29 @@ def overfit_autoencoder(cfg, run_dir: Path, overrides: List[str]) -> Path:
     batch above its reconstructions) and summary.json (``overfit_psnr`` dB, ``overfit_mse``, ``overfit_steps``,
     ``overfit_passed``). Returns ``run_dir``. Raises ``EmbclfError`` when the target is not reached.
     """
-    from .stages import autoencode
-
-    run_dir = Path(run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    ident = identity.identity(cfg, "autoencode")
-    if runs.open_run_dir(run_dir, ident, "autoencode") == "completed":
-        log.info("%s already completed (the same experiment); nothing to do", run_dir)
+    run = RunDir(run_dir, cfg, "autoencode", overrides, identity.identity(cfg, "autoencode"))
+    run_dir = run.path
+    if run.completed():
         return run_dir
     _check_sizes(cfg)
     d = cfg.debug
-    summary = runs.base_summary(cfg, "autoencode", overrides)
     env = runtime.setup(cfg)
     device = env["device"]
     precision = runtime.precision(cfg)
     ds = data_mod.load(cfg.data)
-    batch = fixed_batch(ds.train, int(d.batch_size), int(cfg.seed)).to(device)
-    model = build_model(cfg.model, int(cfg.latent), int(cfg.data.image_size)).to(device)
-    beta = float(cfg.model.beta)
-    opt = runtime.adam(model.parameters(), device, float(cfg.autoencode.lr), float(cfg.autoencode.weight_decay))
-    runs.write_config(run_dir, cfg, ident, "autoencode")
-    summary.update(device=str(device), device_name=env["name"], parameters=count_parameters(model),
-                   data_fingerprint=ds.fingerprint, overfit_batch=len(batch), overfit_target_psnr=float(d.target_psnr))
-    runs.write_json_atomic(run_dir / runs.SUMMARY, summary)
+    batch = fixed_batch(ds.train, d.batch_size, cfg.seed).to(device)
+    model = build_model(cfg.model, cfg.latent, cfg.data.image_size).to(device)
+    beta = cfg.model.beta
+    opt = runtime.adam(model.parameters(), device, cfg.autoencode.lr, cfg.autoencode.weight_decay)
+    run.start(device=str(device), device_name=env["name"], parameters=count_parameters(model),
+              data_fingerprint=ds.fingerprint, overfit_batch=len(batch), overfit_target_psnr=d.target_psnr)
     tracker = tracking.start(cfg, run_dir, "autoencode")
 
     def step_fn(x):
-        return autoencode.batch_step(model, x, beta, precision)
+        return engine.batch_step(model, x, beta, precision)
 
     x = data_mod.to_float(batch.images)
-    target, every, steps = float(d.target_psnr), int(d.eval_every), int(d.steps)
+    target, every, steps = d.target_psnr, d.eval_every, d.steps
     m, step, passed = {}, 0, False
     for step in range(1, steps + 1):
         model.train()
@@ -162,9 +151,9 @@ def overfit_autoencoder(cfg, run_dir: Path, overrides: List[str]) -> Path:
         loss.backward()
         opt.step()
         if step % every == 0 or step == steps:
-            m = autoencode.evaluate(step_fn, model, batch, len(batch))
+            m = engine.evaluate(step_fn, model, batch, len(batch))
             runs.append_metrics(run_dir, {"step": step, "split": "overfit", **m})
-            tracker.log_epoch(step, lr=float(cfg.autoencode.lr), overfit=m)
+            tracker.log_epoch(step, lr=cfg.autoencode.lr, overfit=m)
             log.info("overfit step %d/%d: PSNR %.2f dB on the batch (target %.1f dB), mse %.5f", step, steps,
                      m["psnr"], target, m["mse"])
             passed = m["psnr"] > target
@@ -172,16 +161,16 @@ def overfit_autoencoder(cfg, run_dir: Path, overrides: List[str]) -> Path:
                 break
     ckpt = {"model": model.state_dict(), "config": runs.resolved(cfg), "val": m,
             "state": {"epoch": step, "best_epoch": step}}
-    runs.save_atomic(ckpt, run_dir / "checkpoints" / "best.pt")
-    runs.save_atomic(ckpt, run_dir / "checkpoints" / "last.pt")
+    checkpoint.save(ckpt, run_dir / "checkpoints" / "best.pt")
+    checkpoint.save(ckpt, run_dir / "checkpoints" / "last.pt")
     model.eval()
     with torch.no_grad():
         x_hat = model(x[:16], sample=False)["x_hat"].float()
     (run_dir / "images").mkdir(exist_ok=True)
     save_image(make_grid(torch.cat([x[:16], x_hat]).cpu(), nrow=len(x_hat), padding=1), run_dir / "images" / "overfit.png")
-    summary.update(overfit_steps=step, overfit_psnr=m.get("psnr"), overfit_mse=m.get("mse"), best_epoch=step,
-                   **({"overfit_kl": m["kl"]} if "kl" in m else {}))
-    _finish(run_dir, summary, passed,
+    run.summary.update(overfit_steps=step, overfit_psnr=m.get("psnr"), overfit_mse=m.get("mse"), best_epoch=step,
+                       **({"overfit_kl": m["kl"]} if "kl" in m else {}))
+    _finish(run, passed,
             f"debug=overfit: model={cfg.model.name} latent={cfg.latent} did not fit one batch of {len(batch)} images: "
             f"PSNR {m.get('psnr', float('nan')):.2f} dB after {step} steps, target > {target:g} dB "
             f"(debug.target_psnr). A model that cannot fit one batch has a bug, or needs another autoencode.lr or "
@@ -200,50 +189,42 @@ def overfit_head(cfg, run_dir: Path, overrides: List[str], encoder: Optional[Pat
     (``overfit_accuracy``, ``overfit_steps``, ``overfit_passed``, ``encoder_run``). Returns ``run_dir``.
     Raises ``EmbclfError`` when the accuracy stays below 1.0 or no encoder is found.
     """
-    from .stages import classify
-
-    run_dir = Path(run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
     ident = identity.identity(cfg, "classify", encoder=runs.read_config(encoder) if encoder else None)
-    if runs.open_run_dir(run_dir, ident, "classify") == "completed":
-        log.info("%s already completed (the same experiment); nothing to do", run_dir)
+    run = RunDir(run_dir, cfg, "classify", overrides, ident)
+    run_dir = run.path
+    if run.completed():
         return run_dir
     _check_sizes(cfg)
     d = cfg.debug
-    summary = runs.base_summary(cfg, "classify", overrides)
-    ckpt_path = (Path(encoder) / "checkpoints" / "best.pt") if encoder else classify.resolve_encoder(cfg)
-    ck = runs.load_checkpoint(ckpt_path, ("model", "config"), "encoder checkpoint")
-    runs.check_image_size(ck["config"], int(cfg.data.image_size), ckpt_path)
+    ckpt_path = (Path(encoder) / "checkpoints" / "best.pt") if encoder else artefacts.resolve_encoder(cfg)
+    ck = checkpoint.load(ckpt_path, ("model", "config"), "encoder checkpoint")
+    runs.check_image_size(ck["config"], cfg.data.image_size, ckpt_path)
     env = runtime.setup(cfg)
     device = env["device"]
     ds = data_mod.load(cfg.data)
-    batch = fixed_batch(ds.train, int(d.batch_size), int(cfg.seed))
+    batch = fixed_batch(ds.train, d.batch_size, cfg.seed)
     enc_cfg = ck["config"]
-    model = build_model(OmegaConf.create(enc_cfg["model"]), int(enc_cfg["latent"]), int(enc_cfg["data"]["image_size"]))
-    model.load_state_dict(ck["model"])
-    model.to(device).eval().requires_grad_(False)
-    z = classify.embed(model, batch, device, 1000, enc_cfg.get("precision", "fp32")).to(device)
+    model = artefacts.build_autoencoder(ck, device)
+    z = engine.embed(model, batch, device, 1000, enc_cfg.get("precision", "fp32")).to(device)
     y = batch.labels.to(device)
-    runs.write_config(run_dir, cfg, ident, "classify")
-    summary.update(**runs.reference_fields(run_dir, cfg.output_dir, encoder_run=ckpt_path.parent.parent,
-                                           encoder_checkpoint=ckpt_path))
-    summary.update(model=enc_cfg["model"]["name"], latent=int(enc_cfg["latent"]), head=cfg.head.name,
-                   device=str(device), device_name=env["name"], overfit_batch=len(batch), classes=ds.classes)
-    runs.write_json_atomic(run_dir / runs.SUMMARY, summary)
+    run.start(**runs.reference_fields(run_dir, cfg.output_dir, encoder_run=ckpt_path.parent.parent,
+                                      encoder_checkpoint=ckpt_path),
+              model=enc_cfg["model"]["name"], latent=int(enc_cfg["latent"]), head=cfg.head.name,
+              device=str(device), device_name=env["name"], overfit_batch=len(batch), classes=ds.classes)
     tracker = tracking.start(cfg, run_dir, "classify", encoder_cfg=enc_cfg)
 
-    torch.manual_seed(int(cfg.seed))
+    torch.manual_seed(cfg.seed)
     head = build_head(cfg.head, z.shape[1], len(ds.classes))
     m, step = {}, 0
     if hasattr(head, "fit"):  # a fitted probe: one fit on the batch, no steps
         head.fit(z, y, z, y)
-        m, _ = classify._eval(head, z, y, 4096)
+        m, _ = engine.eval_head(head, z, y, 4096)
     else:
         head = head.to(device)
         if hasattr(head, "fit_standardizer"):
             head.fit_standardizer(z)
-        opt = runtime.adam(head.parameters(), device, float(cfg.classify.lr), float(cfg.classify.weight_decay))
-        every, steps = int(d.eval_every), int(d.steps)
+        opt = runtime.adam(head.parameters(), device, cfg.classify.lr, cfg.classify.weight_decay)
+        every, steps = d.eval_every, d.steps
         for step in range(1, steps + 1):
             head.train()
             loss = losses.cross_entropy(head(z), y)
@@ -251,20 +232,21 @@ def overfit_head(cfg, run_dir: Path, overrides: List[str], encoder: Optional[Pat
             loss.backward()
             opt.step()
             if step % every == 0 or step == steps:
-                m, _ = classify._eval(head, z, y, 4096)
+                m, _ = engine.eval_head(head, z, y, 4096)
                 runs.append_metrics(run_dir, {"step": step, "split": "overfit", **m})
-                tracker.log_epoch(step, lr=float(cfg.classify.lr), overfit=m)
+                tracker.log_epoch(step, lr=cfg.classify.lr, overfit=m)
                 log.info("overfit step %d/%d: accuracy %.4f on the batch, cross-entropy %.4f", step, steps,
                          m["accuracy"], m["loss"])
                 if m["accuracy"] >= 1.0:
                     break
     if isinstance(head, torch.nn.Module):
         ckpt = {"head": head.state_dict(), "epoch": step, "val": m, "config": runs.resolved(cfg)}
-        runs.save_atomic(ckpt, run_dir / "checkpoints" / "best.pt")
-        runs.save_atomic(ckpt, run_dir / "checkpoints" / "last.pt")
+        checkpoint.save(ckpt, run_dir / "checkpoints" / "best.pt")
+        checkpoint.save(ckpt, run_dir / "checkpoints" / "last.pt")
     passed = m.get("accuracy", 0.0) >= 1.0
-    summary.update(overfit_steps=step, overfit_accuracy=m.get("accuracy"), overfit_loss=m.get("loss"), best_epoch=step)
-    _finish(run_dir, summary, passed,
+    run.summary.update(overfit_steps=step, overfit_accuracy=m.get("accuracy"), overfit_loss=m.get("loss"),
+                       best_epoch=step)
+    _finish(run, passed,
             f"debug=overfit: head={cfg.head.name} reached accuracy {m.get('accuracy', 0.0):.4f} < 1.0 on one batch of "
             f"{len(batch)} embeddings after {step} steps. A head that cannot fit one batch has a bug, or needs another "
             "classify.lr or more debug.steps.", tracker)

@@ -5,7 +5,7 @@ RUN_DIR is an autoencode run dir (its ``checkpoints/best.pt``, or ``checkpoint=l
 (the encoder it was trained on) or a ``stage=all`` job dir (its ``autoencode/``). The images are the run's
 data split (``split=test`` by default) or any other data given with the usual overrides, applied to the run's
 saved config exactly as ``python -m embclf.evaluate`` applies them (``data=folder data.root=PATH``,
-``data.test_size=null``, ``device=cpu``...). Each image is embedded by the stage's own ``classify.embed``: the
+``data.test_size=null``, ``device=cpu``...). Each image is embedded by ``engine.embed``, as stage=classify does: the
 encoder in eval mode, a VAE's posterior mean mu.
 
 Writes ``RUN_DIR/export/embeddings_<split>.<format>`` (or ``out=PATH``):
@@ -36,10 +36,10 @@ import numpy as np
 import torch
 
 from . import data as data_mod
-from . import runs, runtime
+from . import engine, runs, runtime
+from .artefacts import encoder_checkpoint, load_autoencoder
 from .data import DataError
-from .evaluate import (CHECKPOINTS, SPLITS, check_writable, encoder_checkpoint, load_autoencoder, parse_args,
-                       run_config, run_stage)
+from .evaluate import CHECKPOINTS, SPLITS, check_writable, parse_args, run_config, run_stage
 from .runtime import EmbclfError
 
 log = logging.getLogger("embclf.embed")
@@ -104,7 +104,7 @@ def check_out(path: Path, fmt: str, explicit: bool) -> None:
     if suffix in FORMATS and suffix != fmt:
         raise EmbclfError(f"{what} ends in .{suffix} but format={fmt}: the file would hold {fmt} data. Use "
                           f"format={suffix}, or out={path.with_suffix('.' + fmt)}.")
-    check_writable(path, what)
+    check_writable(path, what, f"Write the export elsewhere with out=PATH, e.g. out=/tmp/{path.name}.")
 
 
 def _encoder_source(run_dir: Path, which: Optional[str]) -> Tuple[Path, Path]:
@@ -134,12 +134,10 @@ def export(argv: Sequence[str]) -> Tuple[Path, str, Tuple[int, int]]:
     check_out(path, fmt, "out" in own)  # before any work
     cfg = run_config(cfg_dir, overrides)
     device = runtime.setup(cfg)["device"]
-    model, ck = load_autoencoder(ckpt, device, int(cfg.data.image_size), "encoder checkpoint")
+    model, ck = load_autoencoder(ckpt, device, cfg.data.image_size, "encoder checkpoint")
     ds = data_mod.load(cfg.data)
     split = ds.split(split_name)
-    from .stages import classify
-
-    z = classify.embed(model, split, device, 1000, ck["config"].get("precision", "fp32")).numpy().astype(np.float32)
+    z = engine.embed(model, split, device, 1000, ck["config"].get("precision", "fp32")).numpy().astype(np.float32)
     labels = split.labels.numpy().astype(np.int64)
     paths = list(split.paths) if split.paths is not None else [""] * len(labels)
     classes = list(ds.classes)

@@ -8,6 +8,8 @@ Keys of its own:
 - ``split=test|train|val`` (default test).
 - ``name=NAME``: the evaluation's folder name (default ``<split>-<checkpoint>``, plus the overrides that
   change the data, e.g. ``test-best-data=folder,data.root=pets``).
+- ``out=DIR``: write the evaluation to ``DIR/<name>/`` instead of ``RUN_DIR/eval/<name>/`` (a read-only run dir:
+  an archive, a colleague's results).
 
 Every other ``key=value`` is applied to the run's saved ``config.yaml`` as Hydra applies overrides: parsed by
 Hydra's override parser; a group option (``data=folder``) is composed from ``conf/`` with Hydra's compose API
@@ -23,16 +25,17 @@ never overwritten: a default name gets ``-2``, ``-3``... and an explicit ``name=
 - ``per_sample.csv``: one row per image: index (in the split), path (image folders; empty for torchvision
   sources), label, class; autoencode: mse (per pixel), psnr (dB), kl (nats, VAE); classify: predicted,
   predicted_class, probability (of the prediction: softmax of a trained head's logits), correct (0/1).
-- ``summary.json``: the means under the stage's own names: autoencode ``loss``, ``mse``, ``sse``, ``psnr``,
-  ``kl`` and ``active_units`` (VAE), computed by the stage's ``evaluate``; classify ``accuracy``, ``loss``
-  (cross-entropy, nats), ``per_class_accuracy``, ``confusion_matrix`` (rows: true class), computed by the
-  stage's ``_eval``; plus what was evaluated (run dir, checkpoint and its epoch, split, data, overrides; for a
-  classify run ``encoder_checkpoint``, the encoder file read), the
-  run's own numbers for the same split and checkpoint when the data is the run's (``run_metrics``), and the
-  images of ``worst.png`` (``worst``). It is also printed.
-- ``worst.png``: autoencode: the 16 worst-reconstructed images (highest MSE) above their reconstructions;
-  classify: the 16 most confidently misclassified images, most confident first (``worst`` in
-  summary.json names them).
+- ``summary.json``: the means under the stage's own names: autoencode ``loss`` (the run's own objective:
+  SSE + β·KL plus, for a run trained with them, the joint head's ``ce``/``joint_head_accuracy`` and the
+  ``decorrelation`` penalty), ``mse``, ``sse``, ``psnr``, ``kl`` and ``active_units`` (VAE), computed by
+  ``engine.evaluate``; classify ``accuracy``, ``loss`` (cross-entropy, nats), ``per_class_accuracy``,
+  ``confusion_matrix`` (rows: true class), computed by ``engine.eval_head``; plus what was evaluated (run dir,
+  checkpoint and its epoch, split, data, overrides; for a classify run ``encoder_checkpoint``, the encoder file
+  read), the run's own numbers for the same split and checkpoint when the data is the run's (``run_metrics``),
+  and the images of ``worst.png`` (``worst``). It is also printed.
+- ``worst.png``: autoencode: the 16 worst-reconstructed images (highest MSE), each above its reconstruction,
+  with its class, PSNR and MSE under it; classify: the 16 most confidently misclassified images, most confident
+  first, with the true and predicted class and the probability (``worst`` in summary.json names them).
 
 On the same split, checkpoint and data as the run, the means equal the run's own ``test_*``/``val_*``
 (best) or ``final_test_*`` (last) numbers: the same functions compute them (tests/test_evaluate.py).
@@ -53,14 +56,12 @@ from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
 from omegaconf import DictConfig, OmegaConf
-from torchvision.utils import make_grid, save_image
 
 from . import data as data_mod
-from . import identity, runs, runtime
+from . import engine, identity, images, runs, runtime
+from .artefacts import encoder_checkpoint, load_autoencoder, load_head, load_objective
 from .config import Config, conf_dir, problems
 from .data import DataError
-from .heads import build_head
-from .models import build_model
 from .runtime import EmbclfError
 
 log = logging.getLogger("embclf.evaluate")
@@ -181,38 +182,10 @@ def run_config(run_dir: Path, overrides) -> DictConfig:
     return cfg
 
 
-def load_autoencoder(path: Path, device: torch.device, image_size: int, what: str):
-    """The autoencoder of a checkpoint written by ``stage=autoencode`` (or ``debug=overfit``), built from the
-    config stored in it, on ``device``, in eval mode and frozen. Returns (model, checkpoint dict).
-
-    Raises ``EmbclfError`` for an unreadable checkpoint or an ``image_size`` other than the model's."""
-    ck = runs.load_checkpoint(path, ("model", "config"), what)
-    c = ck["config"]
-    trained = runs.check_image_size(c, image_size, path)
-    model = build_model(OmegaConf.create(c["model"]), int(c["latent"]), trained)
-    model.load_state_dict(ck["model"])
-    model.to(device, memory_format=runtime.memory_format(device)).eval().requires_grad_(False)
-    return model, ck
-
-
-def encoder_checkpoint(run_dir: Path, summary: dict) -> Path:
-    """The encoder checkpoint a classify run was trained on (its summary's ``encoder_checkpoint``, read by
-    ``runs.encoder_checkpoint_of``: a relative record is found at the run dir's current location).
-
-    Raises ``EmbclfError`` when none is recorded or the file is gone."""
-    p = runs.encoder_checkpoint_of(run_dir, summary)
-    if p is None or not p.is_file():
-        rec = summary.get("encoder_checkpoint") or summary.get("encoder_run")
-        where = f"{p}, recorded as {rec}" if rec and not Path(rec).is_absolute() else str(p or "not recorded")
-        raise EmbclfError(f"{run_dir}: the encoder checkpoint this classify run used ({where}) is gone; it cannot be "
-                          "re-evaluated without it. A run's encoder travels with it when the whole sweep dir (or "
-                          "output dir) is copied or moved, not the classify run dir alone.")
-    return p
-
-
-def check_writable(path: Path, what: str) -> None:
+def check_writable(path: Path, what: str, fix: str = "Copy the run dir somewhere writable, or write elsewhere.") -> None:
     """Refuse, before any work, a file or folder ``path`` that could not be created: its nearest existing ancestor
-    is not a folder, or is not writable (a read-only file system, no permission). ``what`` names the argument.
+    is not a folder, or is not writable (a read-only file system, no permission). ``what`` names the argument,
+    ``fix`` says how to write elsewhere (the command's ``out=``).
 
     Raises ``EmbclfError``."""
     parent = Path(os.path.abspath(path)).parent
@@ -222,7 +195,7 @@ def check_writable(path: Path, what: str) -> None:
         raise EmbclfError(f"{what}: cannot create {path}: {parent} is a file, not a folder. Choose another place.")
     if not os.access(parent, os.W_OK | os.X_OK):
         raise EmbclfError(f"{what}: cannot create {path}: {parent} is not writable (read-only, or no permission); "
-                          "nothing was computed. Copy the run dir somewhere writable, or write elsewhere.")
+                          f"nothing was computed. {fix}")
 
 
 def check_name(name: str) -> None:
@@ -242,7 +215,7 @@ def _check_head_source(run_dir: Path, which: str, cfg) -> None:
     ck = run_dir / "checkpoints" / f"{which}.pt"
     if ck.is_file():
         return
-    if is_trainable(str(cfg.head.name)):
+    if is_trainable(cfg.head.name):
         have = sorted(p.stem for p in (run_dir / "checkpoints").glob("*.pt"))
         raise EmbclfError(f"checkpoint={which}: {ck} does not exist (the run holds "
                           f"{', '.join(f'checkpoint={h}' for h in have) or 'no checkpoint'}); choose one it has.")
@@ -253,33 +226,9 @@ def _check_head_source(run_dir: Path, which: str, cfg) -> None:
 
 # --- classify heads: the one place that turns a classify run dir into a predictor --------------------------
 
-def load_head(run_dir: Path, which: str, cfg, in_dim: int, n_classes: int, device: torch.device):
-    """The classify run's head, ready to score embeddings float32 [N, in_dim] -> [N, n_classes].
-
-    Built from the run's ``head`` config by ``heads.build_head``. A head with weights (``mlp``, and any
-    ``nn.Module`` head the run checkpointed) loads ``checkpoints/<which>.pt`` (its input standardization is
-    in the same state dict). A head fitted on the embeddings instead (it has ``fit``, no checkpoint) is
-    refitted on the run's own ``embeddings.pt`` train (and val) split, which is deterministic. Every head
-    type plugs in here. Returns (head, epoch of the checkpoint or None).
-
-    Raises ``EmbclfError`` when the checkpoint (or embeddings.pt) is missing or unreadable."""
-    head = build_head(cfg.head, in_dim, n_classes)
-    path = run_dir / "checkpoints" / f"{which}.pt"
-    if isinstance(head, torch.nn.Module) and (path.is_file() or not hasattr(head, "fit")):
-        ck = runs.load_checkpoint(path, ("head",), f"checkpoint={which}")
-        head.load_state_dict(ck["head"])
-        return head.to(device).eval(), ck.get("epoch")
-    emb = runs.load_checkpoint(run_dir / "embeddings.pt", ("train", "val"), "embeddings")
-    if isinstance(head, torch.nn.Module):
-        head = head.to(device)
-    head.fit(emb["train"]["z"].to(device), emb["train"]["labels"].to(device),
-             emb["val"]["z"].to(device), emb["val"]["labels"].to(device))
-    return head.eval(), None
-
-
 def class_probabilities(head, scores: torch.Tensor) -> torch.Tensor:
     """Class probabilities float [N, K] from a head's scores: softmax of a trained head's logits; a fitted
-    probe's scores (votes, probabilities) normalised to sum to 1, as ``classify._eval`` treats them."""
+    probe's scores (votes, probabilities) normalised to sum to 1, as ``engine.eval_head`` treats them."""
     if getattr(head, "trainable", True):
         return torch.softmax(scores.float(), dim=1)
     return scores.float() / scores.float().sum(1, keepdim=True).clamp_min(1e-12)
@@ -295,23 +244,31 @@ def _base_rows(split: data_mod.Split, classes: List[str]) -> List[dict]:
 
 
 def evaluate_autoencode(run_dir: Path, cfg, which: str, split_name: str, device: torch.device):
-    """Autoencoder metrics on one split: (means, per-image rows, worst.png grid float [3, H, W], worst list, ds).
+    """Autoencoder metrics on one split: (means, per-image rows, worst.png bytes, worst list, ds).
 
-    The means are ``stages.autoencode.evaluate`` on the checkpoint (the numbers the stage reports); the rows
-    come from its per-image form ``evaluate_per_image``."""
-    from .stages import autoencode
-
+    The means are ``engine.evaluate`` of the checkpoint under the run's own objective (``artefacts.load_objective``:
+    SSE + β·KL plus the joint head's CE and the decorrelation penalty the run trained with, the head's weights
+    from the checkpoint), so they are the numbers the stage reports; the rows come from its per-image form
+    ``evaluate_per_image``. On images whose class count is not the run's, the class terms cannot be computed:
+    the loss is then SSE + β·KL, and a warning says so."""
     ck_path = run_dir / "checkpoints" / f"{which}.pt"
-    model, ck = load_autoencoder(ck_path, device, int(cfg.data.image_size), f"checkpoint={which}")
+    model, ck = load_autoencoder(ck_path, device, cfg.data.image_size, f"checkpoint={which}")
     ds = data_mod.load(cfg.data)
+    objective = load_objective(ck, len(ds.classes), device)
+    if objective.needs_labels and objective.n_classes != len(ds.classes):
+        log.warning("the run's objective has class terms (model.ce_weight / model.decorrelation=class) for its %d "
+                    "classes; these images have %d: the loss is SSE + beta*KL only, without them",
+                    objective.n_classes, len(ds.classes))
+        objective = None
     split = ds.split(split_name)
     on_dev = split.to(device)
     fmt = runtime.memory_format(device)
     precision = runtime.precision(cfg)
     beta = float(ck["config"]["model"].get("beta", 0.1))
-    bs = int(cfg.autoencode.eval_batch_size)
-    means = autoencode.evaluate(lambda x: autoencode.batch_step(model, x, beta, precision), model, on_dev, bs, fmt)
-    per = autoencode.evaluate_per_image(model, on_dev, bs, precision, fmt)
+    bs = cfg.autoencode.eval_batch_size
+    means = engine.evaluate(lambda x, y=None: engine.batch_step(model, x, beta, precision, y, objective), model,
+                            on_dev, bs, fmt, objective)
+    per = engine.evaluate_per_image(model, on_dev, bs, precision, fmt)
     rows = _base_rows(split, ds.classes)
     for k, v in per.items():
         for r, x in zip(rows, v.tolist()):
@@ -320,23 +277,23 @@ def evaluate_autoencode(run_dir: Path, cfg, which: str, split_name: str, device:
     x = data_mod.to_float(split.images[worst].to(device))
     with torch.no_grad():
         x_hat = model(x, sample=False)["x_hat"].float()
-    grid = make_grid(torch.cat([x, x_hat]).cpu(), nrow=len(x), padding=1)
     worst_list = [{k: rows[int(i)][k] for k in ("index", "path", "class", "mse", "psnr")} for i in worst]
+    figure = worst_png(x, [f"{w['class']}\nPSNR {w['psnr']:.1f} dB\nMSE {w['mse']:.4f}" for w in worst_list],
+                       f"the {len(worst_list)} worst-reconstructed {split_name} images (highest MSE), each above "
+                       "its reconstruction", x_hat)
     means["checkpoint_epoch"] = int(ck.get("state", {}).get("epoch", 0)) or None
-    return means, rows, grid, worst_list, ds
+    return means, rows, figure, worst_list, ds
 
 
 def evaluate_classify(run_dir: Path, cfg, which: str, split_name: str, device: torch.device, run_summary: dict):
-    """Head metrics on one split: (means, per-image rows, worst.png grid, worst list, ds). The split is
-    embedded by the stage's ``embed`` with the run's encoder; accuracy and cross-entropy are the stage's
-    ``_eval``; per-class accuracy and the confusion matrix as the stage computes them."""
+    """Head metrics on one split: (means, per-image rows, worst.png bytes, worst list, ds). The split is
+    embedded by ``engine.embed`` with the run's encoder; accuracy and cross-entropy are ``engine.eval_head``;
+    per-class accuracy and the confusion matrix as the stage computes them."""
     from sklearn.metrics import confusion_matrix
-
-    from .stages import classify
 
     enc_path = encoder_checkpoint(run_dir, run_summary)
     log.info("encoder: %s", enc_path)
-    encoder, enc_ck = load_autoencoder(enc_path, device, int(cfg.data.image_size), "encoder checkpoint")
+    encoder, enc_ck = load_autoencoder(enc_path, device, cfg.data.image_size, "encoder checkpoint")
     ds = data_mod.load(cfg.data)
     classes = list(run_summary.get("classes") or ds.classes)
     if len(ds.classes) != len(classes):
@@ -346,10 +303,10 @@ def evaluate_classify(run_dir: Path, cfg, which: str, split_name: str, device: t
         log.warning("the data's class names %s differ from the run's %s: labels are matched by index",
                     ds.classes[:5], classes[:5])
     split = ds.split(split_name)
-    z = classify.embed(encoder, split, device, 1000, enc_ck["config"].get("precision", "fp32")).to(device)
+    z = engine.embed(encoder, split, device, 1000, enc_ck["config"].get("precision", "fp32")).to(device)
     y = split.labels.to(device)
     head, epoch = load_head(run_dir, which, cfg, z.shape[1], len(classes), device)
-    m, scores = classify._eval(head, z, y, 4096)
+    m, scores = engine.eval_head(head, z, y, 4096)
     proba = class_probabilities(head, scores)
     conf, pred = proba.max(1)
     true_np, pred_np = y.cpu().numpy(), pred.cpu().numpy()
@@ -360,14 +317,24 @@ def evaluate_classify(run_dir: Path, cfg, which: str, split_name: str, device: t
         r.update(predicted=p, predicted_class=classes[p], probability=c, correct=int(p == r["label"]))
     wrong = (pred != y).nonzero().flatten().cpu()
     worst = wrong[torch.sort(conf.cpu()[wrong], descending=True, stable=True).indices][:N_WORST]
-    grid = make_grid(data_mod.to_float(split.images[worst]) if len(worst) else torch.zeros(1, 3, 8, 8), nrow=8, padding=1)
     worst_list = [{k: rows[int(i)][k] for k in ("index", "path", "class", "predicted_class", "probability")}
                   for i in worst]
+    figure = worst_png(data_mod.to_float(split.images[worst]),
+                       [f"true {w['class']}\npredicted {w['predicted_class']}\np = {w['probability']:.2f}"
+                        for w in worst_list],
+                       f"the {len(worst_list)} most confidently misclassified {split_name} images, most confident first")
     means = {"accuracy": m["accuracy"], "loss": m["loss"], "per_class_accuracy": per_class,
              "confusion_matrix": cm.tolist(), "classes": classes, "head": cfg.head.name, "checkpoint_epoch": epoch,
              # the encoder file read (where the run is now: a copied sweep reads its own copy)
              "encoder_checkpoint": str(enc_path.resolve())}
-    return means, rows, grid, worst_list, ds
+    return means, rows, figure, worst_list, ds
+
+
+def worst_png(x: torch.Tensor, captions: List[str], title: str, below: Optional[torch.Tensor] = None) -> bytes:
+    """worst.png as bytes: ``images.worst_figure`` of x float [n, 3, S, S] (and ``below``), captions under each."""
+    buf = io.BytesIO()
+    images.worst_figure(x.cpu(), captions, buf, title, None if below is None else below.cpu())
+    return buf.getvalue()
 
 
 # the run's own numbers that an evaluation on its data must reproduce: (stage, split, checkpoint) -> summary prefix
@@ -381,7 +348,7 @@ def run_metrics(stage: str, split: str, which: str, run_summary: dict, means: di
     prefix = RUN_METRICS.get((stage, split, which))
     if prefix is None:
         return None
-    keys = ("mse", "psnr", "kl", "loss", "sse") if stage == "autoencode" else ("accuracy",)
+    keys = ("mse", "psnr", "kl", "loss", "sse", "ce", "joint_head_accuracy", "decorrelation") if stage == "autoencode" else ("accuracy",)
     out = {k: run_summary[prefix + k] for k in keys if prefix + k in run_summary and k in means}
     return out or None
 
@@ -428,12 +395,6 @@ def csv_bytes(rows: List[dict]) -> bytes:
     return buf.getvalue().encode()
 
 
-def png_bytes(grid: torch.Tensor) -> bytes:
-    buf = io.BytesIO()
-    save_image(grid, buf, format="png")
-    return buf.getvalue()
-
-
 def _json_bytes(obj) -> bytes:
     """``obj`` as ``runs.write_json_atomic`` writes it (indented, strict JSON, non-finite floats as null)."""
     return (json.dumps(runs.json_safe(obj), indent=2, default=str, allow_nan=False) + "\n").encode()
@@ -443,17 +404,21 @@ def evaluate_run(argv: Sequence[str]) -> Tuple[Path, dict]:
     """Run one evaluation (see the module docstring). Returns (the eval folder, its summary).
 
     Raises ``EmbclfError`` / ``DataError`` for bad input, before anything is written."""
-    run_dir, own, overrides = parse_args(argv, {"checkpoint": CHECKPOINTS, "split": SPLITS, "name": None},
-                                         "embclf.evaluate")
+    run_dir, own, overrides = parse_args(argv, {"checkpoint": CHECKPOINTS, "split": SPLITS, "name": None,
+                                                "out": None}, "embclf.evaluate")
     stage, run_summary = run_stage(run_dir)
     which, split = own.get("checkpoint", "best"), own.get("split", "test")
+    # out=DIR: evaluations go to DIR/<name>/ instead of RUN_DIR/eval/<name>/ (a read-only or someone else's run)
+    parent = Path(os.path.expanduser(own["out"])).absolute() if own.get("out") else run_dir / "eval"
     # every argument is checked before any work (the checks are made again when writing)
     if "name" in own:
         check_name(own["name"])
-        if (run_dir / "eval" / own["name"]).exists():
-            raise EmbclfError(f"name={own['name']}: {run_dir / 'eval' / own['name']} exists; an earlier evaluation "
+        if (parent / own["name"]).exists():
+            raise EmbclfError(f"name={own['name']}: {parent / own['name']} exists; an earlier evaluation "
                               "is never overwritten. Choose another name= (or leave name out for a new one).")
-    check_writable(run_dir / "eval" / own.get("name", f"{split}-{which}"), "the evaluation folder")
+    check_writable(parent / own.get("name", f"{split}-{which}"), f"out={own['out']}" if own.get("out") else
+                   "the evaluation folder", "Write the evaluation elsewhere with out=DIR (it goes to DIR/<name>/), "
+                   "e.g. out=/tmp/evals.")
     cfg = run_config(run_dir, overrides)
     if stage == "autoencode":
         ck = run_dir / "checkpoints" / f"{which}.pt"
@@ -467,9 +432,9 @@ def evaluate_run(argv: Sequence[str]) -> Tuple[Path, dict]:
     env = runtime.setup(cfg)
     device = env["device"]
     if stage == "autoencode":
-        means, rows, grid, worst, ds = evaluate_autoencode(run_dir, cfg, which, split, device)
+        means, rows, figure, worst, ds = evaluate_autoencode(run_dir, cfg, which, split, device)
     else:
-        means, rows, grid, worst, ds = evaluate_classify(run_dir, cfg, which, split, device, run_summary)
+        means, rows, figure, worst, ds = evaluate_classify(run_dir, cfg, which, split, device, run_summary)
     lines = [o.input_line for o in overrides]
     # the run identity's rule (embclf/identity.py): paths normalised, how-to-run keys (cache, download) not part
     same_data = identity.data_identity(cfg) == identity.data_identity(runs.read_config(run_dir) or {})
@@ -489,9 +454,9 @@ def evaluate_run(argv: Sequence[str]) -> Tuple[Path, dict]:
     summary["worst"] = worst
     shown = identity.readable([o.input_line for o in overrides])  # the overrides that change what was computed
     name = own.get("name") or f"{split}-{which}" + (f"-{shown}" if shown else "")
-    out = write_new_dir(run_dir / "eval", name, "name" in own,
+    out = write_new_dir(parent, name, "name" in own,
                         {"per_sample.csv": csv_bytes(rows), "summary.json": _json_bytes(summary),
-                         "worst.png": png_bytes(grid)})
+                         "worst.png": figure})
     return out, summary
 
 

@@ -24,9 +24,10 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from .config import HEAD_NAMES, check_group, check_value
 from .runtime import EmbclfError
 
-HEADS = ("mlp", "linear", "knn", "logreg")
+HEADS = HEAD_NAMES  # the head group's options: one list, the gate's (embclf/config.py)
 TRAINABLE = ("mlp", "linear")
 
 
@@ -72,20 +73,15 @@ class KNNProbe(nn.Module):
 
     Args:
         n_classes: number of classes. k: neighbours (capped at the training set size; >= 1).
-        temperature: T > 0. batch_size: queries per similarity matrix.
-    Raises:
-        EmbclfError naming ``head.k`` / ``head.temperature`` for k < 1 or T <= 0.
+        temperature: T > 0. batch_size: queries per similarity matrix. (``build_head`` checks both against
+        the gate, ``config.VALUE_RULES``.)
     """
 
     trainable = False
 
     def __init__(self, n_classes: int, k: int = 20, temperature: float = 0.07, batch_size: int = 1024):
         super().__init__()
-        if int(k) < 1:
-            raise EmbclfError(f"head.k={k} must be at least 1 (the number of neighbours voting, e.g. head.k=20).")
-        if not float(temperature) > 0:
-            raise EmbclfError(f"head.temperature={temperature} must be positive (e.g. head.temperature=0.07).")
-        self.n_classes, self.k, self.temperature, self.batch_size = n_classes, int(k), float(temperature), batch_size
+        self.n_classes, self.k, self.temperature, self.batch_size = n_classes, k, temperature, batch_size
         self.register_buffer("bank", torch.zeros(0))
         self.register_buffer("labels", torch.zeros(0, dtype=torch.long))
 
@@ -113,20 +109,15 @@ class LogRegProbe:
 
     ``fit`` standardizes with the training embeddings' mean/std (``StandardScaler``), fits one model per
     C in ``Cs`` on train, and keeps the one with the best val accuracy (ties: the smaller C, i.e. the
-    stronger regularization). Selection never sees test.
-
-    Raises:
-        EmbclfError naming ``head.C`` for an empty grid or a C <= 0.
+    stronger regularization). Selection never sees test. ``Cs``: a non-empty grid of C > 0 (``build_head``
+    checks it against the gate, ``config.VALUE_RULES``).
     """
 
     trainable = False
 
     def __init__(self, n_classes: int, Cs: Sequence[float] = (0.01, 0.1, 1.0, 10.0), max_iter: int = 1000,
                  seed: int = 0):
-        Cs = sorted(float(c) for c in Cs)
-        if not Cs or min(Cs) <= 0:
-            raise EmbclfError(f"head.C={list(Cs)} must be a non-empty list of positive numbers (e.g. head.C=[0.1,1,10]).")
-        self.n_classes, self.Cs, self.max_iter, self.seed = n_classes, Cs, int(max_iter), int(seed)
+        self.n_classes, self.Cs, self.max_iter, self.seed = n_classes, sorted(Cs), max_iter, seed
         self.model = None
 
     def fit(self, z: torch.Tensor, y: torch.Tensor, z_val: torch.Tensor, y_val: torch.Tensor) -> Dict[str, object]:
@@ -163,18 +154,19 @@ def build_head(head_cfg, in_dim: int, n_classes: int, seed: int = 0):
     """Build the head named by ``head.name`` (see module docstring) from the ``head`` config.
 
     Returns an ``nn.Module`` (``mlp``, ``linear``: to train; ``knn``) or a ``LogRegProbe``.
-    Raises ``EmbclfError`` naming the key for an unknown name or a bad setting.
+    Raises ``EmbclfError`` with the gate's message (``config.VALUE_RULES``, ``head.*``) for an unknown name or
+    a bad setting: the entrypoint checked the whole config already; this is for direct callers.
     """
+    check_group(head_cfg, "head", EmbclfError)
     name = head_cfg.name
     if name == "mlp":
-        return MLPHead(in_dim, n_classes, list(head_cfg.hidden), check_dropout(head_cfg))
+        return MLPHead(in_dim, n_classes, list(head_cfg.hidden), head_cfg.dropout)
     if name == "linear":
-        return MLPHead(in_dim, n_classes, (), check_dropout(head_cfg))
+        return MLPHead(in_dim, n_classes, (), head_cfg.dropout)
     if name == "knn":
-        return KNNProbe(n_classes, int(head_cfg.k), float(head_cfg.temperature))
-    if name == "logreg":
-        return LogRegProbe(n_classes, list(head_cfg.C), int(head_cfg.max_iter), seed)
-    raise EmbclfError(f"head={name!r} is unknown; available: {', '.join(HEADS)} (conf/head/*.yaml).")
+        return KNNProbe(n_classes, head_cfg.k, head_cfg.temperature)
+    assert name == "logreg", name  # the gate allows no other name
+    return LogRegProbe(n_classes, list(head_cfg.C), head_cfg.max_iter, seed)
 
 
 def is_trainable(name: str) -> bool:
@@ -183,15 +175,12 @@ def is_trainable(name: str) -> bool:
 
 
 def check_names(names: List[str], key: str) -> None:
-    """Raise ``EmbclfError`` naming ``key`` if any of ``names`` is not a head."""
-    bad = [n for n in names if n not in HEADS]
-    if bad:
-        raise EmbclfError(f"{key}: {', '.join(map(repr, bad))} unknown; available: {', '.join(HEADS)} "
-                          "(conf/head/<name>.yaml; choose the main one with head=<name>).")
+    """Raise ``EmbclfError`` with the gate's message (``config.VALUE_RULES[key]``) if any of ``names`` is not a
+    head; ``key`` is ``head.name`` (one name) or ``classify.probes`` (a list)."""
+    check_value(key, list(names) if key == "classify.probes" else names[0], EmbclfError)
 
 
 def check_dropout(head_cfg) -> float:
-    p = float(head_cfg.dropout)
-    if not 0.0 <= p < 1.0:
-        raise EmbclfError(f"head.dropout={p} must be in [0, 1) (the probability of zeroing an input).")
-    return p
+    """``head.dropout`` after the gate's check (``config.VALUE_RULES``); raises ``EmbclfError`` outside [0, 1)."""
+    check_value("head.dropout", head_cfg.dropout, EmbclfError)
+    return head_cfg.dropout

@@ -49,6 +49,10 @@ log = logging.getLogger(__name__)
 SUMMARY = "summary.json"
 CONFIG = "config.yaml"
 METRICS = "metrics.jsonl"
+# The format of a run dir's own records (summary.json and identity.json carry it as "format"; fields in
+# docs/run-dirs.md). A change that this version would misread bumps it; a record without the field is format 1,
+# the first. A reader refuses a run dir of a newer format (``check_format``) instead of guessing at it.
+FORMAT = 1
 
 
 class WriteError(EmbclfError):
@@ -163,10 +167,10 @@ def save_atomic(obj: Any, path: Path) -> None:
 
 
 def remove_stale_temporaries(run_dir: Path) -> List[Path]:
-    """Delete the temporary files (``.NAME.tmp<pid>-<ns>``) that a write killed with SIGKILL left in ``run_dir``
-    and its ``checkpoints/``: those of processes no longer alive on this host. Returns the paths removed."""
+    """Delete the temporary files (``.NAME.tmp<pid>-<ns>``) that a write killed with SIGKILL left in ``run_dir``,
+    its ``checkpoints/`` and ``images/``: those of processes no longer alive on this host. Returns the paths removed."""
     removed = []
-    for d in (Path(run_dir), Path(run_dir) / "checkpoints"):
+    for d in (Path(run_dir), Path(run_dir) / "checkpoints", Path(run_dir) / "images"):
         for t in d.glob(".*.tmp*") if d.is_dir() else ():
             try:
                 pid = int(t.name.rsplit(".tmp", 1)[1].split("-", 1)[0])
@@ -239,7 +243,7 @@ def check_image_size(encoder_config: dict, image_size: int, path: Path) -> int:
     ``embclf.evaluate`` and ``embclf.embed`` before any data is loaded. Returns the trained image size.
 
     Raises ``EmbclfError`` naming the key, the checkpoint and the size to use."""
-    trained = int(encoder_config["data"]["image_size"])
+    trained = encoder_config["data"]["image_size"]
     if int(image_size) != trained:
         raise EmbclfError(f"data.image_size={image_size}: the model in {path} was trained on {trained}-pixel images; "
                           f"leave data.image_size at {trained} (images are resized to it).")
@@ -261,6 +265,25 @@ def read_json(path: Path) -> Optional[dict]:
         return json.loads(Path(path).read_text())
     except (OSError, ValueError):
         return None
+
+
+def check_format(record: Any, path: Path) -> None:
+    """Raise ``EmbclfError`` when ``record`` (a parsed summary.json or identity.json, at ``path``) was written in
+    a format newer than this version's ``FORMAT``: its fields may mean something this version does not know, so
+    resuming, skipping or extending that run dir on a guess could corrupt it. Nothing is changed."""
+    fmt = record.get("format", 1) if isinstance(record, dict) else 1
+    if not isinstance(fmt, int) or fmt > FORMAT:
+        raise EmbclfError(
+            f"{path} was written by a newer embclf (run dir format {fmt!r}; this version, {_version()}, reads format "
+            f"{FORMAT} and older), so this version cannot tell what the run dir holds and leaves it alone. Run this "
+            "command with the embclf version that wrote it (upgrade: pip install -U embclf, or pull the repository), "
+            "or write into a new run dir (leave hydra.run.dir / hydra.sweep.dir at their defaults).")
+
+
+def _version() -> str:
+    from . import __version__
+
+    return __version__
 
 
 def read_summary(run_dir: Path) -> Optional[dict]:
@@ -334,7 +357,7 @@ def write_config(run_dir: Path, cfg: DictConfig, ident: dict, stage: str) -> Non
     input has failed and the run dir is accepted, so Hydra's pending record of this job becomes the run dir's
     ``.hydra/`` here (``promote_hydra_record``)."""
     write_json_atomic(Path(run_dir) / identity.IDENTITY_FILE,
-                      {"stage": stage, "digest": identity.digest(ident), "identity": ident})
+                      {"format": FORMAT, "stage": stage, "digest": identity.digest(ident), "identity": ident})
     text = OmegaConf.to_yaml(OmegaConf.create(resolved(cfg)))
     _atomic(Path(run_dir) / CONFIG, lambda t: t.write_text(text))
     for d in (Path(run_dir), Path(run_dir).parent):  # the job dir, or stage=all's job dir above a stage run dir
@@ -378,6 +401,8 @@ def stored_identity(run_dir: Path, stage: str) -> Optional[dict]:
     stored in ``checkpoints/last.pt``: whatever files the run left, one identity is found."""
     run_dir = Path(run_dir)
     rec = read_json(run_dir / identity.IDENTITY_FILE)
+    check_format(rec, run_dir / identity.IDENTITY_FILE)
+    check_format(read_summary(run_dir), run_dir / SUMMARY)
     if isinstance(rec, dict) and isinstance(rec.get("identity"), dict):
         return rec["identity"]
     c = read_config(run_dir)
@@ -399,7 +424,8 @@ def open_run_dir(run_dir: Path, ident: dict, stage: str) -> str:
     unfinished: continue from ``checkpoints/last.pt`` if there is one).
 
     Raises ``EmbclfError`` naming the keys that differ when it holds another experiment, completed or not,
-    whatever files it holds; nothing in the run dir is changed then."""
+    whatever files it holds, or when its records are of a newer format (``check_format``); nothing in the run
+    dir is changed then."""
     old = stored_identity(run_dir, stage)
     if old is None:
         return "start"
@@ -454,24 +480,43 @@ def slurm_job_id() -> Optional[str]:
 
 
 def base_summary(cfg: DictConfig, stage: str, overrides: List[str]) -> Dict[str, Any]:
-    """Fields every ``summary.json`` carries, filled at the start of a run (status "running")."""
+    """Fields every ``summary.json`` carries, filled at the start of a run (status "running"): ``format`` (of
+    the run dir's records, ``FORMAT``) and, under Hydra, ``choices``: the option of each config group the job
+    was composed with (``experiment``, ``model``, ``head``, ...; Hydra's ``runtime.choices`` without its own
+    groups), so a reader needs no ``.hydra/`` record to tell which preset a run used."""
+    choices = _choices()
     return {
+        "format": FORMAT,
         "status": "running",
         "stage": stage,
         "model": cfg.model.name,
-        "latent": int(cfg.latent),
-        "seed": int(cfg.seed),
+        "latent": cfg.latent,
+        "seed": cfg.seed,
         "data": getattr(cfg.data.source, "value", cfg.data.source),
-        "epochs": int(cfg[stage].epochs),
+        "epochs": cfg[stage].epochs,
         "overrides": list(overrides),
         "hostname": socket.gethostname(),
         "pid": os.getpid(),
         "slurm_job_id": slurm_job_id(),
         "cuda_visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES"),
         "start_time": time.time(),
+        **({"choices": choices} if choices is not None else {}),
         # a debug run says so in its summary, so no reader takes it for a result (embclf/debug.py)
         **({"debug": debug_mode(cfg)} if debug_mode(cfg) != "none" else {}),
     }
+
+
+def _choices() -> Optional[Dict[str, Optional[str]]]:
+    """The config group options of the running Hydra job (``{"experiment": "quick", "model": "vae", ...}``, a
+    group left out as None), or None outside a Hydra job."""
+    try:
+        from hydra.core.hydra_config import HydraConfig
+
+        choices = OmegaConf.to_container(HydraConfig.get().runtime.choices)
+    except Exception:  # noqa: BLE001 -- no Hydra job (a direct call, a test): nothing to record
+        return None
+    return {str(k): (None if v in (None, "null") else str(v)) for k, v in sorted(choices.items())
+            if not str(k).startswith("hydra/") and str(k) != "hydra"}
 
 
 def mark_failed(run_dir: Path, error: str, status: str = "failed", reason: Optional[str] = None,
@@ -625,7 +670,7 @@ class CheckpointOnSignal:
     the signal: saving inside it could catch the optimizer between two parameter updates (on the CPU,
     Adam updates parameters in a Python loop). The training loop calls ``poll()`` after every optimizer
     step and epoch, where the state is consistent; ``poll`` saves, then calls the old handler (for the
-    default action it raises ``SystemExit(128 + signum)`` so the stage records "interrupted").
+    default action it raises ``Stopped``, a ``SystemExit(128 + signum)``, so the stage records "interrupted").
     On exit the old handlers are restored.
     """
 
@@ -654,7 +699,7 @@ class CheckpointOnSignal:
         if callable(old):
             old(signum, frame)
         elif old in (signal.SIG_DFL, None):
-            raise SystemExit(128 + signum)
+            raise Stopped(signum)
 
     def __enter__(self):
         for s in self.SIGNALS:
@@ -672,6 +717,16 @@ class CheckpointOnSignal:
         return False
 
 
+class Stopped(SystemExit):
+    """SIGTERM or SIGUSR2 ended the job (``stop_on_signals``): a ``SystemExit`` with the shell's exit status for
+    the signal (``128 + signum``: 143 for SIGTERM), and ``signum``, so a single run can say what was saved and
+    how to resume, as after Ctrl-C."""
+
+    def __init__(self, signum: int):
+        super().__init__(128 + signum)
+        self.signum = signum
+
+
 @contextlib.contextmanager
 def stop_on_signals() -> Iterator[None]:
     """For a whole job: SIGTERM, SIGUSR2 and SIGINT end it with an exception wherever it is, so the stage's
@@ -679,8 +734,8 @@ def stop_on_signals() -> Iterator[None]:
 
     Only a signal whose action is the default is taken over: SIGTERM's and SIGUSR2's default kills the process
     without running any Python code (no ``except``, no ``finally``), so outside ``CheckpointOnSignal``'s epoch
-    loops a single run died "running". Here they raise ``SystemExit(128 + signum)`` (the exit status a shell
-    reports for that signal); SIGINT raises ``KeyboardInterrupt`` as Python's own handler does. Handlers someone
+    loops a single run died "running". Here they raise ``Stopped`` (a ``SystemExit(128 + signum)``: the exit
+    status a shell reports for that signal); SIGINT raises ``KeyboardInterrupt`` as Python's own handler does. Handlers someone
     else installed stay: submitit's (SIGUSR2 requeues, SIGTERM is logged and ignored) and a launcher's.
     ``CheckpointOnSignal`` saves and then hands on to these handlers, so its loops end the same way. A second
     signal while the first one's exception unwinds (the failure being recorded) is logged and ignored; kill -9
@@ -696,7 +751,7 @@ def stop_on_signals() -> Iterator[None]:
         log.warning("received %s: stopping; the run is recorded as interrupted", name)
         if signum == signal.SIGINT:
             raise KeyboardInterrupt
-        raise SystemExit(128 + signum)
+        raise Stopped(signum)
 
     old: Dict[int, Any] = {}
     for s, default in ((signal.SIGTERM, signal.SIG_DFL), (signal.SIGUSR2, signal.SIG_DFL),

@@ -16,6 +16,8 @@ from typing import Callable
 import numpy as np
 import torch
 
+from .config import check_value
+
 log = logging.getLogger(__name__)
 
 
@@ -26,20 +28,27 @@ class EmbclfError(RuntimeError):
     """
 
 
+class DataError(RuntimeError):
+    """A data source is missing, unreadable or misconfigured; the message says how to fix it (``embclf.data``,
+    ``embclf.image_folder``). The entrypoint prints it like ``EmbclfError``."""
+
+
 def setup(cfg) -> dict:
     """Apply ``threads`` and ``seed``, choose the device. Returns {"device": torch.device, "fallback": bool, "name": str}.
 
     ``device=auto`` picks CUDA when usable, else CPU. When a launcher or SLURM set ``CUDA_VISIBLE_DEVICES``
     but no CUDA device is usable (a CPU-only node, fake GPUs in tests), the job says so once and runs on
-    the CPU (``fallback`` True). Raises ``EmbclfError`` for ``device=cuda`` without CUDA or an unknown value.
+    the CPU (``fallback`` True). Raises ``EmbclfError`` for ``device=cuda`` without CUDA, a GPU index this
+    machine lacks, or a value the gate refuses (``config.VALUE_RULES["device"]``, for direct callers).
     """
+    check_value("device", cfg.device, EmbclfError)
     if cfg.threads:
-        torch.set_num_threads(int(cfg.threads))
-    seed = int(cfg.seed)
+        torch.set_num_threads(cfg.threads)
+    seed = cfg.seed
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)
-    want = str(cfg.device)
+    want = cfg.device
     cuda = torch.cuda.is_available()
     fallback = False
     if want == "auto":
@@ -48,7 +57,7 @@ def setup(cfg) -> dict:
         if not cuda and visible not in (None, "", "-1"):
             fallback = True
             log.warning("CUDA_VISIBLE_DEVICES=%s was given but no CUDA device is usable: falling back to CPU", visible)
-    elif want == "cpu" or want.startswith("cuda"):
+    else:  # cpu, cuda or cuda:N (the gate allows nothing else)
         if want.startswith("cuda") and not cuda:
             raise EmbclfError(f"device={want} but torch sees no CUDA device (torch {torch.__version__}). "
                               "Use device=auto or device=cpu.")
@@ -57,32 +66,113 @@ def setup(cfg) -> dict:
             n = torch.cuda.device_count()  # before anything is written: .to(cuda:N) would fail in the stage
             raise EmbclfError(f"device={want}: this machine has {n} CUDA device(s), cuda:0 to cuda:{n - 1}; use one "
                               "of them, or device=auto.")
-    else:
-        raise EmbclfError(f"device={want!r} is not a device; use auto, cpu, cuda or cuda:N.")
     name = torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu"
-    backends = configure_backends(dev, bool(cfg.get("tf32", True)))
-    if precision(cfg) == "bf16" and dev.type == "cpu" and not cpu_has_fast_bf16():
+    backends = configure_backends(dev, cfg.tf32)
+    prec = precision(cfg)
+    if prec == "bf16" and dev.type == "cpu" and not cpu_has_fast_bf16():
         log.warning("precision=bf16 on a CPU without native bf16 (%s; no AVX512-BF16/AMX): the convolutions run "
-                    "in emulated bf16, ~15-30x slower than fp32 (benchmarks/run.py, row 5). Use precision=fp32 "
-                    "on this machine.", torch.backends.cpu.get_cpu_capability())
-    log.info("device %s (%s), %d threads, seed %d, precision %s%s", dev, name, torch.get_num_threads(), seed,
-             precision(cfg), ", TF32" if backends["tf32"] else "")
+                    "in emulated bf16, ~15-30x slower than fp32 (docs/performance.md). Use precision=fp32 or "
+                    "precision=auto on this machine.", torch.backends.cpu.get_cpu_capability())
+    chosen = f"precision {prec}"
+    if _LAST_CHOICE.get("requested") == "auto":
+        chosen = f"precision auto -> {prec} ({_LAST_CHOICE['why']})"
+    log.info("device %s (%s), %d threads, seed %d, %s%s", dev, name, torch.get_num_threads(), seed, chosen,
+             ", TF32" if backends["tf32"] else "")
     return {"device": dev, "fallback": fallback, "name": name, **backends}
 
 
 def cpu_has_fast_bf16() -> bool:
-    """True when oneDNN has native bf16 kernels on this CPU (AVX512-BF16 or AMX); without them bf16
-    convolutions are emulated and far slower than fp32."""
+    """True when this CPU runs bf16 natively: AVX512-BF16 (``avx512_bf16``, Cooper Lake and later) or AMX
+    (``amx_bf16``, Sapphire Rapids and later) among the flags of ``/proc/cpuinfo``. There oneDNN's bf16
+    convolutions are faster than fp32 (1.77x for the conv AE, docs/performance.md); without them (AVX2, or
+    AVX-512 without bf16) they are emulated and 15-30x slower. ``torch.ops.mkldnn._is_mkldnn_bf16_supported()``
+    is no test: it is True on any AVX-512 CPU, emulated or not. Where /proc/cpuinfo cannot be read (macOS,
+    Windows) the answer is False: fp32, the safe choice."""
+    return bool(cpu_bf16_flags())
+
+
+def cpu_bf16_flags(cpuinfo: str = "/proc/cpuinfo") -> list:
+    """The native-bf16 flags of this CPU (``avx512_bf16``, ``amx_bf16``) as ``cpuinfo`` lists them; [] when
+    it has none or the file cannot be read."""
     try:
-        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
-    except (AttributeError, RuntimeError):
-        return False
+        with open(cpuinfo) as f:
+            line = next((ln for ln in f if ln.startswith("flags")), "")
+    except OSError:
+        return []
+    return sorted(set(line.split(":", 1)[-1].split()) & {"avx512_bf16", "amx_bf16"})
+
+
+def _device_type(device) -> str:
+    """``cuda`` or ``cpu``: what a ``device`` key value (auto, cpu, cuda, cuda:N) or a torch.device runs on."""
+    if isinstance(device, torch.device):
+        return device.type
+    d = str(device or "auto")
+    if d == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return "cuda" if d.startswith("cuda") else "cpu"
+
+
+def resolve_precision(requested, device) -> tuple:
+    """``(precision, why)``: the precision a run of ``precision=requested`` uses on ``device`` (a ``device`` key
+    value or a torch.device). ``fp32`` and ``bf16`` are themselves; ``auto`` is ``bf16`` where the device runs
+    bf16 natively -- CUDA with ``torch.cuda.is_bf16_supported()`` (Ampere and later), a CPU with AVX512-BF16 or
+    AMX (``cpu_has_fast_bf16``) -- else ``fp32``. ``why`` says which (for the log and summary.json)."""
+    req = str(getattr(requested, "value", requested) or "fp32")
+    if req != "auto":
+        return req, "as requested"
+    if _device_type(device) == "cuda":
+        ok = torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+        return ("bf16", "CUDA device with native bf16") if ok else ("fp32", "CUDA device without native bf16")
+    flags = cpu_bf16_flags()
+    if flags:
+        return "bf16", f"CPU with native bf16: {', '.join(flags)}"
+    return "fp32", f"CPU without native bf16 ({torch.backends.cpu.get_cpu_capability()}; no avx512_bf16/amx_bf16)"
+
+
+# the last ``resolve_precision_in`` of this process (one job at a time per process): what the log and the
+# summary's provenance say was requested and why it was resolved so
+_LAST_CHOICE: dict = {}
+
+
+def resolve_precision_in(cfg) -> dict:
+    """Replace ``precision=auto`` in the composed ``cfg`` (in place) by what it resolves to on this machine
+    (``resolve_precision`` with ``cfg.device``), before the run dir's config and identity are written: a run
+    dir always records the precision it ran at, so ``auto`` on an AVX2 machine is the same experiment as
+    ``precision=fp32`` (docs/run-dirs.md). Returns ``{"requested", "resolved", "why"}`` (also kept for
+    ``precision_choice``)."""
+    from omegaconf import open_dict
+
+    requested = precision_name(cfg)
+    resolved, why = resolve_precision(requested, cfg.get("device", "auto"))
+    if requested == "auto":
+        with open_dict(cfg):
+            cfg.precision = resolved
+    _LAST_CHOICE.clear()
+    _LAST_CHOICE.update(requested=requested, resolved=resolved, why=why)
+    return dict(_LAST_CHOICE)
+
+
+def precision_choice(cfg) -> dict:
+    """``{"requested", "resolved", "why"}`` for ``cfg``'s precision: the job's own resolution when its config
+    was resolved in this process (``resolve_precision_in``), else resolved now."""
+    resolved = precision(cfg)
+    if _LAST_CHOICE.get("resolved") == resolved:
+        return dict(_LAST_CHOICE)
+    req = precision_name(cfg)
+    return {"requested": req, "resolved": resolved, "why": resolve_precision(req, cfg.get("device", "auto"))[1]}
+
+
+def precision_name(cfg) -> str:
+    """``cfg.precision`` as written (``fp32``, ``bf16`` or ``auto``); configs written before the key existed
+    are fp32."""
+    p = cfg.get("precision", "fp32") if hasattr(cfg, "get") else "fp32"
+    return str(getattr(p, "value", p) or "fp32")
 
 
 def precision(cfg) -> str:
-    """``cfg.precision`` as a string (``fp32`` or ``bf16``); configs written before the key existed are fp32."""
-    p = cfg.get("precision", "fp32") if hasattr(cfg, "get") else "fp32"
-    return str(getattr(p, "value", p) or "fp32")
+    """The precision ``cfg`` runs at: ``fp32`` or ``bf16`` (``auto`` resolved by ``resolve_precision`` for
+    ``cfg.device``; a run dir's stored config holds the resolved value already)."""
+    return resolve_precision(precision_name(cfg), cfg.get("device", "auto") if hasattr(cfg, "get") else "cpu")[0]
 
 
 def configure_backends(device: torch.device, tf32: bool = True) -> dict:
@@ -105,9 +195,10 @@ def configure_backends(device: torch.device, tf32: bool = True) -> dict:
 
 def autocast(device: torch.device, precision_name: str):
     """Context manager for forward passes: bf16 autocast on ``device.type`` (CUDA or CPU) when
-    ``precision_name == "bf16"``, else a no-op. Parameters, gradients and optimizer state stay fp32
+    ``precision_name`` is ``bf16`` (or ``auto`` on a device with native bf16: ``resolve_precision``), else a
+    no-op. Parameters, gradients and optimizer state stay fp32
     (mixed precision in the sense of Micikevicius et al. 2018; bf16 needs no loss scaling)."""
-    if precision_name == "bf16":
+    if resolve_precision(precision_name, device)[0] == "bf16":
         return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
     return contextlib.nullcontext()
 

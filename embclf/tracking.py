@@ -249,7 +249,7 @@ def start(cfg, run_dir: Path, stage: str, encoder_cfg: Optional[dict] = None) ->
     config = runs.resolved(cfg)
     if encoder_cfg is not None:
         config.update(model=encoder_cfg["model"], latent=encoder_cfg["latent"])
-    model, latent, data = config["model"]["name"], int(config["latent"]), config["data"]["source"]
+    model, latent, data = config["model"]["name"], config["latent"], config["data"]["source"]
     # a classify run is also named and tagged by its head (several probes may run on one encoder)
     head_name = config.get("head", {}).get("name") if stage == "classify" else None
     head_part, head_tag = (f"-{head_name}", [f"head={head_name}"]) if head_name else ("", [])
@@ -259,7 +259,7 @@ def start(cfg, run_dir: Path, stage: str, encoder_cfg: Optional[dict] = None) ->
         run = wandb.init(
             id=run_id, resume="allow",
             mode=mode, dir=str(run_dir), project=lc.wandb.project, entity=lc.wandb.entity,
-            group=_group(run_dir), job_type=stage, name=f"{model}-z{latent}-s{int(cfg.seed)}{head_part}",
+            group=_group(run_dir), job_type=stage, name=f"{model}-z{latent}-s{cfg.seed}{head_part}",
             tags=[f"model={model}", f"latent={latent}", f"data={data}", *head_tag, *lc.wandb.tags],
             config=config, reinit="finish_previous",
             # silent: the one line below says what matters; wandb's banner would repeat per job in a sweep
@@ -470,9 +470,11 @@ def provenance(cfg, fingerprint: Optional[str] = None, device_name: Optional[str
     """What produced a run: code (git commit, dirty flag; None outside a git checkout, e.g. a wheel),
     package versions, data (source, root and ``root_resolved``, sizes, ``fingerprint`` = sha1 of the decoded
     pixels and labels, ``files_fingerprint`` = ``files``, ``data.Dataset.files``: sha1 of the listing of the
-    source files read, their paths, sizes and times), host, device and command line. Stored under
+    source files read, their paths, sizes and times), host, device, precision (``requested``, ``resolved``,
+    ``why``) and command line. Stored under
     ``provenance`` in summary.json; start/end time are the summary's ``start_time``/``end_time`` (unix seconds)."""
     from . import __version__
+    from .runtime import precision_choice
 
     commit = _git("rev-parse", "HEAD")
     # tracked files only: outputs/ and caches inside the checkout do not make the code dirty
@@ -495,6 +497,8 @@ def provenance(cfg, fingerprint: Optional[str] = None, device_name: Optional[str
         "cpu": cpu_info(),
         "threads": _threads(),
         "device_name": device_name,
+        # precision=auto: what it resolved to on this machine and why (runtime.resolve_precision)
+        "precision": precision_choice(cfg),
         "argv": command_line(),
         "start_time_iso": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     }

@@ -9,7 +9,8 @@ from hydra.errors import ConfigCompositionException
 from omegaconf import OmegaConf
 from omegaconf.errors import ValidationError, ConfigKeyError
 
-from embclf.config import Stage, conf_dir, safe_name
+from embclf.config import Config, Stage, conf_dir
+from embclf.identity import safe_name
 
 from conftest import run_embclf
 
@@ -181,8 +182,128 @@ def test_config_problems_name_the_key_and_suggest_the_closest():
 
 
 def test_relative_paths_are_stored_absolute_against_the_launch_dir():
-    from embclf.config import absolute_paths
+    from embclf.identity import absolute_paths
     cfg = {"output_dir": "outputs", "data": {"root": "../d", "cache_dir": None}, "classify": {"encoder": "~/e"}}
     absolute_paths(cfg, "/home/u/proj")
     assert cfg["output_dir"] == "/home/u/proj/outputs" and cfg["data"]["root"] == "/home/u/d"
     assert cfg["data"]["cache_dir"] is None and cfg["classify"]["encoder"].startswith("/") and "~" not in cfg["classify"]["encoder"]
+
+
+# --- one home per default ----------------------------------------------------------------------------------
+
+def _schema_defaults() -> dict:
+    return OmegaConf.to_container(OmegaConf.structured(Config), enum_to_str=True)
+
+
+def _leaves(node, prefix=""):
+    for k, v in node.items():
+        if isinstance(v, dict):
+            yield from _leaves(v, f"{prefix}{k}.")
+        else:
+            yield f"{prefix}{k}", v
+
+
+def _at(tree, key):
+    for part in key.split("."):
+        if not isinstance(tree, dict) or part not in tree:
+            return KeyError
+        tree = tree[part]
+    return tree
+
+
+def _yaml_values():
+    """(file, dotted key of the composed config, value) for every value that a conf/ YAML sets, where a group
+    option's keys are placed under its group (head/mlp.yaml's hidden is head.hidden) and a ``_global_`` preset's
+    at the top. Hydra's own node, defaults lists and ``_self_`` are not values of the app."""
+    root = Path(conf_dir())
+    for path in sorted(root.rglob("*.yaml")):
+        text = path.read_text()
+        raw = OmegaConf.to_container(OmegaConf.load(path)) or {}
+        raw.pop("defaults", None)
+        raw.pop("hydra", None)
+        rel = path.relative_to(root)
+        group = "" if len(rel.parts) == 1 or "@package _global_" in text else rel.parts[0] + "."
+        for key, value in _leaves(raw):
+            yield str(rel), group + key, value
+
+
+def test_no_yaml_repeats_a_schema_default():
+    """Every default has one home, the schema (embclf/config.py): a conf/ YAML holds only what differs from it.
+    A preset (experiment=, hparams_search=) may set a key back to its default only where an option of a schema
+    group (model=, data=, head=, logger=, debug=) sets it otherwise: a real reset, not a repeat."""
+    defaults = _schema_defaults()
+    groups = set(defaults)
+    set_by_options = {key for f, key, v in _yaml_values() if f.split("/")[0] in groups and _at(defaults, key) != v}
+    repeats = [f"{f}: {key}: {v!r}" for f, key, v in _yaml_values() if _at(defaults, key) == v
+               and not (f.split("/")[0] not in groups and "/" in f and key in set_by_options)]
+    assert repeats == [], "these conf/ values repeat the schema's default (embclf/config.py); remove them " \
+        f"from the YAML, or change the default in the schema: {repeats}"
+
+
+def test_the_yaml_walk_sees_every_group_and_finds_a_repeat(tmp_path, monkeypatch):
+    """The walk above reads every group's options and would catch a repeat (guards against a vacuous pass)."""
+    seen = {f.split("/")[0] for f, _, _ in _yaml_values()}
+    assert {"data", "model", "head", "logger", "debug", "experiment", "hparams_search"} <= seen
+    keys = {key for _, key, _ in _yaml_values()}
+    assert {"head.name", "model.variational", "logger.wandb.mode", "data.source", "classify.probes"} <= keys
+    import shutil
+    import sys
+    shutil.copytree(conf_dir(), tmp_path / "conf")
+    (tmp_path / "conf" / "head" / "mlp.yaml").write_text("hidden: [128, 64]\n")
+    monkeypatch.setattr(sys.modules[__name__], "conf_dir", lambda: str(tmp_path / "conf"))
+    with pytest.raises(AssertionError, match=r"head/mlp.yaml: head.hidden: \[128, 64\]"):
+        test_no_yaml_repeats_a_schema_default()
+
+
+def test_reference_preset_pins_every_study_setting():
+    """experiment=reference sets only what differs from the defaults; the study's settings stay pinned here, so a
+    change of a default that would change the reference study fails (conf/experiment/reference.yaml; tests/test_research.py checks the headline values)."""
+    for model in ("ae", "vae"):
+        cfg = _compose("experiment=reference", f"model={model}")
+        assert cfg.stage == Stage.all and cfg.head.name == "mlp" and list(cfg.head.hidden) == [128, 64]
+        assert cfg.data.train_size is None and cfg.data.test_size is None and cfg.data.val_size == 0.1
+        assert (cfg.autoencode.epochs, cfg.autoencode.batch_size, cfg.autoencode.lr) == (80, 200, 1e-3)
+        assert cfg.autoencode.weight_decay == 0.0 and list(cfg.autoencode.image_epochs) == [1, 10, 40]
+        assert (cfg.classify.epochs, cfg.classify.batch_size, cfg.classify.lr) == (50, 200, 1e-3)
+        assert cfg.classify.weight_decay == 0.0 and cfg.classify.patience is None and list(cfg.classify.lr_grid) == []
+        assert cfg.head.dropout == 0.0 and cfg.model.beta == 0.1 and cfg.model.arch.value == "conv"
+        assert cfg.model.weight_decay == (1e-4 if model == "ae" else None) and cfg.model.ce_weight == 0.0
+
+
+# --- a mistyped key on the command line ----------------------------------------------------------------------
+
+def test_mistyped_keys_suggest_the_closest():
+    from embclf.overrides import mistyped
+
+    for override in ("autoencode.epoch=3", "autoencod.epochs=3", "+autoencode.epoch=3", "++autoencode.epoch=3"):
+        assert "Did you mean autoencode.epochs?" in mistyped(["model=vae", override]), override
+    assert mistyped(["+autoencode.epoch=3"]).startswith("Could not add 'autoencode.epoch'")
+    assert mistyped(["autoencode.epoch=3"]).startswith("Could not override 'autoencode.epoch': no such key.")
+    # group choices, Hydra's keys, flags, sweeps, deletions, list elements: Hydra's business, never refused here
+    assert mistyped(["-m", "model=ae,vae", "experiment=quick", "hydra/launcher=slurm", "hydra.job.chdir=true",
+                     "--cfg", "job", "~logger.wandb.tags", "autoencode.epochs=1,2", "+hparams_search=vae_optuna",
+                     "head.hidden=[1,2]", "data.root=/x=y"]) is None
+    assert _compose("autoencode.epochs=3").autoencode.epochs == 3
+
+
+def test_mistyped_key_on_the_command_line_fails_naming_the_closest(tmp_path):
+    proc = run_embclf(["autoencode.epoch=3", f"output_dir={tmp_path / 'out'}"], tmp_path, check=False)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr
+    assert "embclf: error: Could not override 'autoencode.epoch': no such key. Did you mean autoencode.epochs?" \
+        in proc.stderr and not (tmp_path / "out").exists()
+
+
+def test_importing_embclf_patches_nothing_in_hydra():
+    """``import embclf`` (and the entrypoint) only add entries to Hydra's ConfigStore and OmegaConf's resolvers."""
+    import importlib
+
+    from hydra._internal.config_loader_impl import ConfigLoaderImpl
+    from hydra.core.config_store import ConfigStore
+    from omegaconf import OmegaConf
+
+    importlib.import_module("embclf.__main__")  # everything the entrypoint imports
+
+    apply = ConfigLoaderImpl._apply_overrides_to_config
+    assert apply.__module__ == "hydra._internal.config_loader_impl" and not hasattr(apply, "_embclf_suggests")
+    assert "config_schema.yaml" in ConfigStore.instance().list("")
+    assert all(OmegaConf.has_resolver(r) for r in ("embclf_name", "embclf_token", "embclf_output_dir"))

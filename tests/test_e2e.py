@@ -173,16 +173,16 @@ def test_divergence_stops_the_run_and_is_recorded(tmp_path, cifar_root):
 
 
 def test_divergence_later_keeps_the_last_finite_checkpoint(tmp_path):
-    from embclf.stages.autoencode import Diverged, _check_finite
+    from embclf.engine import Diverged, check_finite
 
     last = tmp_path / "last.pt"
     last.write_bytes(b"x")
     with pytest.raises(Diverged, match=r"non-finite loss at epoch 3, step 7 .* the last finite checkpoint, .*last.pt "
                                        r"\(epoch 2\), is kept"):
-        _check_finite(3, 7, {"loss": 1.0}, {"mse": 0.1}, 1e-3, last)
+        check_finite(3, 7, {"loss": 1.0}, {"mse": 0.1}, 1e-3, last)
     with pytest.raises(Diverged, match="epoch 3, the end of the epoch \\(val mse\\)"):
-        _check_finite(3, 0, {"loss": 1.0}, {"mse": float("nan")}, 1e-3, last)
-    _check_finite(3, 0, {"loss": 1.0}, {"mse": 0.1}, 1e-3, last)  # finite: nothing happens
+        check_finite(3, 0, {"loss": 1.0}, {"mse": float("nan")}, 1e-3, last)
+    check_finite(3, 0, {"loss": 1.0}, {"mse": 0.1}, 1e-3, last)  # finite: nothing happens
 
 
 @pytest.mark.slow

@@ -178,3 +178,85 @@ def test_debug_fast_end_to_end_and_kept_apart(tmp_path, cifar_root):
     # the report lists it apart from the results
     rows = report.collect([out])
     assert len(rows) == 1 and rows[0]["status"].startswith("debug=fast")
+
+
+# --- a run trained with the supervised and decorrelation terms (every experiment=improved run) ---------------
+
+def _tiny_stage_cfg(tmp: Path, *overrides: str):
+    """100 real CIFAR-10 images at 16x16, a narrow conv model: an in-process autoencode run of a few seconds."""
+    from hydra import compose, initialize_config_dir
+
+    from conftest import CIFAR
+    from embclf.config import conf_dir
+
+    with initialize_config_dir(config_dir=conf_dir(), version_base=None):
+        return compose("config", overrides=[
+            "data=folder", f"data.root={CIFAR}", "data.train_size=100", "data.test_size=50", "data.image_size=16",
+            f"data.cache_dir={tmp / 'cache'}", "autoencode.batch_size=25", "autoencode.image_epochs=[1]",
+            "model.channels=[8,16,16,32,32]", "latent=8", "logger=none", "threads=1", f"output_dir={tmp / 'o'}",
+            *overrides])
+
+
+def test_evaluate_of_an_improved_run_uses_its_objective(tmp_path, cifar_root, caplog):
+    """Issue 17: evaluate reported a loss without the joint head's CE and the decorrelation penalty, and warned
+    that the run dir "was changed". Every mean now equals the run's own test_* (best checkpoint)."""
+    import logging
+
+    from embclf.stages import autoencode
+
+    cfg = _tiny_stage_cfg(tmp_path, "model=vae", "model.ce_weight=10", "model.decorrelation_weight=1",
+                          "autoencode.epochs=2")
+    run_dir = autoencode.run(cfg, tmp_path / "run", [])
+    stage = runs.read_summary(run_dir)
+    assert stage["status"] == "completed" and "test_ce" in stage and "test_decorrelation" in stage
+    with caplog.at_level(logging.WARNING):
+        s = _evaluate(run_dir)["summary"]
+    assert "was the run dir changed" not in caplog.text
+    for k in ("loss", "mse", "sse", "psnr", "kl", "ce", "joint_head_accuracy", "decorrelation"):
+        assert s[k] == pytest.approx(stage[f"test_{k}"], rel=REL), k
+    assert s["run_metrics"]["loss"] == stage["test_loss"] and "ce" in s["run_metrics"]
+
+
+def test_worst_png_is_readable_and_labelled(sweep):
+    """Issue 17: worst.png was a 264x66 px strip without labels; now each image is ~4x enlarged with its class
+    and its PSNR/MSE (autoencode) or true/predicted class (classify) under it."""
+    from PIL import Image
+
+    ae = _evaluate(_run(sweep["out"], "autoencode", "ae", 8), "name=worst-figure")
+    w, h = Image.open(ae["dir"] / "worst.png").size
+    assert w >= 800 and h >= 400, (w, h)
+    clf = _evaluate(_run(sweep["out"], "classify", "ae", 8), "name=worst-figure")
+    assert min(Image.open(clf["dir"] / "worst.png").size) >= 200
+
+
+def test_worst_figure_captions_name_class_and_error(tmp_path):
+    import torch
+
+    from embclf import images
+
+    x = torch.rand(3, 3, 16, 16)
+    caps = ["cat\nPSNR 12.3 dB\nMSE 0.0589", "dog\nPSNR 13.0 dB\nMSE 0.0500", "ship\nPSNR 14.1 dB\nMSE 0.0389"]
+    drawn = images.worst_figure(x, caps, tmp_path / "w.png", "worst", below=x)
+    assert drawn == caps and (tmp_path / "w.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_a_plain_autoencoders_samples_come_from_its_codes_not_black(tmp_path, cifar_root):
+    """Issue 17: a plain AE decoded z ~ N(0, I), which its codes are not: black squares. It now decodes draws from
+    a Gaussian fitted to its training codes, and the saved samples say so; a VAE keeps its prior."""
+    from embclf import images
+    from embclf.stages import autoencode
+
+    for model in ("ae", "vae"):
+        run_dir = autoencode.run(_tiny_stage_cfg(tmp_path, f"model={model}", "autoencode.epochs=1"),
+                                 tmp_path / model, [])
+        s = images.read_samples(run_dir)
+        assert s["samples"].dtype.is_floating_point is False and s["samples"].shape == (64, 3, 16, 16)
+        assert s["epoch"] == 1
+        if model == "ae":
+            assert s["source"].startswith("Gaussian fitted to the codes of"), s["source"]
+        else:
+            assert s["source"] == images.PRIOR
+        r = images.read_reconstructions(run_dir)
+        # not black: the samples' brightness is the reconstructions' (images like the data), within 15%
+        assert abs(s["samples"].float().mean() - r["reconstructions"].float().mean()) < 0.15 * 255
+        assert r["originals"].shape == r["reconstructions"].shape == (20, 3, 16, 16) and r["epoch"] == 1

@@ -282,7 +282,8 @@ def test_a_gpu_index_the_machine_lacks_is_refused_before_the_stage(monkeypatch):
 
 def test_the_gates_name_lists_are_the_modules_own():
     """config.py cannot import the modules (torch) at composition time, so it lists their names: kept equal here."""
-    from embclf import debug, heads, plots
+    from embclf import debug, heads
+    from embclf.report import projections as plots
 
     assert config_mod.HEAD_NAMES == heads.HEADS and config_mod.PROJECTIONS == plots.METHODS
     assert config_mod.DEBUG_MODES == debug.MODES

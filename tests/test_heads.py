@@ -11,6 +11,7 @@ from embclf import runs
 from embclf.config import conf_dir
 from embclf.heads import HEADS, KNNProbe
 from embclf.runtime import EmbclfError
+from embclf import engine
 from embclf.stages import classify
 
 from conftest import TINY, run_embclf
@@ -57,10 +58,10 @@ def _head_cfg(name):
 def _fit(name, z, y):
     head_cfg, cc = _head_cfg(name)
     if name in ("mlp", "linear"):
-        head, fit = classify.train_head(head_cfg, cc, z, y, N_CLASSES, 0, float(cc.lr))
+        head, fit = engine.train_head(head_cfg, cc, z, y, N_CLASSES, 0, float(cc.lr))
     else:
-        head, fit = classify.fit_probe(head_cfg, cc, z, y, N_CLASSES, 0)
-    test, _ = classify._eval(head, z["test"], y["test"], 4096)
+        head, fit = engine.fit_probe(head_cfg, cc, z, y, N_CLASSES, 0)
+    test, _ = engine.eval_head(head, z["test"], y["test"], 4096)
     return fit, test["accuracy"]
 
 
@@ -91,9 +92,9 @@ def test_early_stopping_and_lr_grid_choose_on_val():
     z, y = _toy(shuffle=True)  # nothing to learn: val accuracy stops improving early
     head_cfg, cc = _head_cfg("linear")
     cc = OmegaConf.merge(cc, {"epochs": 200, "patience": 3, "lr_grid": [1e-4, 1e-2]})
-    _, fit = classify.train_head(head_cfg, cc, z, y, N_CLASSES, 0, 1e-3)
+    _, fit = engine.train_head(head_cfg, cc, z, y, N_CLASSES, 0, 1e-3)
     assert fit["early_stopped"] and fit["epochs_run"] == fit["best_epoch"] + 3 < 200, fit
-    lr, scores = classify.select_lr(head_cfg, cc, z, y, N_CLASSES, 0)
+    lr, scores = engine.select_lr(head_cfg, cc, z, y, N_CLASSES, 0)
     assert set(scores) == {"0.0001", "0.01"} and scores[f"{lr:g}"] == max(scores.values())
 
 

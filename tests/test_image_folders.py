@@ -257,7 +257,7 @@ def test_corrupt_cifar_archive_says_checksum_mismatch(tmp_path):
 @pytest.mark.slow
 def test_no_training_batch_of_one_image():
     from embclf.models import build_model
-    from embclf.stages import autoencode
+    from embclf import engine
 
     g = torch.Generator().manual_seed(0)
     sizes = lambda n, b, shuffle: [len(i) for i in data.batches(n, b, "cpu", shuffle, g)]  # noqa: E731
@@ -270,7 +270,7 @@ def test_no_training_batch_of_one_image():
                                           "channels": [32, 64, 128, 256, 256], "strides": [2, 1, 2, 1, 2]}), 8, 8)
     opt = torch.optim.Adam(model.parameters(), 1e-3)
     images = torch.randint(0, 256, (90, 3, 8, 8), dtype=torch.uint8)
-    sums = autoencode.train_epoch(lambda x: autoencode.batch_step(model, x, 0.0), model, opt, images, 89, g)
+    sums = engine.train_epoch(lambda x: engine.batch_step(model, x, 0.0), model, opt, images, 89, g)
     assert torch.isfinite(sums).all()
 
 
@@ -280,7 +280,7 @@ def test_no_training_batch_of_one_image():
 def test_constant_embeddings_skip_projections_without_crashing(tmp_path):
     # in a subprocess: scikit-learn's t-SNE segfaults on this input, which would take pytest down with it
     code = ("import numpy as np, logging, sys; logging.basicConfig(level=logging.INFO, stream=sys.stdout)\n"
-            "from embclf import plots\n"
+            "from embclf.report import projections as plots\n"
             f"out = plots.save_projections(np.ones((200, 32)), np.arange(200) % 2, ['a', 'b'], r'{tmp_path}', "
             "['pca', 'tsne'], 1000, 'dead encoder')\n"
             "print('written', sorted(out))\n"
@@ -326,7 +326,7 @@ def test_classify_result_survives_failing_extras(tmp_path, caplog):
 
 
 def test_degenerate_embeddings_are_recognised():
-    from embclf import plots
+    from embclf.report import projections as plots
 
     rng = np.random.default_rng(0)
     assert "identical" in plots.degenerate(np.ones((200, 32), np.float32))

@@ -21,6 +21,9 @@ from embclf import runs, tracking
 from embclf.config import Stage
 
 
+HANDLED = (signal.SIGINT, signal.SIGTERM, signal.SIGUSR2)
+
+
 def _run(cmd, cwd, kill_at=None):
     """``cmd`` (argv) as a user's shell runs it: SIGINT at its default (a test runner started in the
     background would pass it on ignored, and Python would then never raise KeyboardInterrupt)."""
@@ -32,12 +35,12 @@ def _run(cmd, cwd, kill_at=None):
                           preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
 
 
-def _interrupted_line(proc):
+def _interrupted_line(proc, how="Ctrl-C", status=130):
     out = proc.stdout + proc.stderr
-    assert proc.returncode == 130, out[-4000:]
+    assert proc.returncode == status, out[-4000:]
     assert "Traceback" not in out and "KeyboardInterrupt" not in out, out[-4000:]
-    (line,) = [ln for ln in out.splitlines() if "interrupted (Ctrl-C)" in ln]
-    saved, cmd = line.split("interrupted (Ctrl-C); ", 1)[1].split(". Resume with: ")
+    (line,) = [ln for ln in out.splitlines() if f"interrupted ({how})" in ln]
+    saved, cmd = line.split(f"interrupted ({how}); ", 1)[1].split(". Resume with: ")
     return saved, cmd
 
 
@@ -67,6 +70,27 @@ def test_ctrl_c_on_a_single_run_says_what_was_saved_and_how_to_resume(tmp_path, 
     s = runs.read_summary(run_dir)
     assert s["status"] == "completed" and s["attempts"] == 3
     assert [r["epoch"] for r in runs.read_metrics(run_dir) if r["split"] == "train"] == [1, 2]
+
+
+def test_sigterm_and_sigusr2_on_a_single_run_say_what_was_saved_and_how_to_resume(tmp_path, cifar_root):
+    """SIGTERM (a scheduler, `kill`, a closing terminal session) and SIGUSR2 outside SLURM: the same one line as
+    Ctrl-C, exit status 128 + signum (143, 140), and the printed command resumes the run."""
+    first = [sys.executable, "-m", "embclf", *MINI, "autoencode.epochs=2", "threads=1", "logger=none",
+             f"output_dir={tmp_path / 'out'}"]
+    # SIGTERM inside epoch 2 (step 2 of 6): the checkpoint holds the position inside the epoch
+    proc = _run(first, tmp_path, "autoencode.step:8:TERM")
+    (run_dir,) = [ln.split("run dir: ", 1)[1].strip() for ln in proc.stdout.splitlines() if "run dir: " in ln]
+    saved, cmd = _interrupted_line(proc, "SIGTERM", 143)
+    assert saved == (f"saved in {run_dir}: checkpoints/last.pt at step 2 of epoch 2 of 2 (the resume continues "
+                     "with the next batch)")
+    assert cmd.endswith(f"\"hydra.run.dir='{run_dir}'\"") and runs.read_summary(run_dir)["status"] == "interrupted"
+    # SIGUSR2 (no SLURM, no submitit handler): the same, 128 + 12
+    proc = _run(shlex.split(cmd), tmp_path, "startup:1:USR2")
+    saved, cmd2 = _interrupted_line(proc, "SIGUSR2", 140)
+    assert cmd2 == cmd and saved.startswith(f"saved in {run_dir}: checkpoints/last.pt at step 2 of epoch 2 of 2")
+    proc = _run(shlex.split(cmd), tmp_path)  # the printed command completes the run
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
+    assert runs.read_summary(run_dir)["status"] == "completed"
 
 
 def _summary(d, **kw):
@@ -129,12 +153,13 @@ def test_ctrl_c_in_a_stage_all_job_names_each_stage(tmp_path, caplog):
     torch.save({"state": {"epoch": 3}}, job / "classify" / "checkpoints" / "last.pt")
     cfg = OmegaConf.create({"stage": Stage.all})
     hc = OmegaConf.create({"overrides": {"task": ["stage=all"], "hydra": ["hydra.mode=RUN"]}})
-    old = signal.getsignal(signal.SIGINT)
+    old = {s: signal.getsignal(s) for s in HANDLED}  # _interrupted ignores them (it exits next): restore them
     try:
         with caplog.at_level("WARNING"), pytest.raises(SystemExit) as e:
             entry._interrupted(cfg, job, hc)
     finally:
-        signal.signal(signal.SIGINT, old)
+        for s, h in old.items():
+            signal.signal(s, h)
     assert e.value.code == 130
     assert (f"interrupted (Ctrl-C); saved in {job}: autoencode/ completed; classify/ checkpoints/last.pt at the "
             "end of epoch 3 of 30 (the unfinished epoch 4 is redone on resume). Resume with: ") in caplog.text
@@ -149,12 +174,13 @@ def test_ctrl_c_before_the_run_started_leaves_no_run_dir(tmp_path, caplog):
     (job / "embclf.log").write_text("")
     cfg = OmegaConf.create({"stage": Stage.autoencode})
     hc = OmegaConf.create({"overrides": {"task": ["latent=8"], "hydra": []}})
-    old = signal.getsignal(signal.SIGINT)
+    old = {s: signal.getsignal(s) for s in HANDLED}  # _interrupted ignores them (it exits next): restore them
     try:
         with caplog.at_level("WARNING"), pytest.raises(SystemExit) as e:
             entry._interrupted(cfg, job, hc)
     finally:
-        signal.signal(signal.SIGINT, old)
+        for s, h in old.items():
+            signal.signal(s, h)
     assert e.value.code == 130 and not job.exists()
     assert ("interrupted (Ctrl-C); nothing was saved (interrupted before the run started). Start it again with: "
             in caplog.text)

@@ -359,7 +359,7 @@ def _sleep_ignoring_signals(seconds):
 def _forked(tmp_path, fn, *args, timeout_s=600.0, signal_delay_s=60.0):
     from submitit.core.utils import DelayedSubmission
 
-    from hydra_plugins.embclf_launcher.local_launcher import ForkedJob
+    from hydra_plugins.embclf_launcher.forked_job import ForkedJob
 
     delayed = DelayedSubmission(fn, *args)
     delayed.set_timeout(1, 3)
@@ -420,19 +420,19 @@ def test_a_result_left_by_an_earlier_worker_of_the_same_pid_is_never_read(tmp_pa
     import submitit
     from submitit.core.utils import JobPaths, UncompletedJobError
 
-    from hydra_plugins.embclf_launcher import local_launcher
+    from hydra_plugins.embclf_launcher import forked_job
 
     reused = "424242"  # the pid both workers had
     old = JobPaths(str(tmp_path / "submitit" / "%j"), job_id=reused, task_id=0)
     old.folder.mkdir(parents=True)
     submitit.core.utils.cloudpickle_dump(("success", "the earlier job's result"), old.result_pickle)
 
-    class SamePid(local_launcher.ForkedJob):  # the worker gets the earlier worker's pid, as after a reboot
+    class SamePid(forked_job.ForkedJob):  # the worker gets the earlier worker's pid, as after a reboot
         def _start(self, tmp_pickle=None):
             self.job_id = self.job_id or reused
             super()._start(tmp_pickle)
 
-    monkeypatch.setattr(local_launcher, "ForkedJob", SamePid)
+    monkeypatch.setattr(forked_job, "ForkedJob", SamePid)
     job = _forked(tmp_path, _sleep, 60)
     assert job.job_id == reused
     deadline = time.time() + 30

@@ -88,8 +88,17 @@ def _wait_stopped(pid: int, proc: Proc = None, timeout: float = 120) -> None:
 
 
 def _snapshot(d: Path) -> dict:
-    """Every file under ``d`` (lock file included) -> md5 of its content."""
-    return {str(p.relative_to(d)): hashlib.md5(p.read_bytes()).hexdigest() for p in sorted(d.rglob("*")) if p.is_file()}
+    """Every file under ``d`` -> md5 of its content; a lock file -> its record without the heartbeat.
+
+    A live holder rewrites its heartbeat every ``locks.HEARTBEAT_S`` seconds: on a loaded machine a refused second
+    command can take longer than that, so the heartbeat is the one field that may move (who holds it may not)."""
+    def content(p: Path):
+        if p.name == ".embclf.lock":
+            return {k: v for k, v in json.loads(p.read_text()).items() if k != "heartbeat"}
+        return hashlib.md5(p.read_bytes()).hexdigest()
+    # a heartbeat's temporary (``.embclf.lock.<token>.<ns>.tmp``) lives for a moment: not part of what is kept
+    return {str(p.relative_to(d)): content(p) for p in sorted(d.rglob("*"))
+            if p.is_file() and not (p.name.startswith(".embclf.lock.") and p.name.endswith(".tmp"))}
 
 
 def _epochs(run_dir: Path) -> list:
@@ -324,7 +333,7 @@ def test_sweep_records_are_archived_in_order_and_the_report_lists_each_command_o
 
 @pytest.mark.slow
 def test_launcher_sees_a_job_held_seconds_ago_before_its_summary_exists(tmp_path):
-    from hydra_plugins.embclf_launcher._common import PlannedJob, still_running
+    from hydra_plugins.embclf_launcher.sweep_plan import PlannedJob, still_running
 
     job = PlannedJob(idx=0, overrides=["seed=0"], cfg=OmegaConf.create({"stage": "autoencode"}), run_dir=tmp_path / "j")
     assert still_running(job) is None

@@ -12,6 +12,7 @@ from embclf import identity, losses, runs
 from embclf.config import conf_dir
 from embclf.models import build_model
 from embclf.models.objectives import Objective, build_objective
+from embclf import engine
 from embclf.stages import autoencode
 
 
@@ -70,13 +71,13 @@ def test_batch_step_adds_the_terms_to_the_objective():
     obj = build_objective(cfg.model, 4, 3)
     assert isinstance(obj.head, torch.nn.Linear) and obj.head.out_features == 3 and obj.needs_labels
     x, y = torch.rand(6, 3, 8, 8), torch.tensor([0, 1, 2, 0, 1, 2])
-    loss, sums, _ = autoencode.batch_step(model, x, 0.1, "fp32", y, obj)
+    loss, sums, _ = engine.batch_step(model, x, 0.1, "fp32", y, obj)
     out = model(x)
     ce = torch.nn.functional.cross_entropy(obj.head(out["mu"]), y)
     r = losses.class_decorrelation(out["mu"], y, 3)
     want = losses.vae_loss(out["x_hat"], x, out["mu"], out["logvar"], 0.1) + 0.5 * ce + 3 * r
     assert torch.allclose(loss, want, rtol=1e-5)
-    assert sums.shape == (len(autoencode.SUMS),)
+    assert sums.shape == (len(engine.SUMS),)
     assert torch.allclose(sums[0], want * 6, rtol=1e-5) and torch.allclose(sums[4], ce * 6, rtol=1e-5)
     assert torch.allclose(sums[6], r * 6, rtol=1e-5)
     loss.backward()
@@ -87,7 +88,7 @@ def test_batch_step_adds_the_terms_to_the_objective():
     feat = build_objective(ae_cfg.model, 4, 3)
     assert feat.head is None and not feat.needs_labels
     ae = build_model(ae_cfg.model, 4, 8).eval()
-    loss, sums, mu = autoencode.batch_step(ae, x, 0.1, "fp32", None, feat)
+    loss, sums, mu = engine.batch_step(ae, x, 0.1, "fp32", None, feat)
     want = losses.ae_loss(ae(x)["x_hat"], x) + 2 * losses.feature_decorrelation(mu)
     assert torch.allclose(loss, want, rtol=1e-5) and sums[3] == 0 and sums[4] == 0
     plain = build_objective(_compose("model=ae").model, 4, 3)
@@ -110,7 +111,7 @@ def test_select_on_picks_the_right_epoch():
     def pick(select_on):
         best, best_epoch = math.inf, 0
         for epoch, m in enumerate(rows, 1):
-            if autoencode.is_better(m, best, select_on):
+            if engine.is_better(m, best, select_on):
                 best, best_epoch = m[select_on], epoch
         return best_epoch
 
@@ -150,8 +151,9 @@ def _stage_cfg(tmp_path, cifar_root, *overrides):
 def test_bad_objective_keys_are_refused_before_anything_is_written(tmp_path, cifar_root):
     from embclf import runtime
 
-    for bad, msg in (("model.ce_weight=-1", "model.ce_weight=-1 must be >= 0"),
-                     ("model.decorrelation_weight=-0.5", "model.decorrelation_weight=-0.5 must be >= 0"),
+    for bad, msg in (("model.ce_weight=-1", "model.ce_weight=-1.0 is invalid: it must be a cross-entropy weight >= 0"),
+                     ("model.decorrelation_weight=-0.5", "model.decorrelation_weight=-0.5 is invalid: it must be a "
+                                                         "weight >= 0"),
                      ("model.kl_warmup_epochs=-2", "model.kl_warmup_epochs=-2 must be >= 0")):
         run_dir = tmp_path / bad
         with pytest.raises(runtime.EmbclfError, match=msg):

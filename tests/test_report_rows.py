@@ -12,16 +12,18 @@ import numpy as np
 import pytest
 import torch
 from hydra import compose, initialize_config_dir
-from hydra.errors import ConfigCompositionException
 from PIL import Image
 
 from conftest import CIFAR, REPO
 from report_fixtures import ae_run, clf_run
 
-from embclf import identity, plots, report, runs
+from embclf import identity, report, runs
+from embclf import liveness
+from embclf.report import figures, projections as plots, tables
 from embclf.config import conf_dir
 from embclf.data import Split
 from embclf.models import build_model
+from embclf import images
 from embclf.stages import autoencode
 from embclf.runtime import EmbclfError
 
@@ -64,7 +66,7 @@ def test_rows_are_configurations_not_seeds(tmp_path):
     assert "## What was run" in md and "`head.hidden`" in md and "best-on-val" in md
     assert "seed 0 ×2 (newest used)" in md and "## Test accuracy per class" in md
     # curve legends tell every run apart
-    labels = report._curve_labels(res["rows"])
+    labels = figures._curve_labels(res["rows"])
     assert len(set(labels.values())) == len(labels) == 9
 
 
@@ -93,10 +95,10 @@ def test_probes_get_one_column_each(tmp_path):
 
 def test_recon_indices_are_class_balanced():
     labels = torch.arange(10).repeat_interleave(50)  # ordered by class, like the test split
-    idx = autoencode.recon_indices(labels)
+    idx = images.recon_indices(labels)
     assert len(idx) == 20 and sorted(labels[idx[:10]].tolist()) == list(range(10))
-    assert torch.equal(idx, autoencode.recon_indices(labels))  # the same images in every run
-    many = autoencode.recon_indices(torch.arange(100).repeat_interleave(3))
+    assert torch.equal(idx, images.recon_indices(labels))  # the same images in every run
+    many = images.recon_indices(torch.arange(100).repeat_interleave(3))
     assert len(set((many // 3).tolist())) == 20  # 100 classes: 20 different ones
 
 
@@ -111,7 +113,7 @@ def test_figures_exist_with_readable_sizes(tmp_path):
         d = ae_run(tmp_path / "sw" / f"model={m}" / "autoencode", m, lat, 0)
         model = build_model(OmegaConf.create({"name": m, "arch": "conv", "variational": m == "vae", "beta": 0.1,
                                               "channels": [8, 8, 8, 8, 8], "strides": [2, 1, 2, 1, 2]}), lat, 32)
-        autoencode.save_images(model, split, "cpu", d, 3)
+        images.save_images(model, split, "cpu", d, 3)
         clf_run(d.parent / "classify", d, 0.3, classes=[f"c{i}" for i in range(10)])
     recon = Image.open(next((tmp_path / "sw").glob("*/autoencode/images/recon_e003.png")))
     assert recon.size == (10 * 98 + 2, 4 * 98 + 2)  # rows of 10 images enlarged to 96 pixels
@@ -121,7 +123,8 @@ def test_figures_exist_with_readable_sizes(tmp_path):
             "reconstructions.png", "per_class_accuracy.png"} <= set(sizes)
     assert all(w >= 600 and h >= 150 for w, h in sizes.values()), sizes
     assert sizes["reconstructions.png"][1] > 3 * 96  # originals + one row per run
-    assert report.recon_rows(np.asarray(recon)) is not None
+    pair = images.read_reconstructions(d)  # the same images as data: nobody parses the PNG's geometry back
+    assert pair["originals"].shape == pair["reconstructions"].shape == (20, 3, 32, 32) and pair["epoch"] == 3
     # 100 classes: a heat map without per-cell numbers, fast and large enough to read
     cm = np.random.default_rng(0).integers(0, 5, (100, 100))
     p = plots.confusion(cm, [f"class{i}" for i in range(100)], tmp_path / "cm.png", "100 classes")
@@ -150,14 +153,6 @@ def test_report_help(capsys):
     text = capsys.readouterr().out
     assert "python -m embclf.report outputs/sweepA outputs/sweepB --out reports/ab" in text
     assert "reconstructions" in text and "distinct" in text
-
-
-def test_mistyped_keys_suggest_the_closest():
-    with initialize_config_dir(config_dir=conf_dir(), version_base=None):
-        for override in ("autoencode.epoch=3", "autoencod.epochs=3", "+autoencode.epoch=3"):
-            with pytest.raises(ConfigCompositionException, match="Did you mean autoencode.epochs"):
-                compose("config", overrides=[override])
-        assert compose("config", overrides=["autoencode.epochs=3"]).autoencode.epochs == 3
 
 
 @pytest.mark.slow
@@ -201,25 +196,24 @@ def test_a_running_job_is_checked_not_trusted(monkeypatch, tmp_path):
     """A summary that says "running" is checked: a dead process on this host reads "interrupted"; a job on
     another host or on SLURM, which this host cannot ask, says so instead of claiming to run."""
     import socket
-    from embclf import report
 
     monkeypatch.setenv("PATH", str(tmp_path))  # no squeue/sacct here
     dead = {"status": "running", "hostname": socket.gethostname(), "pid": 2**22 + 12345}
-    assert report._status(dead) == "interrupted"
-    assert "cannot check" in report._status({"status": "running", "hostname": "node17", "pid": 1})
-    slurm = report._status({"status": "running", "hostname": "node17", "slurm_job_id": "123_4"})
+    assert liveness.status_text(dead) == "interrupted"
+    assert "cannot check" in liveness.status_text({"status": "running", "hostname": "node17", "pid": 1})
+    slurm = liveness.status_text({"status": "running", "hostname": "node17", "slurm_job_id": "123_4"})
     assert slurm.startswith("running?") and "SLURM job 123_4" in slurm
-    assert report._status({"status": "completed"}) == "completed"
+    assert liveness.status_text({"status": "completed"}) == "completed"
 
 
 def test_counts_print_as_integers_over_seeds_too():
     """Active units are a count: one seed, or several seeds with the same count, print as an integer; a
     mean over seeds that differ keeps one decimal."""
-    assert report._fmt("active_units", 32.0) == "32"
-    assert report._fmt("active_units", (32.0, None)) == "32"
-    assert report._fmt("active_units", (32.0, 0.0)) == "32"
-    assert report._fmt("active_units", (31.5, 0.7071)) == "31.5 ± 0.7"
-    assert report._fmt("test_psnr", (16.0, 0.0)) == "16.00 ± 0.00"  # not a count: the spread is shown
+    assert tables._fmt("active_units", 32.0) == "32"
+    assert tables._fmt("active_units", (32.0, None)) == "32"
+    assert tables._fmt("active_units", (32.0, 0.0)) == "32"
+    assert tables._fmt("active_units", (31.5, 0.7071)) == "31.5 ± 0.7"
+    assert tables._fmt("test_psnr", (16.0, 0.0)) == "16.00 ± 0.00"  # not a count: the spread is shown
 
 
 def _preset_record(run_dir, name):

@@ -117,7 +117,7 @@ def test_objective_names_a_val_value(tmp_path):
 
 def test_a_skipped_trial_returns_its_stored_objective(tmp_path):
     """A re-run search skips completed trials; the launcher hands the sweeper their stored objective."""
-    from hydra_plugins.embclf_launcher._common import PlannedJob, skipped_return
+    from hydra_plugins.embclf_launcher.sweep_plan import PlannedJob, skipped_return
 
     (tmp_path / "classify").mkdir()
     (tmp_path / "classify" / "summary.json").write_text(json.dumps({"status": "completed", "val_accuracy": 0.4}))

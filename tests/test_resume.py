@@ -221,7 +221,7 @@ def test_resumed_run_continues_its_wandb_run(tmp_path, monkeypatch):
 def test_killed_outcome_names_the_signal_and_out_of_memory():
     """How the local launcher records a worker that died from a signal (the kill -9 itself is exercised in
     test_launcher_local.py); the OOM case is read from the memory cgroup's oom_kill counter."""
-    from hydra_plugins.embclf_launcher._common import killed_outcome, oom_kill_count
+    from hydra_plugins.embclf_launcher.outcomes import killed_outcome, oom_kill_count
 
     error, reason, extra = killed_outcome(signal.SIGKILL, 2, 3)
     assert reason == "out of memory" and "out of memory" in error and extra == {"signal": "SIGKILL"}
@@ -234,7 +234,7 @@ def test_killed_outcome_names_the_signal_and_out_of_memory():
 
 
 def test_slurm_endings_are_recorded_as_what_they_are():
-    from hydra_plugins.embclf_launcher._common import slurm_outcome
+    from hydra_plugins.embclf_launcher.outcomes import slurm_outcome
 
     assert slurm_outcome("OUT_OF_MEMORY")[:2] == ("killed", "out of memory")
     status, reason, error = slurm_outcome("CANCELLED by 1000")

@@ -7,6 +7,8 @@ from __future__ import annotations
 
 from torch import nn
 
+from ..config import check_model
+
 from .autoencoder import Autoencoder
 from .conv import ConvDecoder, ConvEncoder
 from .resnet import ResNetDecoder, ResNetEncoder
@@ -15,24 +17,21 @@ __all__ = ["Autoencoder", "build_model", "count_parameters"]
 
 
 def build_model(model_cfg, latent: int, image_size: int = 32) -> Autoencoder:
-    """Build the autoencoder named by ``model_cfg`` (the ``model`` group) with ``latent`` dims.
+    """Build the autoencoder named by ``model_cfg`` (the ``model`` group) with ``latent`` dims for square images
+    of ``image_size`` pixels.
 
     Raises:
-        ValueError: unknown ``model.arch``, non-positive latent, or an image size the trunk does not divide.
+        ValueError: with the gate's message (``config.check_model``: ``latent``, the ``model.*`` ranges, and
+            ``data.image_size`` against the architecture) -- the entrypoint checked the whole config already;
+            this is for direct callers and for encoders read back from a run dir.
     """
-    arch = getattr(model_cfg.arch, "value", model_cfg.arch)
-    if arch == "conv":
+    check_model(model_cfg, latent, image_size, ValueError)
+    if getattr(model_cfg.arch, "value", model_cfg.arch) == "resnet":
+        enc, dec = ResNetEncoder(), ResNetDecoder()
+    else:  # conv, the schema's only other arch
         enc = ConvEncoder(model_cfg.channels, model_cfg.strides)
         dec = ConvDecoder(model_cfg.channels, model_cfg.strides)
-    elif arch == "resnet":
-        enc, dec = ResNetEncoder(), ResNetDecoder()
-        if image_size != 32:
-            raise ValueError(f"model.arch=resnet's decoder is built for 32x32 images; data.image_size={image_size}")
-    else:
-        raise ValueError(f"model.arch={arch!r} is unknown; use conv or resnet")
-    if image_size % enc.downsample:
-        raise ValueError(f"data.image_size={image_size} is not divisible by the encoder's total stride {enc.downsample}")
-    return Autoencoder(enc, dec, latent, image_size // enc.downsample, bool(model_cfg.variational))
+    return Autoencoder(enc, dec, latent, image_size // enc.downsample, model_cfg.variational)
 
 
 def count_parameters(model: nn.Module) -> int:

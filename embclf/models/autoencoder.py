@@ -25,15 +25,12 @@ class Autoencoder(nn.Module):
         feature_size: s, the trunk's output side in pixels.
         variational: if True, encode gives (mu, logvar) and training samples z by reparameterization
             (Kingma & Welling 2014); otherwise logvar is None and z = mu.
-    Raises:
-        ValueError: latent < 1.
+    ``latent`` >= 1 (``build_model`` checks it against the gate, ``config.VALUE_RULES``).
     """
 
     def __init__(self, encoder: nn.Module, decoder: nn.Module, latent: int, feature_size: int,
                  variational: bool = False):
         super().__init__()
-        if latent < 1:
-            raise ValueError(f"latent must be a positive integer, got {latent}")
         self.encoder, self.decoder = encoder, decoder
         self.latent, self.variational = latent, variational
         self.feature_shape = (encoder.out_channels, feature_size, feature_size)

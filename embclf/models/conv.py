@@ -20,17 +20,15 @@ def _block(conv: nn.Module, channels: int) -> nn.Sequential:
 class ConvEncoder(nn.Module):
     """Conv trunk: float [B, 3, S, S] in [0, 1] -> float [B, channels[-1], S/prod(strides), ...].
 
-    Raises ``ValueError`` if ``channels`` and ``strides`` differ in length.
+    ``channels`` and ``strides``: one stride per conv layer (the gate, ``config.CROSS_RULES``, checks a config;
+    ``zip(strict=True)`` raises ``ValueError`` for a direct call with lengths that differ).
     """
 
     def __init__(self, channels: Sequence[int] = (32, 64, 128, 256, 256),
                  strides: Sequence[int] = (2, 1, 2, 1, 2), in_channels: int = 3):
         super().__init__()
-        if len(channels) != len(strides):
-            raise ValueError(f"model.channels ({len(channels)} values) and model.strides "
-                             f"({len(strides)} values) must have the same length")
         layers, c_in = [], in_channels
-        for c_out, s in zip(channels, strides):
+        for c_out, s in zip(channels, strides, strict=True):
             layers.append(_block(nn.Conv2d(c_in, c_out, 3, stride=s, padding=1, bias=False), c_out))
             c_in = c_out
         self.net = nn.Sequential(*layers)

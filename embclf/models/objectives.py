@@ -29,9 +29,7 @@ import torch
 from torch import nn
 
 from .. import losses
-
-DECORRELATIONS = ("class", "feature")
-
+from ..config import check_group
 
 @dataclass
 class Objective:
@@ -91,22 +89,16 @@ def build_objective(model_cfg, latent: int, n_classes: int) -> Objective:
     """Build the extra objective terms named by the ``model`` group.
 
     Args:
-        model_cfg: the ``model`` config (reads ce_weight, decorrelation_weight, decorrelation; missing keys = off).
+        model_cfg: the ``model`` config node (reads ce_weight, decorrelation_weight, decorrelation).
         latent: the latent size (the head's input). n_classes: the dataset's class count (the head's output).
     Returns:
         ``Objective``; its ``head`` (``nn.Linear(latent, n_classes)``, PyTorch's default init) when ce_weight > 0.
     Raises:
-        ValueError: a negative weight, or an unknown ``model.decorrelation``, naming the key.
+        ValueError: with the gate's message (``config.VALUE_RULES``, ``model.*``) for a negative weight: the
+            entrypoint checked the whole config already; this is for direct callers.
     """
-    gamma = float(getattr(model_cfg, "ce_weight", 0.0) or 0.0)
-    lam = float(getattr(model_cfg, "decorrelation_weight", 0.0) or 0.0)
-    kind = getattr(model_cfg, "decorrelation", "class")
-    kind = str(getattr(kind, "value", kind))
-    if gamma < 0:
-        raise ValueError(f"model.ce_weight={gamma:g} must be >= 0 (0 = no joint classification head)")
-    if lam < 0:
-        raise ValueError(f"model.decorrelation_weight={lam:g} must be >= 0 (0 = off)")
-    if kind not in DECORRELATIONS:
-        raise ValueError(f"model.decorrelation={kind!r} is unknown; use class or feature")
+    check_group(model_cfg, "model", ValueError)
+    gamma, lam = model_cfg.ce_weight, model_cfg.decorrelation_weight
+    kind = getattr(model_cfg.decorrelation, "value", model_cfg.decorrelation)  # the Enum's name: class | feature
     head = nn.Linear(latent, n_classes) if gamma > 0 else None
     return Objective(head=head, ce_weight=gamma, decorrelation_weight=lam, decorrelation=kind, n_classes=n_classes)

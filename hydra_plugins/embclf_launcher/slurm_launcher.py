@@ -28,20 +28,10 @@ from hydra_plugins.hydra_submitit_launcher.config import BaseQueueConf
 from hydra_plugins.hydra_submitit_launcher.submitit_launcher import SlurmLauncher
 from omegaconf import OmegaConf
 
-from ._common import (
-    PlannedJob,
-    announce_outcome,
-    beat,
-    compose_and_run,
-    holding_sweep_dir,
-    mark_timeout,
-    now,
-    timed_out,
-    outcome_from_result,
-    prepare_sweep,
-    report,
-    sweeper_handles_failures,
-)
+from .in_worker import announce_outcome, compose_and_run
+from .outcomes import mark_timeout, now, outcome_from_result, report, timed_out
+from .sweep_lock import beat, holding_sweep_dir
+from .sweep_plan import PlannedJob, prepare_sweep, sweeper_handles_failures
 
 log = logging.getLogger("embclf.launcher")
 

@@ -81,12 +81,9 @@ AXIS = {"pca": "PC {}", "tsne": "t-SNE {}", "umap": "UMAP {}"}
 
 
 def _plt():
-    import matplotlib
+    from ..images import pyplot  # the one place that picks matplotlib's file-only backend
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
+    return pyplot()
 
 
 def class_colors(n: int) -> list:
