@@ -60,7 +60,7 @@ def test_every_group_option_composes(group, option):
     """Each option composes and sets every value its file gives, under its group's key (an experiment: anywhere)."""
     cfg = _compose(f"{group}={option}", "data.root=/somewhere")
     expected = _option_values(group, option)
-    assert expected, f"{group}/{option}.yaml sets nothing"
+    # (a default option may set nothing: its values are the schema's; the name checks below still hold)
     for key, value in expected.items():
         if key == "data.root":
             continue  # overridden above
