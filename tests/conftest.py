@@ -3,7 +3,7 @@
 - ``run_embclf``: the product's own command line, ``python -m embclf ARGS`` (or another ``-m`` module), as a
   separate process. By default that process is a fork of this pytest process, which imported torch, Hydra and
   embclf once (:func:`run_module`): each run then costs its own work, not ~5-10 s of interpreter start-up.
-  ``fresh=True`` (or ``EMBCLF_TEST_FRESH=1`` for the whole suite) starts a new interpreter instead; tests about
+  Sweeps (``-m``), ``fresh=True`` and ``EMBCLF_TEST_FRESH=1`` (the whole suite) start a new interpreter; tests about
   the process itself (signals, Ctrl-C, locks, ``ulimit``) start their own with ``subprocess``.
 - Session fixtures built once and only read by the tests that use them: ``tiny_sweep`` (a 2x2 sweep, both
   stages), ``failing_sweep`` (a sweep with one failing job), ``slurm_cluster`` (a real local SLURM).
@@ -141,7 +141,10 @@ def run_module(module: str, args: List[str], cwd: Path, env: Dict[str, str], tim
     in stdout when ``merge_stderr``). A fork of this process unless ``fresh`` (see the module docstring); raises
     ``subprocess.TimeoutExpired`` (the process killed) after ``timeout`` seconds either way."""
     cmd = [sys.executable, "-m", module, *args]
-    if fresh or not _can_fork():
+    # sweeps (-m) get their own interpreter: a launcher forked from this process forks its workers in turn, and a
+    # worker that sets its torch threads above one can hang on the OpenMP pool an earlier in-process test started
+    # here (seen: three sweeps that never ended, under pytest-xdist); single runs keep one thread (see _child)
+    if fresh or not _can_fork() or "-m" in args or "--multirun" in args:
         return subprocess.run(cmd, cwd=cwd, env=env, stdout=subprocess.PIPE,
                               stderr=subprocess.STDOUT if merge_stderr else subprocess.PIPE, text=True,
                               timeout=timeout)

@@ -59,7 +59,7 @@ def embclf_cmd(*args: str) -> List[str]:
 
 
 def run_embclf(*args: str, timeout: float = 300, cwd: Optional[Path] = None) -> subprocess.CompletedProcess:
-    """Run ``python -m embclf -m <args>`` (a fork of the test process: ``conftest.run_module``); returns the
+    """Run ``python -m embclf -m <args>`` (``conftest.run_module``: a sweep gets its own interpreter); returns the
     CompletedProcess (stdout+stderr in .stdout)."""
     from conftest import run_module
 
