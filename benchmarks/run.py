@@ -27,6 +27,7 @@ Exit status 0 always: a measurement, not a test.
 from __future__ import annotations
 
 import argparse
+import ast
 import json
 import os
 import statistics
@@ -273,7 +274,7 @@ def row4(root: Path, repeats: int, steps: int = 20) -> dict:
                              capture_output=True, text=True, timeout=1800)
     if out.returncode != 0:
         return {"error": out.stderr[-2000:]}
-    r = eval(out.stdout.strip().splitlines()[-1])  # our own child's dict literal
+    r = ast.literal_eval(out.stdout.strip().splitlines()[-1])  # our own child's dict literal
     r.update(steps=steps, peak_rss_gib=r["peak_rss_kib"] / 2**20, goals={"peak_rss_gib": 2.0})
     return r
 

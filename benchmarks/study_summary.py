@@ -19,7 +19,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from embclf import references, runs  # noqa: E402
+from embclf import references, runs
 
 
 def summarise(sweep: Path, times=None) -> dict:

@@ -163,7 +163,7 @@ def _torchvision_split(cfg, train: bool):
         socket.setdefaulttimeout(15)
         try:
             cls(str(root), train=train, download=True)
-        except Exception as e:  # URLError, socket.timeout, OSError, "File not found or corrupted": could not fetch
+        except Exception as e:  # noqa: BLE001 -- URLError, socket.timeout, OSError, "File not found or corrupted": could not fetch
             log.warning("data=%s: download into %s failed (%s: %s)", src, root, type(e).__name__, e)
         finally:
             socket.setdefaulttimeout(old)
@@ -286,7 +286,7 @@ def _cached_decode(cfg, split: str, idx: np.ndarray, decode, targets: torch.Tens
                          split, path)
                 return Split(blob["images"], blob["labels"], blob.get("paths", picked))
             log.warning("ignoring data cache %s: made from other files or decode rules", path)
-        except Exception as e:  # a truncated cache file is rebuilt, never trusted
+        except Exception as e:  # noqa: BLE001 -- a truncated cache file is rebuilt, never trusted
             log.warning("ignoring unreadable data cache %s (%s)", path, e)
     images, keep = decode(idx)
     labels = targets[torch.as_tensor(idx, dtype=torch.long)].clone()

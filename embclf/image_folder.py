@@ -88,7 +88,7 @@ def to_rgb(im):
 
     try:
         ImageOps.exif_transpose(im, in_place=True)
-    except Exception as e:  # a malformed EXIF block must not make a readable image unreadable
+    except Exception as e:  # noqa: BLE001 -- a malformed EXIF block must not make a readable image unreadable
         log.debug("ignoring unreadable EXIF orientation of %s (%s)", getattr(im, "filename", "image"), e)
     if im.mode == "F":
         raise ValueError("32-bit float pixels (mode F) have no defined range; save the image with 8-bit pixels")

@@ -198,7 +198,7 @@ class Tracker:
                                          if isinstance(v, (int, float)) and not isinstance(v, bool)
                                          and k not in ("pid", "start_time", "end_time")})
             self.run.finish(exit_code=exit_code)
-        except Exception as e:  # tracking must never turn a finished training run into a failed job
+        except Exception as e:  # noqa: BLE001 -- tracking must never turn a finished training run into a failed job
             log.warning("wandb finish failed: %s", e)
         finally:
             self.run = None
@@ -215,7 +215,7 @@ def _group(run_dir: Path) -> str:
         if HydraConfig.initialized():
             hc = HydraConfig.get()
             return Path(hc.sweep.dir if hc.mode == RunMode.MULTIRUN else hc.runtime.output_dir).name
-    except Exception:  # outside a Hydra app (tests, notebooks)
+    except Exception:  # noqa: BLE001 -- outside a Hydra app (tests, notebooks)
         pass
     return Path(run_dir).resolve().parent.name
 
@@ -265,7 +265,7 @@ def start(cfg, run_dir: Path, stage: str, encoder_cfg: Optional[dict] = None) ->
             # silent: the one line below says what matters; wandb's banner would repeat per job in a sweep
             settings=wandb.Settings(silent=True, init_timeout=60),
         )
-    except Exception as e:
+    except Exception as e:  # noqa: BLE001 -- wandb is optional: whatever stops it from starting, the run goes on without it
         log.warning("wandb.init failed (%s: %s); continuing without wandb (set logger=none to skip it)",
                     type(e).__name__, e)
         return Tracker()

@@ -1,14 +1,34 @@
-"""Shared fixtures: the real CIFAR-10 subset from ../shared and one tiny real sweep per test session.
+"""Shared fixtures and helpers: the real CIFAR-10 subset from ../shared, running embclf, the shared sweeps.
 
-The sweep is the product's own command line (`python -m embclf -m ...`) run as a subprocess, so the
-tests exercise Hydra composition, the launcher, the run-dir layout and both stages for real.
+- ``run_embclf``: the product's own command line, ``python -m embclf ARGS`` (or another ``-m`` module), as a
+  separate process. By default that process is a fork of this pytest process, which imported torch, Hydra and
+  embclf once (:func:`run_module`): each run then costs its own work, not ~5-10 s of interpreter start-up.
+  Sweeps (``-m``), ``fresh=True`` and ``EMBCLF_TEST_FRESH=1`` (the whole suite) start a new interpreter; tests about
+  the process itself (signals, Ctrl-C, locks, ``ulimit``) start their own with ``subprocess``.
+- Session fixtures built once and only read by the tests that use them: ``tiny_sweep`` (a 2x2 sweep, both
+  stages), ``failing_sweep`` (a sweep with one failing job), ``slurm_cluster`` (a real local SLURM).
+- Markers (registered in pyproject.toml): ``slow`` (trains through the CLI, or needs root), ``slurm`` (needs the
+  local SLURM cluster). ``pytest -m "not slow and not slurm"`` is the quick subset (≤ 1 min, no root, no SLURM).
+  Tests using ``slurm_cluster`` are marked ``slurm`` and tests using ``small_tmpfs`` ``slow`` here, automatically.
+- Under pytest-xdist (``-n 2 --dist loadfile``, pyproject's addopts) each test file runs on one worker, so a
+  module fixture is built once; the shared sweeps are built once per session by whichever worker asks first
+  (``_once``: a file lock in the base temp dir the workers share), the other worker reads the record.
+  (``--dist loadgroup`` would not do: with pytest 9 its ``xdist_group`` marks are not applied, checked with
+  pytest 9.2 / pytest-xdist 3.8.)
+
+Helpers for hand-written run dirs are in ``report_fixtures.py``, those of the launcher/SLURM tests in
+``slurm_fixture.py``, the kill-and-resume driver in ``resume_harness.py``, the wandb log reader in ``wandb_log.py``.
 """
 from __future__ import annotations
 
 import os
 import subprocess
 import sys
+import tempfile
+import threading
+import time
 from pathlib import Path
+from typing import Dict, List, Optional
 
 import pytest
 
@@ -25,24 +45,148 @@ MINI = ["data=folder", f"data.root={CIFAR}", "data.train_size=300", "data.test_s
         "autoencode.batch_size=50", "autoencode.image_epochs=[1]", "classify.epochs=3",
         "logger.projections=[pca]"]
 
+SECRET = "embclf-test-secret-" + "0123456789abcdef" * 2  # shaped like a real 40-character WANDB_API_KEY
+
+
+# ------------------------------------------------------------------------------------------------
+# running embclf
+
 
 def embclf_env(tmp: Path) -> dict:
-    """Environment for subprocess runs: offline wandb, caches inside the test's tmp dir."""
+    """Environment for embclf runs: offline wandb, caches inside the test's tmp dir, this checkout first on the
+    path (its embclf package and its hydra_plugins/)."""
     env = dict(os.environ)
     env.update(WANDB_MODE="offline", WANDB_SILENT="true", XDG_CACHE_HOME=str(tmp / "xdg-cache"),
                HYDRA_FULL_ERROR="0", PYTHONUNBUFFERED="1")
+    env["PYTHONPATH"] = os.pathsep.join([str(REPO)] + ([env["PYTHONPATH"]] if env.get("PYTHONPATH") else []))
     env.pop("WANDB_API_KEY", None)
     return env
 
 
-def run_embclf(args, tmp: Path, check: bool = True, timeout: int = 600, module: str = "embclf"):
-    """Run `python -m embclf ARGS` in ``tmp`` and return the CompletedProcess (stdout+stderr as text)."""
-    proc = subprocess.run([sys.executable, "-m", module, *args], cwd=tmp, env=embclf_env(tmp),
-                          capture_output=True, text=True, timeout=timeout)
+def _can_fork() -> bool:
+    # fork copies only the calling thread: with another thread alive (one an earlier test left running) a lock
+    # it held would stay locked in the child forever
+    return hasattr(os, "fork") and threading.active_count() == 1 and os.environ.get("EMBCLF_TEST_FRESH") != "1"
+
+
+_WARM = False
+
+
+def _warm_imports() -> None:
+    """Import once, in this process, what every run imports: each forked run then starts at once."""
+    global _WARM
+    if not _WARM:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot
+        import sklearn.metrics  # noqa: F401 -- the classify stage's probes
+
+        import embclf.__main__  # noqa: F401 -- torch, Hydra, the stages, the launcher's imports
+        _WARM = True
+
+
+def _child(module: str, args: List[str], cwd: Path, env: Dict[str, str], out_fd: int, err_fd: int) -> None:
+    """In the forked child: ``python -m MODULE ARGS`` as the interpreter runs it, then ``os._exit``."""
+    code = 1
+    try:
+        import atexit
+        import runpy
+        import signal
+
+        os.dup2(out_fd, 1)
+        os.dup2(err_fd, 2)
+        # pytest's capture objects stand in for sys.stdout/err here: the child's output must reach fds 1 and 2
+        sys.stdout = open(1, "w", buffering=1, closefd=False)
+        sys.stderr = open(2, "w", buffering=1, closefd=False)
+        os.chdir(cwd)
+        os.environ.clear()
+        os.environ.update(env)
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        atexit._clear()  # pytest's exit handlers are not this process's to run
+        import torch
+
+        # one thread: no OpenMP pool inherited from the parent is ever used (its threads do not exist here)
+        torch.set_num_threads(1)
+        sys.argv = [module, *args]
+        runpy.run_module(module, run_name="__main__", alter_sys=True)
+        code = 0
+    except SystemExit as e:
+        if e.code is None or isinstance(e.code, int):
+            code = e.code or 0
+        else:  # sys.exit("message"): printed, status 1, as the interpreter does
+            print(e.code, file=sys.stderr)
+            code = 1
+    except BaseException:  # noqa: BLE001 -- as the interpreter would: traceback on stderr, status 1
+        import traceback
+
+        traceback.print_exc()
+    finally:
+        try:
+            import atexit
+            import logging
+
+            atexit._run_exitfuncs()  # what the run registered (wandb's teardown and such)
+            logging.shutdown()
+            sys.stdout.flush()
+            sys.stderr.flush()
+        finally:
+            os._exit(code)
+
+
+def run_module(module: str, args: List[str], cwd: Path, env: Dict[str, str], timeout: float = 600,
+               merge_stderr: bool = False, fresh: bool = False) -> subprocess.CompletedProcess:
+    """``python -m MODULE ARGS`` in ``cwd`` with ``env``: a CompletedProcess with text stdout and stderr (stderr
+    in stdout when ``merge_stderr``). A fork of this process unless ``fresh`` (see the module docstring); raises
+    ``subprocess.TimeoutExpired`` (the process killed) after ``timeout`` seconds either way."""
+    cmd = [sys.executable, "-m", module, *args]
+    # sweeps (-m) get their own interpreter: a launcher forked from this process forks its workers in turn, and a
+    # worker that sets its torch threads above one can hang on the OpenMP pool an earlier in-process test started
+    # here (seen: three sweeps that never ended, under pytest-xdist); single runs keep one thread (see _child)
+    if fresh or not _can_fork() or "-m" in args or "--multirun" in args:
+        return subprocess.run(cmd, cwd=cwd, env=env, stdout=subprocess.PIPE,
+                              stderr=subprocess.STDOUT if merge_stderr else subprocess.PIPE, text=True,
+                              timeout=timeout)
+    _warm_imports()
+    with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        pid = os.fork()
+        if pid == 0:
+            _child(module, [str(a) for a in args], Path(cwd), env, out.fileno(),
+                   (out if merge_stderr else err).fileno())
+        deadline = time.time() + timeout
+        while True:
+            done, status = os.waitpid(pid, os.WNOHANG)
+            if done:
+                break
+            if time.time() > deadline:  # never hang a test run
+                os.kill(pid, 9)
+                os.waitpid(pid, 0)
+                raise subprocess.TimeoutExpired(cmd, timeout)
+            time.sleep(0.02)
+        code = -os.WTERMSIG(status) if os.WIFSIGNALED(status) else os.WEXITSTATUS(status)
+        texts = []
+        for f in (out, err):
+            f.seek(0)
+            texts.append(f.read().decode("utf-8", "replace"))
+    return subprocess.CompletedProcess(cmd, code, texts[0], "" if merge_stderr else texts[1])
+
+
+def run_embclf(args, tmp: Path, check: bool = True, timeout: int = 600, module: str = "embclf",
+               env: Optional[Dict[str, str]] = None, fresh: bool = False) -> subprocess.CompletedProcess:
+    """Run ``python -m embclf ARGS`` (or ``-m MODULE``) in ``tmp`` and return the CompletedProcess (stdout and
+    stderr as text); ``check``: raise AssertionError with both streams' tails unless it exits 0."""
+    proc = run_module(module, list(args), tmp, env or embclf_env(tmp), timeout=timeout, fresh=fresh)
     if check and proc.returncode != 0:
-        raise AssertionError(f"embclf {' '.join(args)} exited {proc.returncode}\n--- stdout\n{proc.stdout[-4000:]}"
-                             f"\n--- stderr\n{proc.stderr[-6000:]}")
+        raise AssertionError(f"embclf {' '.join(map(str, args))} exited {proc.returncode}\n--- stdout\n"
+                             f"{proc.stdout[-4000:]}\n--- stderr\n{proc.stderr[-6000:]}")
     return proc
+
+
+# ------------------------------------------------------------------------------------------------
+# shared fixtures
 
 
 @pytest.fixture(scope="session")
@@ -52,18 +196,104 @@ def cifar_root() -> Path:
     return CIFAR
 
 
+def _encode(v):
+    if isinstance(v, Path):
+        return {"path": str(v)}
+    if isinstance(v, subprocess.CompletedProcess):
+        return {"proc": [v.args, v.returncode, v.stdout, v.stderr]}
+    return {"value": v}
+
+
+def _decode(v):
+    if "path" in v:
+        return Path(v["path"])
+    if "proc" in v:
+        return subprocess.CompletedProcess(*v["proc"])
+    return v["value"]
+
+
+def _once(tmp_path_factory, name: str, build) -> dict:
+    """``build(tmp_dir)`` once per test session, also under pytest-xdist: there the first worker to ask builds it
+    under a file lock in the base temp dir all workers share and records the result (a dict of paths,
+    CompletedProcesses and plain values); the others wait for it and read the record."""
+    if "PYTEST_XDIST_WORKER" not in os.environ:
+        return build(tmp_path_factory.mktemp(name))
+    from filelock import FileLock
+
+    import json
+
+    shared = tmp_path_factory.getbasetemp().parent
+    record = shared / f"{name}.json"
+    with FileLock(str(shared / f"{name}.lock")):
+        if record.is_file():
+            return {k: _decode(v) for k, v in json.loads(record.read_text()).items()}
+        tmp = shared / name
+        tmp.mkdir(exist_ok=True)
+        result = build(tmp)
+        record.write_text(json.dumps({k: _encode(v) for k, v in result.items()}))
+        return result
+
+
 @pytest.fixture(scope="session")
 def tiny_sweep(tmp_path_factory, cifar_root):
     """A 2x2 sweep (model=ae,vae x latent=8,16): autoencode, then classify, as two separate sweeps.
 
-    Returns dict with the tmp dir, the output dir and both processes.
+    Returns dict with the tmp dir, the output dir and both processes. Built once per session (``_once``).
     """
-    tmp = tmp_path_factory.mktemp("sweep")
+    def build(tmp):
+        out = tmp / "outputs"
+        common = ["-m", "model=ae,vae", "latent=8,16", *TINY, f"output_dir={out}"]
+        ae = run_embclf([*common, "stage=autoencode"], tmp)
+        clf = run_embclf([*common, "stage=classify"], tmp)
+        return {"tmp": tmp, "out": out, "ae": ae, "clf": clf}
+
+    return _once(tmp_path_factory, "sweep", build)
+
+
+@pytest.fixture(scope="session")
+def failing_sweep(tiny_sweep, tmp_path_factory):
+    """A real sweep with a failing job (test_tracking.py, test_report.py).
+
+    Two classify jobs in one process (Hydra's basic launcher) on the vae-z8 encoder of ``tiny_sweep``: the first
+    (``head=mlp``) fails after its wandb run started (an injected failure after its first epoch:
+    ``EMBCLF_KILL_AT``), the second (``head=knn``, no epochs) completes. A fake ``WANDB_API_KEY`` (``SECRET``) is
+    set so the tests can check it is never written anywhere.
+
+    Returns dict: out (output_dir), sweep (the sweep dir), proc (CompletedProcess), encoder (the vae-z8 run dir).
+    Built once per session (``_once``).
+    """
+    return _once(tmp_path_factory, "failing", lambda tmp: _failing_sweep(tiny_sweep, tmp))
+
+
+def _failing_sweep(tiny_sweep, tmp: Path) -> dict:
+    from embclf import references, runs
+
+    summaries = {d: runs.read_summary(d) for d in references.iter_run_dirs(tiny_sweep["out"])}
+    encoder = next(d for d, s in summaries.items() if (s["stage"], s["model"], s["latent"]) == ("autoencode", "vae", 8))
     out = tmp / "outputs"
-    common = ["-m", "model=ae,vae", "latent=8,16", *TINY, f"output_dir={out}"]
-    ae = run_embclf([*common, "stage=autoencode"], tmp)
-    clf = run_embclf([*common, "stage=classify"], tmp)
-    return {"tmp": tmp, "out": out, "ae": ae, "clf": clf}
+    env = embclf_env(tmp)
+    env["WANDB_API_KEY"] = SECRET  # with mode=offline given explicitly: nothing may try to use it online
+    # the mlp job fails after its first epoch (its wandb run has started); knn trains no epochs and completes
+    env["EMBCLF_KILL_AT"] = "classify.metrics:1:raise"
+    # quoted: run dir names contain '=' and ',' which Hydra's override grammar would otherwise split on
+    tiny = [a for a in TINY if not a.startswith("classify.epochs=")]
+    args = ["-m", "stage=classify", f"classify.encoder='{encoder}'", *tiny, "classify.epochs=2",
+            "head=mlp,knn", "logger.wandb.mode=offline", "logger.projections=[pca]", f"output_dir={out}"]
+    proc = run_embclf(args, tmp, check=False, timeout=300, env=env)
+    sweeps = [p for p in out.iterdir() if p.is_dir()]
+    assert len(sweeps) == 1, (proc.stdout[-3000:], proc.stderr[-3000:])
+    return {"out": out, "sweep": sweeps[0], "proc": proc, "encoder": encoder}
+
+
+@pytest.fixture(scope="session")
+def slurm_cluster():
+    """A real single-node SLURM with 2 fake GPUs on 127.0.0.1, started once per test session (needs root).
+
+    See ``slurm_fixture.start_slurm``. Yields the SLURM_CONF path, also exported into os.environ so the
+    launcher's sbatch/squeue/sacct calls find the cluster."""
+    from slurm_fixture import start_slurm
+
+    yield from start_slurm()
 
 
 @pytest.fixture
@@ -88,3 +318,16 @@ def small_tmpfs(tmp_path):
     yield mount
     for d in reversed(mounted):
         subprocess.run(["umount", "-l", str(d)], check=False)
+
+
+# ------------------------------------------------------------------------------------------------
+# markers
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        names = set(item.fixturenames)
+        if "slurm_cluster" in names:  # a real local SLURM, started as root
+            item.add_marker(pytest.mark.slurm)
+        if names & {"small_tmpfs", "tiny_sweep", "failing_sweep", "relocated"}:  # mounts a file system (root); a sweep
+            item.add_marker(pytest.mark.slow)

@@ -90,7 +90,7 @@ def run_sequences(spec: dict) -> dict:
     import matplotlib
 
     matplotlib.use("Agg")
-    import matplotlib.pyplot  # noqa: F401  -- what the classify stage's figures import, also once
+    import matplotlib.pyplot  # what the classify stage's figures import, also once
     import sklearn.metrics  # noqa: F401
 
     out = {}

@@ -1,4 +1,5 @@
-"""Fixtures and helpers for the sweep tests (tests/test_launcher_local.py, tests/test_slurm.py).
+"""Helpers for the sweep tests (tests/test_launcher_local.py, tests/test_slurm.py); their ``slurm_cluster``
+fixture is in conftest.py and calls :func:`start_slurm`.
 
 Everything here is real: the jobs are ``python -m embclf`` on a tiny subset of the real CIFAR-10
 ImageFolder tree at ``<repo root>/../shared/data/cifar10``, and the SLURM tests talk to a real
@@ -58,11 +59,11 @@ def embclf_cmd(*args: str) -> List[str]:
 
 
 def run_embclf(*args: str, timeout: float = 300, cwd: Optional[Path] = None) -> subprocess.CompletedProcess:
-    """Run ``python -m embclf -m <args>``; returns the CompletedProcess (stdout+stderr in .stdout)."""
-    return subprocess.run(
-        embclf_cmd(*args), cwd=cwd or REPO, env=embclf_env(), stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT, text=True, timeout=timeout,
-    )
+    """Run ``python -m embclf -m <args>`` (``conftest.run_module``: a sweep gets its own interpreter); returns the
+    CompletedProcess (stdout+stderr in .stdout)."""
+    from conftest import run_module
+
+    return run_module("embclf", ["-m", *args], cwd or REPO, embclf_env(), timeout=timeout, merge_stderr=True)
 
 
 def run_dirs(sweep_dir: Path) -> List[Path]:
@@ -106,9 +107,9 @@ def slurm(*args: str, check: bool = True) -> str:
     return out.stdout
 
 
-@pytest.fixture(scope="session")
-def slurm_cluster():
-    """A real single-node SLURM with 2 fake GPUs on 127.0.0.1, started once per test session.
+def start_slurm():
+    """A generator for the session fixture ``slurm_cluster`` (conftest.py): a real single-node SLURM with 2 fake
+    GPUs on 127.0.0.1, started once per test session.
 
     Starts it with ``LOCAL_SLURM_FAKE_GPUS=2 local-slurm.sh start`` (needs root; installs the Debian
     packages with apt-get when missing) and stops it at the end -- unless it was already running

@@ -63,6 +63,7 @@ def test_precision_offers_auto_and_other_types_say_what_they_take():
     assert _error("latent=abc").startswith("latent=abc is invalid: latent is an integer (e.g. latent=64).")
 
 
+@pytest.mark.slow
 def test_a_bad_enum_value_on_the_command_line_is_one_paragraph(tmp_path):
     """The real command: the paragraph alone, exit status 2, nothing written."""
     out = tmp_path / "out"

@@ -1,10 +1,8 @@
 """The benchmarks run end to end at a tiny size (their numbers are measured by `python benchmarks/run.py`,
 not here: CI stays deterministic), and the GPU study script runs on a CPU with a tiny override."""
 import json
-import os
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 
@@ -13,6 +11,7 @@ from conftest import REPO, embclf_env
 sys.path.insert(0, str(REPO / "benchmarks"))
 
 
+@pytest.mark.slow
 def test_row1_loops_and_row2_cached_embeddings_match(cifar_root):
     import run as bench
 
@@ -32,6 +31,7 @@ def test_flops_per_image_of_the_reference_conv_ae():
     assert 0.44e9 < bench.train_flops_per_image("ae", 64) < 0.48e9
 
 
+@pytest.mark.slow
 def test_gpu_study_script_runs_end_to_end_on_cpu(tmp_path, cifar_root):
     env = embclf_env(tmp_path)
     env.update(MODELS="ae", LATENTS="8", PRECISION="fp32", PY=sys.executable, OUT=str(tmp_path / "study"),

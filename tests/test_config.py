@@ -32,15 +32,58 @@ def test_defaults_are_the_reference_study():
     assert list(cfg.head.hidden) == [128, 64] and cfg.classify.encoder is None
 
 
+def _option_values(group: str, option: str) -> dict:
+    """{dotted key: value} an option file sets (its in-group ``defaults`` first, as Hydra merges them), keys
+    under its package (``_global_`` for experiments); ``hydra.*`` and the ``defaults`` list left out."""
+    node = OmegaConf.load(Path(conf_dir()) / group / f"{option}.yaml")
+    values = {}
+    for d in node.get("defaults", []):
+        if isinstance(d, str) and d != "_self_":  # another option of the same group (experiment=improved: quick)
+            values.update(_option_values(group, d))
+    own = OmegaConf.to_container(node)
+    own.pop("defaults", None)
+    own.pop("hydra", None)
+
+    def flat(d, prefix):
+        for k, v in d.items():
+            if isinstance(v, dict):
+                yield from flat(v, f"{prefix}{k}.")
+            else:
+                yield f"{prefix}{k}", v
+
+    values.update(flat(own, "" if group == "experiment" else f"{group}."))
+    return values
+
+
 @pytest.mark.parametrize("group,option", [(g, o) for g, opts in GROUPS.items() for o in opts])
 def test_every_group_option_composes(group, option):
+    """Each option composes and sets every value its file gives, under its group's key (an experiment: anywhere)."""
     cfg = _compose(f"{group}={option}", "data.root=/somewhere")
+    expected = _option_values(group, option)
+    # (a default option may set nothing: its values are the schema's; the name checks below still hold)
+    for key, value in expected.items():
+        if key == "data.root":
+            continue  # overridden above
+        got = OmegaConf.select(cfg, key)
+        got = got.name if hasattr(got, "name") and not isinstance(got, (str, int, float)) else got  # enums
+        got = OmegaConf.to_container(got) if OmegaConf.is_config(got) else got
+        assert got == value, f"{group}={option}: {key} is {got!r}, the file sets {value!r}"
+    if group in ("head", "debug"):
+        assert cfg[group].name == option
+    if group == "data":
+        assert cfg.data.source.name == option
     if group == "model":
         assert cfg.model.name == option
         assert cfg.model.variational == option.endswith("vae")
-    elif group in ("data", "head"):
-        assert getattr(cfg[group].get("source", cfg[group].get("name")), "value", None) in (option, None) \
-            or cfg[group].name == option
+    if group == "experiment":  # every preset is the study's stage=all sweep of both models over four latents
+        assert cfg.stage == Stage.all
+        with initialize_config_dir(config_dir=conf_dir(), version_base=None):
+            hc = compose("config", overrides=[f"experiment={option}"], return_hydra_config=True).hydra
+        assert dict(hc.sweeper.params) == {"model": "ae,vae", "latent": "32,64,128,256"}
+        if option == "reference":
+            assert cfg.head.name == "mlp"  # its `override /head: mlp`
+    if group == "debug" and option != "none":
+        assert cfg.debug.train_size == 256 and cfg.debug.test_size == 100 and cfg.debug.batch_size == 32
 
 
 def test_all_groups_have_options():

@@ -96,6 +96,7 @@ _WITHOUT_OPTUNA = textwrap.dedent("""
 """)
 
 
+@pytest.mark.slow
 def test_a_search_without_the_extra_says_how_to_install_it(tmp_path):
     """End to end with the plugin hidden (``hydra/sweeper=optuna`` takes the same path: see the test below)."""
     override = "hparams_search=vae_optuna"

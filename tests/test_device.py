@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 import torch
 from hydra import compose, initialize_config_dir
-from omegaconf import OmegaConf, open_dict
+from omegaconf import open_dict
 
 from embclf import runs, runtime
 from embclf.config import conf_dir
@@ -233,6 +233,7 @@ def _stage_syncs(tmp_path, monkeypatch, name, stage_fn, *overrides):
     return counts["n"]
 
 
+@pytest.mark.slow
 def test_no_host_sync_per_step(tmp_path, monkeypatch):
     """The number of host reads in a stage does not grow with the number of optimizer/eval steps."""
     common = ("autoencode.epochs=1", "classify.epochs=2")
@@ -250,6 +251,7 @@ def test_no_host_sync_per_step(tmp_path, monkeypatch):
     assert few == many, (few, many)
 
 
+@pytest.mark.slow
 def test_bf16_and_compile_run_a_stage_on_cpu(tmp_path):
     """precision=bf16 and compile=true through the whole autoencode stage (inductor on the CPU)."""
     cfg = _cfg(*MINI, "model=ae", "latent=8", "model.channels=[8,16]", "model.strides=[2,2]",

@@ -11,7 +11,7 @@ import torch
 
 from embclf import references
 
-from conftest import MINI, TINY, embclf_env, run_embclf
+from conftest import MINI, embclf_env, run_embclf
 
 AE_KEYS = {"status", "stage", "model", "latent", "seed", "epochs", "wall_seconds", "device", "test_mse",
            "test_psnr", "final_test_mse", "final_test_psnr", "best_epoch", "start_time", "end_time"}
@@ -40,7 +40,7 @@ def test_sweep_autoencode_run_dirs(tiny_sweep):
         for f in ("config.yaml", "embclf.log", "metrics.jsonl", ".hydra/overrides.yaml", "checkpoints/last.pt",
                   "checkpoints/best.pt", "images/recon_e001.png", "images/samples_e002.png"):
             assert (run_dir / f).is_file(), f
-        recs = [json.loads(l) for l in (run_dir / "metrics.jsonl").read_text().splitlines()]
+        recs = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
         assert [(r["epoch"], r["split"]) for r in recs] == [(1, "train"), (1, "val"), (2, "train"), (2, "val"), (2, "test")]
         assert all({"mse", "sse", "psnr", "loss"} <= r.keys() for r in recs)
         assert all("lr" in r and "seconds" in r for r in recs if r["split"] == "train")
@@ -66,6 +66,7 @@ def test_sweep_classify_uses_matching_encoders(tiny_sweep):
         assert (run_dir / "images" / "confusion.png").is_file()
 
 
+@pytest.mark.slow
 def test_stage_all_writes_both_run_dirs(tmp_path, cifar_root):
     out = tmp_path / "o"
     run_embclf(["stage=all", "model=vae", "latent=8", *MINI, "autoencode.epochs=1", f"output_dir={out}"], tmp_path)
@@ -81,6 +82,7 @@ def test_stage_all_writes_both_run_dirs(tmp_path, cifar_root):
     assert references.encoder_run_of(new[0], json.loads((new[0] / "summary.json").read_text())) == (job / "autoencode").resolve()
 
 
+@pytest.mark.slow
 def test_classify_without_encoder_fails_clearly(tmp_path, cifar_root):
     out = tmp_path / "o"
     proc = run_embclf(["stage=classify", "model=vae", "latent=24", *MINI, f"output_dir={out}"], tmp_path, check=False)
@@ -91,6 +93,7 @@ def test_classify_without_encoder_fails_clearly(tmp_path, cifar_root):
     assert not out.exists() or not any(out.iterdir())  # nothing half-written
 
 
+@pytest.mark.slow
 def test_resume_after_sigterm_and_skip_completed(tmp_path, cifar_root):
     run_dir = tmp_path / "run"
     args = ["model=ae", "latent=8", *MINI, "autoencode.epochs=3", f"hydra.run.dir={run_dir}"]
@@ -109,7 +112,7 @@ def test_resume_after_sigterm_and_skip_completed(tmp_path, cifar_root):
     run_embclf(args, tmp_path)  # same command, same run dir: resumes
     s = json.loads((run_dir / "summary.json").read_text())
     assert s["status"] == "completed" and s["resumed_from_epoch"] == done
-    recs = [json.loads(l) for l in metrics.read_text().splitlines()]
+    recs = [json.loads(line) for line in metrics.read_text().splitlines()]
     assert [r["epoch"] for r in recs if r["split"] == "train"] == [1, 2, 3]  # each epoch once
     before = metrics.read_text()
     proc = run_embclf(args, tmp_path)  # completed: nothing retrained
@@ -125,13 +128,16 @@ def test_resume_after_sigterm_and_skip_completed(tmp_path, cifar_root):
     assert not (run_dir / ".hydra.new").exists()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("bad", ["autoencode.epochs=0", "classify.epochs=0 stage=classify"])
 def test_zero_epochs_is_a_clear_error(tmp_path, bad):
     proc = run_embclf([*MINI, *bad.split(), f"output_dir={tmp_path / 'o'}"], tmp_path, check=False)
     assert proc.returncode == 2 and "epochs=0 is invalid: it must be at least 1" in proc.stderr
-    assert "Traceback" not in proc.stderr and not (tmp_path / "o").exists() or not any((tmp_path / "o").iterdir())
+    assert "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    assert not (tmp_path / "o").exists() or not any((tmp_path / "o").iterdir())  # nothing half-written
 
 
+@pytest.mark.slow
 def test_classify_encoder_that_would_run_code_is_refused(tmp_path, cifar_root):
     marker = tmp_path / "pwned"
 
@@ -153,6 +159,7 @@ def test_classify_encoder_that_would_run_code_is_refused(tmp_path, cifar_root):
     assert not out.exists() or not any(out.iterdir())  # nothing half-written
 
 
+@pytest.mark.slow
 def test_divergence_stops_the_run_and_is_recorded(tmp_path, cifar_root):
     run_dir = tmp_path / "run"
     proc = run_embclf(["model=vae", "latent=8", *MINI, "autoencode.epochs=3", "autoencode.lr=1e30",
@@ -178,6 +185,7 @@ def test_divergence_later_keeps_the_last_finite_checkpoint(tmp_path):
     check_finite(3, 0, {"loss": 1.0}, {"mse": 0.1}, 1e-3, last)  # finite: nothing happens
 
 
+@pytest.mark.slow
 def test_posterior_collapse_is_flagged(tmp_path, cifar_root):
     run_dir = tmp_path / "run"
     proc = run_embclf(["model=vae", "latent=8", *MINI, "autoencode.epochs=1", "model.beta=100",
@@ -187,6 +195,7 @@ def test_posterior_collapse_is_flagged(tmp_path, cifar_root):
     assert "posterior collapse" in proc.stderr + proc.stdout
 
 
+@pytest.mark.slow
 def test_disk_full_during_a_checkpoint_fails_clearly_and_leaves_nothing_half_written(tmp_path, cifar_root):
     """`ulimit -f` (4 MB: the data cache and JSON fit, a checkpoint does not) stands in for a full disk."""
     import resource
@@ -215,7 +224,9 @@ def test_a_real_full_disk_during_a_checkpoint_is_recorded_as_disk_full(tmp_path,
         args = ["-m", *args, f"hydra.sweep.dir={disk}/sweep"]
     else:
         args += [f"hydra.run.dir={disk}/run"]
-    proc = run_embclf(args, tmp_path, check=False)
+    # a fresh interpreter: the sweep on a full disk did not finish in 10 min as a fork of the test process
+    # (under pytest-xdist; not yet understood), and does as its own process
+    proc = run_embclf(args, tmp_path, check=False, fresh=True)
     assert proc.returncode != 0, proc.stderr[-3000:]
     (summary,) = list(disk.rglob("summary.json"))
     s = json.loads(summary.read_text())

@@ -135,6 +135,7 @@ def _debug_cfg(tmp: Path, *overrides: str):
 
 # A narrow conv AE (channels 8..32) keeps this test at a few seconds; the default widths fit a 32-image batch
 # too (measured: conv AE latent 64, 16 images, lr 1e-3: 25.8 dB after 125 steps)
+@pytest.mark.slow
 @pytest.mark.parametrize("model", ["ae", "vae"])
 def test_debug_overfit_fits_one_batch(tmp_path, cifar_root, model):
     cfg = _debug_cfg(tmp_path, "debug=overfit", f"model={model}", "latent=16", "model.channels=[8,16,16,32,32]",
@@ -155,6 +156,7 @@ def test_debug_overfit_fits_one_batch(tmp_path, cifar_root, model):
     assert s["status"] == "failed" and s["reason"] == "overfit" and not s["overfit_passed"]
 
 
+@pytest.mark.slow
 def test_debug_fast_end_to_end_and_kept_apart(tmp_path, cifar_root):
     out = tmp_path / "o"
     proc = run_embclf(["stage=all", "debug=fast", "model=ae", "latent=8", *MINI, "logger=none", "debug.train_size=120",

@@ -8,7 +8,6 @@ paragraph, no traceback and no run dir left."""
 from __future__ import annotations
 
 import dataclasses
-import json
 import shutil
 from enum import Enum
 from pathlib import Path
@@ -130,6 +129,7 @@ def test_bad_value_single_run_exits_2_and_leaves_nothing(tmp_path, bad):
     assert bad[0] in _no_run_dir(proc, out)
 
 
+@pytest.mark.slow
 def test_bad_value_sweep_starts_nothing(tmp_path):
     out = tmp_path / "outputs"
     proc = run_embclf(["-m", *MINI, "logger=none", "seed=0,-1", f"output_dir={out}"], tmp_path, check=False,
@@ -204,6 +204,7 @@ def job(tmp_path_factory):
     return {"tmp": tmp, "dir": out / "job"}
 
 
+@pytest.mark.slow
 def test_classify_on_an_encoder_of_another_image_size_is_refused_up_front(job, tmp_path):
     out = tmp_path / "outputs"
     proc = run_embclf(["stage=classify", f"classify.encoder={job['dir'] / 'autoencode'}", "data=folder",
@@ -220,6 +221,7 @@ def _one_paragraph(proc):
     return err[0]
 
 
+@pytest.mark.slow
 def test_evaluate_arguments_are_checked_before_the_work(job, tmp_path):
     ae = job["dir"] / "autoencode"
     for name in ("sub/x", ".hidden", ".."):
@@ -241,6 +243,7 @@ def test_evaluate_arguments_are_checked_before_the_work(job, tmp_path):
     assert not (ae / "eval").exists() and not (job["dir"] / "classify" / "eval").exists()
 
 
+@pytest.mark.slow
 def test_embed_arguments_are_checked_before_the_work(job, tmp_path):
     ae = job["dir"] / "autoencode"
     (tmp_path / "folder").mkdir()
@@ -255,6 +258,7 @@ def test_embed_arguments_are_checked_before_the_work(job, tmp_path):
     assert not (ae / "export").exists()
 
 
+@pytest.mark.slow
 def test_report_out_that_is_a_file_is_refused(job, tmp_path):
     (tmp_path / "r").write_text("x")
     proc = run_embclf([str(job["dir"]), "--out", str(tmp_path / "r")], job["tmp"], check=False, timeout=120,

@@ -65,6 +65,7 @@ def _fit(name, z, y):
     return fit, test["accuracy"]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", HEADS)
 def test_probe_separates_toy_clusters_and_is_at_chance_on_shuffled_labels(name):
     fit, acc = _fit(name, *_toy(shuffle=False))
@@ -86,6 +87,7 @@ def test_knn_votes_are_temperature_weighted_cosine():
     assert probe(q).argmax(1).item() == 1
 
 
+@pytest.mark.slow
 def test_early_stopping_and_lr_grid_choose_on_val():
     z, y = _toy(shuffle=True)  # nothing to learn: val accuracy stops improving early
     head_cfg, cc = _head_cfg("linear")

@@ -108,6 +108,7 @@ def _tiny(tmp_path, *more):
                     "logger.projections=[]", f"output_dir={tmp_path}", *more)
 
 
+@pytest.mark.slow
 def test_an_unfinished_run_resumes_when_only_how_to_run_keys_changed(tmp_path):
     run_dir = tmp_path / "run"
     cfg = _tiny(tmp_path)
@@ -132,6 +133,7 @@ def test_an_unfinished_run_resumes_when_only_how_to_run_keys_changed(tmp_path):
     assert runs.open_run_dir(empty, identity.identity(cfg, "autoencode"), "autoencode") == "start"
 
 
+@pytest.mark.slow
 def test_completed_autoencoder_stays_completed_when_classifier_settings_change_and_embeddings_follow_the_encoder(
         tmp_path):
     ae_dir, clf_dir = tmp_path / "ae", tmp_path / "clf"
@@ -184,6 +186,7 @@ def _snapshot(d: Path) -> dict:
     return {str(p.relative_to(d)): p.read_bytes() for p in sorted(d.rglob("*")) if p.is_file()}
 
 
+@pytest.mark.slow
 def test_a_respelled_sweep_skips_its_completed_jobs(small_sweep):
     tmp, sweep = small_sweep["tmp"], small_sweep["sweep"]
     [job] = _job_dirs(sweep)
@@ -195,6 +198,7 @@ def test_a_respelled_sweep_skips_its_completed_jobs(small_sweep):
     assert _job_dirs(sweep) == [job] and _snapshot(job) == before
 
 
+@pytest.mark.slow
 def test_a_refused_single_run_changes_nothing(small_sweep):
     tmp, sweep = small_sweep["tmp"], small_sweep["sweep"]
     [job] = _job_dirs(sweep)
@@ -208,6 +212,7 @@ def test_a_refused_single_run_changes_nothing(small_sweep):
     assert _snapshot(job) == before
 
 
+@pytest.mark.slow
 def test_a_sweep_with_a_new_head_reuses_the_sweeps_autoencoder(small_sweep):
     tmp, sweep = small_sweep["tmp"], small_sweep["sweep"]
     [job] = _job_dirs(sweep)

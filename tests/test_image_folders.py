@@ -254,6 +254,7 @@ def test_corrupt_cifar_archive_says_checksum_mismatch(tmp_path):
 
 # --- BatchNorm never sees a training batch of one image -----------------------------------------------
 
+@pytest.mark.slow
 def test_no_training_batch_of_one_image():
     from embclf.models import build_model
     from embclf import engine
@@ -275,6 +276,7 @@ def test_no_training_batch_of_one_image():
 
 # --- projections of degenerate embeddings never crash the process --------------------------------------
 
+@pytest.mark.slow
 def test_constant_embeddings_skip_projections_without_crashing(tmp_path):
     # in a subprocess: scikit-learn's t-SNE segfaults on this input, which would take pytest down with it
     code = ("import numpy as np, logging, sys; logging.basicConfig(level=logging.INFO, stream=sys.stdout)\n"

@@ -44,6 +44,7 @@ def _interrupted_line(proc, how="Ctrl-C", status=130):
     return saved, cmd
 
 
+@pytest.mark.slow
 def test_ctrl_c_on_a_single_run_says_what_was_saved_and_how_to_resume(tmp_path, cifar_root):
     first = [sys.executable, "-m", "embclf", *MINI, "autoencode.epochs=2", "threads=1",
              f"output_dir={tmp_path / 'out'}"]
@@ -71,6 +72,7 @@ def test_ctrl_c_on_a_single_run_says_what_was_saved_and_how_to_resume(tmp_path, 
     assert [r["epoch"] for r in runs.read_metrics(run_dir) if r["split"] == "train"] == [1, 2]
 
 
+@pytest.mark.slow
 def test_sigterm_and_sigusr2_on_a_single_run_say_what_was_saved_and_how_to_resume(tmp_path, cifar_root):
     """SIGTERM (a scheduler, `kill`, a closing terminal session) and SIGUSR2 outside SLURM: the same one line as
     Ctrl-C, exit status 128 + signum (143, 140), and the printed command resumes the run."""

@@ -46,6 +46,7 @@ def gpu_sweep(tmp_path_factory):
     return {"proc": proc, "sweep_dir": sweep_dir, "args": args, "seconds": time.time() - t0}
 
 
+@pytest.mark.slow
 def test_one_gpu_per_concurrent_job(gpu_sweep):
     proc, sweep_dir = gpu_sweep["proc"], gpu_sweep["sweep_dir"]
     assert proc.returncode == 0, proc.stdout[-4000:]
@@ -81,6 +82,7 @@ def test_one_gpu_per_concurrent_job(gpu_sweep):
         assert any(o.startswith("data.root=") and "/" in o for o in overrides_of(d))
 
 
+@pytest.mark.slow
 def test_reinvoking_a_finished_sweep_skips_completed_jobs(gpu_sweep):
     sweep_dir = gpu_sweep["sweep_dir"]
     before = {d.name: summary(d) for d in run_dirs(sweep_dir)}
@@ -91,6 +93,7 @@ def test_reinvoking_a_finished_sweep_skips_completed_jobs(gpu_sweep):
     assert after == before  # nothing was retrained or rewritten
 
 
+@pytest.mark.slow
 def test_failed_jobs_are_isolated_recorded_and_all_named(tmp_path):
     """Two jobs fail at run time (a test subset larger than the 10,000 test images: only the data can
     tell); the third completes; the command exits non-zero naming both failed overrides."""
@@ -115,6 +118,7 @@ def test_failed_jobs_are_isolated_recorded_and_all_named(tmp_path):
     assert "completed" in out and out.count("failed") >= 2
 
 
+@pytest.mark.slow
 def test_invalid_values_fail_before_any_job_starts(tmp_path):
     """Value ranges are checked for every job in the launcher: nothing starts, every bad job is named with
     its key, and no sweep dir is left behind."""
@@ -182,6 +186,7 @@ def _sweep_killing_one(sweep_dir, *args, epochs=4):
     return args, proc.returncode, out, victim
 
 
+@pytest.mark.slow
 def test_killed_job_is_recorded_killed_and_reinvoking_resumes_it(tmp_path):
     """A worker killed from outside (SIGKILL, as the OOM killer does) writes nothing itself: the
     launcher records it in its run dir as status "killed" with the signal (not a bare log tail), the
@@ -216,6 +221,7 @@ def test_killed_job_is_recorded_killed_and_reinvoking_resumes_it(tmp_path):
     assert run_dirs(sweep_dir) == sorted([victim, other[0]])  # same run dirs, no new ones
 
 
+@pytest.mark.slow
 def test_stopping_the_launcher_stops_its_jobs(tmp_path):
     """While a sweep runs, a second invocation into its sweep dir refuses to start its jobs again.
     SIGTERM (or Ctrl-C) to the launcher stops every running job -- no orphaned workers -- and
@@ -248,6 +254,7 @@ def test_stopping_the_launcher_stops_its_jobs(tmp_path):
     assert "sweep interrupted" in out and f"hydra.sweep.dir={sweep_dir}" in out and "Traceback" not in out, out[-3000:]
 
 
+@pytest.mark.slow
 def test_two_sweeps_started_together_never_share_a_dir(tmp_path):
     """Same command, same output_dir, same second: each invocation gets its own sweep dir (the
     random token in the sweep dir name), so their run dirs cannot collide."""
@@ -262,6 +269,7 @@ def test_two_sweeps_started_together_never_share_a_dir(tmp_path):
         assert len(dirs) == 1 and summary(dirs[0])["status"] == "completed"
 
 
+@pytest.mark.slow
 def test_invalid_job_config_fails_before_any_job_starts(tmp_path):
     """Hydra's sweeper checks that each job composes (stopping at the first); the launcher also
     resolves every job's whole config and names every bad job before starting any. Here two of
@@ -284,6 +292,7 @@ def _threads_used(run_dir):
     return int(m.group(1))
 
 
+@pytest.mark.slow
 def test_fork_false_runs_each_job_in_a_fresh_interpreter(tmp_path):
     """hydra.launcher.fork=false: submitit's own local executor (a controller process and a fresh
     ``python -m submitit.core._submit`` per job) -- the fallback where forking is unsafe.  Two jobs at
@@ -436,6 +445,7 @@ def test_a_result_left_by_an_earlier_worker_of_the_same_pid_is_never_read(tmp_pa
         job.result()
 
 
+@pytest.mark.slow
 def test_forked_job_is_signalled_then_stopped_at_its_time_limit(tmp_path):
     """USR2 ``signal_delay_s`` before the limit (submitit's handler: not checkpointable, so the job
     ends with an error result), and a job still running at the limit is stopped."""
@@ -457,6 +467,7 @@ def test_forked_job_is_signalled_then_stopped_at_its_time_limit(tmp_path):
         deaf.result()
 
 
+@pytest.mark.slow
 def test_a_job_out_of_time_is_a_timeout_row_with_its_limit(tmp_path):
     """A job that keeps reaching hydra.launcher.timeout_min is told (USR2), saves, is restarted
     max_num_timeout times, then ends with status "timeout" naming both keys; its run dir says so too. A

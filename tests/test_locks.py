@@ -162,6 +162,7 @@ def test_a_requeued_slurm_job_takes_over_its_own_lock():
 
 # --- acquire / refuse / take over / release, in this process --------------------------------------
 
+@pytest.mark.slow
 def test_refused_while_a_live_process_holds_it_and_nothing_changes(tmp_path):
     holder = subprocess.Popen(["sleep", "60"])
     try:
@@ -214,6 +215,7 @@ def test_reentrant_heartbeat_and_release(tmp_path, monkeypatch):
 
 # --- real processes -------------------------------------------------------------------------------
 
+@pytest.mark.slow
 def test_second_single_run_into_one_run_dir_is_refused_and_the_first_completes(tmp_path):
     run_dir = tmp_path / "run"
     args = [*ARGS, f"hydra.run.dir={run_dir}"]
@@ -236,6 +238,7 @@ def test_second_single_run_into_one_run_dir_is_refused_and_the_first_completes(t
     assert _no_lock_files(run_dir) == []  # released on completion
 
 
+@pytest.mark.slow
 def test_stale_lock_after_kill9_does_not_block_resume_and_every_exit_releases(tmp_path):
     runs = {name: tmp_path / name for name in ("killed", "raised", "sigterm", "bad_input")}
     runs["bad_input"].mkdir()
@@ -261,6 +264,7 @@ def test_stale_lock_after_kill9_does_not_block_resume_and_every_exit_releases(tm
     assert _no_lock_files(runs["killed"]) == []
 
 
+@pytest.mark.slow
 def test_second_launcher_into_one_sweep_dir_is_refused_and_every_sweep_command_is_kept(tmp_path):
     sweep = tmp_path / "sweep"
     args = ["-m", *ARGS, "seed=0", f"hydra.sweep.dir={sweep}"]
@@ -327,6 +331,7 @@ def test_sweep_records_are_archived_in_order_and_the_report_lists_each_command_o
     assert len(hold_dirs.sweep_record_archives(sweep)) == 2
 
 
+@pytest.mark.slow
 def test_launcher_sees_a_job_held_seconds_ago_before_its_summary_exists(tmp_path):
     from hydra_plugins.embclf_launcher.sweep_plan import PlannedJob, still_running
 

@@ -29,6 +29,7 @@ def test_shapes(name, latent):
     assert m.sample(5).shape == (5, 3, 32, 32)
 
 
+@pytest.mark.slow
 def test_vae_samples_in_training_and_uses_mu_in_eval():
     torch.manual_seed(0)
     m = build_model(_model_cfg("vae"), 16)

@@ -7,7 +7,6 @@ import pytest
 import torch
 from hydra import compose, initialize_config_dir
 from hydra.errors import ConfigCompositionException
-from omegaconf import OmegaConf
 
 from embclf import identity, losses, runs
 from embclf.config import conf_dir
@@ -162,6 +161,7 @@ def test_bad_objective_keys_are_refused_before_anything_is_written(tmp_path, cif
         assert not any(run_dir.iterdir())
 
 
+@pytest.mark.slow
 def test_supervised_vae_with_warmup_end_to_end(tmp_path, cifar_root):
     """The stage itself, in process: model=vae model.ce_weight=1 model.kl_warmup_epochs=1, 2 epochs."""
     threads = torch.get_num_threads()

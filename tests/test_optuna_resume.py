@@ -19,6 +19,7 @@ def _sweep(tmp_path, out, *extra):
                        "hydra.sweeper.study_name=resume_test", f"output_dir={out}", *extra], tmp_path)
 
 
+@pytest.mark.slow
 def test_a_resumed_study_draws_new_parameters(tmp_path):
     """Two consecutive 1-trial searches into one sqlite study (n_startup_trials=8: both in TPE's random phase):
     the second proposes parameters the first did not (it used to repeat them); the study holds both trials."""

@@ -8,7 +8,6 @@ import sys
 import pytest
 
 from conftest import REPO
-from tracking_fixtures import failing_sweep  # noqa: F401 (session fixture)
 
 from embclf import report, runs
 

@@ -102,6 +102,7 @@ def test_recon_indices_are_class_balanced():
     assert len(set((many // 3).tolist())) == 20  # 100 classes: 20 different ones
 
 
+@pytest.mark.slow
 def test_figures_exist_with_readable_sizes(tmp_path):
     torch.manual_seed(0)
     labels = torch.arange(10).repeat_interleave(10)
@@ -133,6 +134,7 @@ def test_figures_exist_with_readable_sizes(tmp_path):
     assert Image.open(p).size[0] > Image.open(p).size[1]  # the legend sits beside the axes
 
 
+@pytest.mark.slow
 def test_help_texts():
     out = subprocess.run([sys.executable, "-m", "embclf", "--help"], cwd=REPO, capture_output=True, text=True,
                          timeout=120)
@@ -153,6 +155,7 @@ def test_report_help(capsys):
     assert "reconstructions" in text and "distinct" in text
 
 
+@pytest.mark.slow
 def test_keep_last_false_drops_last_pt_and_stays_completed(tmp_path):
     with initialize_config_dir(config_dir=conf_dir(), version_base=None):
         cfg = compose("config", overrides=[

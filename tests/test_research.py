@@ -46,6 +46,7 @@ def test_reference_preset_is_the_reference_study():
     assert vae.model.beta == 0.1
 
 
+@pytest.mark.slow
 def test_every_preset_runs_end_to_end(tmp_path):
     """One job per preset, all in one sweep (one interpreter): the command line's model/latent replace each
     preset's own sweep, SMALL its sizes; every job completes both stages."""
@@ -67,6 +68,7 @@ def test_every_preset_runs_end_to_end(tmp_path):
         assert set(summaries[("improved", "classify")]["probes"]) == {"mlp", "linear", "knn", "logreg"}
 
 
+@pytest.mark.slow
 def test_optuna_search_four_trials_through_the_local_launcher(tmp_path):
     """hparams_search=vae_optuna, 4 trials at a tiny size, 2 at a time through the local launcher. A trial
     that fails (classify.epochs=0, drawn for some trials) is recorded as failed and the search goes on; the

@@ -102,6 +102,7 @@ def _log(resumed, name: str) -> str:
     return (resumed["tmp"] / f"{name}.attempts.log").read_text()
 
 
+@pytest.mark.slow
 def test_kill_at_any_instant_resumes_exactly(resumed):
     attempts = resumed["attempts"]["kill"]
     log = _log(resumed, "kill")
@@ -130,6 +131,7 @@ def test_kill_at_any_instant_resumes_exactly(resumed):
     assert "resuming the head's training" in log
 
 
+@pytest.mark.slow
 def test_sigterm_mid_epoch_resumes_exactly(resumed):
     """SIGTERM (a SLURM time limit, preemption) at step 3 of epoch 2: last.pt holds that position and the
     restart continues with step 4, so the result equals the uninterrupted run's."""
@@ -182,6 +184,7 @@ def test_stale_temporaries_of_dead_writers_are_removed(tmp_path):
     assert not stale.exists() and live.exists()
 
 
+@pytest.mark.slow
 def test_resumed_run_continues_its_wandb_run(tmp_path, monkeypatch):
     """Each attempt of a run dir logs to the same wandb run: the id is kept in ``wandb_run_id`` and passed to
     ``wandb.init(id=..., resume="allow")`` (offline here: each attempt writes an offline-run-*-<id> folder)."""

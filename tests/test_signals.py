@@ -15,6 +15,8 @@ import sys
 import threading
 from pathlib import Path
 
+import pytest
+
 from conftest import embclf_env
 from test_resume import ARGS, _small_tree
 
@@ -53,6 +55,7 @@ def _sequence(tmp: Path, spec: dict) -> dict:
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
+@pytest.mark.slow
 def test_a_signal_in_any_phase_records_the_run_as_interrupted(tmp_path, cifar_root):
     tree = _small_tree(tmp_path / "data")
     run_dir = tmp_path / "run"

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from embclf import references
-from slurm_fixture import (  # noqa: F401  (slurm_cluster is a fixture)
+from slurm_fixture import (
     REPO,
     assert_no_gpu_shared_while_overlapping,
     embclf_cmd,
@@ -22,7 +22,6 @@ from slurm_fixture import (  # noqa: F401  (slurm_cluster is a fixture)
     run_dirs,
     run_embclf,
     slurm,
-    slurm_cluster,
     summary,
     tiny_args,
 )

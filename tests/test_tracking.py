@@ -10,8 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import REPO
-from tracking_fixtures import SECRET, failing_sweep  # noqa: F401 (session fixture)
+from conftest import REPO, SECRET
 from wandb_log import read_run
 
 from embclf import references, runs, tracking
@@ -142,6 +141,7 @@ def test_mode_decided_without_network(tmp_path, monkeypatch):
     assert tracking.resolve_mode("online")[0] == "offline"
 
 
+@pytest.mark.slow
 def test_logger_none_never_imports_wandb(tmp_path):
     code = f"""
 import sys

@@ -193,7 +193,7 @@ def save_projections(z, labels, classes: List[str], out_dir: Path, methods: Sequ
         except ImportError:
             log.info("umap-learn is not installed: skipping images/umap.png (pip install 'embclf[umap]')")
             continue
-        except Exception as e:  # e.g. no spread for t-SNE's start
+        except Exception as e:  # noqa: BLE001 -- e.g. no spread for t-SNE's start
             log.warning("projection %s failed (%s: %s); skipped", method, type(e).__name__, e)
             continue
         out[method] = scatter(xy, labels, classes, Path(out_dir) / f"{method}.png",
