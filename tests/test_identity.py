@@ -244,7 +244,7 @@ def test_a_run_does_not_resume_on_other_images(tmp_path, monkeypatch):
                    "threads=1", "latent=4", "model.channels=[4,4,4,4,4]")
     run_dir = tmp_path / "run"
     monkeypatch.setenv(faults.KILL_AT_ENV, "autoencode.summary:1:raise")  # an ordinary failure after last.pt
-    monkeypatch.setattr(runs, "_fault_counts", {})
+    monkeypatch.setattr(faults, "_fault_counts", {})
     with pytest.raises(RuntimeError, match="injected failure"):
         autoencode.run(cfg, run_dir, [])
     monkeypatch.delenv(faults.KILL_AT_ENV)
