@@ -22,7 +22,8 @@ from hydra.types import RunMode
 from omegaconf import DictConfig, open_dict
 
 from . import debug, lifecycle, locks, overrides, references, runs, runtime, tracking
-from .config import Stage, conf_dir, problems
+from .config import Stage, conf_dir
+from .validation import problems
 from .identity import absolute_paths
 from .data import DataError
 from .optional import needs_search_extras

@@ -27,7 +27,7 @@ import torch
 from sklearn.model_selection import train_test_split
 
 from . import faults, runs
-from .config import check_group
+from .validation import check_group
 from .image_folder import file_listing, folder_split, folder_tree, read_image, to_rgb
 from .runtime import DataError
 
@@ -314,7 +314,7 @@ def load(cfg) -> Dataset:
     """Load the ``data`` config into memory: stratified subsets, a val split held out of train.
 
     Raises:
-        DataError: a value the gate refuses (``config.VALUE_RULES`` for ``data.*``), missing or unreadable files,
+        DataError: a value the gate refuses (``validation.VALUE_RULES`` for ``data.*``), missing or unreadable files,
             sizes these images cannot meet (message names the key and the fix).
     """
     check_group(cfg, "data", DataError)  # the entrypoint checked the whole config; this is for direct callers
@@ -342,7 +342,7 @@ def load(cfg) -> Dataset:
     test_idx, _ = _stratified(te_targets.numpy(), cfg.test_size, seed, "data.test_size", _typed(cfg.test_size),
                               "test", "unused", "test images", where["test"], count("data.test_size", len(te_targets)))
     # val is held out of the (subsetted) train split: model selection never looks at test
-    v = cfg.val_size  # a fraction in (0, 1) or a whole count (config.VALUE_RULES)
+    v = cfg.val_size  # a fraction in (0, 1) or a whole count (validation.VALUE_RULES)
     n_train = len(train_idx)
     n_val = round(v * n_train) if v < 1 else int(v)
 

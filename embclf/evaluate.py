@@ -60,7 +60,8 @@ from omegaconf import DictConfig, OmegaConf
 from . import data as data_mod
 from . import engine, identity, images, runs, runtime
 from .artefacts import encoder_checkpoint, load_autoencoder, load_head, load_objective
-from .config import Config, conf_dir, problems
+from .config import Config, conf_dir
+from .validation import problems
 from .data import DataError
 from .runtime import EmbclfError
 
@@ -175,7 +176,7 @@ def run_config(run_dir: Path, overrides) -> DictConfig:
         except OmegaConfBaseException as e:
             raise EmbclfError(f"{o.input_line}: {str(e).splitlines()[0]}") from None
     cfg.data.root = identity.normalise_path(cfg.data.root, os.getcwd())
-    bad = problems(cfg)  # the ranges a run's own config must satisfy (config.VALUE_RULES), before any work
+    bad = problems(cfg)  # the ranges a run's own config must satisfy (validation.VALUE_RULES), before any work
     if bad:
         raise EmbclfError(f"the run's config with {' '.join(o.input_line for o in overrides) or 'no overrides'} is "
                           "invalid, nothing was computed: " + " ".join(bad))

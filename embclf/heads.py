@@ -24,7 +24,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from .config import HEAD_NAMES, check_group, check_value
+from .validation import HEAD_NAMES, check_group, check_value
 from .runtime import EmbclfError
 
 HEADS = HEAD_NAMES  # the head group's options: one list, the gate's (embclf/config.py)
@@ -74,7 +74,7 @@ class KNNProbe(nn.Module):
     Args:
         n_classes: number of classes. k: neighbours (capped at the training set size; >= 1).
         temperature: T > 0. batch_size: queries per similarity matrix. (``build_head`` checks both against
-        the gate, ``config.VALUE_RULES``.)
+        the gate, ``validation.VALUE_RULES``.)
     """
 
     trainable = False
@@ -110,7 +110,7 @@ class LogRegProbe:
     ``fit`` standardizes with the training embeddings' mean/std (``StandardScaler``), fits one model per
     C in ``Cs`` on train, and keeps the one with the best val accuracy (ties: the smaller C, i.e. the
     stronger regularization). Selection never sees test. ``Cs``: a non-empty grid of C > 0 (``build_head``
-    checks it against the gate, ``config.VALUE_RULES``).
+    checks it against the gate, ``validation.VALUE_RULES``).
     """
 
     trainable = False
@@ -154,7 +154,7 @@ def build_head(head_cfg, in_dim: int, n_classes: int, seed: int = 0):
     """Build the head named by ``head.name`` (see module docstring) from the ``head`` config.
 
     Returns an ``nn.Module`` (``mlp``, ``linear``: to train; ``knn``) or a ``LogRegProbe``.
-    Raises ``EmbclfError`` with the gate's message (``config.VALUE_RULES``, ``head.*``) for an unknown name or
+    Raises ``EmbclfError`` with the gate's message (``validation.VALUE_RULES``, ``head.*``) for an unknown name or
     a bad setting: the entrypoint checked the whole config already; this is for direct callers.
     """
     check_group(head_cfg, "head", EmbclfError)
@@ -175,12 +175,12 @@ def is_trainable(name: str) -> bool:
 
 
 def check_names(names: List[str], key: str) -> None:
-    """Raise ``EmbclfError`` with the gate's message (``config.VALUE_RULES[key]``) if any of ``names`` is not a
+    """Raise ``EmbclfError`` with the gate's message (``validation.VALUE_RULES[key]``) if any of ``names`` is not a
     head; ``key`` is ``head.name`` (one name) or ``classify.probes`` (a list)."""
     check_value(key, list(names) if key == "classify.probes" else names[0], EmbclfError)
 
 
 def check_dropout(head_cfg) -> float:
-    """``head.dropout`` after the gate's check (``config.VALUE_RULES``); raises ``EmbclfError`` outside [0, 1)."""
+    """``head.dropout`` after the gate's check (``validation.VALUE_RULES``); raises ``EmbclfError`` outside [0, 1)."""
     check_value("head.dropout", head_cfg.dropout, EmbclfError)
     return head_cfg.dropout

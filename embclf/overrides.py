@@ -8,7 +8,7 @@ does not have (``+autoencode.epoch=3``) fails the same way: nothing reads such a
 silently ignored. The entrypoint (``embclf.__main__.main``) calls ``mistyped`` on ``sys.argv`` before it hands
 over to Hydra; Hydra 1.3 has no hook at composition time, and this module changes nothing in Hydra. (Composing
 ``conf/`` another way, e.g. ``hydra.compose`` in a notebook, gets Hydra's own error, which names the key, and
-the gate ``embclf.config.problems`` still refuses a key added with ``+``.)
+the gate ``embclf.validation.problems`` still refuses a key added with ``+``.)
 """
 from __future__ import annotations
 
@@ -63,7 +63,7 @@ def _known(schema: DictConfig, key: str) -> bool:
 
 def unknown_keys(node: Any, schema: Any, prefix: str, out: List[str]) -> None:
     """Append to ``out`` a message for every key of ``node`` (a composed config, recursively) that its structured
-    ``schema`` node does not define, naming the closest valid key: the gate's check (``config.problems``) for a key
+    ``schema`` node does not define, naming the closest valid key: the gate's check (``validation.problems``) for a key
     that got past composition (``+key=`` under an untyped node, a hand-edited stored config)."""
     if not isinstance(node, DictConfig) or not isinstance(schema, DictConfig):
         return
@@ -135,12 +135,12 @@ def bad_value(argv: Sequence[str]) -> Optional[str]:
     """One paragraph for the first override in ``argv`` whose value does not fit its typed key in the schema
     (an Enum key: its values, read from the schema, and the closest as an example; an int, float or bool key:
     what it takes and its default as an example); None when every value fits. Values of untyped keys, group
-    choices, ``hydra.*``, interpolations and ``null`` are left to Hydra and the gate (``config.problems``)."""
+    choices, ``hydra.*``, interpolations and ``null`` are left to Hydra and the gate (``validation.problems``)."""
     from hydra.core.override_parser.overrides_parser import OverridesParser
     from omegaconf.errors import ValidationError
     from omegaconf.nodes import EnumNode
 
-    from .config import _as_override
+    from .validation import _as_override
 
     lines = [a for a in argv if not a.startswith("-") and "=" in a]
     try:

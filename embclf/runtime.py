@@ -16,7 +16,7 @@ from typing import Callable
 import numpy as np
 import torch
 
-from .config import check_value
+from .validation import check_value
 
 log = logging.getLogger(__name__)
 
@@ -39,7 +39,7 @@ def setup(cfg) -> dict:
     ``device=auto`` picks CUDA when usable, else CPU. When a launcher or SLURM set ``CUDA_VISIBLE_DEVICES``
     but no CUDA device is usable (a CPU-only node, fake GPUs in tests), the job says so once and runs on
     the CPU (``fallback`` True). Raises ``EmbclfError`` for ``device=cuda`` without CUDA, a GPU index this
-    machine lacks, or a value the gate refuses (``config.VALUE_RULES["device"]``, for direct callers).
+    machine lacks, or a value the gate refuses (``validation.VALUE_RULES["device"]``, for direct callers).
     """
     check_value("device", cfg.device, EmbclfError)
     if cfg.threads:

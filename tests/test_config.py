@@ -158,7 +158,7 @@ def test_long_names_keep_the_short_swept_values_readable():
 
 
 def _problems(*overrides):
-    from embclf.config import problems
+    from embclf.validation import problems
     return problems(_compose(*overrides))
 
 
@@ -167,7 +167,7 @@ def test_config_problems_name_the_key_and_suggest_the_closest():
     # a key that got past composition (Hydra's `+key=` under an untyped node, a hand-edited config): named,
     # with the closest valid key
     from omegaconf import open_dict
-    from embclf.config import problems
+    from embclf.validation import problems
     cfg = _compose()
     with open_dict(cfg), open_dict(cfg.autoencode):
         cfg.autoencode.epoch = 3

@@ -1,5 +1,5 @@
 """Bad values are refused before anything runs (issue #17): every key of the schema has its valid range in the one
-gate (``config.problems``, called by a single run and by the launcher's sweep planning), ranges across keys
+gate (``validation.problems``, called by a single run and by the launcher's sweep planning), ranges across keys
 included; data that cannot make a run is refused before training; a classify run on an encoder of another image
 size and every bad argument of ``embclf.evaluate`` / ``embclf.embed`` / ``embclf.report`` fail before the work.
 
@@ -18,8 +18,10 @@ from hydra import compose, initialize_config_dir
 from conftest import MINI, run_embclf
 
 from embclf import config as config_mod
+from embclf import validation
 from embclf import data
-from embclf.config import conf_dir, problems
+from embclf.config import conf_dir
+from embclf.validation import problems
 
 CIFAR = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "cifar10"
 
@@ -48,9 +50,9 @@ def _leaves(cls, prefix=""):
 
 def test_every_schema_key_is_typed_or_ranged():
     unranged = [k for k, t in _leaves(config_mod.Config)
-                if k not in config_mod.VALUE_RULES and k not in NO_RANGE
+                if k not in validation.VALUE_RULES and k not in NO_RANGE
                 and not (isinstance(t, type) and issubclass(t, (Enum, bool)))]
-    assert unranged == [], f"keys with no valid range in config.VALUE_RULES: {unranged}"
+    assert unranged == [], f"keys with no valid range in validation.VALUE_RULES: {unranged}"
 
 
 BAD = [  # (override(s), the key the message must name, a valid value it must give)
@@ -285,7 +287,7 @@ def test_the_gates_name_lists_are_the_modules_own():
     from embclf import debug, heads
     from embclf.report import projections as plots
 
-    assert config_mod.HEAD_NAMES == heads.HEADS and config_mod.PROJECTIONS == plots.METHODS
-    assert config_mod.DEBUG_MODES == debug.MODES
-    assert sorted(config_mod.LOGGERS) == sorted(p.stem for p in (Path(conf_dir()) / "logger").glob("*.yaml"))
-    assert sorted(config_mod.HEAD_NAMES) == sorted(p.stem for p in (Path(conf_dir()) / "head").glob("*.yaml"))
+    assert validation.HEAD_NAMES == heads.HEADS and validation.PROJECTIONS == plots.METHODS
+    assert validation.DEBUG_MODES == debug.MODES
+    assert sorted(validation.LOGGERS) == sorted(p.stem for p in (Path(conf_dir()) / "logger").glob("*.yaml"))
+    assert sorted(validation.HEAD_NAMES) == sorted(p.stem for p in (Path(conf_dir()) / "head").glob("*.yaml"))

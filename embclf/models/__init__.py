@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from torch import nn
 
-from ..config import check_model
+from ..validation import check_model
 
 from .autoencoder import Autoencoder
 from .conv import ConvDecoder, ConvEncoder
@@ -21,7 +21,7 @@ def build_model(model_cfg, latent: int, image_size: int = 32) -> Autoencoder:
     of ``image_size`` pixels.
 
     Raises:
-        ValueError: with the gate's message (``config.check_model``: ``latent``, the ``model.*`` ranges, and
+        ValueError: with the gate's message (``validation.check_model``: ``latent``, the ``model.*`` ranges, and
             ``data.image_size`` against the architecture) -- the entrypoint checked the whole config already;
             this is for direct callers and for encoders read back from a run dir.
     """

@@ -25,7 +25,7 @@ class Autoencoder(nn.Module):
         feature_size: s, the trunk's output side in pixels.
         variational: if True, encode gives (mu, logvar) and training samples z by reparameterization
             (Kingma & Welling 2014); otherwise logvar is None and z = mu.
-    ``latent`` >= 1 (``build_model`` checks it against the gate, ``config.VALUE_RULES``).
+    ``latent`` >= 1 (``build_model`` checks it against the gate, ``validation.VALUE_RULES``).
     """
 
     def __init__(self, encoder: nn.Module, decoder: nn.Module, latent: int, feature_size: int,

@@ -20,7 +20,7 @@ def _block(conv: nn.Module, channels: int) -> nn.Sequential:
 class ConvEncoder(nn.Module):
     """Conv trunk: float [B, 3, S, S] in [0, 1] -> float [B, channels[-1], S/prod(strides), ...].
 
-    ``channels`` and ``strides``: one stride per conv layer (the gate, ``config.CROSS_RULES``, checks a config;
+    ``channels`` and ``strides``: one stride per conv layer (the gate, ``validation.CROSS_RULES``, checks a config;
     ``zip(strict=True)`` raises ``ValueError`` for a direct call with lengths that differ).
     """
 

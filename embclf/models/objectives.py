@@ -29,7 +29,7 @@ import torch
 from torch import nn
 
 from .. import losses
-from ..config import check_group
+from ..validation import check_group
 
 @dataclass
 class Objective:
@@ -94,7 +94,7 @@ def build_objective(model_cfg, latent: int, n_classes: int) -> Objective:
     Returns:
         ``Objective``; its ``head`` (``nn.Linear(latent, n_classes)``, PyTorch's default init) when ce_weight > 0.
     Raises:
-        ValueError: with the gate's message (``config.VALUE_RULES``, ``model.*``) for a negative weight: the
+        ValueError: with the gate's message (``validation.VALUE_RULES``, ``model.*``) for a negative weight: the
             entrypoint checked the whole config already; this is for direct callers.
     """
     check_group(model_cfg, "model", ValueError)

@@ -160,7 +160,7 @@ def _identity_digest(job: PlannedJob) -> Optional[str]:
 
 def _config_problems(cfg: DictConfig) -> List[str]:
     try:
-        from embclf.config import problems
+        from embclf.validation import problems
     except ImportError:  # the launcher without embclf installed: Hydra's own checks only
         return []
     return problems(cfg)
