@@ -281,6 +281,22 @@ def row4(root: Path, repeats: int, steps: int = 20) -> dict:
 
 # --- row 5 --------------------------------------------------------------------------------------------
 
+def _steps_per_second(name: str, x: torch.Tensor, precision: str, steps: int) -> float:
+    """Training steps per second of a fresh ``name`` model (forward under ``precision``'s autocast, backward,
+    Adam) on the batch ``x``: one warm-up step (allocations, dispatch), then ``steps`` timed."""
+    model, opt = build(name)
+    model.train()
+    for s in range(steps + 1):
+        if s == 1:
+            t0 = time.perf_counter()
+        loss, _, _ = engine.batch_step(model, x, 0.1, precision)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    return steps / (time.perf_counter() - t0)
+
+
+
 def row5(root: Path, repeats: int) -> dict:
     """Batch sizes keep each step near a second here: bf16 on a CPU without native bf16 kernels (AVX2 only)
     runs emulated, ~15x (conv) to ~30x (ResNet-18) slower than fp32, so its batches are small."""
@@ -292,18 +308,7 @@ def row5(root: Path, repeats: int) -> dict:
         for precision in ("fp32", "bf16"):
             batch = batches[(arch, precision)]
             x = data_mod.to_float(torch.randint(0, 256, (batch, 3, 32, 32), dtype=torch.uint8))
-            rates = []
-            for _ in range(repeats):
-                model, opt = build(name)
-                model.train()
-                for s in range(3):  # the first step warms up (allocations, dispatch); two are timed
-                    if s == 1:
-                        t0 = time.perf_counter()
-                    loss, _, _ = engine.batch_step(model, x, 0.1, precision)
-                    opt.zero_grad()
-                    loss.backward()
-                    opt.step()
-                rates.append(batch * 2 / (time.perf_counter() - t0))
+            rates = [_steps_per_second(name, x, precision, 2) * batch for _ in range(repeats)]
             ips = _median(rates)
             out[f"{name}/{precision}"] = {"batch": batch, "images_per_second": ips, "gflop_per_image": flops / 1e9,
                                           "achieved_gflops": ips * flops / 1e9}
@@ -322,16 +327,7 @@ def row6(root: Path, repeats: int, batch: int = 200, steps: int = 3) -> dict:
     rates = {"fp32": [], "bf16": []}
     for _ in range(repeats):
         for precision in ("fp32", "bf16"):
-            model, opt = build("ae")
-            model.train()
-            for s in range(steps + 1):
-                if s == 1:
-                    t0 = time.perf_counter()
-                loss, _, _ = engine.batch_step(model, x, 0.1, precision)
-                opt.zero_grad()
-                loss.backward()
-                opt.step()
-            rates[precision].append(batch * steps / (time.perf_counter() - t0))
+            rates[precision].append(_steps_per_second("ae", x, precision, steps) * batch)
     med = {k: _median(v) for k, v in rates.items()}
     auto, why = runtime.resolve_precision("auto", "cpu")
     return {"batch": batch, "images_per_second": med, "all": rates, "ratio": med["bf16"] / med["fp32"],

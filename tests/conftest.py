@@ -250,6 +250,15 @@ def tiny_sweep(tmp_path_factory, cifar_root):
     return _once(tmp_path_factory, "sweep", build)
 
 
+@pytest.fixture(scope="module")
+def sweep(tiny_sweep):
+    """``tiny_sweep``, with this process reading the data cache its jobs wrote (no image is decoded again): for
+    tests that evaluate, embed or report its runs in-process (test_evaluate.py, test_readonly_results.py)."""
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("XDG_CACHE_HOME", str(tiny_sweep["tmp"] / "xdg-cache"))
+        yield tiny_sweep
+
+
 @pytest.fixture(scope="session")
 def failing_sweep(tiny_sweep, tmp_path_factory):
     """A real sweep with a failing job (test_tracking.py, test_report.py).

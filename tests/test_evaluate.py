@@ -25,14 +25,6 @@ def _run(out: Path, stage: str, model: str, latent: int) -> Path:
     raise AssertionError(f"no {stage} run {model} z{latent} under {out}")
 
 
-@pytest.fixture(scope="module")
-def sweep(tiny_sweep):
-    """The tiny sweep, with this process reading the data cache its jobs wrote (no image is decoded again)."""
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("XDG_CACHE_HOME", str(tiny_sweep["tmp"] / "xdg-cache"))
-        yield tiny_sweep
-
-
 def _evaluate(run_dir: Path, *args: str) -> dict:
     before = set((run_dir / "eval").iterdir()) if (run_dir / "eval").is_dir() else set()
     assert evaluate.main([str(run_dir), "threads=1", *args]) == 0

@@ -26,14 +26,6 @@ def _ae_run(out: Path) -> Path:
     raise AssertionError(f"no completed ae autoencode run under {out}")
 
 
-@pytest.fixture(scope="module")
-def sweep(tiny_sweep):
-    """The session's tiny sweep, this process reading the data cache its jobs wrote."""
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("XDG_CACHE_HOME", str(tiny_sweep["tmp"] / "xdg-cache"))
-        yield tiny_sweep
-
-
 def _one_line(err: str) -> str:
     """The one error line of a command's stderr (its log lines, "[time][name][LEVEL] - ...", aside)."""
     lines = [ln for ln in err.strip().splitlines() if ln.strip() and not ln.startswith("[")]
