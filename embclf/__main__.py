@@ -170,10 +170,24 @@ def _launch_dir() -> str:
         return os.getcwd()
 
 
+# what a job dir holds before any stage accepted it: Hydra's record, the log, the lock (and for stage=all the same
+# in its autoencode/ and classify/ run dirs, which get their own copy of the record and log before the stage runs)
+_NOTHING_YET = {".hydra", PENDING_HYDRA, "embclf.log", locks.LOCK_NAME}
+
+
+def _holds_nothing(d: Path, stage_dirs: bool = True) -> bool:
+    for p in d.iterdir():
+        if p.name in _NOTHING_YET:
+            continue
+        if not (stage_dirs and p.name in ("autoencode", "classify") and p.is_dir() and _holds_nothing(p, False)):
+            return False
+    return True
+
+
 def _remove_if_empty(job_dir: Path) -> None:
-    """Remove a run dir that holds only what Hydra wrote before the job failed on bad input."""
-    if job_dir.is_dir() and {p.name for p in job_dir.iterdir()} <= {".hydra", PENDING_HYDRA, "embclf.log",
-                                                                    locks.LOCK_NAME}:
+    """Remove a run dir that holds only what Hydra and the log wrote before the job failed on bad input (for
+    stage=all: its ``autoencode/`` and ``classify/`` holding no more than that either): nothing half-written."""
+    if job_dir.is_dir() and _holds_nothing(job_dir):
         locks.forget(job_dir)  # held until here; the lock file goes with the dir
         shutil.rmtree(job_dir, ignore_errors=True)
 

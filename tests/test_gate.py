@@ -131,6 +131,18 @@ def test_bad_value_single_run_exits_2_and_leaves_nothing(tmp_path, bad):
     assert bad[0] in _no_run_dir(proc, out)
 
 
+@pytest.mark.parametrize("stage", ["autoencode", "classify", "all"])
+def test_missing_data_root_leaves_no_run_dir_for_any_stage(tmp_path, stage):
+    """Found by a fresh user: stage=all left a job dir with autoencode/ and classify/ holding only Hydra's record
+    and an empty log after ``data.root`` was missing."""
+    out = tmp_path / "outputs"
+    args = [*MINI, "logger=none", f"stage={stage}", f"data.root={tmp_path / 'nope'}", f"output_dir={out}"]
+    if stage == "classify":
+        args.append(f"classify.encoder={tmp_path / 'no-encoder'}")
+    proc = run_embclf(args, tmp_path, check=False, timeout=120)
+    _no_run_dir(proc, out)
+
+
 @pytest.mark.slow
 def test_bad_value_sweep_starts_nothing(tmp_path):
     out = tmp_path / "outputs"
