@@ -289,7 +289,8 @@ def task(cfg: DictConfig) -> float:
 def main() -> None:
     """``python -m embclf`` / ``embclf``: check the command line's keys (``embclf.overrides``: a mistyped key
     names the closest valid one, exit status 2, nothing written), then run ``task`` under Hydra."""
-    bad = overrides.mistyped(sys.argv[1:]) or overrides.bad_value(sys.argv[1:])
+    argv = sys.argv[1:]
+    bad = overrides.mistyped(argv) or overrides.bad_choice(argv) or overrides.bad_value(argv)
     if bad:
         print(f"embclf: error: {bad}", file=sys.stderr)
         sys.exit(2)

@@ -179,3 +179,33 @@ def bad_value(argv: Sequence[str]) -> Optional[str]:
                     ". Fix it on the command line or in the YAML that sets it; nothing was run. (python -m embclf "
                     "--help lists the main keys; --cfg job shows every key and its value.)")
     return None
+
+
+def bad_choice(argv: Sequence[str]) -> Optional[str]:
+    """One paragraph for the first override in ``argv`` that picks an option a config group of ``conf/`` does not
+    have (``model=foo``, ``head=mpl``, ``experiment=quik``; each value of a sweep too): the group, its options and
+    the closest as an example. None when every choice exists. Hydra's own message for this is a dozen lines
+    (the options, then its config search path); ``hydra/...`` groups are left to Hydra."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    if any(a.split("=")[0] in ("--config-dir", "-cd", "--config-path", "-cp") or a.lstrip("+").startswith(
+            "hydra.searchpath") for a in argv):
+        return None  # the user's own config dirs may hold more options: Hydra knows them, we do not
+    lines = [a for a in argv if not a.startswith("-") and "=" in a]
+    try:
+        parsed = OverridesParser.create().parse_overrides(lines)
+    except Exception:  # noqa: BLE001 -- a syntax error: Hydra's own message says where
+        return None
+    conf = Path(conf_dir())
+    for o in parsed:
+        group = o.key_or_group
+        if o.is_delete() or o.package is not None or not (conf / group).is_dir() or group.startswith("hydra"):
+            continue
+        options = sorted(p.stem for p in (conf / group).glob("*.yaml"))
+        for v in _values(o):
+            if v is None or not isinstance(v, str) or "${" in v or v in options:
+                continue
+            near = (difflib.get_close_matches(v, options, n=1, cutoff=0.3) or options)[0]
+            return (f"{group}={v} is not an option of the {group} group: it is one of {', '.join(options)} "
+                    f"(conf/{group}/*.yaml; e.g. {group}={near}). Fix it on the command line; nothing was run.")
+    return None

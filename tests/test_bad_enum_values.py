@@ -80,3 +80,19 @@ def test_a_bad_enum_value_on_the_command_line_is_one_paragraph(tmp_path):
 def test_a_sweep_with_one_bad_value_is_refused_before_any_job():
     assert overrides.bad_value(["-m", "stage=all,foo"]).startswith("stage=foo is invalid")
     assert overrides.bad_value(["-m", "latent=32,64", "seed=range(0,3)", "model=vae", "autoencode.lr=1e-3"]) is None
+
+
+def test_a_group_option_that_does_not_exist_is_one_paragraph(tmp_path):
+    """``model=foo``: Hydra's own message is a dozen lines (options, then its search path), exit status 1."""
+    assert overrides.bad_choice(["-m", "head=mlp,mpl"]).startswith(
+        "head=mpl is not an option of the head group: it is one of knn, linear, logreg, mlp (conf/head/*.yaml; "
+        "e.g. head=mlp).")
+    assert overrides.bad_choice(["model=vae", "head=knn", "data=folder", "experiment=quick", "hydra/launcher=slurm"]) \
+        is None
+    assert overrides.bad_choice(["experiment=mine", "--config-dir", str(tmp_path)]) is None  # the user's own options
+    out = tmp_path / "out"
+    proc = subprocess.run([sys.executable, "-m", "embclf", "model=foo", f"output_dir={out}"], cwd=tmp_path,
+                          env=embclf_env(tmp_path), capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2 and "Config search path" not in proc.stderr, proc.stderr
+    assert proc.stderr.strip().startswith("embclf: error: model=foo is not an option of the model group")
+    assert not out.exists()
