@@ -279,7 +279,7 @@ def evaluate_autoencode(run_dir: Path, cfg, which: str, split_name: str, device:
     with torch.no_grad():
         x_hat = model(x, sample=False)["x_hat"].float()
     worst_list = [{k: rows[int(i)][k] for k in ("index", "path", "class", "mse", "psnr")} for i in worst]
-    figure = worst_png(x, [f"{w['class']}\nPSNR {w['psnr']:.1f} dB\nMSE {w['mse']:.4f}" for w in worst_list],
+    figure = images.worst_png(x, [f"{w['class']}\nPSNR {w['psnr']:.1f} dB\nMSE {w['mse']:.4f}" for w in worst_list],
                        f"the {len(worst_list)} worst-reconstructed {split_name} images (highest MSE), each above "
                        "its reconstruction", x_hat)
     means["checkpoint_epoch"] = int(ck.get("state", {}).get("epoch", 0)) or None
@@ -320,7 +320,7 @@ def evaluate_classify(run_dir: Path, cfg, which: str, split_name: str, device: t
     worst = wrong[torch.sort(conf.cpu()[wrong], descending=True, stable=True).indices][:N_WORST]
     worst_list = [{k: rows[int(i)][k] for k in ("index", "path", "class", "predicted_class", "probability")}
                   for i in worst]
-    figure = worst_png(data_mod.to_float(split.images[worst]),
+    figure = images.worst_png(data_mod.to_float(split.images[worst]),
                        [f"true {w['class']}\npredicted {w['predicted_class']}\np = {w['probability']:.2f}"
                         for w in worst_list],
                        f"the {len(worst_list)} most confidently misclassified {split_name} images, most confident first")
@@ -329,13 +329,6 @@ def evaluate_classify(run_dir: Path, cfg, which: str, split_name: str, device: t
              # the encoder file read (where the run is now: a copied sweep reads its own copy)
              "encoder_checkpoint": str(enc_path.resolve())}
     return means, rows, figure, worst_list, ds
-
-
-def worst_png(x: torch.Tensor, captions: List[str], title: str, below: Optional[torch.Tensor] = None) -> bytes:
-    """worst.png as bytes: ``images.worst_figure`` of x float [n, 3, S, S] (and ``below``), captions under each."""
-    buf = io.BytesIO()
-    images.worst_figure(x.cpu(), captions, buf, title, None if below is None else below.cpu())
-    return buf.getvalue()
 
 
 # the run's own numbers that an evaluation on its data must reproduce: (stage, split, checkpoint) -> summary prefix

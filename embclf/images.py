@@ -232,3 +232,11 @@ def worst_figure(images: torch.Tensor, captions: Sequence[str], path_or_buf, tit
     fig.savefig(path_or_buf, format="png", dpi=100)
     plt.close(fig)
     return list(captions)
+
+
+def worst_png(x: torch.Tensor, captions: Sequence[str], title: str, below: Optional[torch.Tensor] = None) -> bytes:
+    """``worst_figure`` of x float [n, 3, S, S] in [0, 1] (and ``below``), a caption under each, as PNG bytes (what
+    ``embclf.evaluate`` writes atomically with the rest of an evaluation)."""
+    buf = io.BytesIO()
+    worst_figure(x.cpu(), captions, buf, title, None if below is None else below.cpu())
+    return buf.getvalue()

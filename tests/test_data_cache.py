@@ -184,7 +184,7 @@ def test_a_repointed_symlinked_class_folder_or_file_is_decoded_again(tmp_path, c
 def test_files_fingerprint_describes_the_files_and_is_recorded_in_provenance(tmp_path, cifar_root):
     from hydra import compose, initialize_config_dir
 
-    from embclf import tracking
+    from embclf import provenance
     from embclf.config import conf_dir
 
     root = _tree(tmp_path / "tree", cifar_root)
@@ -196,7 +196,7 @@ def test_files_fingerprint_describes_the_files_and_is_recorded_in_provenance(tmp
     assert len(after.files) == 40 and int(after.files, 16) >= 0
     with initialize_config_dir(config_dir=conf_dir(), version_base=None):
         full = compose("config", overrides=["data=folder", f"data.root={root}"])
-    p = tracking.provenance(full, after.fingerprint, "cpu", files=after.files)["data"]
+    p = provenance.provenance(full, after.fingerprint, "cpu", files=after.files)["data"]
     assert p["fingerprint"] == after.fingerprint and p["files_fingerprint"] == after.files
     assert p["root_resolved"] == str(root.resolve())
 

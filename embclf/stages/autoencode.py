@@ -30,7 +30,7 @@ from typing import List
 
 import torch
 
-from .. import checkpoint, engine, faults, identity, images, lifecycle, losses, runs, runtime, tracking
+from .. import checkpoint, engine, faults, identity, images, lifecycle, losses, provenance, runs, runtime, tracking
 from .. import data as data_mod
 from ..lifecycle import RunDir
 from ..models import build_model, count_parameters
@@ -113,7 +113,7 @@ def run(cfg, run_dir: Path, overrides: List[str]) -> Path:
               cudnn_benchmark=env["cudnn_benchmark"], channels_last=fmt == torch.channels_last,
               parameters=count_parameters(model), data_fingerprint=ds.fingerprint,
               n_train=len(train), n_val=len(val), n_test=len(test),
-              provenance=tracking.provenance(cfg, ds.fingerprint, env["name"], files=ds.files))
+              provenance=provenance.provenance(cfg, ds.fingerprint, env["name"], files=ds.files))
     tracker = tracking.start(cfg, run_dir, "autoencode")  # wandb (or nothing); closed by finish below
     faults.fault_point("startup")
 

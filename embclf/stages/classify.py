@@ -29,7 +29,7 @@ from typing import List, Optional
 
 from omegaconf import OmegaConf
 
-from .. import artefacts, checkpoint, engine, faults, identity, lifecycle, references, runs, runtime, tracking
+from .. import artefacts, checkpoint, engine, faults, identity, lifecycle, provenance, references, runs, runtime, tracking
 from .. import data as data_mod
 from ..report import projections as plots
 from ..heads import build_head, check_dropout, check_names, is_trainable
@@ -137,7 +137,7 @@ def run(cfg, run_dir: Path, overrides: List[str], encoder: Optional[Path] = None
     summary.update(encoder_epoch=int(ck["state"]["epoch"]), model=enc_cfg["model"]["name"],
                    latent=int(enc_cfg["latent"]), device=str(device), device_name=env["name"],
                    device_fallback=env["fallback"], head=cfg.head.name,
-                   provenance=tracking.provenance(cfg, ds.fingerprint, env["name"], files=ds.files))
+                   provenance=provenance.provenance(cfg, ds.fingerprint, env["name"], files=ds.files))
 
     emb_path = run_dir / "embeddings.pt"
     run.save(data_fingerprint=ds.fingerprint)  # a failure from here on keeps the encoder and provenance
