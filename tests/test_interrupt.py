@@ -24,6 +24,19 @@ from embclf.config import Stage
 HANDLED = (signal.SIGINT, signal.SIGTERM, signal.SIGUSR2)
 
 
+def _interrupted(cfg, job, hc, caplog) -> int:
+    """``entry._interrupted`` (Ctrl-C on a single run) in this process: its exit status, its line in ``caplog``.
+    It ignores SIGINT/SIGTERM/SIGUSR2 (it exits next): their handlers are restored for the tests after it."""
+    old = {s: signal.getsignal(s) for s in HANDLED}
+    try:
+        with caplog.at_level("WARNING"), pytest.raises(SystemExit) as e:
+            entry._interrupted(cfg, job, hc)
+    finally:
+        for s, h in old.items():
+            signal.signal(s, h)
+    return e.value.code
+
+
 def _run(cmd, cwd, kill_at=None):
     """``cmd`` (argv) as a user's shell runs it: SIGINT at its default (a test runner started in the
     background would pass it on ignored, and Python would then never raise KeyboardInterrupt)."""
@@ -154,14 +167,8 @@ def test_ctrl_c_in_a_stage_all_job_names_each_stage(tmp_path, caplog):
     torch.save({"state": {"epoch": 3}}, job / "classify" / "checkpoints" / "last.pt")
     cfg = OmegaConf.create({"stage": Stage.all})
     hc = OmegaConf.create({"overrides": {"task": ["stage=all"], "hydra": ["hydra.mode=RUN"]}})
-    old = {s: signal.getsignal(s) for s in HANDLED}  # _interrupted ignores them (it exits next): restore them
-    try:
-        with caplog.at_level("WARNING"), pytest.raises(SystemExit) as e:
-            entry._interrupted(cfg, job, hc)
-    finally:
-        for s, h in old.items():
-            signal.signal(s, h)
-    assert e.value.code == 130
+    code = _interrupted(cfg, job, hc, caplog)
+    assert code == 130
     assert (f"interrupted (Ctrl-C); saved in {job}: autoencode/ completed; classify/ checkpoints/last.pt at the "
             "end of epoch 3 of 30 (the unfinished epoch 4 is redone on resume). Resume with: ") in caplog.text
     assert caplog.text.rstrip().endswith(f"stage=all \"hydra.run.dir='{job}'\"")
@@ -175,13 +182,7 @@ def test_ctrl_c_before_the_run_started_leaves_no_run_dir(tmp_path, caplog):
     (job / "embclf.log").write_text("")
     cfg = OmegaConf.create({"stage": Stage.autoencode})
     hc = OmegaConf.create({"overrides": {"task": ["latent=8"], "hydra": []}})
-    old = {s: signal.getsignal(s) for s in HANDLED}  # _interrupted ignores them (it exits next): restore them
-    try:
-        with caplog.at_level("WARNING"), pytest.raises(SystemExit) as e:
-            entry._interrupted(cfg, job, hc)
-    finally:
-        for s, h in old.items():
-            signal.signal(s, h)
-    assert e.value.code == 130 and not job.exists()
+    code = _interrupted(cfg, job, hc, caplog)
+    assert code == 130 and not job.exists()
     assert ("interrupted (Ctrl-C); nothing was saved (interrupted before the run started). Start it again with: "
             in caplog.text)
