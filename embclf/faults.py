@@ -16,7 +16,8 @@ _fault_counts: Dict[str, int] = {}
 def fault_point(name: str) -> None:
     """Test-only fault injection: when ``EMBCLF_KILL_AT=NAME[:N[:SIGNAL]]`` names this point, the process sends
     itself SIGNAL (default SIGKILL, e.g. ``TERM``) the N-th time (default 1) it reaches it; SIGNAL ``raise``
-    raises a RuntimeError there instead (an ordinary failure).
+    raises a RuntimeError there instead (an ordinary failure), ``oom`` a ``torch.OutOfMemoryError`` (CUDA out of
+    memory).
 
     The resume tests use it to kill a run at exact places and check that restarting the same command ends with
     the metrics of an uninterrupted run. Points: ``startup`` (run dir and summary written, nothing trained),
@@ -40,6 +41,10 @@ def fault_point(name: str) -> None:
     if _fault_counts[name] == int(n or 1):
         if sig.lower() == "raise":  # an ordinary failure (an exception) at that point, e.g. after wandb started
             raise RuntimeError(f"{KILL_AT_ENV}={spec}: injected failure at {name}")
+        if sig.lower() == "oom":  # CUDA running out of memory there, as the caching allocator raises it
+            import torch
+
+            raise torch.OutOfMemoryError(f"CUDA out of memory. {KILL_AT_ENV}={spec}: injected at {name}")
         signum = signal.Signals["SIG" + sig.upper().removeprefix("SIG")] if sig else signal.SIGKILL
         log.warning("%s=%s: sending %s to myself", KILL_AT_ENV, spec, signum.name)
         os.kill(os.getpid(), signum)

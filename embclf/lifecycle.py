@@ -19,6 +19,7 @@ import logging
 import os
 import signal
 import socket
+import sys
 import time
 from pathlib import Path
 from typing import Any, Callable, Dict, Iterator, List, Optional
@@ -93,21 +94,39 @@ def hold(job_dir: Path) -> Iterator[None]:
         yield
 
 
+OOM_HINT = ("The GPU ran out of memory: lower hydra.launcher.jobs_per_gpu (fewer jobs share the GPU) or the batch "
+            "size (autoencode.batch_size, classify.batch_size); nvidia-smi shows what else holds GPU memory.")
+
+
+def is_cuda_oom(exc: BaseException) -> bool:
+    """Whether ``exc`` is CUDA running out of memory: ``torch.OutOfMemoryError`` (``torch.cuda.OutOfMemoryError``,
+    raised by the caching allocator), or an error naming it from a library that raises a plain RuntimeError
+    (cuDNN/cuBLAS workspace allocations)."""
+    torch = sys.modules.get("torch")
+    oom = getattr(torch, "OutOfMemoryError", None) if torch is not None else None
+    if oom is not None and isinstance(exc, oom):
+        return True
+    return isinstance(exc, RuntimeError) and "CUDA out of memory" in str(exc)
+
+
 def record_failure(run_dir: Path, exc: BaseException, base: Optional[dict] = None) -> None:
     """Record that the run in ``run_dir`` ended with ``exc``: status "interrupted" for a signal or a requeue
     (``SystemExit``, ``KeyboardInterrupt``: it resumes from last.pt), else "failed", with the error and the
-    exception's ``reason`` (e.g. "diverged"); a completed run is left as it is (``mark_failed``).
+    exception's ``reason`` (e.g. "diverged"; "out of memory" with :data:`OOM_HINT` for CUDA running out of memory,
+    ``is_cuda_oom``); a completed run is left as it is (``mark_failed``).
 
     ``base``: a summary to write first when the run dir has none (bad input in a sweep job: the launcher's
     table and the report still see who failed and why). A write that fails (the disk is still full) is logged:
     the original error is what matters."""
     stopped = isinstance(exc, (SystemExit, KeyboardInterrupt))
+    error, reason = f"{type(exc).__name__}: {exc}", getattr(exc, "reason", None)
+    if reason is None and is_cuda_oom(exc):
+        error, reason = f"{error}\n{OOM_HINT}", "out of memory"
     try:
         if base is not None and not (run_dir / runs.SUMMARY).is_file():
             runs.write_json_atomic(run_dir / runs.SUMMARY, base)
         if (run_dir / runs.SUMMARY).is_file():
-            mark_failed(run_dir, f"{type(exc).__name__}: {exc}", "interrupted" if stopped else "failed",
-                             reason=getattr(exc, "reason", None))
+            mark_failed(run_dir, error, "interrupted" if stopped else "failed", reason=reason)
     except runs.WriteError as w:
         log.error("could not record the failure in %s: %s", run_dir, w)
 

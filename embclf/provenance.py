@@ -76,13 +76,39 @@ def _threads() -> int:
     return torch.get_num_threads()
 
 
+def _last_setup() -> Dict[str, Any]:
+    from .runtime import last_setup
+
+    return last_setup()
+
+
+def numerics_in_effect(setup: Dict[str, Any]) -> Dict[str, Any]:
+    """``{"tf32", "bf16"}`` as in effect for a run set up as ``setup`` (``runtime.last_setup()``): ``tf32`` True
+    or False on CUDA (False before Ampere even when ``tf32=true``: no TF32 in its tensor cores), "n/a" on the CPU
+    (float32 matmuls and convolutions there are plain fp32); ``bf16`` False when the run is fp32, else "native"
+    (Ampere or later; a CPU with AVX512-BF16/AMX) or "emulated" (slower than fp32: pre-Ampere GPUs, other CPUs).
+    {} before any setup (a process that did not train)."""
+    if not setup:
+        return {}
+    from .runtime import cpu_has_fast_bf16
+
+    gpu = setup.get("gpu")
+    on_cuda = getattr(setup.get("device"), "type", None) == "cuda"
+    bf16: Any = False
+    if setup.get("precision") == "bf16":
+        native = gpu["bf16_native"] if on_cuda and gpu else (not on_cuda and cpu_has_fast_bf16())
+        bf16 = "native" if native else "emulated"
+    return {"tf32": bool(setup.get("tf32")) if on_cuda else "n/a", "bf16": bf16}
+
+
 def provenance(cfg, fingerprint: Optional[str] = None, device_name: Optional[str] = None,
                files: Optional[str] = None) -> Dict[str, Any]:
     """What produced a run: code (git commit, dirty flag; None outside a git checkout, e.g. a wheel),
     package versions, data (source, root and ``root_resolved``, sizes, ``fingerprint`` = sha1 of the decoded
     pixels and labels, ``files_fingerprint`` = ``files``, ``data.Dataset.files``: sha1 of the listing of the
-    source files read, their paths, sizes and times), host, device, precision (``requested``, ``resolved``,
-    ``why``) and command line. Stored under
+    source files read, their paths, sizes and times), host, device (``gpu``: ``runtime.cuda_info`` on CUDA, else
+    None), precision (``requested``, ``resolved``, ``why``), ``numerics`` (TF32/bf16 as in effect:
+    :func:`numerics_in_effect`) and command line. Stored under
     ``provenance`` in summary.json; start/end time are the summary's ``start_time``/``end_time`` (unix seconds)."""
     from . import __version__
     from .runtime import precision_choice
@@ -108,6 +134,10 @@ def provenance(cfg, fingerprint: Optional[str] = None, device_name: Optional[str
         "cpu": cpu_info(),
         "threads": _threads(),
         "device_name": device_name,
+        # on CUDA: the CUDA/cuDNN/driver versions, the GPU, its compute capability and compute mode (None on the CPU)
+        "gpu": _last_setup().get("gpu"),
+        # TF32 and bf16 as they were in effect, not as requested (runtime.setup): numerics_in_effect
+        "numerics": numerics_in_effect(_last_setup()),
         # precision=auto: what it resolved to on this machine and why (runtime.resolve_precision)
         "precision": precision_choice(cfg),
         "argv": command_line(),

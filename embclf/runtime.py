@@ -11,6 +11,7 @@ import contextlib
 import logging
 import os
 import random
+import warnings
 from typing import Callable
 
 import numpy as np
@@ -36,10 +37,13 @@ class DataError(RuntimeError):
 def setup(cfg) -> dict:
     """Apply ``threads`` and ``seed``, choose the device. Returns {"device": torch.device, "fallback": bool, "name": str}.
 
-    ``device=auto`` picks CUDA when usable, else CPU. When a launcher or SLURM set ``CUDA_VISIBLE_DEVICES``
-    but no CUDA device is usable (a CPU-only node, fake GPUs in tests), the job says so once and runs on
-    the CPU (``fallback`` True). Raises ``EmbclfError`` for ``device=cuda`` without CUDA, a GPU index this
-    machine lacks, or a value the gate refuses (``validation.VALUE_RULES["device"]``, for direct callers).
+    ``device=auto`` picks CUDA when usable, else CPU (``_cpu_instead_of_gpu``): with no GPU anywhere that is no
+    fallback; a GPU that exists but CUDA cannot use stops the run (``EmbclfError`` naming the cause); GPUs
+    a launcher or SLURM named in ``CUDA_VISIBLE_DEVICES`` on a machine that has none (fake GPUs in tests) run on
+    the CPU with a warning, ``fallback`` True (summary.json's ``device_fallback``). Raises ``EmbclfError`` for
+    ``device=cuda`` without CUDA, a GPU index this machine lacks, or a value the gate refuses
+    (``validation.VALUE_RULES["device"]``, for direct callers). Also returns ``gpu`` (``cuda_info``, None on
+    the CPU), and ``tf32`` as in effect: False before Ampere, whose tensor cores have no TF32.
     """
     check_value("device", cfg.device, EmbclfError)
     if cfg.threads:
@@ -49,14 +53,14 @@ def setup(cfg) -> dict:
     np.random.seed(seed)
     torch.manual_seed(seed)
     want = cfg.device
-    cuda = torch.cuda.is_available()
+    with warnings.catch_warnings(record=True) as caught:  # torch says why CUDA failed as a warning
+        warnings.simplefilter("always")
+        cuda = torch.cuda.is_available()
     fallback = False
     if want == "auto":
         dev = torch.device("cuda" if cuda else "cpu")
-        visible = os.environ.get("CUDA_VISIBLE_DEVICES")
-        if not cuda and visible not in (None, "", "-1"):
-            fallback = True
-            log.warning("CUDA_VISIBLE_DEVICES=%s was given but no CUDA device is usable: falling back to CPU", visible)
+        if not cuda:
+            fallback = _cpu_instead_of_gpu(" ".join(str(w.message) for w in caught))
     else:  # cpu, cuda or cuda:N (the gate allows nothing else)
         if want.startswith("cuda") and not cuda:
             raise EmbclfError(f"device={want} but torch sees no CUDA device (torch {torch.__version__}). "
@@ -67,7 +71,10 @@ def setup(cfg) -> dict:
             raise EmbclfError(f"device={want}: this machine has {n} CUDA device(s), cuda:0 to cuda:{n - 1}; use one "
                               "of them, or device=auto.")
     name = torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu"
+    gpu = cuda_info(dev) if dev.type == "cuda" else None
     backends = configure_backends(dev, cfg.tf32)
+    if gpu is not None and backends["tf32"] and not gpu["tf32_capable"]:
+        backends["tf32"] = False  # the flags are set, but a pre-Ampere GPU has no TF32: fp32 is what runs
     prec = precision(cfg)
     if prec == "bf16" and dev.type == "cpu" and not cpu_has_fast_bf16():
         log.warning("precision=bf16 on a CPU without native bf16 (%s; no AVX512-BF16/AMX): the convolutions run "
@@ -78,7 +85,70 @@ def setup(cfg) -> dict:
         chosen = f"precision auto -> {prec} ({_LAST_CHOICE['why']})"
     log.info("device %s (%s), %d threads, seed %d, %s%s", dev, name, torch.get_num_threads(), seed, chosen,
              ", TF32" if backends["tf32"] else "")
-    return {"device": dev, "fallback": fallback, "name": name, **backends}
+    _LAST_SETUP.clear()
+    _LAST_SETUP.update(device=dev, fallback=fallback, gpu=gpu, tf32=backends["tf32"], precision=prec)
+    return {"device": dev, "fallback": fallback, "name": name, "gpu": gpu, **backends}
+
+
+# what the last ``setup`` of this process chose (one job at a time per process), for provenance.py
+_LAST_SETUP: dict = {}
+
+
+def last_setup() -> dict:
+    """``{"device", "fallback", "gpu", "tf32", "precision"}`` of this process's last ``setup`` ({} before one)."""
+    return dict(_LAST_SETUP)
+
+
+def _cpu_instead_of_gpu(torch_says: str = "") -> bool:
+    """``device=auto`` found no usable CUDA device: decide between the CPU and stopping. Returns ``fallback``.
+
+    - ``CUDA_VISIBLE_DEVICES`` empty or ``-1``: GPUs hidden on purpose (the local launcher's CPU slots): the
+      CPU, no fallback.
+    - a GPU on this machine (``nvidia.gpu_evidence``: NVML/nvidia-smi, the kernel module's
+      /proc/driver/nvidia/gpus, /dev/nvidia*): raise ``EmbclfError`` naming the cause (``nvidia.why_unusable``:
+      a CPU-only torch build, a driver older than the wheel's CUDA, missing device nodes such as a container
+      started without ``--gpus``, or what CUDA said) instead of running for hours on the CPU; ``device=cpu``
+      runs on the CPU on purpose.
+    - no GPU anywhere but ``CUDA_VISIBLE_DEVICES`` names some (a launcher's GPU slots on a CPU-only node): the
+      CPU with a warning, fallback True.
+    - no GPU and nothing asked for one: the CPU, no fallback.
+    """
+    from . import nvidia
+
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if visible is not None and visible.split(",")[0].strip() in ("", "-1"):
+        return False
+    seen = nvidia.gpu_evidence()
+    if seen:
+        raise EmbclfError(f"device=auto: this machine has a GPU ({seen}) but torch {torch.__version__} cannot use "
+                          f"CUDA: {nvidia.why_unusable(torch.version.cuda, torch_says)} Nothing was run. To run on "
+                          "the CPU on purpose, set device=cpu.")
+    if visible not in (None, ""):
+        log.warning("CUDA_VISIBLE_DEVICES=%s was given but no CUDA device is usable: falling back to CPU", visible)
+        return True
+    return False
+
+
+def cuda_info(dev: torch.device) -> dict:
+    """What a run on CUDA device ``dev`` depends on, for summary.json's provenance: ``cuda`` (the wheel's CUDA,
+    ``torch.version.cuda``), ``cudnn`` (``torch.backends.cudnn.version()``), ``driver`` and ``driver_cuda`` (the
+    driver's version and the newest CUDA it supports, from NVML/nvidia-smi), ``name``, ``capability``
+    ("8.0"), ``uuid``, ``compute_mode`` (Default, Exclusive_Process, ...; None when NVML/nvidia-smi cannot say),
+    ``tf32_capable`` and ``bf16_native`` (compute capability >= 8.0: Ampere and later). Initialises CUDA."""
+    from . import nvidia
+
+    major, minor = torch.cuda.get_device_capability(dev)
+    try:
+        uuid = str(torch.cuda.get_device_properties(dev).uuid)
+    except (AttributeError, RuntimeError):
+        uuid = None
+    known = nvidia.gpus()
+    rec = next((g for g in known if uuid and g["uuid"].removeprefix("GPU-") == uuid.removeprefix("GPU-")), None)
+    return {"cuda": torch.version.cuda, "cudnn": torch.backends.cudnn.version(),
+            "driver": (rec or (known[0] if known else {})).get("driver_version"),
+            "driver_cuda": nvidia.driver_cuda_version(), "name": torch.cuda.get_device_name(dev),
+            "capability": f"{major}.{minor}", "uuid": uuid, "compute_mode": (rec or {}).get("compute_mode"),
+            "tf32_capable": major >= 8, "bf16_native": major >= 8}
 
 
 def cpu_has_fast_bf16() -> bool:
@@ -121,12 +191,21 @@ def resolve_precision(requested, device) -> tuple:
     if req != "auto":
         return req, "as requested"
     if _device_type(device) == "cuda":
-        ok = torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+        ok = torch.cuda.is_available() and _cuda_bf16_native()
         return ("bf16", "CUDA device with native bf16") if ok else ("fp32", "CUDA device without native bf16")
     flags = cpu_bf16_flags()
     if flags:
         return "bf16", f"CPU with native bf16: {', '.join(flags)}"
     return "fp32", f"CPU without native bf16 ({torch.backends.cpu.get_cpu_capability()}; no avx512_bf16/amx_bf16)"
+
+
+def _cuda_bf16_native() -> bool:
+    """bf16 in hardware on the current CUDA device (Ampere and later). ``torch.cuda.is_bf16_supported()`` alone
+    also says True where bf16 is emulated (``including_emulation``, the default), i.e. slower than fp32."""
+    try:
+        return bool(torch.cuda.is_bf16_supported(including_emulation=False))
+    except TypeError:  # a torch without the argument answered for hardware only
+        return bool(torch.cuda.is_bf16_supported())
 
 
 # the last ``resolve_precision_in`` of this process (one job at a time per process): what the log and the

@@ -67,6 +67,10 @@ def main(argv) -> int:
 
     for sig in FORWARDED:
         signal.signal(sig, forward)  # exec resets caught signals to their defaults in the task
+    # a GPU-/MIG- name the launcher could not pass through submitit (integer ids only): the task's GPU
+    token = os.environ.pop("EMBCLF_CUDA_VISIBLE_DEVICES", None)
+    if token is not None:
+        os.environ["CUDA_VISIBLE_DEVICES"] = token
     procs.append(subprocess.Popen([sys.executable, *argv], preexec_fn=_die_with_parent))
     code = procs[0].wait()
     folder, job_id = argv[-1], os.environ.get("SUBMITIT_LOCAL_JOB_ID", "")

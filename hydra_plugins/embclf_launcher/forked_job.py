@@ -26,7 +26,7 @@ from typing import Any, Dict, Optional, Tuple
 
 from omegaconf import DictConfig
 
-from .gpus import cuda_runtime_used
+from .gpus import cuda_driver_state, cuda_runtime_used
 
 log = logging.getLogger("embclf.launcher")
 
@@ -62,6 +62,11 @@ def fork_unsafe_reason() -> Optional[str]:
     fork() copies only the calling thread: a lock held by another thread stays locked forever in the
     child, and CUDA cannot be used in the child of a process that initialised it.  macOS frameworks
     are not fork-safe either, so forking is used on Linux only.
+
+    CUDA: torch's own flag (``torch.cuda.is_initialized``), the launcher's GPU count through the CUDA runtime
+    (``gpus.cuda_runtime_used``), and the driver's own state (``gpus.cuda_driver_state``), which also sees
+    what initialised the driver behind torch's back (``torch.cuda.is_available()``, ``is_bf16_supported()``,
+    cuDNN, triton's driver probe).
     """
     if not sys.platform.startswith("linux") or not hasattr(os, "fork"):
         return f"no fork() on {sys.platform}"
@@ -75,7 +80,7 @@ def fork_unsafe_reason() -> Optional[str]:
         cuda_initialized = True
     if cuda_initialized or cuda_runtime_used():
         return "CUDA is initialised in the launcher process"
-    return None
+    return cuda_driver_state()
 
 
 def _limit_threads(threads: int) -> None:
@@ -96,6 +101,12 @@ def _limit_threads(threads: int) -> None:
         threadpool_limits(limits=threads)
     except Exception:  # noqa: BLE001 -- not installed, or an unknown library: torch's limit still holds
         pass
+    # compile=true: inductor read TORCHINDUCTOR_COMPILE_THREADS when the launcher imported its config, with the
+    # launcher's environment; give this job its share (gpus.job_env) as an exec'd worker would read it
+    inductor = sys.modules.get("torch._inductor.config")
+    share = os.environ.get("TORCHINDUCTOR_COMPILE_THREADS")
+    if inductor is not None and share and share.isdigit():
+        inductor.compile_threads = int(share)
 
 
 def _forked_worker(folder: str, job_id: str, tmp_pickle: Optional[Path], env: Dict[str, str], threads: int,

@@ -44,6 +44,7 @@ from hydra_plugins.hydra_submitit_launcher.submitit_launcher import BaseSubmitit
 
 from . import forked_job
 from .forked_job import ForkedJob, fork_unsafe_reason
+from .gpus import job_env
 from .in_worker import announce_outcome, compose_and_run
 from .outcomes import report
 from .slot_pool import plan_slots, run_pool
@@ -97,6 +98,7 @@ class LocalPoolLauncher(BaseSubmititLauncher):
     """
 
     _EXECUTOR = "local"
+    _job_env: Dict[str, str] = {}  # what every job's environment adds (gpus.job_env), set in _launch
 
     def slots(self, n_jobs: int) -> Tuple[List[Optional[int]], int]:
         """The slots (a GPU id each, or None for a CPU slot) and the OMP/MKL threads per job
@@ -155,12 +157,15 @@ class LocalPoolLauncher(BaseSubmititLauncher):
         executor.update_parameters(
             timeout_min=self.params["timeout_min"],
             signal_delay_s=self.signal_delay_s(),
-            # gpus_per_node=0 makes submitit set CUDA_VISIBLE_DEVICES="" (no GPU) for CPU jobs
-            gpus_per_node=0 if gpu is None else 1,
-            visible_gpus=() if gpu is None else (gpu,),
+            # gpus_per_node=0 makes submitit set CUDA_VISIBLE_DEVICES="" (no GPU) for CPU jobs (and for a
+            # GPU-/MIG- name, which exit_status.py then sets: submitit takes integer ids only)
+            gpus_per_node=1 if isinstance(gpu, int) else 0,
+            visible_gpus=(gpu,) if isinstance(gpu, int) else (),
             stderr_to_stdout=False,
         )
-        env = {"OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
+        env = {"OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads), **self._job_env}
+        if isinstance(gpu, str):
+            env["EMBCLF_CUDA_VISIBLE_DEVICES"] = gpu
         with _environ(env):
             return executor.submit(
                 self, job.overrides, "hydra.sweep.dir", job.idx, f"job_id_for_{job.idx}", Singleton.get_state()
@@ -201,6 +206,7 @@ class LocalPoolLauncher(BaseSubmititLauncher):
             "CUDA_VISIBLE_DEVICES": "" if gpu is None else str(gpu),
             "OMP_NUM_THREADS": str(threads),
             "MKL_NUM_THREADS": str(threads),
+            **self._job_env,  # compile workers per job, CUDA_DEVICE_ORDER (gpus.job_env)
         }
         return ForkedJob(folder, tmp, env, threads, timeout_s=60 * timeout_min, signal_delay_s=signal_delay_s,
                          plan=(job.idx, tuple(job.overrides), job.cfg),
@@ -220,6 +226,7 @@ class LocalPoolLauncher(BaseSubmititLauncher):
     def _launch(self, job_overrides: Sequence[Sequence[str]], initial_job_idx: int) -> Sequence[JobReturn]:
         jobs, todo, sweep_dir = prepare_sweep(self, job_overrides, initial_job_idx)
         slots, threads = self.slots(len(todo))
+        self._job_env = job_env(concurrent=min(len(slots), len(todo)))
         gpus = sorted({g for g in slots if g is not None})
         mode = f"GPUs {gpus}, {len(slots) // len(gpus)} job(s) per GPU" if gpus else "CPU"
         if not self.params.get("fork", True):

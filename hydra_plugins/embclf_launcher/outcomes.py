@@ -194,6 +194,11 @@ def outcome_from_result(job: PlannedJob, get_result: Any, killed_by: Optional[in
         record_failure(job, job.error)
 
 
+def cpu_fallback(job: PlannedJob) -> bool:
+    """Whether any of the job's run dirs records ``device_fallback``: it was given a GPU and ran on the CPU."""
+    return any((_read_json(d / "summary.json") or {}).get("device_fallback") for d in stage_run_dirs(job))
+
+
 def _tail(text: str, lines: int = 6) -> str:
     kept = [line.rstrip() for line in text.strip().splitlines() if line.strip()]
     return " | ".join(kept[-lines:])
@@ -206,6 +211,9 @@ def _fmt_seconds(s: Optional[float]) -> str:
 def report(jobs: Sequence[PlannedJob], sweep_dir: Any, what: str, raise_on_failure: bool = True) -> None:
     """Log the end-of-sweep table (overrides, status, time, run dir) and raise if any job failed.
 
+    A job that was given a GPU but ran on the CPU (``device_fallback`` in a run dir's summary.json,
+    ``embclf.runtime.setup``) reads "<status> (CPU fallback)".
+
     Raises :class:`SweepJobsFailedError` naming every failed job's overrides and error, unless
     ``raise_on_failure`` is false: then the failures are logged as a warning and the caller returns every
     job's ``JobReturn`` (a failed one with status FAILED), which is how a sweeper that launches batches
@@ -214,7 +222,8 @@ def report(jobs: Sequence[PlannedJob], sweep_dir: Any, what: str, raise_on_failu
     rows = [("#", "overrides", "status", "time", "run dir")]
     for job in jobs:
         label = job.label if len(job.label) <= 70 else job.label[:67] + "..."  # full: run dir's .hydra/
-        rows.append((str(job.idx), label, job.status, _fmt_seconds(job.seconds), str(job.run_dir)))
+        status = job.status + (" (CPU fallback)" if cpu_fallback(job) else "")
+        rows.append((str(job.idx), label, status, _fmt_seconds(job.seconds), str(job.run_dir)))
     widths = [max(len(r[i]) for r in rows) for i in range(4)]
     lines = ["  ".join(c.ljust(w) for c, w in zip(r[:4], widths)) + "  " + r[4] for r in rows]
     log.info("%s sweep finished (%s):\n%s", what, sweep_dir, "\n".join(lines))

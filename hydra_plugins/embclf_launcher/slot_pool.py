@@ -13,7 +13,7 @@ from typing import Any, Callable, Dict, List, Mapping, Optional, Tuple
 
 from .exit_status import read_exit_status
 from .forked_job import ForkedJob
-from .gpus import usable_cores, visible_gpu_ids
+from .gpus import GpuId, check_compute_modes, usable_cores, visible_gpu_ids
 from .outcomes import mark_timeout, now, oom_kill_count, outcome_from_result, record_failure, timed_out
 from .sweep_lock import beat
 from .sweep_plan import PlannedJob, SweepInterruptedError
@@ -21,18 +21,20 @@ from .sweep_plan import PlannedJob, SweepInterruptedError
 log = logging.getLogger("embclf.launcher")
 
 
-def plan_slots(p: Mapping[str, Any], n_jobs: int) -> Tuple[List[Optional[int]], int]:
-    """The slots (a GPU id each, or None for a CPU slot) and the OMP/MKL threads per job, from the launcher's
-    parameters ``p`` (``hydra.launcher``: gpus, jobs_per_gpu, max_parallel, threads_per_job) for ``n_jobs`` jobs.
+def plan_slots(p: Mapping[str, Any], n_jobs: int,
+               mps_active: Optional[bool] = None) -> Tuple[List[Optional[GpuId]], int]:
+    """The slots (a GPU id each -- an index, or a GPU-/MIG- name from ``CUDA_VISIBLE_DEVICES`` -- or None for a
+    CPU slot) and the OMP/MKL threads per job, from the launcher's parameters ``p`` (``hydra.launcher``: gpus,
+    jobs_per_gpu, max_parallel, threads_per_job) for ``n_jobs`` jobs.
 
     Raises ``ValueError`` naming the key when ``gpus``, ``jobs_per_gpu``, ``max_parallel`` or
-    ``threads_per_job`` is invalid.
+    ``threads_per_job`` is invalid, and when a GPU's compute mode forbids the planned jobs
+    (``gpus.check_compute_modes``: Prohibited, or Exclusive_Process with jobs_per_gpu > 1 and no MPS;
+    ``mps_active`` None: detect a running MPS control daemon, True: the caller started one for the sweep).
     """
-    gpus = p.get("gpus")
-    if gpus is None:
-        gpus = visible_gpu_ids()
-    gpus = list(gpus)
-    if not all(isinstance(g, int) and not isinstance(g, bool) and g >= 0 for g in gpus):
+    given = p.get("gpus")
+    gpus = list(visible_gpu_ids() if given is None else given)
+    if given is not None and not all(isinstance(g, int) and not isinstance(g, bool) and g >= 0 for g in gpus):
         raise ValueError(
             f"hydra.launcher.gpus={gpus} must be a list of GPU ids (integers >= 0) such as [0,1], "
             "[] for CPU only, or null for every visible GPU."
@@ -45,8 +47,9 @@ def plan_slots(p: Mapping[str, Any], n_jobs: int) -> Tuple[List[Optional[int]], 
     per_gpu = int(p.get("jobs_per_gpu") or 0)
     if per_gpu < 1:
         raise ValueError(f"hydra.launcher.jobs_per_gpu={p.get('jobs_per_gpu')} must be >= 1.")
+    check_compute_modes(gpus, per_gpu, mps_active)
     cores = usable_cores()
-    slots: List[Optional[int]]
+    slots: List[Optional[GpuId]]
     if gpus:
         # GPU-major order, so the first len(gpus) jobs land on distinct GPUs before any is shared
         slots = [g for _ in range(per_gpu) for g in gpus]
@@ -65,7 +68,7 @@ def plan_slots(p: Mapping[str, Any], n_jobs: int) -> Tuple[List[Optional[int]], 
     return slots, int(threads)
 
 
-def run_pool(todo: List[PlannedJob], slots: List[Optional[int]], threads: int, submit: Callable[..., Any],
+def run_pool(todo: List[PlannedJob], slots: List[Optional[GpuId]], threads: int, submit: Callable[..., Any],
              params: Mapping[str, Any], sweep_dir: Any) -> None:
     """Run ``todo``, at most one job per slot at a time, until every job ended; fills each job's status.
 
