@@ -198,7 +198,7 @@ def exclusive_gpus(gpu_ids: Sequence[GpuId], jobs_per_gpu: int, mps_active: bool
 
 
 def check_compute_modes(gpu_ids: Sequence[GpuId], jobs_per_gpu: int, mps_active: Optional[bool] = None) -> None:
-    """Raise ``ValueError`` (one paragraph per GPU) when a GPU's compute mode forbids the planned jobs
+    """Raise ``sweep_plan.SweepConfigError`` (a ``ValueError``; one paragraph, a sentence group per GPU) when a GPU's compute mode forbids the planned jobs
     (:func:`exclusive_gpus`). ``mps_active`` None: True when an MPS control daemon's pipe is present
     (``CUDA_MPS_PIPE_DIRECTORY``, default /tmp/nvidia-mps). Nothing is asked when ``gpu_ids`` is empty."""
     if not gpu_ids:
@@ -209,7 +209,10 @@ def check_compute_modes(gpu_ids: Sequence[GpuId], jobs_per_gpu: int, mps_active:
         mps_active = mps_pipe_dir() is not None
     problems = exclusive_gpus(gpu_ids, jobs_per_gpu, mps_active)
     if problems:
-        raise ValueError("Cannot run this sweep on the GPUs as planned: " + " ".join(problems))
+        from .sweep_plan import SweepConfigError  # a ValueError Hydra prints without a traceback
+
+        raise SweepConfigError("Cannot run this sweep on the GPUs as planned, nothing was started: "
+                               + " ".join(problems))
 
 
 # --- each job's environment -----------------------------------------------------------------------------
