@@ -8,6 +8,7 @@ system shows them, and whether an MPS control daemon serves this process. No tor
 """
 from __future__ import annotations
 
+import functools
 import glob
 import os
 import re
@@ -80,6 +81,27 @@ def gpus() -> List[Dict[str, str]]:
         if len(parts) == 5 and parts[0].isdigit():
             out.append(dict(zip(("index", "uuid", "name", "compute_mode", "driver_version"), parts)))
     return out
+
+
+@functools.lru_cache(maxsize=None)
+def compute_capabilities() -> Optional[tuple]:
+    """The compute capability of every GPU the driver sees, ``((8, 0), (9, 0))``, without initialising CUDA;
+    ``()`` when the driver sees none, None when neither NVML nor ``nvidia-smi --query-gpu=compute_cap`` (driver
+    510 and later) answers. Asked once per process (``precision=auto`` resolves once per job of a sweep)."""
+    nvml = _pynvml()
+    if nvml is not None:
+        try:
+            return tuple(tuple(int(x) for x in nvml.nvmlDeviceGetCudaComputeCapability(
+                nvml.nvmlDeviceGetHandleByIndex(i))) for i in range(nvml.nvmlDeviceGetCount()))
+        except Exception:  # noqa: BLE001
+            pass
+    text = smi("--query-gpu=compute_cap", "--format=csv,noheader")
+    if text is None:
+        return None
+    try:
+        return tuple(tuple(int(x) for x in line.strip().split(".")[:2]) for line in text.splitlines() if line.strip())
+    except ValueError:
+        return None
 
 
 def driver_cuda_version() -> Optional[str]:

@@ -178,7 +178,7 @@ def _device_type(device) -> str:
         return device.type
     d = str(device or "auto")
     if d == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
+        return "cuda" if _cuda_present() else "cpu"
     return "cuda" if d.startswith("cuda") else "cpu"
 
 
@@ -191,7 +191,7 @@ def resolve_precision(requested, device) -> tuple:
     if req != "auto":
         return req, "as requested"
     if _device_type(device) == "cuda":
-        ok = torch.cuda.is_available() and _cuda_bf16_native()
+        ok = _cuda_bf16_native()
         return ("bf16", "CUDA device with native bf16") if ok else ("fp32", "CUDA device without native bf16")
     flags = cpu_bf16_flags()
     if flags:
@@ -199,9 +199,34 @@ def resolve_precision(requested, device) -> tuple:
     return "fp32", f"CPU without native bf16 ({torch.backends.cpu.get_cpu_capability()}; no avx512_bf16/amx_bf16)"
 
 
+def _cuda_present() -> bool:
+    """Whether ``device=auto`` means CUDA here, without initialising CUDA in a process that has not yet: the
+    sweep launcher resolves ``precision=auto`` for each job's identity before it forks the jobs, and a forked
+    child cannot use a CUDA its parent initialised (``torch.cuda.is_available()`` runs ``cuInit``). So NVML or
+    nvidia-smi is asked (``nvidia.compute_capabilities``); torch only where neither answers or CUDA is
+    initialised already. A GPU that NVML sees but CUDA cannot use still stops the job in ``setup``."""
+    from . import nvidia
+
+    if not torch.cuda.is_initialized() and torch.backends.cuda.is_built():
+        caps = nvidia.compute_capabilities()
+        if caps is not None:
+            return len(caps) > 0
+    return torch.cuda.is_available()
+
+
 def _cuda_bf16_native() -> bool:
-    """bf16 in hardware on the current CUDA device (Ampere and later). ``torch.cuda.is_bf16_supported()`` alone
-    also says True where bf16 is emulated (``including_emulation``, the default), i.e. slower than fp32."""
+    """bf16 in hardware on the CUDA device(s) here (compute capability >= 8.0: Ampere and later).
+    ``torch.cuda.is_bf16_supported()`` alone also says True where bf16 is emulated (``including_emulation``, the
+    default), i.e. slower than fp32. Before CUDA is initialised NVML/nvidia-smi answer, for every GPU of the
+    machine (the launcher does not know which one a job gets; it and the job must agree): see ``_cuda_present``."""
+    from . import nvidia
+
+    if not torch.cuda.is_initialized():
+        caps = nvidia.compute_capabilities()
+        if caps is not None:
+            return len(caps) > 0 and min(caps) >= (8, 0)
+    if not torch.cuda.is_available():
+        return False
     try:
         return bool(torch.cuda.is_bf16_supported(including_emulation=False))
     except TypeError:  # a torch without the argument answered for hardware only

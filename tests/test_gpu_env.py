@@ -30,16 +30,19 @@ H100 = "GPU-8932f937-d72c-4106-c12f-20bd9faed9f6"
 V100 = "GPU-11112222-3333-4444-5555-666677778888"
 
 
-def fake_smi(tmp: Path, rows, cuda="13.0") -> Path:
+def fake_smi(tmp: Path, rows, cuda="13.0", caps=None) -> Path:
     """A directory holding an ``nvidia-smi`` that lists ``rows`` (index, uuid, name, compute_mode, driver) for
-    ``--query-gpu`` and prints a header saying the driver supports CUDA ``cuda``; put it first on the PATH."""
+    ``--query-gpu``, the compute capabilities ``caps`` ("8.0", ...; None: that query fails, as before driver 510)
+    and prints a header saying the driver supports CUDA ``cuda``; put it first on the PATH."""
     d = tmp / "smi-bin"
     d.mkdir(exist_ok=True)
     (d / "rows.csv").write_text("".join(", ".join(r) + "\n" for r in rows))
+    (d / "caps.csv").write_text("".join(c + "\n" for c in caps or ()))
     script = d / "nvidia-smi"
     script.write_text(f"""#!/bin/sh
 case "$*" in
   *--query-gpu=index,uuid,name,compute_mode,driver_version*) cat "{d}/rows.csv" ;;
+  *--query-gpu=compute_cap*) {"exit 6" if caps is None else f'cat "{d}/caps.csv"'} ;;
   "") echo "| NVIDIA-SMI 580.65.06   Driver Version: 580.65.06   CUDA Version: {cuda}     |" ;;
   *) exit 6 ;;
 esac
@@ -48,14 +51,22 @@ esac
     return d
 
 
+@pytest.fixture(autouse=True)
+def _fresh_capabilities():
+    nvidia.compute_capabilities.cache_clear()  # asked once per process; each test has its own fake nvidia-smi
+    yield
+    nvidia.compute_capabilities.cache_clear()
+
+
 @pytest.fixture
 def smi(tmp_path, monkeypatch):
     """``smi(rows, cuda=...)``: install a fake nvidia-smi first on this process's PATH; no MPS daemon, no NVML."""
     monkeypatch.setenv("CUDA_MPS_PIPE_DIRECTORY", str(tmp_path / "no-mps"))
     monkeypatch.setattr(nvidia, "_pynvml", lambda: None)
 
-    def install(rows, cuda="13.0"):
-        d = fake_smi(tmp_path, rows, cuda)
+    def install(rows, cuda="13.0", caps=None):
+        d = fake_smi(tmp_path, rows, cuda, caps)
+        nvidia.compute_capabilities.cache_clear()
         monkeypatch.setenv("PATH", f"{d}{os.pathsep}{os.environ['PATH']}")
         return d
     return install
@@ -301,6 +312,22 @@ def test_provenance_records_the_gpu_and_the_numerics_in_effect(fake_cuda):
     assert p["gpu"] == gpu and p["numerics"] == {"tf32": False, "bf16": "emulated"}, p["numerics"]
     # precision=auto on a pre-Ampere GPU is fp32: is_bf16_supported() alone says True (emulation counts)
     assert runtime.resolve_precision("auto", torch.device("cuda"))[0] == "fp32"
+
+
+def test_precision_auto_asks_nvidia_smi_not_cuda_before_cuda_is_initialised(smi, monkeypatch):
+    """The launcher resolves precision=auto for each job's identity before forking: it must not run cuInit
+    (torch.cuda.is_available() would). Every GPU Ampere or later: bf16; any older one: fp32, as in the job."""
+    def no_cuda_calls(*a, **k):
+        raise AssertionError("torch.cuda was asked before CUDA was initialised")
+
+    monkeypatch.setattr(torch.cuda, "is_available", no_cuda_calls)
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", no_cuda_calls)
+    smi([_row(0, H100, "Default")], caps=["9.0", "8.0"])
+    assert runtime.resolve_precision("auto", "auto") == ("bf16", "CUDA device with native bf16")
+    smi([_row(0, H100, "Default"), _row(1, V100, "Default")], caps=["9.0", "7.0"])
+    assert runtime.resolve_precision("auto", "auto")[0] == "fp32"
+    smi([], caps=[])  # nvidia-smi, and no GPU: the CPU's answer
+    assert runtime._device_type("auto") == "cpu"
 
 
 def test_numerics_on_the_cpu_and_on_ampere():

@@ -5,6 +5,7 @@ answers as the real driver does (``CUDA_ERROR_NOT_INITIALIZED`` until ``cuInit``
 interpreter: the stub must not stay mapped in the test process.
 """
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -77,9 +78,14 @@ def test_guard_sees_a_driver_initialised_behind_torchs_back(stub_driver):
     assert res["inited"] == "the CUDA driver (libcuda.so.1) was initialised in the launcher process", res
 
 
-def test_launcher_imports_leave_cuda_untouched(stub_driver):
+def test_launcher_imports_leave_cuda_untouched(stub_driver, tmp_path):
     """Everything ``python -m embclf -m`` imports before forking its first worker, imported in a fresh interpreter
-    whose torch.cuda entry points record any call: none is made, and the (stub) driver is never initialised."""
+    whose torch.cuda entry points record any call: none is made, and the (stub) driver is never initialised.
+    Nor by what the launcher computes per job that asks about the device: the identity of a ``precision=auto``
+    job (bf16 where native) on a machine whose nvidia-smi lists an Ampere GPU."""
+    smi = tmp_path / "nvidia-smi"
+    smi.write_text('#!/bin/sh\ncase "$*" in *compute_cap*) echo 8.0 ;; *) exit 6 ;; esac\n')
+    smi.chmod(0o755)
     out = _python(f"""
         import ctypes, json
         lib = ctypes.CDLL({str(stub_driver['plain'])!r})  # a driver present, as on a GPU machine
@@ -100,10 +106,16 @@ def test_launcher_imports_leave_cuda_untouched(stub_driver):
         import hydra_plugins.embclf_launcher.local_launcher, hydra_plugins.embclf_launcher.slurm_launcher  # noqa
         import hydra_plugins.embclf_launcher.sweep_plan, hydra_plugins.embclf_launcher.slot_pool  # noqa: F401
         from hydra_plugins.embclf_launcher.forked_job import fork_unsafe_reason
+        from hydra import compose, initialize_config_dir
+        from embclf.config import conf_dir
+        with initialize_config_dir(config_dir=conf_dir(), version_base=None):
+            cfg = compose("config", overrides=["precision=auto", "device=auto"])
+        ident = embclf.identity.job_identity(cfg)
+        assert ident["autoencode"]["precision"] == "bf16", ident
         ctx = ctypes.c_void_p()
         print(json.dumps({{"calls": calls, "initialised": torch.cuda.is_initialized(),
                           "driver": lib.cuCtxGetCurrent(ctypes.byref(ctx)), "guard": fork_unsafe_reason()}}))
-    """)
+    """, {"PATH": f"{tmp_path}{os.pathsep}{os.environ['PATH']}"})
     res = json.loads(out.strip().splitlines()[-1])
     assert res == {"calls": [], "initialised": False, "driver": 3, "guard": None}, res
 
