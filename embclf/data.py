@@ -109,6 +109,9 @@ def download_once(root: Path, present, fetch) -> None:
     """
     from filelock import FileLock, Timeout
 
+    # the highest folder this call creates: removed again when the fetch leaves nothing but our lock in it
+    # (offline, a failed run must not leave a new empty data.root behind)
+    created = next((p for p in reversed([root, *root.parents]) if not p.exists()), None)
     try:
         root.mkdir(parents=True, exist_ok=True)
     except OSError as e:
@@ -125,6 +128,22 @@ def download_once(root: Path, present, fetch) -> None:
             fetch()
     finally:
         lock.release()
+        if created is not None:
+            _remove_if_only_lock(created, root)
+
+
+def _remove_if_only_lock(top: Path, root: Path) -> None:
+    """Remove ``top`` (created by :func:`download_once` above ``root``) when all it holds is the download lock:
+    nothing was fetched. Anything else in it (a partial archive, another job's files) is left alone."""
+    entries = [p for p in top.rglob("*")]
+    if any(p.is_file() and p != root / DOWNLOAD_LOCK for p in entries):
+        return
+    (root / DOWNLOAD_LOCK).unlink(missing_ok=True)
+    for d in sorted((p for p in [top, *entries] if p.is_dir()), key=lambda p: len(p.parts), reverse=True):
+        try:
+            d.rmdir()
+        except OSError:  # another job created something meanwhile: keep it
+            return
 
 
 def _corrupt_files(cls, root: Path) -> List[Path]:

@@ -46,6 +46,11 @@ def test_cifar10_offline_fails_fast_and_clearly(tmp_path):
     assert time.time() - t0 < 30
     msg = str(e.value)
     assert str(tmp_path / "nowhere") in msg and "data_batch_1" in msg and "data=folder" in msg
+    assert not (tmp_path / "nowhere").exists()  # nothing half-written: no new data.root with a lock file in it
+    (tmp_path / "kept").mkdir()  # a data.root the user made stays, without our lock in it
+    with pytest.raises(data.DataError):
+        data.load(_cfg(tmp_path, source=Source.cifar10, root=str(tmp_path / "kept" / "a" / "b")))
+    assert (tmp_path / "kept").is_dir() and not any((tmp_path / "kept").iterdir())
 
 
 def test_folder_errors_name_the_key(tmp_path):
