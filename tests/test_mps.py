@@ -38,6 +38,8 @@ def fake_mps(tmp_path, monkeypatch):
 def test_on_starts_a_daemon_for_the_sweep_passes_it_to_jobs_and_stops_it(tmp_path, fake_mps):
     sweep = tmp_path / "sweep"
     before = os.environ["CUDA_MPS_PIPE_DIRECTORY"]
+    assert mps.planned("on", [0], 8) == "start" and mps.planned("auto", [0], 8) == "none"
+    assert mps.planned("on", [0], 1) == mps.planned("on", [], 8) == mps.planned("off", [0], 8) == "off"
     with mps.serving("on", [0], 8, str(sweep)) as info:
         pipe = sweep / ".mps" / "pipe"
         assert info == {"mode": "on", "state": "started", "pipe_dir": str(pipe)}
@@ -65,6 +67,7 @@ def test_auto_uses_a_daemon_that_serves_and_never_starts_one(tmp_path, fake_mps,
     served.mkdir()
     (served / "control").touch()
     monkeypatch.setenv("CUDA_MPS_PIPE_DIRECTORY", str(served))
+    assert mps.planned("auto", [0], 8) == mps.planned("on", [0], 8) == "present"
     for mode in ("auto", "on"):
         with mps.serving(mode, [0], 8, str(tmp_path / "sweep")) as info:
             assert info == {"mode": mode, "state": "present", "pipe_dir": str(served)}

@@ -17,8 +17,9 @@ Modes (``hydra.launcher.mps``):
   MPS cannot be declined by a client.)
 
 For the launcher's other checks (a GPU in Exclusive_Process compute mode accepts several processes only
-through MPS): :func:`mps_active` says whether a daemon serves this process's environment, :func:`current` what
-the running sweep does. Nothing here imports torch or touches CUDA.
+through MPS): :func:`mps_active` says whether a daemon serves this process's environment, :func:`planned` what
+:func:`serving` will do (before anything starts), :func:`current` what the running sweep does. Nothing here
+imports torch or touches CUDA.
 """
 import logging
 import os
@@ -61,6 +62,19 @@ def current() -> Optional[Dict[str, object]]:
     with state ``started`` (a per-sweep daemon), ``present`` (one that already served), ``none`` or ``off``,
     plus ``pipe_dir`` when MPS serves."""
     return None if _CURRENT is None else dict(_CURRENT)
+
+
+def planned(mode: str, gpus: List[int], jobs_per_gpu: int) -> str:
+    """What :func:`serving` will do, decided now without starting anything (for checks made before the pool
+    starts, e.g. refusing ``jobs_per_gpu > 1`` on an Exclusive_Process GPU unless MPS will serve): ``present``
+    (a daemon serves already), ``start`` (``mode=on`` will start one; ``nvidia-cuda-mps-control`` is on the
+    PATH), ``none`` (time-sliced) or ``off`` (mode off, no GPU jobs, or one job per GPU). Raises ``ValueError``
+    for an invalid mode."""
+    if check_mode(mode) == "off" or not gpus or jobs_per_gpu <= 1:
+        return "off"
+    if mps_active():
+        return "present"
+    return "start" if mode == "on" and shutil.which(CONTROL) is not None else "none"
 
 
 def check_mode(mode: str) -> str:
