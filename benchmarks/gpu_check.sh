@@ -130,6 +130,7 @@ if [[ $CUDA == 0 ]]; then verdict host_syncs SKIP "needs CUDA (torch.cuda.set_sy
 else
   r=$("$PY" - "$OUT/syncs" "$DATA" "$PRECISION" "${EXTRA[@]}" <<'PY' 2>"$OUT/syncs.log"
 import sys, warnings
+from pathlib import Path
 import torch
 from hydra import compose, initialize_config_dir
 from embclf.config import conf_dir
@@ -145,7 +146,7 @@ def syncs(name, batch):
     torch.cuda.set_sync_debug_mode("warn")
     with warnings.catch_warnings(record=True) as w:
         warnings.simplefilter("always")
-        autoencode.run(cfg, f"{sys.argv[1]}/{name}", [])
+        autoencode.run(cfg, Path(sys.argv[1]) / name, [])
     torch.cuda.set_sync_debug_mode("default")
     return sum("synchronizing" in str(x.message) for x in w) / 2  # per epoch
 

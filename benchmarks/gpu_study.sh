@@ -8,7 +8,7 @@
 # benchmarks/packing.py) or "VARIANT <name>: SKIP <why>" (MPS and CUDA graphs need a GPU). STUDY=0 skips the study.
 #
 #   bash benchmarks/gpu_study.sh                        # the study (defaults below)
-#   PACKING=1 STUDY=0 bash benchmarks/gpu_study.sh      # the packing comparison only (~3-4 min on one H100)
+#   PACKING=1 STUDY=0 bash benchmarks/gpu_study.sh      # the packing comparison only (~4-5 min on one H100, estimated)
 #   MODELS=ae LATENTS=8 PRECISION=fp32 bash benchmarks/gpu_study.sh data.train_size=300 autoencode.epochs=1
 #                                                       # a tiny end-to-end check (runs on a CPU too)
 #
