@@ -258,6 +258,12 @@ class Config:
     # (runs written before the key existed ran fp32: ``before``, whatever the default becomes)
     precision: Precision = field(default=Precision.fp32, metadata=stages("autoencode", before="fp32"))
     compile: bool = field(default=False, metadata=RUN)  # torch.compile the model's training/eval step, once per job
+    # with compile=true: torch.compile's mode; reduce-overhead (and max-autotune) capture the step in CUDA graphs.
+    # RUN, like compile: a mode changes kernels and their rounding, not the experiment (docs/performance.md)
+    compile_mode: str = field(default="default", metadata=RUN)
+    # deterministic algorithms, no cuDNN autotuning, cuBLAS's fixed workspace (docs/performance.md); RUN: the same
+    # experiment, computed reproducibly between processes on a GPU (the CPU is reproducible anyway)
+    deterministic: bool = field(default=False, metadata=RUN)
     tf32: bool = field(default=True, metadata=RUN)  # CUDA only: TF32 matmuls and convolutions (recorded in the summary)
     output_dir: str = field(default="outputs", metadata=RUN_PATH)
     # the value the task function returns (the Optuna sweeper's objective; docs/research.md): a val_* key of the

@@ -179,15 +179,21 @@ def evaluate(step, model, split: data_mod.Split, batch_size: int,
     model.eval()
     device = split.images.device
     sums = torch.zeros(len(SUMS), device=device)
-    mus = []
+    mus = None  # fp32 [N, latent]: every batch's mu, copied in (see below)
     for idx in data_mod.batches(len(split), batch_size, device, shuffle=False):
         x = data_mod.to_float(split.images[idx]).contiguous(memory_format=fmt)
         _, s, mu = step(x, split.labels[idx]) if with_labels else step(x)
+        # A step compiled with CUDA graphs (compile_mode=reduce-overhead) returns the same static output
+        # buffers on every call, overwritten by the next one: nothing here may keep a step's output across
+        # steps. ``s`` is added at once; mu is copied into our own tensor (a kept ``mu.float()`` is no copy
+        # for fp32 mu: every batch's entry would then be the last batch's, and active_units 0).
         sums += s
         if model.variational:
-            mus.append(mu.float())
+            if mus is None:
+                mus = torch.empty(len(split), mu.shape[1], device=device)
+            mus[idx] = mu.float()
     if model.variational:
-        active = (torch.cat(mus).var(0) > ACTIVE_UNIT_THRESHOLD).sum().float().view(1)
+        active = (mus.var(0) > ACTIVE_UNIT_THRESHOLD).sum().float().view(1)
         sums = torch.cat([sums, active])
     host = sums.tolist()  # the one read-back of this evaluation
     m = means(host[:len(SUMS)], len(split), split.images[0].numel(), model.variational, objective)

@@ -38,7 +38,7 @@ never overwritten: a default name gets ``-2``, ``-3``... and an explicit ``name=
   first, with the true and predicted class and the probability (``worst`` in summary.json names them).
 
 On the same split, checkpoint and data as the run, the means equal the run's own ``test_*``/``val_*``
-(best) or ``final_test_*`` (last) numbers: the same functions compute them (tests/test_evaluate.py).
+(best) or ``final_test_*`` (last) numbers (same functions) to ``runtime.agreement_tolerance`` (1e-5 on CPU, fp32).
 Exit status 2 with a one-paragraph message for bad input; nothing is written then.
 """
 from __future__ import annotations
@@ -441,7 +441,10 @@ def evaluate_run(argv: Sequence[str]) -> Tuple[Path, dict]:
     ref = run_metrics(stage, split, which, run_summary, means) if same_data else None
     if ref is not None:
         summary["run_metrics"] = ref
-        off = [k for k, v in ref.items() if isinstance(v, (int, float)) and abs(means[k] - v) > 1e-5 * max(1.0, abs(v))]
+        r = run_summary  # bf16, compile and a GPU loosen the 1e-5 two processes agree to on the CPU:
+        tol = runtime.agreement_tolerance("cuda" if "cuda" in f"{device}{r.get('device')}" else "cpu", str(r.get(
+            "precision")), bool(r.get("compile")), bool(cfg.get("deterministic") and r.get("deterministic")))
+        off = [k for k, v in ref.items() if isinstance(v, (int, float)) and abs(means[k] - v) > tol * max(1.0, abs(v))]
         if off:
             log.warning("the run's own %s differ from this evaluation's (%s): was the run dir changed, or the data "
                         "cache rebuilt?", ", ".join(off), ", ".join(f"{k} {means[k]:.6g} vs {ref[k]:.6g}" for k in off))

@@ -165,6 +165,9 @@ def base_summary(cfg: DictConfig, stage: str, overrides: List[str]) -> Dict[str,
         "pid": os.getpid(),
         "slurm_job_id": slurm_job_id(),
         "cuda_visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES"),
+        # the MPS daemon the job's CUDA work went through (hydra.launcher.mps), when one was named
+        **({"cuda_mps_pipe_directory": os.environ["CUDA_MPS_PIPE_DIRECTORY"]}
+           if os.environ.get("CUDA_MPS_PIPE_DIRECTORY") else {}),
         "start_time": time.time(),
         **({"choices": choices} if choices is not None else {}),
         # a debug run says so in its summary, so no reader takes it for a result (embclf/debug.py)

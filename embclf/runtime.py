@@ -1,6 +1,6 @@
 """Process-level setup shared by the stages: device choice, threads, seeding, user-facing errors, and
 every device-dependent choice (TF32, cuDNN autotuning, bf16 autocast, channels-last, fused Adam,
-torch.compile).
+torch.compile and its CUDA graphs, deterministic algorithms, the tolerance two processes' numbers agree to).
 
 Each device-dependent function takes the ``torch.device`` and decides by its ``type``, so the CUDA branch
 runs in tests on a CPU-only machine with ``torch.device("cuda")`` (constructing one needs no GPU).
@@ -72,7 +72,8 @@ def setup(cfg) -> dict:
                               "of them, or device=auto.")
     name = torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu"
     gpu = cuda_info(dev) if dev.type == "cuda" else None
-    backends = configure_backends(dev, cfg.tf32)
+    deterministic = set_deterministic(bool(cfg.get("deterministic", False)))
+    backends = configure_backends(dev, cfg.tf32, deterministic)
     if gpu is not None and backends["tf32"] and not gpu["tf32_capable"]:
         backends["tf32"] = False  # the flags are set, but a pre-Ampere GPU has no TF32: fp32 is what runs
     prec = precision(cfg)
@@ -83,11 +84,12 @@ def setup(cfg) -> dict:
     chosen = f"precision {prec}"
     if _LAST_CHOICE.get("requested") == "auto":
         chosen = f"precision auto -> {prec} ({_LAST_CHOICE['why']})"
-    log.info("device %s (%s), %d threads, seed %d, %s%s", dev, name, torch.get_num_threads(), seed, chosen,
-             ", TF32" if backends["tf32"] else "")
+    log.info("device %s (%s), %d threads, seed %d, %s%s%s", dev, name, torch.get_num_threads(), seed, chosen,
+             ", TF32" if backends["tf32"] else "", ", deterministic algorithms" if deterministic else "")
     _LAST_SETUP.clear()
     _LAST_SETUP.update(device=dev, fallback=fallback, gpu=gpu, tf32=backends["tf32"], precision=prec)
-    return {"device": dev, "fallback": fallback, "name": name, "gpu": gpu, **backends}
+    return {"device": dev, "fallback": fallback, "name": name, "gpu": gpu, "deterministic": deterministic,
+            **backends}
 
 
 # what the last ``setup`` of this process chose (one job at a time per process), for provenance.py
@@ -279,13 +281,14 @@ def precision(cfg) -> str:
     return resolve_precision(precision_name(cfg), cfg.get("device", "auto") if hasattr(cfg, "get") else "cpu")[0]
 
 
-def configure_backends(device: torch.device, tf32: bool = True) -> dict:
+def configure_backends(device: torch.device, tf32: bool = True, deterministic: bool = False) -> dict:
     """Process-wide CUDA settings for training; nothing on other devices.
 
     On CUDA: TF32 for float32 matmuls (``torch.set_float32_matmul_precision("high")``) and for cuDNN
     convolutions (``torch.backends.cudnn.allow_tf32``) when ``tf32`` -- ~8x the fp32 tensor-core rate on
     Ampere/Hopper with a 10-bit mantissa, the PyTorch default for convolutions since 1.7 -- and
-    ``cudnn.benchmark`` (autotunes each conv shape once; our shapes are fixed per job).
+    ``cudnn.benchmark`` (autotunes each conv shape once; our shapes are fixed per job) unless
+    ``deterministic``: autotuning times candidate algorithms, so two processes may pick different ones.
     Returns {"tf32": bool, "cudnn_benchmark": bool}: what was applied (both False off CUDA), for summary.json.
     """
     if device.type != "cuda":
@@ -293,8 +296,57 @@ def configure_backends(device: torch.device, tf32: bool = True) -> dict:
     torch.set_float32_matmul_precision("high" if tf32 else "highest")
     torch.backends.cuda.matmul.allow_tf32 = tf32
     torch.backends.cudnn.allow_tf32 = tf32
-    torch.backends.cudnn.benchmark = True
-    return {"tf32": tf32, "cudnn_benchmark": True}
+    torch.backends.cudnn.benchmark = not deterministic
+    return {"tf32": tf32, "cudnn_benchmark": not deterministic}
+
+
+# cuBLAS's deterministic workspace settings (CUDA docs, "cuBLAS: Results reproducibility"); :4096:8 costs
+# ~24 MiB of GPU memory per cuBLAS handle, :16:8 less memory but may be slower
+CUBLAS_DETERMINISTIC = (":4096:8", ":16:8")
+
+
+def set_deterministic(on: bool) -> bool:
+    """The ``deterministic`` key, applied process-wide (each job sets it, on or off, so in-process jobs in turn
+    never inherit the previous job's): ``torch.use_deterministic_algorithms(on)`` (an op without a
+    deterministic implementation then raises, naming itself), ``cudnn.deterministic`` and, when on,
+    ``CUBLAS_WORKSPACE_CONFIG=:4096:8`` unless it holds a deterministic value already. cuBLAS reads that
+    variable when a handle is created, at the process's first matmul on a GPU: ``setup`` calls this before
+    the job's first CUDA operation (the launcher process never touches CUDA, so a forked job has no handle
+    yet). ``configure_backends`` turns ``cudnn.benchmark`` off. Returns ``on``."""
+    if on and os.environ.get("CUBLAS_WORKSPACE_CONFIG") not in CUBLAS_DETERMINISTIC:
+        if torch.cuda.is_initialized():
+            log.warning("deterministic=true: CUDA was initialised in this process before CUBLAS_WORKSPACE_CONFIG "
+                        "was set; a cuBLAS handle created earlier may not be deterministic. Export "
+                        "CUBLAS_WORKSPACE_CONFIG=:4096:8 before starting python.")
+        os.environ["CUBLAS_WORKSPACE_CONFIG"] = CUBLAS_DETERMINISTIC[0]
+    torch.use_deterministic_algorithms(on)
+    torch.backends.cudnn.deterministic = on
+    return on
+
+
+def agreement_tolerance(device_type: str, precision_name: str, compiled: bool = False,
+                        deterministic: bool = False) -> float:
+    """The relative tolerance within which one metric (a mean over a split) computed twice, in two processes,
+    must agree: ``embclf.evaluate``'s check against the run's own numbers, and what "exact resume" means.
+
+    - CPU, fp32, eager: 1e-5. The same kernels in the same order, so only the float32 rounding of the
+      host read-back and of thread-count dependent reductions (~1e-7 relative) differ.
+    - ``compiled``: 1e-4. Inductor fuses ops and reorders reductions (float32: a few ulps per op, summed
+      over a split), and ``embclf.evaluate`` runs the step eagerly.
+    - bf16 (either device): 1e-2. The forward pass rounds to an 8-bit mantissa (2**-9 ~ 2e-3 relative per
+      value); another thread count or algorithm flips some of those roundings, and the means move by ~1e-3.
+    - CUDA, not ``deterministic``: at least 1e-3. cuDNN autotuning (``cudnn.benchmark``) and atomic adds
+      pick other algorithms and summation orders in another process, and TF32 (10-bit mantissa) amplifies it.
+      With ``deterministic`` every process runs the same algorithms: the CPU's numbers above apply.
+    These are bounds reasoned from the mantissa widths, not measured on a GPU (none was at hand). Returns the
+    tolerance relative to max(1, |value|).
+    """
+    tol = 1e-4 if compiled else 1e-5
+    if device_type == "cuda" and not deterministic:
+        tol = max(tol, 1e-3)
+    if precision_name == "bf16":
+        tol = max(tol, 1e-2)
+    return tol
 
 
 def autocast(device: torch.device, precision_name: str):
@@ -321,11 +373,31 @@ def adam(params, device: torch.device, lr: float, weight_decay: float) -> torch.
     return torch.optim.Adam(params, lr=lr, weight_decay=weight_decay, fused=(device.type == "cuda") or None)
 
 
-def maybe_compile(fn: Callable, enabled: bool) -> Callable:
-    """``torch.compile(fn)`` when ``enabled`` (the ``compile`` key), else ``fn``. Compiled once per job: the
-    first call traces and compiles (tens of seconds), a batch of another size compiles once more.
-    On the CPU, inductor needs a C++ compiler on the PATH."""
+# torch.compile modes that capture the compiled step in CUDA graphs (``torch._inductor.list_mode_options``)
+CUDA_GRAPH_MODES = ("reduce-overhead", "max-autotune")
+
+
+def maybe_compile(fn: Callable, enabled: bool, mode: str = "default") -> Callable:
+    """``torch.compile(fn, mode=mode)`` when ``enabled`` (the ``compile`` and ``compile_mode`` keys), else ``fn``.
+    Compiled once per job: the first call traces and compiles (tens of seconds), a batch of another size
+    compiles once more. On the CPU, inductor needs a C++ compiler on the PATH.
+
+    ``reduce-overhead`` and ``max-autotune`` capture the step in CUDA graphs on a GPU (one launch replays its
+    ~200 kernels; the conv AE's step is host-bound: docs/performance.md); on the CPU they compile as
+    ``default`` does. A graphed step returns static output buffers that its next call overwrites: callers
+    copy what they keep across steps (``engine.evaluate``), and each call starts a new CUDA-graph step
+    (``torch.compiler.cudagraph_mark_step_begin``), since a training loop alternates forward, backward and
+    optimizer steps outside the compiled function. Raises ``EmbclfError`` for a mode the gate refuses."""
     if not enabled:
         return fn
-    log.info("compiling the model's step with torch.compile (the first batches take longer)")
-    return torch.compile(fn)
+    check_value("compile_mode", mode, EmbclfError)
+    log.info("compiling the model's step with torch.compile, mode %s (the first batches take longer)", mode)
+    compiled = torch.compile(fn, mode=None if mode == "default" else mode)
+    if mode not in CUDA_GRAPH_MODES:
+        return compiled
+
+    def graphed_step(*args, **kwargs):
+        torch.compiler.cudagraph_mark_step_begin()
+        return compiled(*args, **kwargs)
+
+    return graphed_step

@@ -47,6 +47,8 @@ HEAD_NAMES = ("mlp", "linear", "knn", "logreg")  # embclf/heads.py HEADS (the he
 PROJECTIONS = ("pca", "tsne", "umap")  # embclf/report/projections.py METHODS
 LOGGERS = ("wandb", "none")  # conf/logger/*.yaml
 DEBUG_MODES = ("none", "fast", "overfit")  # conf/debug/*.yaml
+# torch.compile's modes (``torch._inductor.list_mode_options``); the first is torch's default
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 
 
 def _names(allowed):
@@ -64,6 +66,9 @@ VALUE_RULES = {
     "device": (lambda v: DEVICE_PATTERN.fullmatch(str(v)) is not None,
                "auto, cpu, cuda or cuda:N with N a GPU index (e.g. device=cuda:0)"),
     "threads": (lambda v: v is None or v >= 1, "null (torch's default) or at least 1"),
+    "compile_mode": (lambda v: str(v) in COMPILE_MODES,
+                     f"one of {', '.join(COMPILE_MODES)}, used with compile=true (e.g. compile=true "
+                     "compile_mode=reduce-overhead: CUDA graphs)"),
     "output_dir": (lambda v: str(v).strip() != "", "a directory (e.g. output_dir=outputs)"),
     "objective": (lambda v: str(v) == "auto" or str(v).split(".")[-1].startswith("val_"),
                   "auto or a val_* key of the last stage's summary.json (e.g. objective=val_accuracy), so a "
@@ -183,8 +188,16 @@ def _val_count_vs_train_size(cfg: Any) -> Optional[str]:
     return None
 
 
+def _compile_mode_vs_compile(cfg: Any) -> Optional[str]:
+    mode, on = _get(cfg, "compile_mode"), _get(cfg, "compile")
+    if mode in (_ABSENT, "default") or on is _ABSENT or on:
+        return None
+    return (f"compile_mode={mode} is invalid with compile=false: the mode is torch.compile's, so it applies to a "
+            f"compiled step only; add compile=true (or leave compile_mode out).")
+
+
 # ranges that depend on other keys: each returns a message or None (it skips keys the config lacks)
-CROSS_RULES = (_image_size_vs_model, _channels_vs_strides, _val_count_vs_train_size)
+CROSS_RULES = (_image_size_vs_model, _channels_vs_strides, _val_count_vs_train_size, _compile_mode_vs_compile)
 _ABSENT = object()
 
 

@@ -96,7 +96,7 @@ def run(cfg, run_dir: Path, overrides: List[str]) -> Path:
     def core(x, y, b):
         return engine.batch_step(model, x, b, precision, y, objective)
 
-    core = runtime.maybe_compile(core, cfg.compile)  # one compiled step per job, train and eval
+    core = runtime.maybe_compile(core, cfg.compile, cfg.compile_mode)  # one compiled step per job, train and eval
 
     def step(x, y=None):  # training: this epoch's beta
         return core(x, y, beta_train)
@@ -109,7 +109,8 @@ def run(cfg, run_dir: Path, overrides: List[str]) -> Path:
     # bad input has failed by now; only from here on does the run dir hold a config and a summary
     run.start(resume["state"]["epoch"] if resume is not None else None,
               device=str(device), device_name=env["name"], device_fallback=env["fallback"],
-              precision=precision, compile=cfg.compile, tf32=env["tf32"], weight_decay=wd,
+              precision=precision, compile=cfg.compile, compile_mode=cfg.compile_mode if cfg.compile else None,
+              deterministic=env["deterministic"], tf32=env["tf32"], weight_decay=wd,
               cudnn_benchmark=env["cudnn_benchmark"], channels_last=fmt == torch.channels_last,
               parameters=count_parameters(model), data_fingerprint=ds.fingerprint,
               n_train=len(train), n_val=len(val), n_test=len(test),

@@ -136,7 +136,7 @@ def run(cfg, run_dir: Path, overrides: List[str], encoder: Optional[Path] = None
     summary.update(**references.reference_fields(run_dir, cfg.output_dir, encoder_run=encoder_run, encoder_checkpoint=ckpt_path))
     summary.update(encoder_epoch=int(ck["state"]["epoch"]), model=enc_cfg["model"]["name"],
                    latent=int(enc_cfg["latent"]), device=str(device), device_name=env["name"],
-                   device_fallback=env["fallback"], head=cfg.head.name,
+                   device_fallback=env["fallback"], deterministic=env["deterministic"], head=cfg.head.name,
                    provenance=provenance.provenance(cfg, ds.fingerprint, env["name"], files=ds.files))
 
     emb_path = run_dir / "embeddings.pt"

@@ -44,6 +44,9 @@ class LocalLauncherConf:
     gpus: Optional[List[int]] = None
     # jobs sharing one GPU at a time (small models leave a GPU mostly idle)
     jobs_per_gpu: int = 1
+    # NVIDIA MPS for jobs sharing a GPU (mps.py, docs/launchers.md): auto = use a daemon that serves already;
+    # on = also start one for the sweep (pipes and logs under <sweep dir>/.mps, stopped at the end); off
+    mps: str = "auto"
     # CPU mode only: concurrent jobs; null = usable cores, at most the number of jobs
     max_parallel: Optional[int] = None
     # OMP/MKL threads per job; null = max(1, cores // concurrent jobs)

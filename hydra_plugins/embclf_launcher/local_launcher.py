@@ -42,7 +42,7 @@ from hydra.core.singleton import Singleton
 from hydra.core.utils import JobReturn, setup_globals
 from hydra_plugins.hydra_submitit_launcher.submitit_launcher import BaseSubmititLauncher
 
-from . import forked_job
+from . import forked_job, mps
 from .forked_job import ForkedJob, fork_unsafe_reason
 from .gpus import job_env
 from .in_worker import announce_outcome, compose_and_run
@@ -238,7 +238,9 @@ class LocalPoolLauncher(BaseSubmititLauncher):
             "local launcher: %d jobs (%d skipped), %d slots (%s), %d thread(s) per job, workers %s, sweep dir %s",
             len(jobs), len(jobs) - len(todo), len(slots), mode, threads, start, sweep_dir,
         )
-        self._run_pool(todo, slots, threads)
+        # MPS (hydra.launcher.mps, mps.py): a per-sweep daemon lives as long as the pool, whatever ends it
+        with mps.serving(self.params.get("mps", "auto"), gpus, int(self.params.get("jobs_per_gpu", 1)), sweep_dir):
+            self._run_pool(todo, slots, threads)
         report(jobs, sweep_dir, "local", raise_on_failure=not sweeper_handles_failures(self.config))
         return [job.job_return for job in jobs]  # type: ignore[misc]
 

@@ -47,6 +47,11 @@ def plan_slots(p: Mapping[str, Any], n_jobs: int,
     per_gpu = int(p.get("jobs_per_gpu") or 0)
     if per_gpu < 1:
         raise ValueError(f"hydra.launcher.jobs_per_gpu={p.get('jobs_per_gpu')} must be >= 1.")
+    if mps_active is None and gpus:
+        # MPS serves the jobs when a daemon runs already or hydra.launcher.mps=on will start one (mps.py)
+        from . import mps
+        mps_active = mps.planned(str(p.get("mps", "auto")), gpus, per_gpu) in ("present", "start") \
+            or mps.mps_active()
     check_compute_modes(gpus, per_gpu, mps_active)
     cores = usable_cores()
     slots: List[Optional[GpuId]]

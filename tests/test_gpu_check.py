@@ -1,0 +1,77 @@
+"""benchmarks/gpu_check.sh (the first check on a GPU machine) and gpu_study.sh's packing comparison, on this CPU:
+without a GPU every GPU check prints SKIP; with a fake ``nvidia-smi`` that lists a GPU CUDA cannot use, the
+compute-mode and CUDA checks FAIL, naming why; with ``RUN_ON_CPU=1`` and a tiny override the sweeps run end to end."""
+import os
+import re
+import stat
+import subprocess
+import sys
+
+import pytest
+
+from conftest import REPO, embclf_env
+
+TINY_MODEL = ["data.test_size=100", "autoencode.batch_size=50", "model.channels=[8,16]", "model.strides=[2,2]",
+              "data.image_size=16"]
+
+
+def _run(script, tmp_path, cifar_root, args=(), path_prefix=None, **env_vars):
+    env = embclf_env(tmp_path)
+    env.update(PY=sys.executable, OUT=str(tmp_path / "out"), DATA=str(cifar_root), PRECISION="fp32", **env_vars)
+    if path_prefix:
+        env["PATH"] = f"{path_prefix}{os.pathsep}{env['PATH']}"
+    return subprocess.run(["bash", str(REPO / "benchmarks" / script), *args], cwd=tmp_path, env=env,
+                          capture_output=True, text=True, timeout=900)
+
+
+def _checks(out):
+    return dict(re.findall(r"^CHECK (\S+)\s+(PASS|FAIL|SKIP)", out, re.M))
+
+
+def test_gpu_check_without_a_gpu_skips_every_gpu_check(tmp_path, cifar_root):
+    proc = _run("gpu_check.sh", tmp_path, cifar_root)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert _checks(proc.stdout) == dict.fromkeys(("compute_mode", "cuda", "shared_sweep", "packing", "host_syncs"),
+                                                 "SKIP")
+    assert "gpu_check: 0 PASS, 0 FAIL, 5 SKIP" in proc.stdout
+
+
+def test_gpu_check_names_an_exclusive_mig_gpu_cuda_cannot_use(tmp_path, cifar_root):
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    smi = bin_dir / "nvidia-smi"
+    smi.write_text("#!/bin/sh\necho '0, NVIDIA H100 80GB HBM3, Exclusive_Process, Enabled'\n")
+    smi.chmod(smi.stat().st_mode | stat.S_IEXEC)
+    proc = _run("gpu_check.sh", tmp_path, cifar_root, path_prefix=bin_dir)
+    assert proc.returncode == 1, proc.stdout + proc.stderr
+    lines = {ln.split()[1]: ln for ln in proc.stdout.splitlines() if ln.startswith("CHECK ")}
+    assert "FAIL" in lines["compute_mode"] and "Exclusive_Process" in lines["compute_mode"]
+    assert "hydra.launcher.mps=on" in lines["compute_mode"] and "MIG" in lines["compute_mode"]
+    assert "FAIL" in lines["cuda"] and "nvidia-smi lists a GPU but" in lines["cuda"]
+    assert "gpu_check: 0 PASS, 2 FAIL, 3 SKIP" in proc.stdout
+
+
+@pytest.mark.slow
+def test_gpu_check_runs_its_sweeps_end_to_end_on_cpu(tmp_path, cifar_root):
+    proc = _run("gpu_check.sh", tmp_path, cifar_root, TINY_MODEL, RUN_ON_CPU="1", JOBS="2", TRAIN_SIZE="300",
+                EPOCHS="2")
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    lines = {ln.split()[1]: ln for ln in proc.stdout.splitlines() if ln.startswith("CHECK ")}
+    assert "2/2 jobs completed on cpu (fp32), fallback False, forked workers: yes" in lines["shared_sweep"]
+    assert re.search(r"1 job\(s\) on cpu, \d+ img/s aggregate.*2 job\(s\) on cpu, \d+ img/s aggregate = [\d.]+x 1 job "
+                     r"alone", lines["packing"]), lines["packing"]
+    assert all("SKIP" in ln for ln in lines.values())
+
+
+@pytest.mark.slow
+def test_gpu_study_packing_comparison_runs_on_cpu(tmp_path, cifar_root):
+    proc = _run("gpu_study.sh", tmp_path, cifar_root, ["data.train_size=300", *TINY_MODEL], PACKING="1", STUDY="0", PACK_JOBS="2",
+                PACK_TRAIN_SIZE="300", PACK_EPOCHS="2")
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    variants = dict(re.findall(r"^VARIANT (\S+): (.*)$", proc.stdout, re.M))
+    assert list(variants) == ["alone", "2-time-sliced", "2-mps", "alone-graphs", "2-time-sliced-graphs",
+                              "2-mps-graphs"], proc.stdout
+    assert re.fullmatch(r"1 job\(s\) on cpu, \d+ img/s aggregate.*", variants["alone"])
+    assert re.fullmatch(r"2 job\(s\) on cpu, \d+ img/s aggregate = [\d.]+x alone.*", variants["2-time-sliced"])
+    assert all(variants[k].startswith("SKIP") for k in list(variants)[2:])
+    assert "| ae-z" not in proc.stdout  # STUDY=0: no study, no report
