@@ -108,6 +108,17 @@ def test_exclusive_process_refuses_several_jobs_per_gpu_unless_mps(smi, tmp_path
     assert "hydra.launcher.jobs_per_gpu=1" in msg and "MPS" in msg and "GPU 1" not in msg, msg
     assert plan_slots({"gpus": [0, 1], "jobs_per_gpu": 1}, 4)[0] == [0, 1]  # one job per GPU: fine
     assert plan_slots({"gpus": [0, 1], "jobs_per_gpu": 2}, 4, mps_active=True)[0] == [0, 1, 0, 1]  # the hook
+    # hydra.launcher.mps=on starts a daemon for the sweep (mps.py): the check counts it, if the binary is there
+    with pytest.raises(ValueError, match="Exclusive_Process"):
+        plan_slots({"gpus": [0, 1], "jobs_per_gpu": 2, "mps": "on"}, 4)
+    bin_dir = tmp_path / "mps-bin"
+    bin_dir.mkdir()
+    (bin_dir / "nvidia-cuda-mps-control").write_text("#!/bin/sh\nexit 0\n")
+    (bin_dir / "nvidia-cuda-mps-control").chmod(0o755)
+    monkeypatch.setenv("PATH", f"{bin_dir}{os.pathsep}{os.environ['PATH']}")
+    assert plan_slots({"gpus": [0, 1], "jobs_per_gpu": 2, "mps": "on"}, 4)[0] == [0, 1, 0, 1]
+    with pytest.raises(ValueError, match="Exclusive_Process"):  # auto never starts one
+        plan_slots({"gpus": [0, 1], "jobs_per_gpu": 2, "mps": "auto"}, 4)
     pipe = tmp_path / "mps-pipe"
     pipe.mkdir()
     (pipe / "control").touch()  # a running MPS control daemon's pipe
