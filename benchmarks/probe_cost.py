@@ -31,25 +31,26 @@ from embclf import engine, probe, runtime  # noqa: E402
 DEFAULT_DATA = REPO.parent / "shared" / "data" / "cifar10"
 
 
-def quick_cfg(root: Path, cache: Path, model: str = "ae"):
-    """The quick preset's config for one job (Hydra-composed as the entrypoint does)."""
+def quick_cfg(root: Path, cache: Path, model: str = "ae", extra=()):
+    """The quick preset's config for one job (Hydra-composed as the entrypoint does), plus ``extra`` overrides."""
     from hydra import compose, initialize_config_dir
 
     from embclf.config import conf_dir
 
     with initialize_config_dir(config_dir=conf_dir(), version_base=None):
         return compose("config", overrides=["experiment=quick", f"model={model}", "latent=64", "data=folder",
-                                            f"data.root={root}", f"data.cache_dir={cache}"])
+                                            f"data.root={root}", f"data.cache_dir={cache}", *extra])
 
 
-def measure(root: Path, sizes, repeats: int, model: str = "ae") -> dict:
-    """Seconds of one quick-preset epoch and of one probe at each of ``sizes``, interleaved ``repeats`` times;
-    returns {"epoch_s", "probe_s": {size: median}, "ratio": {size: median of probe/epoch}, ...}."""
+def measure(root: Path, sizes, repeats: int, model: str = "ae", extra=()) -> dict:
+    """Seconds of one quick-preset epoch and of one probe at each of ``sizes``, interleaved ``repeats`` times
+    (``extra``: more overrides, e.g. a smaller ``data.train_size`` for a test); returns {"epoch_s", "probe_s":
+    {size: median}, "ratio": {size: median of probe/epoch}, ...}."""
     from embclf.models import build_model
     from embclf.models.objectives import build_objective
 
     with tempfile.TemporaryDirectory() as cache:
-        cfg = quick_cfg(root, Path(cache), model)
+        cfg = quick_cfg(root, Path(cache), model, extra)
         ds = data_mod.load(cfg.data)
     device = torch.device("cpu")
     train, val = ds.train, ds.val

@@ -117,6 +117,31 @@ def test_probe_every_and_size_are_validated():
     assert "autoencode.probe_every" in text and "autoencode.probe_size" in text, text
 
 
+def test_quick_preset_probes_every_epoch():
+    from hydra import compose, initialize_config_dir
+
+    from embclf.config import conf_dir
+
+    with initialize_config_dir(config_dir=conf_dir(), version_base=None):
+        cfg = compose("config", overrides=["experiment=quick", "model=ae"])
+    assert cfg.autoencode.probe_every == 1 and cfg.autoencode.probe_size == 1000
+
+
+@pytest.mark.slow
+def test_probe_cost_benchmark_runs_at_a_tiny_size(cifar_root):
+    import sys
+
+    from conftest import REPO
+
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    import probe_cost
+
+    r = probe_cost.measure(cifar_root, [20], 1, extra=["data.train_size=200", "model.channels=[8,16]",
+                                                        "model.strides=[2,2]"])
+    assert r["n_train"] == 180 and r["actual_subset"] == {20: 20}
+    assert r["epoch_s"] > 0 and r["probe_s"][20] > 0 and 0 <= r["probe_accuracy_after_warmup"][20] <= 1
+
+
 def _state(path):
     return torch.load(path, map_location="cpu", weights_only=False)["model"]
 

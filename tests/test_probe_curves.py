@@ -27,7 +27,7 @@ def _ae(d, model, seed, psnr, probe, dotlist=None):
 @pytest.fixture
 def runs_tree(tmp_path):
     # ae: two seeds, probes at epochs 2 and 3; a resumed epoch 3 of seed 1 (its last record counts)
-    a0 = _ae(tmp_path / "ae0", "ae", 0, [10.0, 12.0, 13.0], {2: 0.30, 3: 0.40})
+    _ae(tmp_path / "ae0", "ae", 0, [10.0, 12.0, 13.0], {2: 0.30, 3: 0.40})
     a1 = _ae(tmp_path / "ae1", "ae", 1, [11.0, 13.0, 15.0], {2: 0.20, 3: 0.10})
     with open(a1 / "metrics.jsonl", "a") as f:
         f.write('{"epoch": 3, "split": "val", "psnr": 14.0, "probe_accuracy": 0.50}\n')
