@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from conftest import MINI, run_embclf
+from wandb_log import read_run
 from embclf import probe
 
 
@@ -149,18 +150,23 @@ def _state(path):
 @pytest.mark.slow
 def test_probe_records_and_weights_bit_identical_to_a_run_without(tmp_path, cifar_root):
     """probe_every=2 over 3 epochs: probe_accuracy in the val records of epochs 2 and 3 (every 2nd and the last),
-    none elsewhere, none in the summary's val_*; the trained weights (last.pt, best.pt) and every other metric
+    none elsewhere, none in the summary's val_*; the tracker (wandb, offline) logs val/probe_accuracy at those
+    epochs; the trained weights (last.pt, best.pt) and every other metric
     equal those of the same run with probe_every=0, bit for bit: the probe only adds measurements."""
     args = [*MINI, "stage=autoencode", "model=vae", "latent=4", "data.image_size=16", "model.channels=[8,16]",
-            "model.strides=[2,2]", "autoencode.epochs=3", "logger=none", "threads=1"]
+            "model.strides=[2,2]", "autoencode.epochs=3", "threads=1"]
     on, off = tmp_path / "on", tmp_path / "off"
-    run_embclf([*args, "autoencode.probe_every=2", "autoencode.probe_size=100", f"hydra.run.dir={on}"], tmp_path)
-    run_embclf([*args, f"hydra.run.dir={off}"], tmp_path)
+    run_embclf([*args, "autoencode.probe_every=2", "autoencode.probe_size=100", "logger=wandb",
+                f"hydra.run.dir={on}"], tmp_path)  # run_embclf's environment: WANDB_MODE=offline
+    run_embclf([*args, "logger=none", f"hydra.run.dir={off}"], tmp_path)
     recs = [json.loads(line) for line in (on / "metrics.jsonl").read_text().splitlines()]
     probed = {r["epoch"]: r["probe_accuracy"] for r in recs if "probe_accuracy" in r}
     assert set(probed) == {2, 3} and all(r["split"] == "val" for r in recs if "probe_accuracy" in r)
     assert all(0.0 <= a <= 1.0 for a in probed.values())
     assert all(r["probe_lambda"] > 0 for r in recs if "probe_lambda" in r)
+    logged = {row["epoch"]: row["val/probe_accuracy"] for row in read_run(on)["history"]
+              if "val/probe_accuracy" in row}
+    assert logged == pytest.approx(probed)
     assert not any(k.startswith("val_probe") for k in json.loads((on / "summary.json").read_text()))
     for name in ("last.pt", "best.pt"):
         a, b = _state(on / "checkpoints" / name), _state(off / "checkpoints" / name)
