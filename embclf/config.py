@@ -163,6 +163,11 @@ class AutoencodeConfig:
     # on val MSE: a stored config without it is read as "mse" (``before``), not as today's default
     select_on: SelectOn = field(default=SelectOn.loss, metadata={"before": "mse"})
     keep_last: bool = field(default=True, metadata=RUN)  # false: delete checkpoints/last.pt once the run completes (best.pt stays)
+    # linear probe of the code every N epochs and at the last (embclf/probe.py; 0 = off), recorded as probe_accuracy
+    # in the val records. RUN: it draws no random numbers and changes no weight (tests/test_probe.py), only
+    # adds measurements, like logger.projections
+    probe_every: int = field(default=0, metadata=RUN)
+    probe_size: int = field(default=1000, metadata=RUN)  # class-balanced train images the probe is fitted on
 
 
 @dataclass

@@ -102,6 +102,9 @@ VALUE_RULES = {
     "autoencode.lr": (_positive_real, "a learning rate > 0 (e.g. 1e-3)"),
     "autoencode.weight_decay": (_non_negative_real, ">= 0"),
     "autoencode.image_epochs": (_all_positive, "a list of epoch numbers >= 1"),
+    "autoencode.probe_every": (_non_negative, "a number of epochs >= 0 (0 = no probe; N = every N epochs and the last)"),
+    "autoencode.probe_size": (lambda v: v >= 2, "at least 2 train images (split evenly over the classes, at least "
+                                                "one each; e.g. autoencode.probe_size=1000)"),
     "classify.epochs": (_positive, "at least 1"),
     "classify.batch_size": (_positive, "at least 1"),
     "classify.lr": (_positive_real, "a learning rate > 0 (e.g. 1e-3)"),

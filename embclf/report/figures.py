@@ -171,7 +171,8 @@ def plot_curves(rows: List[dict], out: Path) -> List[Path]:
             continue
         _savefig(fig, out / name, bbox_inches="tight")
         written.append(out / name)
-    return written
+    from .curves import probe_vs_epoch  # probe accuracy and val PSNR per epoch (autoencode.probe_every)
+    return written + [p for p in probe_vs_epoch(rows, out)[:1] if p]
 
 
 def plot_vs_latent(agg: List[dict], out: Path) -> Optional[Path]:

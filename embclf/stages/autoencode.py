@@ -30,7 +30,8 @@ from typing import List
 
 import torch
 
-from .. import checkpoint, engine, faults, identity, images, lifecycle, losses, provenance, runs, runtime, tracking
+from .. import (checkpoint, engine, faults, identity, images, lifecycle, losses, probe, provenance, runs, runtime,
+               tracking)
 from .. import data as data_mod
 from ..lifecycle import RunDir
 from ..models import build_model, count_parameters
@@ -152,6 +153,9 @@ def run(cfg, run_dir: Path, overrides: List[str]) -> Path:
             save(last)
 
     image_epochs = set(ac.image_epochs) | {ac.epochs}
+    # linear probe (autoencode.probe_every, embclf/probe.py): a fixed class-balanced train subset, no RNG drawn
+    probe_every = ac.probe_every
+    probe_idx = probe.balanced_subset(train.labels, ac.probe_size, cfg.seed) if probe_every else None
     values_per_image = train.images[0].numel()
     # On SIGUSR2/SIGTERM (SLURM time limit, preemption) save last.pt at the next optimizer step, with the
     # position inside the epoch, then hand on to submitit's requeue handler: a resume continues from there.
@@ -189,11 +193,17 @@ def run(cfg, run_dir: Path, overrides: List[str]) -> Path:
             if model.variational:
                 val_m["beta"] = beta  # the val objective always uses the full beta (comparable across epochs)
             engine.check_finite(epoch, int(sums[-1]), train_m, val_m, lr, last)
+            probe_m = {}  # measurements only: kept out of val_m (best.pt, the summary's val_*)
+            if probe_every and (epoch % probe_every == 0 or epoch == ac.epochs):
+                probe_m = probe.linear_probe(model, train, probe_idx, val, len(ds.classes), ac.eval_batch_size,
+                                             precision, fmt)
+                log.info("epoch %d/%d  linear probe: val accuracy %.3f (%d train images, lambda %g)", epoch,
+                         ac.epochs, probe_m["probe_accuracy"], len(probe_idx), probe_m["probe_lambda"])
             runs.append_metrics(run_dir, {"epoch": epoch, "split": "train", **train_m, "lr": lr, "seconds": seconds,
                                           "images_per_second": len(train) / seconds})
-            runs.append_metrics(run_dir, {"epoch": epoch, "split": "val", **val_m, "lr": lr})
+            runs.append_metrics(run_dir, {"epoch": epoch, "split": "val", **val_m, **probe_m, "lr": lr})
             tracker.log_epoch(epoch, train={**train_m, "seconds": seconds, "images_per_second": len(train) / seconds},
-                              val=val_m, lr=lr)
+                              val={**val_m, **probe_m}, lr=lr)
             log.info("epoch %d/%d  train mse %.5f psnr %.2f dB | val mse %.5f psnr %.2f dB%s%s | %.1fs (%.0f img/s)",
                      epoch, ac.epochs, train_m["mse"], train_m["psnr"], val_m["mse"], val_m["psnr"],
                      f" kl {val_m['kl']:.2f} (train beta {beta_e:g})" if "kl" in val_m else "",
