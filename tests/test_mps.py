@@ -3,7 +3,10 @@ PATH that records each call (its arguments, stdin and pipe/log directories) and,
 its control pipe on ``-d`` and removes it on ``quit``."""
 import json
 import os
+import shutil
 import stat
+import tempfile
+from pathlib import Path
 
 import pytest
 
@@ -35,13 +38,26 @@ def fake_mps(tmp_path, monkeypatch):
     return lambda: record.read_text().splitlines() if record.exists() else []
 
 
-def test_on_starts_a_daemon_for_the_sweep_passes_it_to_jobs_and_stops_it(tmp_path, fake_mps):
-    sweep = tmp_path / "sweep"
+def _pipe_for(sweep):
+    """Where the per-sweep daemon's pipes go: under the sweep dir, or, for a path too long for a Unix socket
+    (pytest's tmp dirs on CI are), a short temporary stand-in that :func:`mps.serving` removes afterwards."""
+    pipe = sweep / ".mps" / "pipe"
+    return pipe if len(str(pipe)) <= mps.MAX_PIPE_DIR else None
+
+
+@pytest.mark.parametrize("depth", ["short", "long"])
+def test_on_starts_a_daemon_for_the_sweep_passes_it_to_jobs_and_stops_it(tmp_path, fake_mps, depth):
+    base = Path(tempfile.mkdtemp(prefix="s", dir="/tmp")) if depth == "short" else tmp_path / ("deep" * 30)
+    sweep = base / "sweep"
     before = os.environ["CUDA_MPS_PIPE_DIRECTORY"]
     assert mps.planned("on", [0], 8) == "start" and mps.planned("auto", [0], 8) == "none"
     assert mps.planned("on", [0], 1) == mps.planned("on", [], 8) == mps.planned("off", [0], 8) == "off"
     with mps.serving("on", [0], 8, str(sweep)) as info:
-        pipe = sweep / ".mps" / "pipe"
+        pipe = _pipe_for(sweep)
+        assert (pipe is None) == (depth == "long")
+        if pipe is None:  # the stand-in: short, under the temp dir
+            pipe = Path(info["pipe_dir"])
+            assert pipe.name.startswith(mps.TEMP_PREFIX) and len(str(pipe)) <= mps.MAX_PIPE_DIR
         assert info == {"mode": "on", "state": "started", "pipe_dir": str(pipe)}
         assert os.environ["CUDA_MPS_PIPE_DIRECTORY"] == str(pipe)  # what every forked job inherits
         assert os.environ["CUDA_MPS_LOG_DIRECTORY"] == str(sweep / ".mps" / "log")
@@ -50,6 +66,9 @@ def test_on_starts_a_daemon_for_the_sweep_passes_it_to_jobs_and_stops_it(tmp_pat
                           f"args= stdin=quit pipe={pipe} log={sweep / '.mps' / 'log'}"]
     assert os.environ["CUDA_MPS_PIPE_DIRECTORY"] == before and "CUDA_MPS_LOG_DIRECTORY" not in os.environ
     assert not (pipe / "control").exists() and mps.current() is None
+    assert pipe.exists() == (depth == "short")  # the stand-in is removed, the sweep's own .mps/ kept
+    if depth == "short":
+        shutil.rmtree(base)
 
 
 @pytest.mark.parametrize("error", [KeyboardInterrupt, RuntimeError])
@@ -99,7 +118,9 @@ def test_a_sweep_on_a_shared_gpu_runs_its_jobs_under_the_sweeps_daemon(tmp_path,
                 "stage=autoencode", "hydra.launcher.gpus=[0]", "hydra.launcher.jobs_per_gpu=2",
                 "hydra.launcher.mps=on", f"hydra.sweep.dir={sweep}", f"output_dir={tmp_path / 'out'}"],
                tmp_path, env=env)
-    pipe = sweep / ".mps" / "pipe"
-    assert [line.split(" pipe=")[0] for line in fake_mps()] == ["args=-d stdin=", "args= stdin=quit"]
+    calls = fake_mps()
+    assert [line.split(" pipe=")[0] for line in calls] == ["args=-d stdin=", "args= stdin=quit"]
+    pipe = calls[0].split(" pipe=")[1].split(" log=")[0]  # the daemon's pipe directory, as the daemon saw it
+    assert _pipe_for(sweep) is None or pipe == str(_pipe_for(sweep))
     summaries = [json.loads(p.read_text()) for p in tmp_path.rglob("summary.json")]
-    assert len(summaries) == 2 and all(s["cuda_mps_pipe_directory"] == str(pipe) for s in summaries), summaries
+    assert len(summaries) == 2 and all(s["cuda_mps_pipe_directory"] == pipe for s in summaries), summaries

@@ -160,8 +160,12 @@ def test_requeued_jobs_resume_from_last_checkpoint(slurm_cluster, tmp_path):
         assert "saving checkpoint" in log and "resuming from" in log, log[-3000:]
         if how[latent] == "usr2":
             assert "Caught signal SIGUSR2" in log, log[-3000:]
-        states = slurm("sacct", "-j", str(rec["slurm_job_id"]), "-D", "-X", "-n", "-P", "-o", "State")
-        assert "REQUEUED" in states and "COMPLETED" in states, states
+        # the launcher returns once submitit has read the job's result; slurmctld records the job's end a
+        # moment later (the batch step still has to exit), so the accounting is polled, not read once
+        states = _wait_for(lambda: (lambda s: "COMPLETED" in s and s)(
+            slurm("sacct", "-j", str(rec["slurm_job_id"]), "-D", "-X", "-n", "-P", "-o", "State")),
+            60, f"sacct to record job {rec['slurm_job_id']} as COMPLETED")
+        assert "REQUEUED" in states, states
 
 
 def test_failed_job_is_reported_and_the_others_complete(slurm_cluster, tmp_path):

@@ -39,6 +39,7 @@ DEFAULT_PIPE_DIR = "/tmp/nvidia-mps"  # the MPS daemon's and clients' default (C
 # the daemon's pipes live in the pipe directory; a long path (deep sweep dirs) risks the 107-byte limit of a
 # Unix socket's path, so a longer one is replaced by a short temporary directory (and logged)
 MAX_PIPE_DIR = 80
+TEMP_PREFIX = "embclf-mps-"  # the stand-in directory's name prefix (removed when the sweep ends)
 START_TIMEOUT_S = 30.0
 
 _CURRENT: Optional[Dict[str, object]] = None
@@ -100,7 +101,7 @@ def _start(sweep_dir: Path) -> Dict[str, str]:
     root = sweep_dir / ".mps"
     pipe, logs = root / "pipe", root / "log"
     if len(str(pipe)) > MAX_PIPE_DIR:
-        pipe = Path(tempfile.mkdtemp(prefix="embclf-mps-"))
+        pipe = Path(tempfile.mkdtemp(prefix=TEMP_PREFIX))
         log.info("MPS pipe directory %s (the sweep dir's path is too long for the daemon's pipes)", pipe)
     for d in (pipe, logs):
         d.mkdir(parents=True, exist_ok=True)
@@ -171,3 +172,6 @@ def serving(mode: str, gpus: List[int], jobs_per_gpu: int, sweep_dir: str) -> It
                 os.environ[k] = v
         if started is not None:
             _stop(started)
+            short = Path(started["CUDA_MPS_PIPE_DIRECTORY"])
+            if short.name.startswith(TEMP_PREFIX) and short != Path(sweep_dir) / ".mps" / "pipe":
+                shutil.rmtree(short, ignore_errors=True)  # the short stand-in for a long sweep path (_start)
