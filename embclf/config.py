@@ -153,7 +153,7 @@ class HeadConfig:
 class AutoencodeConfig:
     """Settings of ``stage=autoencode`` (defaults from the reference study)."""
 
-    epochs: int = 80
+    epochs: int = 80  # 0 = the random-init control (no training; the seed's initial weights as best.pt and last.pt)
     batch_size: int = 200
     lr: float = 1e-3
     weight_decay: float = 0.0

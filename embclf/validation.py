@@ -95,7 +95,7 @@ VALUE_RULES = {
     "head.C": (lambda v: len(v) >= 1 and all(_positive_real(c) for c in v),
                "a non-empty list of positive numbers (e.g. head.C=[0.1,1,10])"),
     "head.max_iter": (_positive, "at least 1 (e.g. head.max_iter=1000)"),
-    "autoencode.epochs": (_positive, "at least 1"),
+    "autoencode.epochs": (_non_negative, ">= 0 (0 = the random-init control: the seed's initial weights, untrained)"),
     # BatchNorm in training mode normalises over the batch: one image has no batch statistics
     "autoencode.batch_size": (lambda v: v >= 2, "at least 2 (BatchNorm normalises over the batch's images)"),
     "autoencode.eval_batch_size": (_positive, "at least 1"),

@@ -56,8 +56,9 @@ def run(cfg, run_dir: Path, overrides: List[str]) -> Path:
     ac = cfg.autoencode
     if cfg.latent < 1:
         raise runtime.EmbclfError(f"latent={cfg.latent} must be a positive integer (e.g. latent=64).")
-    if ac.epochs < 1:
-        raise runtime.EmbclfError(f"autoencode.epochs={ac.epochs} must be at least 1.")
+    if ac.epochs < 0:
+        raise runtime.EmbclfError(f"autoencode.epochs={ac.epochs} must be >= 0 (0 = the random-init control: no "
+                                  "training, the seed's initial weights evaluated and saved).")
     if cfg.model.kl_warmup_epochs < 0:
         raise runtime.EmbclfError(f"model.kl_warmup_epochs={cfg.model.kl_warmup_epochs} must be >= 0 "
                                   "(0 = the full model.beta from the first epoch).")
@@ -92,7 +93,8 @@ def run(cfg, run_dir: Path, overrides: List[str]) -> Path:
     # model.weight_decay (the reference study's 1e-4 for the plain AE) overrides autoencode.weight_decay
     wd = float(ac.weight_decay if cfg.model.get("weight_decay") is None else cfg.model.weight_decay)
     opt = runtime.adam(params, device, ac.lr, wd)
-    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=ac.epochs)
+    # T_max >= 1: with autoencode.epochs=0 the schedule is never stepped (it is only saved in the checkpoints)
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max(1, ac.epochs))
 
     def core(x, y, b):
         return engine.batch_step(model, x, b, precision, y, objective)
@@ -223,6 +225,9 @@ def run(cfg, run_dir: Path, overrides: List[str]) -> Path:
             run.save()  # compute_seconds so far
             signals.poll()
 
+        if ac.epochs == 0:  # the random-init control: the seed's initial weights are both best.pt and last.pt
+            _random_init(model, val, train, test, ds, run_dir, ac, beta, eval_step, fmt, precision, device,
+                         objective, tracker, probe_idx, save, ckpt_dir, last)
         # --- the result: test metrics of the last and the best-on-val model --------------------------------
         # still inside the handler: a signal during the test evaluation must not leave "running" behind
         final = engine.evaluate(eval_step, model, test, ac.eval_batch_size, fmt, objective)
@@ -246,7 +251,10 @@ def run(cfg, run_dir: Path, overrides: List[str]) -> Path:
         if model.variational:  # posterior collapse: most latent dims carry no information about the input
             collapsed = best["active_units"] < COLLAPSE_FRACTION * cfg.latent
             run.summary["posterior_collapse"] = collapsed
-            if collapsed:
+            if collapsed and ac.epochs == 0:  # an untrained encoder's mu and log-variance start near 0
+                log.info("random init: %d of %d latent dims active (the untrained encoder's KL is near 0)",
+                         best["active_units"], cfg.latent)
+            elif collapsed:
                 log.warning("posterior collapse: %d of %d latent dims are active (< %d%%); the embeddings carry little "
                             "information. Lower model.beta.", best["active_units"], cfg.latent,
                             round(100 * COLLAPSE_FRACTION))
@@ -258,3 +266,27 @@ def run(cfg, run_dir: Path, overrides: List[str]) -> Path:
         log.info("test (best epoch %d): mse %.5f psnr %.2f dB%s", state["best_epoch"], best["mse"], best["psnr"],
                  f" kl {best['kl']:.2f} active units {best['active_units']}" if "kl" in best else "")
     return run_dir
+
+
+def _random_init(model, val, train, test, ds, run_dir: Path, ac, beta: float, eval_step, fmt, precision, device,
+                 objective, tracker, probe_idx, save, ckpt_dir: Path, last: Path) -> None:
+    """``autoencode.epochs=0``: record the untrained model as epoch 0 and save it as best.pt and last.pt.
+
+    The weights are the seed's initialisation exactly (``torch.manual_seed(seed)`` in ``runtime.setup``, then
+    ``build_model``; BatchNorm running statistics at their initial mean 0, variance 1): no optimizer step, no
+    forward pass in training mode. One val record at epoch 0 (with ``probe_accuracy`` when
+    ``autoencode.probe_every`` is on), reconstructions of epoch 0, then the caller's test evaluation proceeds
+    as after a trained last epoch. Idempotent: a resume of an interrupted epochs=0 run redoes it unchanged."""
+    val_m = engine.evaluate(eval_step, model, val, ac.eval_batch_size, fmt, objective)
+    if model.variational:
+        val_m["beta"] = beta  # the full beta, as every trained epoch's val record
+    probe_m = {}
+    if ac.probe_every:
+        probe_m = probe.linear_probe(model, train, probe_idx, val, len(ds.classes), ac.eval_batch_size, precision, fmt)
+    runs.append_metrics(run_dir, {"epoch": 0, "split": "val", **val_m, **probe_m})
+    tracker.log_epoch(0, val={**val_m, **probe_m})
+    tracker.log_images(0, **images.save_images(model, test, device, run_dir, 0, train))
+    save(ckpt_dir / "best.pt", val=val_m)
+    save(last)
+    log.info("autoencode.epochs=0: the seed's initial weights (no training) | val mse %.5f psnr %.2f dB",
+             val_m["mse"], val_m["psnr"])
