@@ -13,7 +13,8 @@ from .rows import PROBE_PREFIX, UNREADABLE, ReportError, collect, probe_names
 from .tables import PC_PREFIX, _atomic, _differs, markdown_table, no_completed_run, preamble, write_csv
 
 
-def report(paths: Sequence[Path], out: Optional[Path] = None, figures: bool = True) -> Dict[str, object]:
+def report(paths: Sequence[Path], out: Optional[Path] = None, figures: bool = True,
+           compare: Sequence[str] = (), baseline: Optional[str] = None) -> Dict[str, object]:
     """Write report.csv, report.md and figures/ for the runs under ``paths`` into ``out``.
 
     Everything is computed first and written last, each file atomically. Results are readable from anywhere:
@@ -21,7 +22,12 @@ def report(paths: Sequence[Path], out: Optional[Path] = None, figures: bool = Tr
     at the first failure, leaves no partial file, and ``unwritten`` says which file and why; the rest of the
     result (the table above all) is complete.
 
-    Returns {"rows": per-run rows, "agg": one row per configuration, "table": the markdown table printed (or,
+    ``compare``: settings to compare paired on seed (``embclf.report.compare``; ``baseline`` its reference value),
+    written to comparisons.csv and report.md's "Comparisons"; the gain over the random-init encoder
+    (``autoencode.epochs=0`` runs beside trained ones) is added to both whenever the runs allow it.
+
+    Returns {"rows": per-run rows, "comparisons": the comparison frame (``compare.COLUMNS``, also the random-init
+    gain), "comparison_md": report.md's lines for them, "agg": one row per configuration, "table": the markdown table printed (or,
     when no run has completed, one sentence saying so), "not_completed": rows that did not complete (failed,
     running, unreadable, ...), "files": paths written, "out": ``out``, "unwritten": None, or (path, why) of
     the write that failed}. Raises ``ReportError`` (see ``collect``).
@@ -42,22 +48,30 @@ def report(paths: Sequence[Path], out: Optional[Path] = None, figures: bool = Tr
         cols.remove("n")
     table = markdown_table(agg, cols) if agg else no_completed_run(rows)
     bad = [r for r in rows if r["status"] != "completed"]
+    from .compare import comparison_sections
+
+    comparisons, comparison_md = comparison_sections(rows, compare, baseline)
     res = {"rows": rows, "agg": agg, "table": table, "not_completed": bad, "files": [], "out": out,
-           "unwritten": None}
+           "unwritten": None, "comparisons": comparisons, "comparison_md": comparison_md}
     try:
-        res["files"] = _write(paths, out, rows, agg, table, bad, figures)
+        res["files"] = _write(paths, out, rows, agg, table, bad, figures, comparisons, comparison_md)
     except OSError as e:  # read-only, full, permissions: the table is still the result
         res["unwritten"] = (Path(e.filename) if e.filename else out, e.strerror or str(e))
     return res
 
 
 def _write(paths: List[Path], out: Path, rows: List[dict], agg: List[dict], table: str, bad: List[dict],
-           figures: bool) -> List[Path]:
+           figures: bool, comparisons=None, comparison_md: Sequence[str] = ()) -> List[Path]:
     """report.csv, figures/ and report.md into ``out`` (see ``report``); returns the paths written. Raises
     ``OSError`` (its ``filename`` the file or directory) at the first write that fails."""
     out.mkdir(parents=True, exist_ok=True)
     files = [out / "report.csv", out / "report.md"]
     write_csv(rows, files[0])
+    if comparisons is not None and len(comparisons):
+        from .compare import write_csv as write_comparisons
+
+        files.append(out / "comparisons.csv")
+        write_comparisons(comparisons, files[-1])
     figs: List[Path] = []
     if figures:
         from .figures import plot_curves, plot_per_class, plot_prior_samples, plot_reconstructions, plot_vs_latent
@@ -74,7 +88,7 @@ def _write(paths: List[Path], out: Path, rows: List[dict], agg: List[dict], tabl
     if agg:
         md += [f"{len(agg)} configurations from {len(rows)} runs ({sum(r['status'] == 'completed' for r in rows)} "
                "completed). Per-run numbers: report.csv.", ""]
-    md += [table, ""]
+    md += [table, ""] + list(comparison_md)
     pcs = [a for a in agg if a.get("per_class_accuracy")]
     classes = class_names(pcs)
     if pcs and len(classes) <= 20:
@@ -104,6 +118,8 @@ writes (into --out, default: the PATH):
   report.md    what was run (sweep commands, data, epochs, heads, settings that differ), the table,
                per-class accuracy, runs that did not complete, the figures
   report.csv   every run, every field (repeated seeds too: column `used`)
+  comparisons.csv  with --compare KEY, or autoencode.epochs=0 runs beside trained ones: paired differences
+               (value - baseline, same seed) of test accuracy and PSNR, 95% t-interval, pairs, sign agreement
   figures/     val_psnr, val_mse, val_accuracy, ce (per epoch), vs_latent, prior_samples,
                reconstructions, per_class_accuracy (.png)
 
@@ -121,6 +137,7 @@ examples:
   python -m embclf.report outputs/2026-11-30_10-00-00_3fa9c1          # one sweep
   python -m embclf.report outputs/sweepA outputs/sweepB --out reports/ab   # two sweeps, one table
   python -m embclf.report outputs                                      # everything under outputs/
+  python -m embclf.report outputs/sweep --compare autoencode.epochs    # trained vs random-init, paired on seed
 """
 
 
@@ -136,17 +153,26 @@ def main(argv: Optional[Iterable[str]] = None) -> int:
     ap.add_argument("--out", type=Path, default=None, help="where to write report.md/.csv and figures/ "
                     "(default: the PATH, or the common parent of several)")
     ap.add_argument("--no-figures", action="store_true", help="table only (no matplotlib)")
+    ap.add_argument("--compare", action="append", default=[], metavar="KEY",
+                    help="paired comparison over seeds of the setting KEY (e.g. autoencode.epochs, experiment, "
+                         "model.input_noise): mean difference of test accuracy and PSNR with a 95%% t-interval; "
+                         "repeatable. Written to comparisons.csv and report.md's Comparisons section")
+    ap.add_argument("--baseline", default=None, metavar="VALUE",
+                    help="the value of the --compare KEY the others are compared with (default: the smallest "
+                         "number; else false, null or quick; else the first value)")
     args = ap.parse_args(None if argv is None else list(argv))
     if args.out is not None and args.out.exists() and not args.out.is_dir():  # before any run dir is read
         print(f"error: --out {args.out} is a file; --out names the folder that receives report.md, report.csv and "
               "figures/ (it is created if missing).", file=sys.stderr)
         return 2
     try:
-        res = report(args.paths, args.out, figures=not args.no_figures)
+        res = report(args.paths, args.out, figures=not args.no_figures, compare=args.compare, baseline=args.baseline)
     except ReportError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     print(res["table"])
+    if res["comparison_md"]:
+        print("\n".join(res["comparison_md"]))
     for r in res["not_completed"]:
         why = f": {r['error']}" if r["status"] == UNREADABLE else ""
         print(f"{r['status']}: {r['label']} seed {r['seed']} ({r.get('classify_dir') or r['run_dir']}){why}")
