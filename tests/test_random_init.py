@@ -57,3 +57,19 @@ def test_zero_epochs_is_the_seeds_initialisation(tmp_path, cifar_root, model):
     before = (ae / "checkpoints" / "best.pt").stat().st_mtime_ns
     run_embclf(args, tmp_path)
     assert (ae / "checkpoints" / "best.pt").stat().st_mtime_ns == before
+
+
+def test_medium_preset_composes_the_quick_study_larger():
+    from hydra import compose, initialize_config_dir
+
+    from embclf.config import conf_dir
+
+    with initialize_config_dir(config_dir=conf_dir(), version_base=None):
+        cfg = compose("config", overrides=["experiment=medium"], return_hydra_config=True)
+        quick = compose("config", overrides=["experiment=quick"], return_hydra_config=True)
+    assert (cfg.data.train_size, cfg.data.test_size, cfg.autoencode.epochs) == (10000, 2000, 12)
+    assert list(cfg.autoencode.image_epochs) == [1, 6]
+    assert dict(cfg.hydra.sweeper.params) == dict(quick.hydra.sweeper.params)
+    # the rest is the quick preset's (batch 50, probes each epoch, 100 classifier epochs); precision stays fp32
+    assert (cfg.autoencode.batch_size, cfg.autoencode.probe_every, cfg.classify.epochs) == (50, 1, 100)
+    assert str(getattr(cfg.precision, "value", cfg.precision)) == "fp32"

@@ -182,5 +182,6 @@ def main(argv: Optional[Iterable[str]] = None) -> int:
               "--out DIR writes report.md, report.csv and figures/ elsewhere.", file=sys.stderr)
         # the table is the result; a write asked for by --out that did not happen is an error
         return 1 if args.out is not None else 0
-    print(f"wrote {res['files'][1]} , report.csv and {len(res['files']) - 2} figures")
+    extra = ", comparisons.csv" if any(p.name == "comparisons.csv" for p in res["files"]) else ""
+    print(f"wrote {res['files'][1]} , report.csv{extra} and {sum(p.suffix == '.png' for p in res['files'])} figures")
     return 0
