@@ -57,6 +57,16 @@ def test_zero_epochs_is_the_seeds_initialisation(tmp_path, cifar_root, model):
     before = (ae / "checkpoints" / "best.pt").stat().st_mtime_ns
     run_embclf(args, tmp_path)
     assert (ae / "checkpoints" / "best.pt").stat().st_mtime_ns == before
+    # an attempt interrupted after last.pt (best.pt lost, status interrupted): the resume redoes epoch 0 once
+    (ae / "checkpoints" / "best.pt").unlink()
+    summary = json.loads((ae / "summary.json").read_text())
+    (ae / "summary.json").write_text(json.dumps({**summary, "status": "interrupted"}))
+    run_embclf([a.replace("stage=all", "stage=autoencode") for a in args[:-1]] + [f"hydra.run.dir={ae}"], tmp_path)
+    again = [json.loads(line) for line in (ae / "metrics.jsonl").read_text().splitlines()]
+    assert [(r["epoch"], r["split"]) for r in again] == [(0, "val"), (0, "test")]
+    assert again[0]["psnr"] == records[0]["psnr"]
+    saved = torch.load(ae / "checkpoints" / "best.pt", map_location="cpu", weights_only=True)["model"]
+    assert all(torch.equal(saved[k], v) for k, v in fresh.items())
 
 
 def test_medium_preset_composes_the_quick_study_larger():

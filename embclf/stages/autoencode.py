@@ -137,7 +137,8 @@ def run(cfg, run_dir: Path, overrides: List[str]) -> Path:
                  f", step {position['step']} of epoch {position['epoch']}" if position else "")
     # epochs after the checkpoint are redone: their records (written before a kill reached the checkpoint)
     # are replaced, not duplicated; with no checkpoint at all, everything is redone
-    runs.truncate_metrics(run_dir, state["epoch"])
+    # (autoencode.epochs=0 redoes its epoch-0 record whatever the checkpoint says: -1 drops it)
+    runs.truncate_metrics(run_dir, state["epoch"] if ac.epochs else -1)
 
     def save(path: Path, **extra) -> None:
         checkpoint.save(checkpoint.autoencoder(model, opt, sched, g, state, runs.resolved(cfg), head, **extra), path)
