@@ -113,3 +113,23 @@ def test_one_pair_has_no_interval():
     st = cmp.paired_stats([0.1])
     assert st["mean"] == 0.1 and st["agree"] == 1 and st["ci_low"] is None and st["detectable"] is None
     assert cmp.paired_stats([0.2, -0.1, 0.2])["agree"] == 2
+
+
+def test_runs_differing_in_a_second_setting_never_pair(tmp_path):
+    # epochs=0 only for the AE, epochs=3 only for the VAE: model.name follows the epochs here, but differs
+    for seed in range(2):
+        unit(tmp_path, f"ae-e0-s{seed}", "ae", seed, 12.0, 0.3, ["autoencode.epochs=0"])
+        unit(tmp_path, f"vae-e3-s{seed}", "vae", seed, 19.0, 0.4, ["autoencode.epochs=3"])
+    assert cli.main([str(tmp_path), "--no-figures", "--compare", "autoencode.epochs"]) == 0
+    assert not (tmp_path / "comparisons.csv").exists()
+    assert "No configuration has two values with a seed in common." in (tmp_path / "report.md").read_text()
+
+
+def test_compare_model_name_drops_what_the_model_group_implies(tmp_path):
+    for seed in range(2):
+        unit(tmp_path, f"ae-s{seed}", "ae", seed, 18.0, 0.30 + seed / 100)
+        unit(tmp_path, f"vae-s{seed}", "vae", seed, 17.0, 0.35)
+    assert cli.main([str(tmp_path), "--no-figures", "--compare", "model.name"]) == 0
+    rows = list(csv.DictReader((tmp_path / "comparisons.csv").open()))
+    assert [(r["configuration"], r["value"], r["baseline"], r["n_pairs"]) for r in rows] == [("z8", "vae", "ae", "2")]
+    assert float(rows[0]["mean_diff_acc"]) == pytest.approx(0.045) and float(rows[0]["mean_diff_psnr"]) == -1.0

@@ -15,7 +15,8 @@ configuration and each value of KEY other than the baseline it reports, over the
 - ``n_pairs`` and ``agree_*``: how many pairs have the sign of the mean difference.
 
 Which settings define "the same configuration": every setting of the runs except KEY and the seed, less the
-settings KEY implies (one value per value of KEY, e.g. the ten settings of ``experiment=improved``). So
+settings KEY implies (one value per value of KEY, e.g. the ten settings of ``experiment=improved``, or
+``model.variational`` under ``model.name``; only a preset or a group's choice implies settings, ``_follows``). So
 ``--compare experiment`` pairs ``ae-z64 experiment=quick`` seed 0 with ``ae-z64 experiment=improved`` seed 0.
 
 The baseline: ``baseline`` if given, else the smallest value when every value is a number (``autoencode.epochs=0``,
@@ -30,7 +31,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 import numpy as np
 import pandas as pd
 
-from .rows import ReportError, _implied, _key, _short
+from .rows import GROUP_NAME, ReportError, _implied, _key, _short
 
 # t_{0.975, df} for df = 1..30 (two-sided 95 %), used only when scipy cannot be imported; beyond 30: 1.96
 T975 = (12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 2.201, 2.179, 2.160, 2.145, 2.131,
@@ -123,6 +124,15 @@ def _baseline(key: str, values: List[object], asked: Optional[str]) -> object:
     return ordered[0]
 
 
+def _follows(key: str, setting: str) -> bool:
+    """Whether ``setting`` may follow from ``key`` (and is then no pairing key when it has one value per value of
+    ``key``): every setting follows a preset (``experiment``), the settings of a group follow its choice
+    (``model.variational`` and ``model.beta`` follow ``model.name``); nothing follows any other key, so runs that
+    differ in a second setting never pair (e.g. ``autoencode.epochs=0`` only for the AE and ``=12`` only for the
+    VAE: no pair)."""
+    return key == "experiment" or (GROUP_NAME.get(setting.split(".")[0]) == key and setting != key)
+
+
 def compare(rows: List[dict], key: str, baseline: Optional[str] = None) -> pd.DataFrame:
     """The paired comparisons of ``key`` (a setting name as in report.csv's ``cfg:`` columns, or ``experiment``)
     over the report rows ``rows`` (``rows.collect``). One frame row per (configuration, value of ``key`` other
@@ -147,13 +157,15 @@ def compare(rows: List[dict], key: str, baseline: Optional[str] = None) -> pd.Da
     # the settings that define a configuration: all but key, those key implies, and those equal everywhere
     configs = [{c: row[c] for c in df.columns if c.startswith("cfg:")} for _, row in df.iterrows()]
     pair_on = [c for c in df.columns if c.startswith("cfg:") and c != col and df[c].nunique() > 1
-               and not _implied(configs, col, c)]
+               and not (_follows(key, c[4:]) and _implied(configs, col, c))]
     shown = [c for c in pair_on if c not in ("cfg:model.name", "cfg:latent")
              and not ("cfg:model.name" in pair_on and _implied(configs, "cfg:model.name", c))]
     out = []
     for _, grp in df.groupby(["stage"] + pair_on, sort=False, dropna=False):
         first = grp.iloc[0]
-        label = f"{first['model']}-z{first['latent']}" + "".join(
+        # the model and latent of the pair (not the compared one's: --compare model.name / latent)
+        label = "-".join(x for x, k in ((str(first["model"]), "model.name"), (f"z{first['latent']}", "latent"))
+                         if k != key) + "".join(
             f" {c[4:]}={_short(c[4:], vals[first[c]])}" for c in shown)
         at_base = grp[grp[col] == _key(base)].drop_duplicates("seed").set_index("seed")
         if at_base.empty:
