@@ -10,7 +10,7 @@ import statistics
 import pytest
 
 from embclf.report import cli
-from embclf.report import compare as cmp
+from embclf.report import comparisons as cmp
 from report_fixtures import resolved_config, write_run
 
 # t_{0.975, 2} in closed form (Student t with 2 degrees of freedom: t_p = (2p - 1) sqrt(2 / (4 p (1 - p))))

@@ -33,7 +33,7 @@ printed all the same); 2 with a one-paragraph message when a PATH does not exist
 
 The package, by job: ``rows`` (collect runs: read run dirs once, join stages into rows, row identity),
 ``frame`` (``load``: one DataFrame row per run dir), ``aggregation`` (configurations: mean ± std over seeds, pandas),
-``tables`` (markdown, CSV, report.md's opening), ``compare`` (paired comparisons over seeds: ``--compare KEY``,
+``tables`` (markdown, CSV, report.md's opening), ``comparisons`` (paired comparisons over seeds: ``--compare KEY``,
 the gain over the random-init encoder, comparisons.csv), ``figures`` (the report's PNGs), ``projections`` (the
 classify stage's 2-D embedding plots and confusion matrix), ``cli`` (``report``, ``main``); whether a
 "running" run still runs is ``embclf.liveness``. Names are imported on first use, so a stage importing

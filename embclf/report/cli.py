@@ -22,7 +22,7 @@ def report(paths: Sequence[Path], out: Optional[Path] = None, figures: bool = Tr
     at the first failure, leaves no partial file, and ``unwritten`` says which file and why; the rest of the
     result (the table above all) is complete.
 
-    ``compare``: settings to compare paired on seed (``embclf.report.compare``; ``baseline`` its reference value),
+    ``compare``: settings to compare paired on seed (``embclf.report.comparisons``; ``baseline`` its reference value),
     written to comparisons.csv and report.md's "Comparisons"; the gain over the random-init encoder
     (``autoencode.epochs=0`` runs beside trained ones) is added to both whenever the runs allow it.
 
@@ -48,7 +48,7 @@ def report(paths: Sequence[Path], out: Optional[Path] = None, figures: bool = Tr
         cols.remove("n")
     table = markdown_table(agg, cols) if agg else no_completed_run(rows)
     bad = [r for r in rows if r["status"] != "completed"]
-    from .compare import comparison_sections
+    from .comparisons import comparison_sections
 
     comparisons, comparison_md = comparison_sections(rows, compare, baseline)
     res = {"rows": rows, "agg": agg, "table": table, "not_completed": bad, "files": [], "out": out,
@@ -68,7 +68,7 @@ def _write(paths: List[Path], out: Path, rows: List[dict], agg: List[dict], tabl
     files = [out / "report.csv", out / "report.md"]
     write_csv(rows, files[0])
     if comparisons is not None and len(comparisons):
-        from .compare import write_csv as write_comparisons
+        from .comparisons import write_csv as write_comparisons
 
         files.append(out / "comparisons.csv")
         write_comparisons(comparisons, files[-1])
