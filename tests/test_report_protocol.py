@@ -56,3 +56,26 @@ def test_the_card_is_in_report_md_before_the_table(tmp_path):
     md = (tmp_path / "rep" / "report.md").read_text()
     assert md.index("## Protocol") < md.index("## Results")
     assert "`classify.epochs` (20, 50)" in md
+
+
+def test_psnr_conventions_on_hand_made_images():
+    """benchmarks/psnr_conventions.py: two images with per-pixel MSE 0.01 and 0.0001 have PSNR 20 and 40 dB, so
+    embclf's mean of per-image PSNR is 30 dB; pooled, the MSE is 0.00505 and its PSNR 10 log10(1/0.00505) =
+    22.967 dB."""
+    import sys
+
+    import torch
+    from conftest import REPO
+
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    import psnr_conventions
+
+    x = torch.full((2, 3, 4, 4), 0.5)
+    x_hat = x.clone()
+    x_hat[0] += 0.1  # squared error 0.01 in every value
+    x_hat[1] += 0.01  # 0.0001
+    c = psnr_conventions.conventions(x_hat, x)
+    assert abs(c["mean_per_image"] - 30.0) < 1e-3 and abs(c["pooled"] - 22.9671) < 1e-3
+    assert abs(c["gap"] - 7.0329) < 1e-3
+    if c["torchmetrics"] is not None:  # installed: its default (dim=None) is the pooled number
+        assert abs(c["torchmetrics"] - c["pooled"]) < 1e-3
