@@ -98,6 +98,15 @@ def test_the_report_lists_the_frontier_among_its_figures(sweep, tmp_path):
     assert "![frontier](figures/frontier.png)" in (tmp_path / "rep" / "report.md").read_text()
 
 
+def test_the_package_names_every_figure_function():
+    """``embclf.report``'s lazy name map (``_WHERE``) lists the figure functions of every module."""
+    import embclf.report as rep
+    from embclf.report import curves, frontier
+
+    assert rep.probe_vs_epoch is curves.probe_vs_epoch and rep.plot_frontier is frontier.plot_frontier
+    assert {"probe_vs_epoch", "plot_frontier", "pareto_front", "protocol_card"} <= set(rep.__all__)
+
+
 def test_no_figure_without_any_accuracy(tmp_path):
     ae_run(tmp_path / "runs" / "a", "ae", 8, 0)
     agg = aggregate(collect([tmp_path / "runs"]))

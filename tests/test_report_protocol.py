@@ -46,6 +46,14 @@ def test_runs_that_differ_in_classify_epochs_name_the_key(tmp_path):
     assert "All reported runs follow one protocol" not in md
 
 
+def test_two_data_roots_of_one_basename_differ(tmp_path):
+    """The data root is compared in full, not by the basename a row label shows."""
+    for i, root in enumerate(("/a/cifar10", "/b/cifar10")):
+        a = ae_run(tmp_path / "runs" / f"ae{i}", "ae", 8, i, dotlist=[f"data.root={root}"])
+        clf_run(tmp_path / "runs" / f"c{i}", a, 0.3, dotlist=[f"data.root={root}"])
+    assert protocol_differences(collect([tmp_path / "runs"])) == {"data.root": ["/a/cifar10", "/b/cifar10"]}
+
+
 def test_a_different_code_version_is_a_protocol_difference(tmp_path):
     rows = collect([_pair(tmp_path / "runs", commits=("a" * 40, "b" * 40))])
     assert protocol_differences(rows) == {"code version": ["aaaaaaaaaaaa", "bbbbbbbbbbbb"]}

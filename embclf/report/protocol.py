@@ -25,7 +25,7 @@ def _used(rows: List[dict]) -> List[dict]:
 
 def protocol_values(rows: List[dict]) -> Dict[str, List[str]]:
     """Every protocol key of the used, completed rows (``rows.collect``) -> its distinct values in first-seen
-    order, as a row label writes them (``rows._short``): the ``head.*``, ``classify.*`` and ``data.*``
+    order, as a row label writes them (``rows._short``; strings such as paths in full): the ``head.*``, ``classify.*`` and ``data.*``
     settings, ``autoencode.select_on``, and ``code version`` (``rows.code_version`` of both stages' summaries)
     and ``data fingerprint`` (the first 12 hex digits of each summary's data SHA-1). A row that lacks a key (no
     classify run: no ``head.*``) adds no value; a run that did not record its code or data adds none."""
@@ -34,7 +34,8 @@ def protocol_values(rows: List[dict]) -> Dict[str, List[str]]:
         c = r.get("config") or {}
         for k in sorted(c):
             if k.startswith(PREFIXES) or k in KEYS:
-                vals.setdefault(k, OrderedDict())[_short(k, c[k])] = None
+                # paths in full (two data roots of one basename differ), the rest as a label writes them
+                vals.setdefault(k, OrderedDict())[c[k] if isinstance(c[k], str) else _short(k, c[k])] = None
         for name, fields, width in ((CODE, ("code_version", "classify_code_version"), None),
                                     (DATA, ("data_fingerprint", "classify_data_fingerprint"), 12)):
             for f in fields:
