@@ -1,4 +1,5 @@
-"""Two PSNR conventions on a trained autoencoder's real reconstructions (docs/report.md, "Protocol card").
+"""Two PSNR conventions on a trained autoencoder's real reconstructions (docs/report.md, "Why the PSNR
+convention matters").
 
     python benchmarks/psnr_conventions.py RUN_DIR [RUN_DIR ...]    # autoencode run dirs; test split, best.pt
 
