@@ -80,7 +80,7 @@ def frontier_table(agg: List[dict]) -> pd.DataFrame:
 def plot_frontier(agg: List[dict], out: Path) -> Optional[Path]:
     """Write ``out``/frontier.png: each configuration with both numbers as a point (test PSNR in dB on x, test
     accuracy on y), error bars = sample std over seeds on both axes (none for one seed), its latent size
-    written beside it (``z64``), one marker and colour per model family; the Pareto-optimal configurations
+    written beside it (``z64``; when all share one latent size, the title says it once), one marker and colour per model family; the Pareto-optimal configurations
     joined by a black line and ringed. Returns the path, or None when no configuration has both a test PSNR
     and a test accuracy (nothing to place)."""
     from .figures import _legend, _plt, _savefig
@@ -100,8 +100,9 @@ def plot_frontier(agg: List[dict], out: Path) -> Optional[Path]:
         pts = placed[placed["model"].astype(str) == fam]
         ax.errorbar(pts["psnr"], pts["accuracy"], xerr=pts["psnr_std"].fillna(0), yerr=pts["accuracy_std"].fillna(0),
                     linestyle="none", capsize=3, markersize=6, elinewidth=0.8, **style[fam])
+    latents = placed["latent"].dropna().unique()
     for _, p in placed.iterrows():
-        if not pd.isna(p["latent"]):
+        if len(latents) > 1 and not pd.isna(p["latent"]):  # one latent size for all: said once, in the title
             ax.annotate(f"z{p['latent']}", (p["psnr"], p["accuracy"]), xytext=(4, 4), textcoords="offset points",
                         fontsize=7)
     front = pareto_front(placed)
@@ -111,7 +112,8 @@ def plot_frontier(agg: List[dict], out: Path) -> Optional[Path]:
     ax.set_xlabel("test PSNR (dB), mean over seeds")
     ax.set_ylabel("test accuracy (main head), mean over seeds")
     left = len(table) - len(placed)
-    ax.set_title("rate–accuracy frontier; error bars: std over seeds"
+    ax.set_title("rate–accuracy frontier" + (f" (every point at latent {latents[0]})" if len(latents) == 1 else "")
+                 + "; error bars: std over seeds"
                  + (f"\n{left} configuration{'s' if left > 1 else ''} without test accuracy or PSNR not drawn"
                     if left else ""), fontsize=9)
     ax.grid(alpha=0.3)
