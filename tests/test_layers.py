@@ -96,6 +96,7 @@ def test_classify_every_layer_beside_a_plain_run(tmp_path, cifar_root):
             classify.run(_compose(*common, "classify.layers=[layer3]"), tmp_path / "bad", [], encoder=enc)
     finally:
         torch.set_num_threads(threads)
+    assert not (tmp_path / "bad").exists() or not any((tmp_path / "bad").iterdir())  # refused before writing
     p, a = runs.read_summary(plain), runs.read_summary(every)
     assert p["test_accuracy_by_layer"] == {"code": p["test_accuracy"]}
     assert list(a["test_accuracy_by_layer"]) == ["code", "conv1", "conv2"] == list(a["val_accuracy_by_layer"])

@@ -263,7 +263,8 @@ def run(cfg, run_dir: Path, overrides: List[str], encoder: Optional[Path] = None
                  head_settings=_head_settings(cfg.head, cc), **{k: v for k, v in fit.items() if k != "val_accuracy"},
                  probes=probes, per_class_accuracy=per_class,
                  test_accuracy_by_layer={n: r["test_accuracy"] for n, r in by_layer.items()},
-                 val_accuracy_by_layer={n: r["val_accuracy"] for n, r in by_layer.items()}, confusion_matrix=cm.tolist(), classes=classes)
+                 val_accuracy_by_layer={n: r["val_accuracy"] for n, r in by_layer.items()},
+                 confusion_matrix=cm.tolist(), classes=classes)
     faults.fault_point("classify.plots")
     lc, png = cfg.logger, run_dir / "images" / "confusion.png"
     _optional("images/confusion.png", plots.confusion, cm, classes, png,
