@@ -15,7 +15,8 @@
 # Settings (environment): DATA (ImageFolder root; default data/cifar10 in the repo if present, else
 # ../shared/data/cifar10), MODELS (ae,vae), LATENTS (32,64,128,256), JOBS_PER_GPU (8: all jobs share the
 # GPU at once; one small conv AE leaves an H200 mostly idle), PRECISION (bf16), COMPILE (false), COMPILE_MODE
-# (default; reduce-overhead: CUDA graphs, with COMPILE=true), PY
+# (default; reduce-overhead: CUDA graphs, with COMPILE=true), PROBE_EVERY (10: autoencode.probe_every, the linear
+# probe of the code during training, for figures/probe_vs_epoch.png; 0 = off), PY
 # (python3), OUT (the sweep dir; default outputs/gpu_study_<date>). Extra arguments are Hydra overrides
 # passed to the sweep. Logging is logger=none (the GPU machine may have no wandb and no network).
 # Packing (environment): PACKING (0), STUDY (1), PACK_JOBS (8), PACK_TRAIN_SIZE (20000 images), PACK_EPOCHS (3),
@@ -97,7 +98,7 @@ fi
 # 2. the sweep
 "$PY" -m embclf -m "model=$MODELS" "latent=$LATENTS" stage=all data=folder "data.root=$DATA" logger=none \
   "precision=$PRECISION" "compile=$COMPILE" "compile_mode=$COMPILE_MODE" "hydra.launcher.jobs_per_gpu=$JOBS_PER_GPU" \
-  "output_dir=$OUT" "hydra.sweep.dir=$OUT" "$@"
+  "autoencode.probe_every=${PROBE_EVERY:-10}" "output_dir=$OUT" "hydra.sweep.dir=$OUT" "$@"
 t2=$(date +%s.%N)
 
 # 3. what it achieved, and the table

@@ -46,3 +46,8 @@ def test_gpu_study_script_runs_end_to_end_on_cpu(tmp_path, cifar_root):
     assert summary["autoencode_runs"] == 1 and summary["classify_runs"] == 1 and summary["completed"] == 2
     assert summary["train_images"] == 270 and summary["achieved_tflops"] > 0
     assert "| ae-z8 " in out  # the report table
+    # the study probes the code during training (PROBE_EVERY, default 10): here at its one (last) epoch
+    records = [json.loads(line) for p in (tmp_path / "study").rglob("metrics.jsonl")
+               for line in p.read_text().splitlines() if line.strip()]
+    probed = [r for r in records if r.get("probe_accuracy") is not None]
+    assert len(probed) == 1 and 0.0 <= probed[0]["probe_accuracy"] <= 1.0, records

@@ -69,12 +69,18 @@ def _write(paths: List[Path], out: Path, rows: List[dict], agg: List[dict], tabl
         figs = plot_curves(used, fig_dir)
         figs += [p for p in (plot_vs_latent(agg, fig_dir), plot_prior_samples(rows, fig_dir),
                              plot_reconstructions(rows, fig_dir), plot_per_class(agg, fig_dir)) if p]
-    md = [f"# embclf report: {', '.join(str(p) for p in paths)}", ""] + preamble(rows, agg)
+        from .frontier import plot_frontier  # PSNR against accuracy, the Pareto set joined
+
+        figs += [p for p in (plot_frontier(agg, fig_dir),) if p]
+    from .frontier import frontier_section
+    from .protocol import protocol_card
+
+    md = [f"# embclf report: {', '.join(str(p) for p in paths)}", ""] + preamble(rows, agg) + protocol_card(rows)
     md += ["## Results", ""]
     if agg:
         md += [f"{len(agg)} configurations from {len(rows)} runs ({sum(r['status'] == 'completed' for r in rows)} "
                "completed). Per-run numbers: report.csv.", ""]
-    md += [table, ""]
+    md += [table, ""] + frontier_section(agg)
     pcs = [a for a in agg if a.get("per_class_accuracy")]
     classes = class_names(pcs)
     if pcs and len(classes) <= 20:
@@ -101,11 +107,12 @@ def _write(paths: List[Path], out: Path, rows: List[dict], agg: List[dict], tabl
 
 HELP_EPILOG = """\
 writes (into --out, default: the PATH):
-  report.md    what was run (sweep commands, data, epochs, heads, settings that differ), the table,
-               per-class accuracy, runs that did not complete, the figures
+  report.md    what was run (sweep commands, data, epochs, heads, settings that differ), the protocol
+               card, the table, the Pareto set (PSNR vs accuracy), per-class accuracy, runs that did not
+               complete, the figures
   report.csv   every run, every field (repeated seeds too: column `used`)
-  figures/     val_psnr, val_mse, val_accuracy, ce (per epoch), vs_latent, prior_samples,
-               reconstructions, per_class_accuracy (.png)
+  figures/     val_psnr, val_mse, val_accuracy, ce (per epoch), probe_vs_epoch, vs_latent, frontier,
+               prior_samples, reconstructions, per_class_accuracy (.png)
 
 rows: one per configuration; any setting that differs between runs (model, latent, data.*, autoencode.*,
 head, head.*, classify.*, model.* options) separates rows and appears in the row label; only distinct

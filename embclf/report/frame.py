@@ -25,6 +25,23 @@ def _config_id(ident: dict) -> str:
     return hashlib.sha1(json.dumps(ident, sort_keys=True, default=str).encode()).hexdigest()[:8]
 
 
+def _nullable_ints(df: pd.DataFrame, records: List[dict]) -> pd.DataFrame:
+    """``df`` with every column whose values are all integers where present (``encoder.latent``, ``n_train``,
+    ``best_epoch``, ...) but missing in some rows as pandas' nullable ``Int64`` (missing: ``pd.NA``) instead of
+    the float64 with NaN that pandas makes of them; columns without a missing value keep int64. Booleans are
+    not integers here (``git_dirty`` stays a bool/object column)."""
+    kinds: dict = {}  # column -> True while every value seen is an int (None / missing do not count)
+    for rec in records:
+        for k, v in rec.items():
+            if v is None or kinds.get(k) is False:
+                continue
+            kinds[k] = isinstance(v, int) and not isinstance(v, bool)
+    for k, is_int in kinds.items():
+        if is_int and df[k].isna().any():
+            df[k] = pd.array([None if pd.isna(v) else int(v) for v in df[k]], dtype="Int64")
+    return df
+
+
 def load(*paths: Union[str, Path]) -> pd.DataFrame:
     """Every run dir under ``paths`` (sweep dirs, job dirs, run dirs, a whole ``outputs/``) as one row of a
     DataFrame. Nothing is trained or written; only summary.json and config.yaml are read.
@@ -43,7 +60,9 @@ def load(*paths: Union[str, Path]) -> pd.DataFrame:
     - every field of summary.json, nested dicts flattened with dots (``test_psnr``, ``test_accuracy``,
       ``per_class_accuracy.cat``, ``probes.linear.test_accuracy``, ``wall_seconds``, ...); lists (the
       confusion matrix, attempt times) stay one cell. Where a summary field and an identity key share a name
-      (``seed``, ``latent``, ``stage``) the values are the run's own, the same.
+      (``seed``, ``latent``, ``stage``) the values are the run's own, the same. A column of integers
+      (``latent``, ``encoder.latent``, ``n_train``, ...) that some rows lack is pandas' nullable ``Int64``
+      (missing: ``pd.NA``), not float64 with NaN.
 
     Units as the summary stores them: MSE per pixel on [0, 1] images, PSNR in dB, KL in nats per image,
     accuracies in [0, 1], times in seconds (``end_time``: unix seconds). ``df.attrs["identity_keys"]`` lists
@@ -83,7 +102,7 @@ def load(*paths: Union[str, Path]) -> pd.DataFrame:
     for d, why in unreadable.items():
         records.append({"run_dir": str(d), "stage": d.name if d.name in ("autoencode", "classify") else None,
                         "status": UNREADABLE, "error": why})
-    df = pd.DataFrame.from_records(records)
+    df = _nullable_ints(pd.DataFrame.from_records(records), records)
     df = df[[c for c in LEAD if c in df.columns] + [c for c in df.columns if c not in LEAD]]
     df.attrs["identity_keys"] = [k for k in ident_keys if k in df.columns]
     return df

@@ -79,9 +79,17 @@ def unit_config(ae_cfg: Optional[dict], clf_cfg: Optional[dict]) -> Dict[str, ob
     return out
 
 
-def preset(run_dir: Optional[Path]) -> Optional[str]:
-    """The ``experiment=`` preset a run was composed with, from Hydra's record of it
-    (``<run dir>/.hydra/hydra.yaml``: ``hydra.runtime.choices.experiment``), or None: no preset, or no record."""
+def preset(run_dir: Optional[Path], summary: Optional[dict] = None) -> Optional[str]:
+    """The ``experiment=`` preset a run was composed with, or None (no preset, or no record of one).
+
+    Read from the run's summary (``summary`` given: its ``choices``, the option of each config group the job
+    was composed with, ``lifecycle.base_summary``); only a summary without ``choices`` (a run dir written
+    before the summary recorded them, or outside Hydra) falls back to Hydra's record of the job,
+    ``<run dir>/.hydra/hydra.yaml``'s ``hydra.runtime.choices.experiment``."""
+    choices = summary.get("choices") if isinstance(summary, dict) else None
+    if isinstance(choices, dict):
+        choice = choices.get("experiment")
+        return None if choice in (None, "null") else str(choice)
     if run_dir is None:
         return None
     try:
@@ -90,6 +98,29 @@ def preset(run_dir: Optional[Path]) -> Optional[str]:
     except (OSError, ValueError, yaml.YAMLError, KeyError, TypeError, AttributeError):
         return None
     return None if choice in (None, "null") else str(choice)
+
+
+def code_version(s: Optional[dict]) -> Optional[str]:
+    """The code a run ran, from its summary's ``provenance``: the git commit's first 12 hex digits, ``+dirty``
+    when the checkout had uncommitted changes to tracked files; ``embclf <version>`` without a git checkout (an
+    installed wheel); None when the summary records neither."""
+    prov = (s or {}).get("provenance")
+    if not isinstance(prov, dict):
+        return None
+    commit = prov.get("git_commit")
+    if commit:
+        return str(commit)[:12] + ("+dirty" if prov.get("git_dirty") else "")
+    return f"embclf {prov['embclf_version']}" if prov.get("embclf_version") else None
+
+
+def data_fingerprint(s: Optional[dict]) -> Optional[str]:
+    """The SHA-1 of the decoded pixels and labels a run used (summary ``data_fingerprint``, else
+    ``provenance.data.fingerprint``), or None when not recorded."""
+    s = s or {}
+    fp = s.get("data_fingerprint")
+    if not fp and isinstance(s.get("provenance"), dict) and isinstance(s["provenance"].get("data"), dict):
+        fp = s["provenance"]["data"].get("fingerprint")
+    return str(fp) if fp else None
 
 
 def _implied(configs: Sequence[Dict[str, object]], by: str, k: str) -> bool:
@@ -167,7 +198,10 @@ def collect(paths: Sequence[Path]) -> List[dict]:
                 "final_test_mse": _num(s.get("final_test_mse")), "final_test_psnr": _num(s.get("final_test_psnr")),
                 "wall_seconds": _num(s.get("wall_seconds")), "run_dir": str(d), "end_time": _num(s.get("end_time")),
                 "n_train": s.get("n_train"), "n_val": s.get("n_val"), "n_test": s.get("n_test"),
-                "error": s.get("error") if status != "completed" else None}
+                "error": s.get("error") if status != "completed" else None,
+                # the job's command-line overrides (tables.commands), code and data of the run (protocol card)
+                "overrides": s.get("overrides"), "code_version": code_version(s),
+                "data_fingerprint": data_fingerprint(s)}
 
     classify_by_encoder = defaultdict(list)
     rows = []
@@ -183,7 +217,7 @@ def collect(paths: Sequence[Path]) -> List[dict]:
         for cd, cs in classify_by_encoder.pop(d, []) or [(None, None)]:
             row = _join(base, cd, cs)
             row["config"] = unit_config(ae_cfg, configs[cd] if cd else None)
-            row["config"]["experiment"] = preset(cd) or preset(d)
+            row["config"]["experiment"] = (preset(cd, cs) if cd else None) or preset(d, s)
             rows.append(row)
     # classify runs whose encoder is not in the report (or unknown): own row, encoder numbers read if possible
     for enc, items in classify_by_encoder.items():
@@ -200,7 +234,7 @@ def collect(paths: Sequence[Path]) -> List[dict]:
             row["config"] = unit_config(ae_cfg, configs[cd])
             if ae_cfg is None:  # classify.encoder outside the report: the encoder's model and latent apply
                 row["config"].update({"model.name": row["model"], "latent": row["latent"]})
-            row["config"]["experiment"] = preset(cd) or preset(enc)
+            row["config"]["experiment"] = preset(cd, cs) or preset(enc, es)
             rows.append(row)
     _identify(rows)
     rows.sort(key=lambda r: (str(r["model"]), r["latent"] if isinstance(r["latent"], int) else -1,
@@ -296,14 +330,17 @@ def _join(base: dict, cd: Optional[Path], cs: Optional[dict], joined_stage: str 
     """``base`` (autoencode fields) joined with a classify run: accuracy, probes, combined status, summed wall
     time; the row's ``end_time`` is the later of the two."""
     row = {**base, "head": None, "classify_dir": None, "val_accuracy": None, "test_accuracy": None,
-           "final_test_accuracy": None, "probes": {}, "per_class_accuracy": None}
+           "final_test_accuracy": None, "probes": {}, "per_class_accuracy": None, "classify_overrides": None,
+           "classify_code_version": None, "classify_data_fingerprint": None}
     if cs is None:
         return row
     cst = liveness.status_text(cs)
     row.update(stage=joined_stage, head=cs.get("head"), classify_dir=str(cd),
                val_accuracy=_num(cs.get("val_accuracy")), test_accuracy=_num(cs.get("test_accuracy")),
                final_test_accuracy=_num(cs.get("final_test_accuracy")),
-               per_class_accuracy=cs.get("per_class_accuracy") if cst == "completed" else None)
+               per_class_accuracy=cs.get("per_class_accuracy") if cst == "completed" else None,
+               classify_overrides=cs.get("overrides"), classify_code_version=code_version(cs),
+               classify_data_fingerprint=data_fingerprint(cs))
     probes = cs.get("probes") if isinstance(cs.get("probes"), dict) else {}
     if set(probes) <= {cs.get("head")}:  # the main head alone: the test acc column already shows it
         probes = {}

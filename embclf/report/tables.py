@@ -141,14 +141,15 @@ def _sweep_root(run_dir: Path) -> Optional[Path]:
 
 def commands(rows: List[dict]) -> List[str]:
     """The command line of every sweep (``multirun.yaml``'s task overrides, and those of the earlier sweeps into
-    the same sweep dir, ``multirun.NNN.yaml``) or single run (``.hydra/overrides.yaml``) that wrote the rows' run
-    dirs, oldest first, each once, as shell-quoted strings."""
+    the same sweep dir, ``multirun.NNN.yaml``) or single run (its summary's ``overrides``: the job's command-line
+    overrides, ``lifecycle.base_summary``; ``.hydra/overrides.yaml`` only for a summary without them) that wrote
+    the rows' run dirs, oldest first, each once, as shell-quoted strings."""
     from omegaconf import OmegaConf
 
     seen: Dict[Path, None] = OrderedDict()
-    singles: Dict[Path, None] = OrderedDict()
+    singles: Dict[Path, Optional[list]] = OrderedDict()  # job dir -> its overrides (None: not in the summary)
     for r in rows:
-        for d in (r.get("run_dir"), r.get("classify_dir")):
+        for d, ovr in ((r.get("run_dir"), r.get("overrides")), (r.get("classify_dir"), r.get("classify_overrides"))):
             if not d:
                 continue
             d = Path(d)
@@ -157,16 +158,20 @@ def commands(rows: List[dict]) -> List[str]:
                 seen[root] = None
             else:
                 job = d.parent if d.name in ("autoencode", "classify") and (d.parent / ".hydra").is_dir() else d
-                singles[job] = None
+                if singles.get(job) is None:
+                    singles[job] = list(ovr) if isinstance(ovr, (list, tuple)) else None
     from ..hold_dirs import sweep_record_archives
 
     out = []
     for root, multi in [(p, True) for p in seen] + [(p, False) for p in singles]:
-        # a sweep dir swept into more than once keeps each earlier record as multirun.NNN.yaml (embclf.locks)
-        records = [*sweep_record_archives(root), root / "multirun.yaml"] if multi else [root / ".hydra" / "overrides.yaml"]
-        for i, path in enumerate(records):
+        if multi:  # a sweep dir swept into more than once keeps each earlier record as multirun.NNN.yaml (embclf.locks)
+            records = [*sweep_record_archives(root), root / "multirun.yaml"]
+        else:
+            records = [singles[root] if singles[root] is not None else root / ".hydra" / "overrides.yaml"]
+        for i, rec in enumerate(records):
             try:
-                task = list(OmegaConf.load(path).hydra.overrides.task) if multi else list(OmegaConf.load(path))
+                task = (rec if isinstance(rec, list) else
+                        list(OmegaConf.load(rec).hydra.overrides.task) if multi else list(OmegaConf.load(rec)))
             except Exception:  # noqa: BLE001 (a missing or foreign file: the command is unknown, the rows stay)
                 continue
             cmd = ("python -m embclf " + ("-m " if multi else "") + " ".join(shlex.quote(str(t)) for t in task)
@@ -199,8 +204,8 @@ def preamble(rows: List[dict], agg: List[dict]) -> List[str]:
     cmds = commands(rows)
     md = ["## What was run", ""]
     md += ["Commands, oldest first (from each sweep's `multirun.yaml` and its earlier sweeps' `multirun.NNN.yaml`, or "
-           "each run's `.hydra/overrides.yaml`):", "", "```bash",
-           *(cmds or ["(unknown: no multirun.yaml or .hydra/overrides.yaml found)"]), "```", ""]
+           "each single run's `overrides` in summary.json):", "", "```bash",
+           *(cmds or ["(unknown: no multirun.yaml, and no overrides in the summaries)"]), "```", ""]
     md += [f"- data: `{setting('data.source')}` from `{setting('data.root')}`; images train / val / test: "
            f"{', '.join(sizes) or '?'} (data.train_size {setting('data.train_size')}, data.test_size "
            f"{setting('data.test_size')})",
