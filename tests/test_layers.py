@@ -79,6 +79,23 @@ def test_layer_names_accepted_and_refused():
     assert identity.identity(old, "classify") == ident
 
 
+@pytest.mark.parametrize("model, same, other", [
+    ("ae", ["code", "[code]", "[code,code]"], "[code,conv2]"),
+    ("ae", ["all", "[conv5,conv4,conv3,conv2,conv1,code]", "[code,conv1,conv2,conv3,conv4,conv5,conv1]"], "[conv5]"),
+    ("ae", ["[conv2]", "[code,conv2]", "[conv2,code]", "conv2"], "all"),
+    ("resnet", ["all", "[layer4,layer3,layer2,layer1,stem]"], "code"),
+])
+def test_spellings_of_one_set_of_layers_are_one_experiment(model, same, other):
+    """classify.layers names the layers probed (the code always): every spelling of one set is one identity
+    (one run dir, "already completed" for each), another set another. Its stored form is the ordered list."""
+    idents = [identity.identity(_compose(f"model={model}", f"classify.layers={v}"), "classify") for v in same]
+    assert all(i == idents[0] for i in idents), [i["classify"]["layers"] for i in idents]
+    cfg = _compose(f"model={model}", f"classify.layers={same[0]}")
+    want = layers.resolve(cfg.classify.layers, cfg.model)
+    assert idents[0]["classify"]["layers"] == ["code", *[n for n in want if n != "code"]]
+    assert identity.identity(_compose(f"model={model}", f"classify.layers={other}"), "classify") != idents[0]
+
+
 @pytest.mark.slow
 def test_classify_every_layer_beside_a_plain_run(tmp_path, cifar_root):
     threads = torch.get_num_threads()
