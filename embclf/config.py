@@ -133,6 +133,11 @@ class ModelConfig:
     decorrelation_weight: float = 0.0  # lambda: weight of the batch penalty R in [0, 1]; 0 = off
     decorrelation: Decorrelation = Decorrelation['class']  # class (labels) | feature (label-free)
     kl_warmup_epochs: int = 0  # VAE: beta_e = beta * min(1, (e-1)/kl_warmup_epochs); 0 = full beta from epoch 1
+    # label-free corruptions of the training input (models/objectives.py; docs/research.md): the loss still compares
+    # the reconstruction with the clean image, val/test/embeddings never see them. Drawn from the global torch RNG
+    # (saved in checkpoints), like a VAE's z
+    input_noise: float = 0.0  # denoising AE: sigma of Gaussian noise added to pixels in [0, 1], then clamped to [0, 1]
+    mask_ratio: float = 0.0  # masked input: this fraction of 4x4-pixel patches zeroed per image (rounded); in [0, 1)
 
 
 @dataclass
@@ -181,6 +186,9 @@ class ClassifyConfig:
     patience: Optional[int] = None  # early stopping: stop after this many epochs without a better val accuracy; null = off
     lr_grid: List[float] = field(default_factory=list)  # trainable heads: learning rates tried, chosen on val ([] = lr only)
     probes: List[str] = field(default_factory=list)  # more heads fitted on the same cached embeddings, e.g. [linear,knn,logreg]
+    # layer-wise probes (embclf/layers.py): code (the latent code only) | all (the code and every encoder stage, each
+    # average-pooled to 2x2) | a list of layer names, e.g. [code,conv2]; the head= head on each, same settings
+    layers: Any = "code"
     # null = find the matching autoencode run; else run dir or .pt path. Its identity is the encoder's own
     # (embclf/identity.py): the same encoder named by two paths is one experiment
     encoder: Optional[str] = field(default=None, metadata=PATH)

@@ -41,7 +41,10 @@ def batch_step(model, x: torch.Tensor, beta, precision: str = "fp32", y: Optiona
     KL only for a VAE, the last two only when ``objective`` turns them on), which is ``losses.vae_loss`` /
     ``losses.ae_loss`` without them; SSE, MSE (= SSE / values per image) and PSNR (``losses.psnr_from_sse``)
     all derive from one squared error. The forward pass runs under ``runtime.autocast`` (bf16 when
-    ``precision == "bf16"``); the loss and the sums are computed in fp32.
+    ``precision == "bf16"``); the loss and the sums are computed in fp32. In train mode an ``objective`` with
+    ``model.input_noise`` / ``model.mask_ratio`` on corrupts the encoder's input (``Objective.corrupt``) while
+    every term still compares the reconstruction with the clean ``x`` (denoising / masked reconstruction over
+    the whole image); in eval mode (val, test, embeddings) the input is never corrupted.
 
     Args:
         model: ``Autoencoder`` (in train mode a VAE samples z; in eval mode it decodes mu).
@@ -55,8 +58,9 @@ def batch_step(model, x: torch.Tensor, beta, precision: str = "fp32", y: Optiona
          predictions and R 0 when off);
          mu: [B, latent] detached).
     """
+    x_in = objective.corrupt(x) if objective is not None and objective.corrupts and model.training else x
     with runtime.autocast(x.device, precision):
-        out = model(x)
+        out = model(x_in)
     x_hat = out["x_hat"].float()
     sse = losses.sse_per_image(x_hat, x)
     if model.variational:

@@ -211,7 +211,25 @@ def identity(cfg: Any, stage: str, encoder: Any = None) -> dict:
             given = _get(c, "classify.encoder")
             encoder = c if not given else encoder_config(given)
         out["encoder"] = identity(encoder, "autoencode")
+        _canonical_layers(out)
     return out
+
+
+def _canonical_layers(out: dict) -> None:
+    """``classify.layers`` as the layers a run probes (``code`` first, the stages in forward order): ``code``,
+    ``[code]`` and ``[conv1,code,conv1]`` are one experiment, and ``all`` is the list of every layer of this
+    encoder. A name the encoder lacks stays as written (the classify stage refuses it with the valid names)."""
+    spec = out.get("classify", {}).get("layers", _ABSENT)
+    model = out.get("encoder", {}).get("model")
+    if spec is _ABSENT or not isinstance(model, dict):
+        return
+    from . import layers  # imported here: layers builds on engine (torch), identity is imported by the config
+    from .runtime import EmbclfError
+
+    try:
+        out["classify"]["layers"] = [layers.CODE] + [n for n in layers.resolve(spec, model) if n != layers.CODE]
+    except (EmbclfError, TypeError, ValueError):
+        pass
 
 
 def job_identity(cfg: Any) -> dict:

@@ -458,4 +458,5 @@ def completed_in(run_dir: Path, ident: dict, stage: str) -> bool:
 
 
 # the objective's options in the model group and their "off" values (classify's hint prints the ones that are on)
-MODEL_OBJECTIVE_DEFAULTS = {"ce_weight": 0.0, "decorrelation_weight": 0.0, "decorrelation": "class", "kl_warmup_epochs": 0}
+MODEL_OBJECTIVE_DEFAULTS = {"ce_weight": 0.0, "decorrelation_weight": 0.0, "decorrelation": "class", "kl_warmup_epochs": 0,
+                            "input_noise": 0.0, "mask_ratio": 0.0}

@@ -84,6 +84,9 @@ VALUE_RULES = {
     "model.weight_decay": (lambda v: v is None or _non_negative_real(v), "null (autoencode.weight_decay) or >= 0"),
     "model.ce_weight": (_non_negative_real, "a cross-entropy weight >= 0 (0 = no joint head)"),
     "model.decorrelation_weight": (_non_negative_real, "a weight >= 0 (0 = off)"),
+    "model.input_noise": (_non_negative_real, "a noise standard deviation >= 0 on pixels in [0, 1] (e.g. 0.1; 0 = off)"),
+    "model.mask_ratio": (lambda v: math.isfinite(v) and 0 <= v < 1,
+                         "a fraction of masked patches in [0, 1) (e.g. 0.25; 0 = off)"),
     "model.kl_warmup_epochs": (_non_negative, "a number of epochs >= 0 (0 = no warm-up)"),
     "model.channels": (lambda v: len(v) >= 1 and _all_positive(v), "a non-empty list of positive channel counts"),
     "model.strides": (lambda v: len(v) >= 1 and _all_positive(v), "a non-empty list of strides >= 1"),
@@ -115,6 +118,11 @@ VALUE_RULES = {
                          "a list of positive learning rates (e.g. classify.lr_grid=[1e-4,1e-3]; [] = classify.lr only)"),
     "classify.probes": (_names(HEAD_NAMES), f"a list of head names among {', '.join(HEAD_NAMES)} (e.g. "
                                             "classify.probes=[linear,knn])"),
+    "classify.layers": (lambda v: (isinstance(v, str) and v.strip() != "") or
+                        (OmegaConf.is_list(v) or isinstance(v, list)) and len(v) >= 1
+                        and all(isinstance(n, str) and n.strip() for n in v),
+                        "code (the latent code only), all (the code and every encoder stage) or a list of layer "
+                        "names (e.g. classify.layers=[code,conv2]; embclf/layers.py lists them)"),
     "logger.name": (lambda v: str(v) in LOGGERS, "wandb or none (e.g. logger=none)"),
     "logger.projections": (_names(PROJECTIONS), f"a list among {', '.join(PROJECTIONS)} (e.g. "
                                                 "logger.projections=[pca]; [] = none)"),

@@ -6,10 +6,11 @@ the decoder starts from a linear map of z back to the feature map. Models never 
 """
 from __future__ import annotations
 
-from typing import Dict, Optional, Tuple
+from typing import Dict, Optional, Sequence, Tuple
 
 import torch
 from torch import nn
+from torch.nn import functional as F
 
 
 LOGVAR_MIN, LOGVAR_MAX = -30.0, 20.0  # the range of log sigma^2 (see Autoencoder.encode)
@@ -50,6 +51,27 @@ class Autoencoder(nn.Module):
         if not self.variational:
             return self.fc_mu(h), None
         return self.fc_mu(h), self.fc_logvar(h).clamp(LOGVAR_MIN, LOGVAR_MAX)
+
+    def encode_layers(self, x: torch.Tensor, names: Sequence[str], pool: int = 2) -> Dict[str, torch.Tensor]:
+        """Features of the trunk's stages and the code from one forward pass (``classify.layers``, embclf/layers.py).
+
+        Args:
+            x: float [B, 3, S, S] in [0, 1]. names: among ``"code"`` and the encoder's ``stage_names``.
+            pool: each named stage's map [B, C, h, w] is average-pooled to [B, C, pool, pool]
+                (``adaptive_avg_pool2d``) and flattened, C * pool^2 values per image.
+        Returns:
+            {name: float [B, D]} for each of ``names``: ``"code"`` is mu (exactly ``encode(x)[0]``: the same
+            operations), a stage ``[B, C * pool * pool]``.
+        """
+        out: Dict[str, torch.Tensor] = {}
+        h = x
+        for name, stage in zip(self.encoder.stage_names, self.encoder.stages()):
+            h = stage(h)
+            if name in names:
+                out[name] = F.adaptive_avg_pool2d(h, pool).flatten(1)
+        if "code" in names:
+            out["code"] = self.fc_mu(h.flatten(1))
+        return out
 
     @staticmethod
     def reparameterize(mu: torch.Tensor, logvar: torch.Tensor) -> torch.Tensor:

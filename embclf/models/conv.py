@@ -36,6 +36,12 @@ class ConvEncoder(nn.Module):
         self.downsample = 1
         for s in strides:
             self.downsample *= s
+        # the stages classify.layers can probe (embclf/layers.py): each conv block's output, conv1 the first
+        self.stage_names = [f"conv{i + 1}" for i in range(len(layers))]
+
+    def stages(self) -> list:
+        """The trunk as its stages in order (``stage_names``): applied one after the other they are ``forward``."""
+        return list(self.net)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.net(x)

@@ -18,6 +18,8 @@ class ResNetEncoder(nn.Module):
 
     out_channels = 512
     downsample = 8
+    # the stages classify.layers can probe (embclf/layers.py): the stem's output and each residual stage's
+    stage_names = ["stem", "layer1", "layer2", "layer3", "layer4"]
 
     def __init__(self):
         super().__init__()
@@ -26,6 +28,10 @@ class ResNetEncoder(nn.Module):
         net.maxpool = nn.Identity()
         self.stem = nn.Sequential(net.conv1, net.bn1, net.relu)
         self.layers = nn.Sequential(net.layer1, net.layer2, net.layer3, net.layer4)
+
+    def stages(self) -> list:
+        """The trunk as its stages in order (``stage_names``): applied one after the other they are ``forward``."""
+        return [self.stem, *self.layers]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.layers(self.stem(x))

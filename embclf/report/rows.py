@@ -347,6 +347,11 @@ def _join(base: dict, cd: Optional[Path], cs: Optional[dict], joined_stage: str 
     for name, res in probes.items():
         if isinstance(res, dict):
             row["probes"][str(name)] = {"test": _num(res.get("test_accuracy")), "val": _num(res.get("val_accuracy"))}
+    by_layer = cs.get("test_accuracy_by_layer") if isinstance(cs.get("test_accuracy_by_layer"), dict) else {}
+    if set(by_layer) - {"code"}:  # classify.layers: one "probe:layer:<name>" column per layer (embclf/layers.py)
+        val = cs.get("val_accuracy_by_layer") if isinstance(cs.get("val_accuracy_by_layer"), dict) else {}
+        for name, acc in by_layer.items():
+            row["probes"][f"layer:{name}"] = {"test": _num(acc), "val": _num(val.get(name))}
     ep = f"{_epochs_done(cd, cs)}/{cs.get('epochs', '?')}"
     row["epochs"] = f"{row['epochs']} + {ep}" if row.get("epochs") else ep
     if row["status"] == "completed" and cst != "completed":

@@ -11,7 +11,9 @@
 4. Report test accuracy (best-on-val head: ``test_accuracy``; trainable heads' last epoch:
    ``final_test_accuracy``), per-class accuracy and the confusion matrix (JSON and images/confusion.png).
    ``classify.probes`` fits more heads on the same embeddings: summary ``probes`` =
-   {head name: {"val_accuracy", "test_accuracy", ...}} (the main head included).
+   {head name: {"val_accuracy", "test_accuracy", ...}} (the main head included). ``classify.layers`` fits the
+   same head on pooled features of the encoder's stages too (``embclf.layers``; cached in layer_embeddings.pt,
+   from the same forward pass): summary ``test_accuracy_by_layer`` / ``val_accuracy_by_layer`` {layer: accuracy}.
 5. Write the result (summary.json, status "completed") first; only then the optional extras: project the
    test embeddings to 2-D (images/pca.png, tsne.png, umap.png; ``embclf.report.projections``) and log them, a table of
    test embeddings and the confusion matrix to the tracker (wandb, ``embclf.tracking``). A failure of an
@@ -29,7 +31,8 @@ from typing import List, Optional
 
 from omegaconf import OmegaConf
 
-from .. import artefacts, checkpoint, engine, faults, identity, lifecycle, provenance, references, runs, runtime, tracking
+from .. import (artefacts, checkpoint, engine, faults, identity, layers, lifecycle, provenance, references, runs, runtime,
+               tracking)
 from .. import data as data_mod
 from ..report import projections as plots
 from ..heads import build_head, check_dropout, check_names, is_trainable
@@ -114,6 +117,7 @@ def run(cfg, run_dir: Path, overrides: List[str], encoder: Optional[Path] = None
     ck = checkpoint.load(ckpt_path, ("model", "config", "state"),
                          "classify.encoder" if cfg.classify.encoder else "encoder checkpoint")
     runs.check_image_size(ck["config"], cfg.data.image_size, ckpt_path)  # before the data is decoded
+    extra = [n for n in layers.resolve(cc.layers, ck["config"]["model"]) if n != layers.CODE]  # stages to probe
     ds = data_mod.load(cfg.data)
     if resume is not None:  # a head's training continues on the same images only
         run.refuse_changed_data(ds.fingerprint)
@@ -154,16 +158,26 @@ def run(cfg, run_dir: Path, overrides: List[str], encoder: Optional[Path] = None
         log.warning("%s was computed from another encoder or other data (%s); computing it again", emb_path,
                     ", ".join(k for k in key if (emb.get("key") or {}).get(k) != key[k]) or "no key recorded")
         emb = None
-    if emb is None:
-        t0 = time.time()
-        emb = {s: {"z": engine.embed(model, ds.split(s), device, 1000, prec), "labels": ds.split(s).labels.clone()}
-               for s in ("train", "val", "test")}
-        emb["classes"] = ds.classes
-        emb["key"] = key
-        faults.fault_point("classify.embed")
-        # a cache for a resumed job: a full disk fails at the next checkpoint, saying so, not here
-        runs.write_cache(emb, emb_path, "embeddings cache", "A resumed run computes the embeddings again.")
-        log.info("embedded %d images in %.1fs", sum(len(emb[s]["z"]) for s in ("train", "val", "test")), time.time() - t0)
+    splits = ("train", "val", "test")
+    # classify.layers: the stages' pooled features, cached beside embeddings.pt under the same rules
+    lay_path, lay_key = run_dir / "layer_embeddings.pt", {**key, "layers": extra, "pool": layers.POOL}
+    lay = checkpoint.load(lay_path, ("key",), "layer embeddings") if extra and lay_path.is_file() else None
+    lay = lay if lay is not None and lay.get("key") == lay_key else None
+    if emb is None or (extra and lay is None):
+        t0 = time.time()  # one forward pass gives the code and every stage asked for
+        feats = {s: layers.embed(model, ds.split(s), device, 1000, [layers.CODE, *extra], prec) for s in splits}
+        if emb is None:
+            emb = {s: {"z": feats[s][layers.CODE], "labels": ds.split(s).labels.clone()} for s in splits}
+            emb["classes"] = ds.classes
+            emb["key"] = key
+            faults.fault_point("classify.embed")
+            # a cache for a resumed job: a full disk fails at the next checkpoint, saying so, not here
+            runs.write_cache(emb, emb_path, "embeddings cache", "A resumed run computes the embeddings again.")
+        if extra and lay is None:
+            lay = {"key": lay_key, **{s: {n: feats[s][n] for n in extra} for s in splits}}
+            runs.write_cache(lay, lay_path, "layer embeddings cache", "A resumed run computes them again.")
+        del feats
+        log.info("embedded %d images in %.1fs", sum(len(emb[s]["z"]) for s in splits), time.time() - t0)
     z = {s: emb[s]["z"].to(device) for s in ("train", "val", "test")}
     y = {s: emb[s]["labels"].to(device) for s in ("train", "val", "test")}
     classes = list(emb["classes"])
@@ -233,6 +247,12 @@ def run(cfg, run_dir: Path, overrides: List[str], encoder: Optional[Path] = None
         log.info("probe %s: val accuracy %.4f, test accuracy %.4f (%.1fs)", name, p_fit["val_accuracy"],
                  p_test["accuracy"], time.time() - t0)
         faults.fault_point("classify.probes")
+    # classify.layers: the same head on each stage's features; the code's entry is the main head's result
+    by_layer = {layers.CODE: {"val_accuracy": best_acc, "test_accuracy": test_m["accuracy"]}}
+    for name in extra:
+        by_layer[name] = layers.probe(cfg.head, cc, {s: lay[s][name].to(device) for s in splits}, y, n_classes, cfg.seed)
+        log.info("layer %s: val accuracy %.4f, test accuracy %.4f", name, by_layer[name]["val_accuracy"],
+                 by_layer[name]["test_accuracy"])
     pred = logits.argmax(1).cpu().numpy()
     true = y["test"].cpu().numpy()
     cm = confusion_matrix(true, pred, labels=list(range(len(classes))))
@@ -241,7 +261,10 @@ def run(cfg, run_dir: Path, overrides: List[str], encoder: Optional[Path] = None
     faults.fault_point("classify.summary")
     run.complete(test_accuracy=test_m["accuracy"], test_loss=test_m["loss"], val_accuracy=best_acc,
                  head_settings=_head_settings(cfg.head, cc), **{k: v for k, v in fit.items() if k != "val_accuracy"},
-                 probes=probes, per_class_accuracy=per_class, confusion_matrix=cm.tolist(), classes=classes)
+                 probes=probes, per_class_accuracy=per_class,
+                 test_accuracy_by_layer={n: r["test_accuracy"] for n, r in by_layer.items()},
+                 val_accuracy_by_layer={n: r["val_accuracy"] for n, r in by_layer.items()},
+                 confusion_matrix=cm.tolist(), classes=classes)
     faults.fault_point("classify.plots")
     lc, png = cfg.logger, run_dir / "images" / "confusion.png"
     _optional("images/confusion.png", plots.confusion, cm, classes, png,
