@@ -33,6 +33,10 @@ CONF_DIR_NAME = "conf"
 # experiment). A PATH key's value is normalised (~ expanded, absolute, symlinks resolved, no trailing slash)
 # before it is stored or compared, so two spellings of one place are one value. A top-level group's STAGES say
 # which stage's identity its identity keys belong to (autoencode, classify or both); nested keys inherit it.
+# An identity key added after run dirs were written declares ``added``: the value every earlier run computed
+# with (its "off" value). At that value the key is left out of the identity, so the earlier runs keep their
+# identity and run dir digest (a re-invoked sweep finds them) and a stored identity.json without the key matches;
+# any other value is a new experiment. tests/test_identity.py fails when an identity key appears without it.
 RUN = {"role": "run"}
 PATH = {"path": True}
 RUN_PATH = {"role": "run", "path": True}
@@ -136,8 +140,8 @@ class ModelConfig:
     # label-free corruptions of the training input (models/objectives.py; docs/research.md): the loss still compares
     # the reconstruction with the clean image, val/test/embeddings never see them. Drawn from the global torch RNG
     # (saved in checkpoints), like a VAE's z
-    input_noise: float = 0.0  # denoising AE: sigma of Gaussian noise added to pixels in [0, 1], then clamped to [0, 1]
-    mask_ratio: float = 0.0  # masked input: this fraction of 4x4-pixel patches zeroed per image (rounded); in [0, 1)
+    input_noise: float = field(default=0.0, metadata={"added": 0.0})  # denoising AE: sigma of Gaussian noise added to pixels in [0, 1], then clamped to [0, 1]
+    mask_ratio: float = field(default=0.0, metadata={"added": 0.0})  # masked input: this fraction of 4x4-pixel patches zeroed per image (rounded); in [0, 1)
 
 
 @dataclass
@@ -188,7 +192,7 @@ class ClassifyConfig:
     probes: List[str] = field(default_factory=list)  # more heads fitted on the same cached embeddings, e.g. [linear,knn,logreg]
     # layer-wise probes (embclf/layers.py): code (the latent code only) | all (the code and every encoder stage, each
     # average-pooled to 2x2) | a list of layer names, e.g. [code,conv2]; the head= head on each, same settings
-    layers: Any = "code"
+    layers: Any = field(default="code", metadata={"added": ["code"]})
     # null = find the matching autoencode run; else run dir or .pt path. Its identity is the encoder's own
     # (embclf/identity.py): the same encoder named by two paths is one experiment
     encoder: Optional[str] = field(default=None, metadata=PATH)

@@ -38,13 +38,16 @@ IDENTITY_FILE = "identity.json"
 @dataclasses.dataclass(frozen=True)
 class Role:
     """The role of one dotted config key: ``role`` "identity", "run" or "stage"; ``path``: normalised;
-    ``stages``: whose identity it belongs to; ``before``: the value runs written before the key existed used."""
+    ``stages``: whose identity it belongs to; ``before``: the value runs written before the key existed used;
+    ``added``: for an identity key added after runs were written, the value they computed with, at which the
+    key is left out of the identity (``ABSENT`` for the keys the first run-dir format already had)."""
 
     key: str
     role: str
     path: bool
     stages: Tuple[str, ...]
     before: Any = None
+    added: Any = None
 
 
 @lru_cache(maxsize=1)
@@ -60,7 +63,7 @@ def roles() -> Dict[str, Role]:
             md = f.metadata or {}
             key = prefix + f.name
             r = Role(key, md.get("role", role), bool(md.get("path", False)), tuple(md.get("stages", stages)),
-                     md.get("before"))
+                     md.get("before"), md.get("added", _ABSENT))
             out[key] = r
             typ = f.type if isinstance(f.type, type) else None
             if typ is None and isinstance(f.default_factory, type):  # postponed annotations: the factory is the class
@@ -203,7 +206,7 @@ def identity(cfg: Any, stage: str, encoder: Any = None) -> dict:
         if r.role != "identity" or stage not in r.stages or r.key == "classify.encoder":
             continue
         v = _get(c, r.key, _ABSENT)
-        if v is _ABSENT:
+        if v is _ABSENT or (r.added is not _ABSENT and v == r.added):  # a key added later, at its "off" value
             continue
         _set(out, r.key, normalise_path(v) if r.path else v)
     if stage == "classify":
@@ -211,6 +214,36 @@ def identity(cfg: Any, stage: str, encoder: Any = None) -> dict:
             given = _get(c, "classify.encoder")
             encoder = c if not given else encoder_config(given)
         out["encoder"] = identity(encoder, "autoencode")
+        _canonical_layers(out)
+    return out
+
+
+def with_added(ident: dict, stage: str) -> dict:
+    """``ident`` with every key added since the first format (``added``) that it leaves out at its "off"
+    value put back at that value: what a table or a comparison shows (``model.input_noise`` 0.0 beside 0.1)."""
+    out = json.loads(json.dumps(ident))
+    for r in _leaf_roles():
+        if r.added is not _ABSENT and stage in r.stages and _get(out, r.key, _ABSENT) is _ABSENT:
+            _set(out, r.key, json.loads(json.dumps(r.added)))
+    if stage == "classify" and isinstance(out.get("encoder"), dict):
+        out["encoder"] = with_added(out["encoder"], "autoencode")
+    return out
+
+
+def stored(ident: dict, stage: str) -> dict:
+    """A stored identity (``identity.json``) as :func:`identity` makes it today: the keys added since at their
+    "off" value (``added``) left out (as written by a version that had them), classify's layers canonical."""
+    out = json.loads(json.dumps(ident))
+    for r in _leaf_roles():
+        if r.added is _ABSENT or stage not in r.stages:
+            continue
+        *parents, leaf = r.key.split(".")
+        parent = _get(out, ".".join(parents), None) if parents else out
+        if isinstance(parent, dict) and leaf in parent and parent[leaf] == r.added:
+            del parent[leaf]
+    if stage == "classify":
+        if isinstance(out.get("encoder"), dict):
+            out["encoder"] = stored(out["encoder"], "autoencode")
         _canonical_layers(out)
     return out
 
@@ -229,7 +262,9 @@ def _canonical_layers(out: dict) -> None:
     try:
         out["classify"]["layers"] = [layers.CODE] + [n for n in layers.resolve(spec, model) if n != layers.CODE]
     except (EmbclfError, TypeError, ValueError):
-        pass
+        return
+    if out["classify"]["layers"] == role_of("classify.layers").added:  # the code only: as before the key existed
+        del out["classify"]["layers"]
 
 
 def job_identity(cfg: Any) -> dict:

@@ -392,7 +392,7 @@ def stored_identity(run_dir: Path, stage: str) -> Optional[dict]:
     check_format(rec, run_dir / identity.IDENTITY_FILE)
     check_format(read_summary(run_dir), run_dir / SUMMARY)
     if isinstance(rec, dict) and isinstance(rec.get("identity"), dict):
-        return rec["identity"]
+        return identity.stored(rec["identity"], stage)
     c = read_config(run_dir)
     if c is None and (run_dir / "checkpoints" / "last.pt").is_file():
         c = load_checkpoint(run_dir / "checkpoints" / "last.pt", ("config",), "resume")["config"]

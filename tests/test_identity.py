@@ -256,3 +256,72 @@ def test_a_run_does_not_resume_on_other_images(tmp_path, monkeypatch):
     with pytest.raises(EmbclfError, match=r"started on other images: the files under data.root changed"):
         autoencode.run(cfg, run_dir, [])
     assert _snapshot(run_dir) == before
+
+
+# --- identity keys added after run dirs were written ----------------------------------------------------------
+
+# the identity keys of the first run-dir format: a key added since must declare ``added`` (its "off" value) in
+# embclf/config.py, or every run dir written before it would stop matching its own experiment
+FIRST_FORMAT_KEYS = {
+    "autoencode.batch_size", "autoencode.epochs", "autoencode.eval_batch_size", "autoencode.image_epochs",
+    "autoencode.lr", "autoencode.select_on", "autoencode.weight_decay", "classify.batch_size", "classify.encoder",
+    "classify.epochs", "classify.lr", "classify.lr_grid", "classify.patience", "classify.probes",
+    "classify.weight_decay", "data.image_size", "data.root", "data.skip_corrupt", "data.source",
+    "data.subset_seed", "data.test_size", "data.train_size", "data.val_size", "debug.batch_size",
+    "debug.eval_every", "debug.name", "debug.steps", "debug.target_psnr", "debug.test_size", "debug.train_size",
+    "head.C", "head.dropout", "head.hidden", "head.k", "head.max_iter", "head.name", "head.temperature", "latent",
+    "model.arch", "model.beta", "model.ce_weight", "model.channels", "model.decorrelation",
+    "model.decorrelation_weight", "model.kl_warmup_epochs", "model.name", "model.strides", "model.variational",
+    "model.weight_decay", "precision", "seed"}
+
+
+def test_a_new_identity_key_declares_the_value_earlier_runs_used():
+    new = sorted(r.key for r in identity._leaf_roles() if r.role == "identity" and r.added is identity._ABSENT
+                 and r.key not in FIRST_FORMAT_KEYS)
+    assert new == [], (f"identity keys {new} were added without field metadata {{'added': <the value every "
+                       "earlier run computed with>}} in embclf/config.py: without it every existing run dir stops "
+                       "matching its own experiment (a re-run sweep retrains it in a new run dir)")
+
+
+def _without(ident: dict, *keys: str) -> dict:
+    out = json.loads(json.dumps(ident))
+    for key in keys:
+        *parents, leaf = key.split(".")
+        node = out
+        for p in parents:
+            node = node.get(p, {})
+        node.pop(leaf, None)
+    return out
+
+
+@pytest.mark.parametrize("stage", ["autoencode", "classify"])
+def test_runs_from_before_an_added_key_keep_their_identity_and_digest(tmp_path, stage):
+    """A run dir written before model.input_noise / model.mask_ratio / classify.layers existed (its
+    identity.json lacks them) is the same experiment as today's default, with the same digest; one written while
+    they were stored at their "off" value (input_noise 0.0, layers "code") too; a non-off value differs."""
+    added = [r.key for r in identity._leaf_roles() if r.added is not identity._ABSENT and stage in r.stages]
+    today = identity.identity(_compose(), stage)
+    assert added and all(identity._get(today, k, None) is None for k in added)  # left out at their off value
+    # what a run dir's identity.json held: before the keys (none of them) and while they were stored (all of them)
+    full = identity.identity(_compose(), stage)
+    full_enc = full.get("encoder", full)
+    full_enc.setdefault("model", {}).update(input_noise=0.0, mask_ratio=0.0)
+    if stage == "classify":
+        full["classify"]["layers"] = "code"
+    for old in (_without(today, *added), full):
+        run_dir = tmp_path / f"run{len(list(tmp_path.iterdir()))}"
+        run_dir.mkdir()
+        (run_dir / identity.IDENTITY_FILE).write_text(json.dumps(
+            {"format": runs.FORMAT, "stage": stage, "digest": identity.digest(old), "identity": old}))
+        assert runs.stored_identity(run_dir, stage) == today
+        assert runs.open_run_dir(run_dir, today, stage) == "resume"
+        assert identity.digest(runs.stored_identity(run_dir, stage)) == identity.digest(today)
+    noisy = identity.identity(_compose("model.input_noise=0.1", "classify.layers=all"), stage)
+    assert noisy != today
+    with pytest.raises(EmbclfError, match=r"differs in: .*input_noise"):
+        runs.open_run_dir(run_dir, noisy, stage)
+    # what the report shows: every key, the off values included
+    shown = identity.with_added(today, stage)
+    enc = shown.get("encoder", shown)
+    assert enc["model"]["input_noise"] == 0.0 and enc["model"]["mask_ratio"] == 0.0
+    assert stage == "autoencode" or shown["classify"]["layers"] == ["code"]

@@ -92,7 +92,7 @@ def load(*paths: Union[str, Path]) -> pd.DataFrame:
                 ident = None
             if ident is not None:
                 rec["config_id"] = _config_id(ident)
-                flat = flatten(ident)
+                flat = flatten(identity.with_added(ident, stage))
                 ident_keys.update(dict.fromkeys(flat))
                 rec.update(flat)
         for k, v in flatten(s).items():

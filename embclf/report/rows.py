@@ -69,9 +69,9 @@ def unit_config(ae_cfg: Optional[dict], clf_cfg: Optional[dict]) -> Dict[str, ob
     from the autoencode run's resolved config, ``head.*`` and ``classify.*`` from the classify run's."""
     out: Dict[str, object] = {}
     if ae_cfg is not None:
-        out.update(flatten(identity.identity(ae_cfg, "autoencode")))
+        out.update(flatten(identity.with_added(identity.identity(ae_cfg, "autoencode"), "autoencode")))
     if clf_cfg is not None:
-        ci = identity.identity(clf_cfg, "classify", encoder=ae_cfg or clf_cfg)
+        ci = identity.with_added(identity.identity(clf_cfg, "classify", encoder=ae_cfg or clf_cfg), "classify")
         ci.pop("encoder", None)  # the encoder's identity is the autoencode part above (or unknown)
         cf = flatten(ci)
         out.update(cf if ae_cfg is None else {k: v for k, v in cf.items() if k.startswith(("head.", "classify."))})
