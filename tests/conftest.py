@@ -86,14 +86,21 @@ def _warm_imports() -> None:
         _WARM = True
 
 
-def _child(module: str, args: List[str], cwd: Path, env: Dict[str, str], out_fd: int, err_fd: int) -> None:
-    """In the forked child: ``python -m MODULE ARGS`` as the interpreter runs it, then ``os._exit``."""
+def _child(module: str, args: List[str], cwd: Path, env: Dict[str, str], out_fd: int, err_fd: int,
+           zygote: bool = False) -> None:
+    """In the forked child: ``python -m MODULE ARGS`` as the interpreter runs it, then ``os._exit``. ``zygote``: a
+    child of the zygote (:class:`_Zygote`), which never ran a torch op: its exit handlers are the ones a fresh
+    interpreter has and torch keeps its default thread count, as in a fresh interpreter."""
     code = 1
     try:
         import atexit
         import runpy
         import signal
 
+        if zygote:  # the zygote's stdin/stdout are its pipes to the test process
+            devnull = os.open(os.devnull, os.O_RDONLY)
+            os.dup2(devnull, 0)
+            os.close(devnull)
         os.dup2(out_fd, 1)
         os.dup2(err_fd, 2)
         # pytest's capture objects stand in for sys.stdout/err here: the child's output must reach fds 1 and 2
@@ -104,11 +111,12 @@ def _child(module: str, args: List[str], cwd: Path, env: Dict[str, str], out_fd:
         os.environ.update(env)
         signal.signal(signal.SIGINT, signal.default_int_handler)
         signal.signal(signal.SIGTERM, signal.SIG_DFL)
-        atexit._clear()  # pytest's exit handlers are not this process's to run
-        import torch
+        if not zygote:
+            atexit._clear()  # pytest's exit handlers are not this process's to run
+            import torch
 
-        # one thread: no OpenMP pool inherited from the parent is ever used (its threads do not exist here)
-        torch.set_num_threads(1)
+            # one thread: no OpenMP pool inherited from the parent is ever used (its threads do not exist here)
+            torch.set_num_threads(1)
         sys.argv = [module, *args]
         runpy.run_module(module, run_name="__main__", alter_sys=True)
         code = 0
@@ -135,16 +143,138 @@ def _child(module: str, args: List[str], cwd: Path, env: Dict[str, str], out_fd:
             os._exit(code)
 
 
+def _zygote_main() -> None:
+    """The zygote process (:class:`_Zygote`): import what every run imports, never run a torch op, then for each
+    request line on stdin (JSON: module, args, cwd, env, out, err) fork a child that runs ``python -m MODULE ARGS``
+    (:func:`_child`) with its stdout/stderr in the files named, print ``pid PID``, wait for it and print
+    ``exit STATUS CPU`` (``os.waitpid``'s status; the user+sys seconds of the run and what it waited for). Ends at the end of stdin (its test process ended)."""
+    import json
+
+    _warm_imports()
+    while True:
+        line = sys.stdin.readline()
+        if not line:
+            return
+        req = json.loads(line)
+        out_fd = os.open(req["out"], os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        err_fd = out_fd if req["err"] == req["out"] else os.open(req["err"], os.O_WRONLY | os.O_CREAT | os.O_TRUNC,
+                                                                  0o600)
+        sys.stdout.flush()
+        pid = os.fork()
+        if pid == 0:
+            _child(req["module"], req["args"], Path(req["cwd"]), req["env"], out_fd, err_fd, zygote=True)
+        os.close(out_fd)
+        if err_fd != out_fd:
+            os.close(err_fd)
+        print(f"pid {pid}", flush=True)
+        _, status, usage = os.wait4(pid, 0)
+        print(f"exit {status} {usage.ru_utime + usage.ru_stime:.3f}", flush=True)
+
+
+class _Zygote:
+    """A fork server for the runs that must not be forks of the test process: a ``python`` started once per
+    test process (per pytest-xdist worker) that imports torch, Hydra and embclf (~7 s of CPU, what every
+    ``python -m embclf`` pays at start) and never runs a torch op, so its children start at once and, unlike forks
+    of the test process, may use any number of torch threads: no OpenMP pool exists in them (a fork of a process
+    whose OpenMP pool ran hangs in its first parallel region). Sweeps run here: their launcher forks workers that
+    set their own thread counts. One run at a time; :func:`run_module` falls back to a new interpreter while one
+    runs (from another thread) or when the zygote is gone."""
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.cpu_seconds = 0.0  # user+sys of the runs done here (they are not this process's children)
+        self.pythonpath = embclf_env(Path(tempfile.gettempdir()))["PYTHONPATH"]
+        env = {**os.environ, "PYTHONPATH": self.pythonpath}
+        self.log = tempfile.NamedTemporaryFile(prefix="embclf-zygote-", suffix=".log", delete=False)
+        code = ("import sys; sys.path.insert(0, %r); import conftest; sys.path.remove(%r); conftest._zygote_main()"
+                % (str(Path(__file__).parent), str(Path(__file__).parent)))
+        self.proc = subprocess.Popen([sys.executable, "-c", code], cwd=REPO, env=env, stdin=subprocess.PIPE,
+                                     stdout=subprocess.PIPE, stderr=self.log, text=True, bufsize=1)
+        import atexit
+
+        atexit.register(self.close)
+
+    def close(self) -> None:
+        """End the zygote (the end of its stdin) and remove its log."""
+        if self.proc.poll() is None:
+            self.proc.stdin.close()
+            try:
+                self.proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+        self.log.close()
+        Path(self.log.name).unlink(missing_ok=True)
+
+    def usable(self, env: Dict[str, str]) -> bool:
+        # the zygote's sys.path is fixed at its start: a run asking for another PYTHONPATH gets its own python
+        # (none at all: this checkout is the one installed, as in the zygote)
+        return self.proc.poll() is None and env.get("PYTHONPATH") in (None, self.pythonpath)
+
+    def _line(self, deadline: Optional[float]) -> str:
+        import select
+
+        while deadline is None or time.time() < deadline:
+            ready, _, _ = select.select([self.proc.stdout], [], [], 1.0)
+            if ready:
+                line = self.proc.stdout.readline()
+                if not line:
+                    raise EOFError(f"the test zygote ended; its log: {self.log.name}")
+                return line
+        return ""
+
+    def run(self, module: str, args: List[str], cwd: Path, env: Dict[str, str], timeout: float,
+            merge_stderr: bool) -> subprocess.CompletedProcess:
+        import json
+
+        cmd = [sys.executable, "-m", module, *args]
+        with tempfile.TemporaryDirectory(prefix="embclf-run-") as d:
+            out, err = Path(d) / "out", Path(d) / ("out" if merge_stderr else "err")
+            self.proc.stdin.write(json.dumps({"module": module, "args": [str(a) for a in args], "cwd": str(cwd),
+                                              "env": dict(env), "out": str(out), "err": str(err)}) + "\n")
+            self.proc.stdin.flush()
+            pid = int(self._line(time.time() + max(timeout, 300)).split()[1])  # (the first waits for its imports)
+            line = self._line(time.time() + timeout)
+            if not line:  # never hang a test run
+                os.kill(pid, 9)
+                self._line(None)
+                raise subprocess.TimeoutExpired(cmd, timeout)
+            status, cpu = line.split()[1:3]
+            status = int(status)
+            self.cpu_seconds += float(cpu)
+            code = -os.WTERMSIG(status) if os.WIFSIGNALED(status) else os.WEXITSTATUS(status)
+            texts = [p.read_bytes().decode("utf-8", "replace") if p.exists() else "" for p in (out, err)]
+        return subprocess.CompletedProcess(cmd, code, texts[0], "" if merge_stderr else texts[1])
+
+
+_ZYGOTE: Optional[_Zygote] = None
+
+
+def _zygote() -> Optional[_Zygote]:
+    global _ZYGOTE
+    if _ZYGOTE is None or _ZYGOTE.proc.poll() is not None:
+        _ZYGOTE = _Zygote()
+    return _ZYGOTE
+
+
 def run_module(module: str, args: List[str], cwd: Path, env: Dict[str, str], timeout: float = 600,
                merge_stderr: bool = False, fresh: bool = False) -> subprocess.CompletedProcess:
     """``python -m MODULE ARGS`` in ``cwd`` with ``env``: a CompletedProcess with text stdout and stderr (stderr
     in stdout when ``merge_stderr``). A fork of this process unless ``fresh`` (see the module docstring); raises
     ``subprocess.TimeoutExpired`` (the process killed) after ``timeout`` seconds either way."""
     cmd = [sys.executable, "-m", module, *args]
-    # sweeps (-m) get their own interpreter: a launcher forked from this process forks its workers in turn, and a
+    # sweeps (-m) are not forks of this process: a launcher forked from here forks its workers in turn, and a
     # worker that sets its torch threads above one can hang on the OpenMP pool an earlier in-process test started
-    # here (seen: three sweeps that never ended, under pytest-xdist); single runs keep one thread (see _child)
-    if fresh or not _can_fork() or "-m" in args or "--multirun" in args:
+    # here (seen: three sweeps that never ended, under pytest-xdist); they are children of the zygote, which never
+    # ran a torch op (_Zygote). Single runs fork this process and keep one thread (see _child).
+    sweep = "-m" in args or "--multirun" in args
+    if not fresh and os.environ.get("EMBCLF_TEST_FRESH") != "1" and (sweep or not _can_fork()):
+        zygote = _zygote()
+        if zygote.usable(env) and zygote.lock.acquire(blocking=False):
+            try:
+                return zygote.run(module, args, cwd, env, timeout, merge_stderr)
+            finally:
+                zygote.lock.release()
+    if fresh or not _can_fork() or sweep:
         return subprocess.run(cmd, cwd=cwd, env=env, stdout=subprocess.PIPE,
                               stderr=subprocess.STDOUT if merge_stderr else subprocess.PIPE, text=True,
                               timeout=timeout)
