@@ -35,10 +35,13 @@ import pytest
 REPO = Path(__file__).resolve().parents[1]
 CIFAR = REPO.parent / "shared" / "data" / "cifar10"
 
-# A few hundred real images and 2 epochs: enough for above-chance probes, seconds per job.
+# A few hundred real images and 2 epochs: enough for above-chance probes, seconds per job. A two-layer conv
+# encoder (32 px -> 8x8 x 64 channels): the reference model's 5 layers cost ~25x its compute, and nothing the
+# shared sweeps' tests check depends on them.
+SMALL_MODEL = ["model.channels=[32,64]", "model.strides=[2,2]"]
 TINY = ["data=folder", f"data.root={CIFAR}", "data.train_size=500", "data.test_size=200",
         "autoencode.epochs=2", "autoencode.batch_size=50", "autoencode.image_epochs=[1]",
-        "classify.epochs=30"]
+        "classify.epochs=30", *SMALL_MODEL]
 
 # Smaller still, for tests that check mechanics (layout, resume), not accuracy.
 MINI = ["data=folder", f"data.root={CIFAR}", "data.train_size=300", "data.test_size=100",
@@ -111,6 +114,10 @@ def _child(module: str, args: List[str], cwd: Path, env: Dict[str, str], out_fd:
         os.environ.update(env)
         signal.signal(signal.SIGINT, signal.default_int_handler)
         signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        if zygote and env.get("OMP_NUM_THREADS", "").isdigit():  # read at start-up by a fresh interpreter
+            import torch
+
+            torch.set_num_threads(int(env["OMP_NUM_THREADS"]))
         if not zygote:
             atexit._clear()  # pytest's exit handlers are not this process's to run
             import torch
@@ -146,18 +153,31 @@ def _child(module: str, args: List[str], cwd: Path, env: Dict[str, str], out_fd:
 def _zygote_main() -> None:
     """The zygote process (:class:`_Zygote`): import what every run imports, never run a torch op, then for each
     request line on stdin (JSON: module, args, cwd, env, out, err) fork a child that runs ``python -m MODULE ARGS``
-    (:func:`_child`) with its stdout/stderr in the files named, print ``pid PID``, wait for it and print
-    ``exit STATUS CPU`` (``os.waitpid``'s status; the user+sys seconds of the run and what it waited for). Ends at the end of stdin (its test process ended)."""
+    (:func:`_child`) with its stdout/stderr in the files named and print ``pid PID``; whenever a child ends print
+    ``exit PID STATUS CPU`` (``os.waitpid``'s status; the user+sys seconds of the run and what it waited for).
+    Several children may run at once. Ends at the end of stdin (its test process ended)."""
     import json
+    import select
 
     _warm_imports()
     while True:
+        ready, _, _ = select.select([sys.stdin], [], [], 0.05)
+        while True:  # report every child that ended
+            try:
+                pid, status, usage = os.wait4(-1, os.WNOHANG)
+            except ChildProcessError:
+                break
+            if pid == 0:
+                break
+            print(f"exit {pid} {status} {usage.ru_utime + usage.ru_stime:.3f}", flush=True)
+        if not ready:
+            continue
         line = sys.stdin.readline()
         if not line:
             return
         req = json.loads(line)
-        out_fd = os.open(req["out"], os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        err_fd = out_fd if req["err"] == req["out"] else os.open(req["err"], os.O_WRONLY | os.O_CREAT | os.O_TRUNC,
+        out_fd = os.open(req["out"], os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+        err_fd = out_fd if req["err"] == req["out"] else os.open(req["err"], os.O_WRONLY | os.O_CREAT | os.O_APPEND,
                                                                   0o600)
         sys.stdout.flush()
         pid = os.fork()
@@ -167,8 +187,6 @@ def _zygote_main() -> None:
         if err_fd != out_fd:
             os.close(err_fd)
         print(f"pid {pid}", flush=True)
-        _, status, usage = os.wait4(pid, 0)
-        print(f"exit {status} {usage.ru_utime + usage.ru_stime:.3f}", flush=True)
 
 
 class _Zygote:
@@ -176,12 +194,12 @@ class _Zygote:
     test process (per pytest-xdist worker) that imports torch, Hydra and embclf (~7 s of CPU, what every
     ``python -m embclf`` pays at start) and never runs a torch op, so its children start at once and, unlike forks
     of the test process, may use any number of torch threads: no OpenMP pool exists in them (a fork of a process
-    whose OpenMP pool ran hangs in its first parallel region). Sweeps run here: their launcher forks workers that
-    set their own thread counts. One run at a time; :func:`run_module` falls back to a new interpreter while one
-    runs (from another thread) or when the zygote is gone."""
+    whose OpenMP pool ran hangs in its first parallel region). Sweeps run here (their launcher forks workers that
+    set their own thread counts), and the tests' background processes (:func:`start_module`)."""
 
     def __init__(self) -> None:
-        self.lock = threading.Lock()
+        self.lock = threading.Lock()  # one reader/writer of the pipes at a time
+        self.ended: Dict[int, int] = {}  # pid -> waitpid status, of children whose end was read
         self.cpu_seconds = 0.0  # user+sys of the runs done here (they are not this process's children)
         self.pythonpath = embclf_env(Path(tempfile.gettempdir()))["PYTHONPATH"]
         env = {**os.environ, "PYTHONPATH": self.pythonpath}
@@ -189,7 +207,8 @@ class _Zygote:
         code = ("import sys; sys.path.insert(0, %r); import conftest; sys.path.remove(%r); conftest._zygote_main()"
                 % (str(Path(__file__).parent), str(Path(__file__).parent)))
         self.proc = subprocess.Popen([sys.executable, "-c", code], cwd=REPO, env=env, stdin=subprocess.PIPE,
-                                     stdout=subprocess.PIPE, stderr=self.log, text=True, bufsize=1)
+                                     stdout=subprocess.PIPE, stderr=self.log)
+        self.buf, self.started = b"", None
         import atexit
 
         atexit.register(self.close)
@@ -210,50 +229,140 @@ class _Zygote:
         # (none at all: this checkout is the one installed, as in the zygote)
         return self.proc.poll() is None and env.get("PYTHONPATH") in (None, self.pythonpath)
 
-    def _line(self, deadline: Optional[float]) -> str:
+    def _read(self, wait: float) -> None:
+        """Read what the zygote printed, waiting up to ``wait`` seconds for it (under ``self.lock``)."""
         import select
 
-        while deadline is None or time.time() < deadline:
-            ready, _, _ = select.select([self.proc.stdout], [], [], 1.0)
+        if b"\n" not in self.buf:
+            ready, _, _ = select.select([self.proc.stdout], [], [], wait)
             if ready:
-                line = self.proc.stdout.readline()
-                if not line:
+                data = os.read(self.proc.stdout.fileno(), 1 << 16)
+                if not data:
                     raise EOFError(f"the test zygote ended; its log: {self.log.name}")
-                return line
-        return ""
+                self.buf += data
+        while b"\n" in self.buf:
+            line, self.buf = self.buf.split(b"\n", 1)
+            words = line.decode().split()
+            if words[0] == "pid":
+                self.started = int(words[1])
+            else:
+                self.ended[int(words[1])] = int(words[2])
+                self.cpu_seconds += float(words[3])
 
-    def run(self, module: str, args: List[str], cwd: Path, env: Dict[str, str], timeout: float,
-            merge_stderr: bool) -> subprocess.CompletedProcess:
+    def start(self, module: str, args: List[str], cwd: Path, env: Dict[str, str], out: Path, err: Path) -> int:
+        """Fork ``python -m MODULE ARGS`` (output appended to ``out``/``err``, may be the same file); its pid."""
         import json
 
-        cmd = [sys.executable, "-m", module, *args]
-        with tempfile.TemporaryDirectory(prefix="embclf-run-") as d:
-            out, err = Path(d) / "out", Path(d) / ("out" if merge_stderr else "err")
-            self.proc.stdin.write(json.dumps({"module": module, "args": [str(a) for a in args], "cwd": str(cwd),
-                                              "env": dict(env), "out": str(out), "err": str(err)}) + "\n")
+        with self.lock:
+            self.started = None
+            self.proc.stdin.write((json.dumps({"module": module, "args": [str(a) for a in args], "cwd": str(cwd),
+                                               "env": dict(env), "out": str(out), "err": str(err)}) + "\n").encode())
             self.proc.stdin.flush()
-            pid = int(self._line(time.time() + max(timeout, 300)).split()[1])  # (the first waits for its imports)
-            line = self._line(time.time() + timeout)
-            if not line:  # never hang a test run
-                os.kill(pid, 9)
-                self._line(None)
-                raise subprocess.TimeoutExpired(cmd, timeout)
-            status, cpu = line.split()[1:3]
-            status = int(status)
-            self.cpu_seconds += float(cpu)
-            code = -os.WTERMSIG(status) if os.WIFSIGNALED(status) else os.WEXITSTATUS(status)
-            texts = [p.read_bytes().decode("utf-8", "replace") if p.exists() else "" for p in (out, err)]
-        return subprocess.CompletedProcess(cmd, code, texts[0], "" if merge_stderr else texts[1])
+            deadline = time.time() + 600  # (the first request waits for the zygote's imports)
+            while self.started is None and time.time() < deadline:
+                self._read(1.0)
+            if self.started is not None:
+                return self.started
+        raise RuntimeError(f"the test zygote did not start {module}; its log: {self.log.name}")
+
+    def poll(self, pid: int, wait: float = 0.0) -> Optional[int]:
+        """The waitpid status of child ``pid`` once it ended, else None (after waiting up to ``wait`` seconds)."""
+        deadline = time.time() + wait
+        while True:
+            with self.lock:
+                if pid in self.ended:
+                    return self.ended.pop(pid)
+                self._read(max(0.0, min(0.2, deadline - time.time())))
+                if pid in self.ended:
+                    return self.ended.pop(pid)
+            if time.time() >= deadline:
+                return None
+
+
+class ZygoteProcess:
+    """A run started by :func:`start_module`: the parts of ``subprocess.Popen`` the tests use (``pid``, ``poll``,
+    ``wait``, ``send_signal``, ``kill``, ``returncode``; exit status as Popen gives it, ``-N`` for signal N)."""
+
+    def __init__(self, zygote: _Zygote, pid: int, args: List[str], out: Path):
+        self.zygote, self.pid, self.args, self.out, self.returncode = zygote, pid, args, out, None
+
+    def poll(self, wait: float = 0.0) -> Optional[int]:
+        if self.returncode is None:
+            status = self.zygote.poll(self.pid, wait)
+            if status is not None:
+                self.returncode = -os.WTERMSIG(status) if os.WIFSIGNALED(status) else os.WEXITSTATUS(status)
+        return self.returncode
+
+    def wait(self, timeout: Optional[float] = None) -> int:
+        deadline = None if timeout is None else time.time() + timeout
+        while self.poll(1.0 if deadline is None else max(0.0, min(1.0, deadline - time.time()))) is None:
+            if deadline is not None and time.time() >= deadline:
+                raise subprocess.TimeoutExpired(self.args, timeout)
+        return self.returncode
+
+    def communicate(self, timeout: Optional[float] = None):
+        """Wait for the end; (its output file's text, None)."""
+        self.wait(timeout)
+        return self.out.read_text(errors="replace") if self.out.exists() else "", None
+
+    def send_signal(self, sig: int) -> None:
+        if self.poll() is None:
+            os.kill(self.pid, sig)
+
+    def kill(self) -> None:
+        self.send_signal(9)
 
 
 _ZYGOTE: Optional[_Zygote] = None
 
 
-def _zygote() -> Optional[_Zygote]:
+def _zygote() -> _Zygote:
     global _ZYGOTE
     if _ZYGOTE is None or _ZYGOTE.proc.poll() is not None:
         _ZYGOTE = _Zygote()
     return _ZYGOTE
+
+
+def start_module(module: str, args: List[str], cwd: Path, env: Dict[str, str], out: Path,
+                 err: Optional[Path] = None):
+    """``python -m MODULE ARGS`` started in the background, its stdout (and stderr, unless ``err``) appended to
+    ``out``: a child of the zygote (:class:`ZygoteProcess`; no interpreter start-up to pay), or a
+    ``subprocess.Popen`` with ``EMBCLF_TEST_FRESH=1`` or another PYTHONPATH. For the tests that signal, stop or
+    watch a run while it runs."""
+    cmd = [sys.executable, "-m", module, *map(str, args)]
+    zygote = _zygote() if os.environ.get("EMBCLF_TEST_FRESH") != "1" else None
+    if zygote is not None and zygote.usable(env):
+        return ZygoteProcess(zygote, zygote.start(module, args, cwd, env, out, err or out), cmd, out)
+    with open(out, "ab") as o, open(err or out, "ab") as e:
+        return _FreshProcess(cmd, out, cwd=cwd, env=env, stdout=o, stderr=e)
+
+
+class _FreshProcess(subprocess.Popen):
+    """:func:`start_module`'s new interpreter: ``communicate`` returns its output file's text, as
+    :meth:`ZygoteProcess.communicate` does."""
+
+    def __init__(self, cmd: List[str], out: Path, **kw):
+        super().__init__(cmd, **kw)
+        self.out = out
+
+    def communicate(self, input=None, timeout=None):
+        self.wait(timeout)
+        return self.out.read_text(errors="replace") if self.out.exists() else "", None
+
+
+def _zygote_run(module: str, args: List[str], cwd: Path, env: Dict[str, str], timeout: float,
+                merge_stderr: bool) -> subprocess.CompletedProcess:
+    with tempfile.TemporaryDirectory(prefix="embclf-run-") as d:
+        out, err = Path(d) / "out", Path(d) / ("out" if merge_stderr else "err")
+        proc = start_module(module, args, cwd, env, out, err)
+        try:
+            proc.wait(timeout)
+        except subprocess.TimeoutExpired:  # never hang a test run
+            proc.kill()
+            proc.wait()
+            raise
+        texts = [p.read_bytes().decode("utf-8", "replace") if p.exists() else "" for p in (out, err)]
+    return subprocess.CompletedProcess(proc.args, proc.returncode, texts[0], "" if merge_stderr else texts[1])
 
 
 def run_module(module: str, args: List[str], cwd: Path, env: Dict[str, str], timeout: float = 600,
@@ -268,12 +377,8 @@ def run_module(module: str, args: List[str], cwd: Path, env: Dict[str, str], tim
     # ran a torch op (_Zygote). Single runs fork this process and keep one thread (see _child).
     sweep = "-m" in args or "--multirun" in args
     if not fresh and os.environ.get("EMBCLF_TEST_FRESH") != "1" and (sweep or not _can_fork()):
-        zygote = _zygote()
-        if zygote.usable(env) and zygote.lock.acquire(blocking=False):
-            try:
-                return zygote.run(module, args, cwd, env, timeout, merge_stderr)
-            finally:
-                zygote.lock.release()
+        if _zygote().usable(env):
+            return _zygote_run(module, args, cwd, env, timeout, merge_stderr)
     if fresh or not _can_fork() or sweep:
         return subprocess.run(cmd, cwd=cwd, env=env, stdout=subprocess.PIPE,
                               stderr=subprocess.STDOUT if merge_stderr else subprocess.PIPE, text=True,

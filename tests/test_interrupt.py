@@ -14,7 +14,7 @@ import torch
 from hydra.core.override_parser.overrides_parser import OverridesParser
 from omegaconf import OmegaConf
 
-from conftest import MINI, embclf_env
+from conftest import MINI, SMALL_MODEL, embclf_env
 
 from embclf import __main__ as entry
 from embclf import faults, runs, tracking
@@ -59,7 +59,7 @@ def _interrupted_line(proc, how="Ctrl-C", status=130):
 
 @pytest.mark.slow
 def test_ctrl_c_on_a_single_run_says_what_was_saved_and_how_to_resume(tmp_path, cifar_root):
-    first = [sys.executable, "-m", "embclf", *MINI, "autoencode.epochs=2", "threads=1",
+    first = [sys.executable, "-m", "embclf", *MINI, *SMALL_MODEL, "autoencode.epochs=2", "threads=1",
              f"output_dir={tmp_path / 'out'}"]
     # Ctrl-C right after start-up: the run dir holds its config and summary, no epoch
     proc = _run(first, tmp_path, "startup:1:INT")
@@ -89,7 +89,7 @@ def test_ctrl_c_on_a_single_run_says_what_was_saved_and_how_to_resume(tmp_path, 
 def test_sigterm_and_sigusr2_on_a_single_run_say_what_was_saved_and_how_to_resume(tmp_path, cifar_root):
     """SIGTERM (a scheduler, `kill`, a closing terminal session) and SIGUSR2 outside SLURM: the same one line as
     Ctrl-C, exit status 128 + signum (143, 140), and the printed command resumes the run."""
-    first = [sys.executable, "-m", "embclf", *MINI, "autoencode.epochs=2", "threads=1", "logger=none",
+    first = [sys.executable, "-m", "embclf", *MINI, *SMALL_MODEL, "autoencode.epochs=2", "threads=1", "logger=none",
              f"output_dir={tmp_path / 'out'}"]
     # SIGTERM inside epoch 2 (step 2 of 6): the checkpoint holds the position inside the epoch
     proc = _run(first, tmp_path, "autoencode.step:8:TERM")

@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 from omegaconf import OmegaConf
 
-from conftest import CIFAR
+from conftest import CIFAR, start_module
 from embclf import hold_dirs, liveness, locks
 from embclf.report import commands
 
@@ -28,8 +28,9 @@ ARGS = ["data=folder", f"data.root={CIFAR}", "data.train_size=60", "data.val_siz
 
 
 class Proc:
-    """``python -m embclf ARGS`` as a real process (its own interpreter: a fork of this pytest process would copy
-    whatever threads earlier tests left running). Output goes to ``log``; ``kill_at`` sets ``EMBCLF_KILL_AT``."""
+    """``python -m embclf ARGS`` as a real process of its own (not a fork of this pytest process, which would copy
+    whatever threads earlier tests left running: a child of the test zygote, ``conftest.start_module``). Output
+    goes to ``log``; ``kill_at`` sets ``EMBCLF_KILL_AT``."""
 
     def __init__(self, args, log: Path, kill_at: str = ""):
         self.log = log
@@ -39,9 +40,7 @@ class Proc:
                                                          env.get("PYTHONPATH")) if p)
         if kill_at:
             env["EMBCLF_KILL_AT"] = kill_at
-        with open(log, "ab") as out:
-            self.popen = subprocess.Popen([sys.executable, "-m", "embclf", *args], stdout=out,
-                                          stderr=subprocess.STDOUT, env=env, cwd=log.parent)
+        self.popen = start_module("embclf", args, log.parent, env, log)
         self.pid = self.popen.pid
         self.code = None
 
