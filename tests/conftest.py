@@ -125,6 +125,9 @@ def _child(module: str, args: List[str], cwd: Path, env: Dict[str, str], out_fd:
             # one thread: no OpenMP pool inherited from the parent is ever used (its threads do not exist here)
             torch.set_num_threads(1)
         sys.argv = [module, *args]
+        # what runs as __main__ was imported above (_warm_imports): not in sys.modules, as in a fresh interpreter
+        # (runpy would warn, on stderr, that it found it there)
+        sys.modules.pop(module + ".__main__" if hasattr(sys.modules.get(module), "__path__") else module, None)
         runpy.run_module(module, run_name="__main__", alter_sys=True)
         code = 0
     except SystemExit as e:
