@@ -124,6 +124,9 @@ def _child(module: str, args: List[str], cwd: Path, env: Dict[str, str], out_fd:
 
             # one thread: no OpenMP pool inherited from the parent is ever used (its threads do not exist here)
             torch.set_num_threads(1)
+        identity = sys.modules.get("embclf.identity")
+        if identity is not None:  # its per-process token (sweep and run dir names), drawn anew as a new process does
+            identity._SWEEP_TOKEN = os.urandom(3).hex()
         sys.argv = [module, *args]
         # what runs as __main__ was imported above (_warm_imports): not in sys.modules, as in a fresh interpreter
         # (runpy would warn, on stderr, that it found it there)
