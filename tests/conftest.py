@@ -2,9 +2,12 @@
 
 - ``run_embclf``: the product's own command line, ``python -m embclf ARGS`` (or another ``-m`` module), as a
   separate process. By default that process is a fork of this pytest process, which imported torch, Hydra and
-  embclf once (:func:`run_module`): each run then costs its own work, not ~5-10 s of interpreter start-up.
-  Sweeps (``-m``), ``fresh=True`` and ``EMBCLF_TEST_FRESH=1`` (the whole suite) start a new interpreter; tests about
-  the process itself (signals, Ctrl-C, locks, ``ulimit``) start their own with ``subprocess``.
+  embclf once (:func:`run_module`): each run then costs its own work, not ~7 s of CPU for the interpreter's
+  start-up. Sweeps (``-m``) are children of the zygote instead (:class:`_Zygote`: a ``python`` per test process
+  that imported the same once and never runs a torch op, so its children may use any number of torch threads);
+  ``start_module`` starts such a child in the background (a Popen-like handle) for the tests that signal, stop or
+  watch a run. ``fresh=True`` and ``EMBCLF_TEST_FRESH=1`` (the whole suite) start a new interpreter; the tests that
+  need one of their own (``ulimit``, ``setpriv``, a fake driver, a bash script) start it with ``subprocess``.
 - Session fixtures built once and only read by the tests that use them: ``tiny_sweep`` (a 2x2 sweep, both
   stages), ``failing_sweep`` (a sweep with one failing job), ``slurm_cluster`` (a real local SLURM).
 - Markers (registered in pyproject.toml): ``slow`` (trains through the CLI, or needs root), ``slurm`` (needs the
