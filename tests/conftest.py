@@ -2,9 +2,12 @@
 
 - ``run_embclf``: the product's own command line, ``python -m embclf ARGS`` (or another ``-m`` module), as a
   separate process. By default that process is a fork of this pytest process, which imported torch, Hydra and
-  embclf once (:func:`run_module`): each run then costs its own work, not ~5-10 s of interpreter start-up.
-  Sweeps (``-m``), ``fresh=True`` and ``EMBCLF_TEST_FRESH=1`` (the whole suite) start a new interpreter; tests about
-  the process itself (signals, Ctrl-C, locks, ``ulimit``) start their own with ``subprocess``.
+  embclf once (:func:`run_module`): each run then costs its own work, not ~7 s of CPU for the interpreter's
+  start-up. Sweeps (``-m``) are children of the zygote instead (:class:`_Zygote`: a ``python`` per test process
+  that imported the same once and never runs a torch op, so its children may use any number of torch threads);
+  ``start_module`` starts such a child in the background (a Popen-like handle) for the tests that signal, stop or
+  watch a run. ``fresh=True`` and ``EMBCLF_TEST_FRESH=1`` (the whole suite) start a new interpreter; the tests that
+  need one of their own (``ulimit``, ``setpriv``, a fake driver, a bash script) start it with ``subprocess``.
 - Session fixtures built once and only read by the tests that use them: ``tiny_sweep`` (a 2x2 sweep, both
   stages), ``failing_sweep`` (a sweep with one failing job), ``slurm_cluster`` (a real local SLURM).
 - Markers (registered in pyproject.toml): ``slow`` (trains through the CLI, or needs root), ``slurm`` (needs the
@@ -35,10 +38,13 @@ import pytest
 REPO = Path(__file__).resolve().parents[1]
 CIFAR = REPO.parent / "shared" / "data" / "cifar10"
 
-# A few hundred real images and 2 epochs: enough for above-chance probes, seconds per job.
+# A few hundred real images and 2 epochs: enough for above-chance probes, seconds per job. A two-layer conv
+# encoder (32 px -> 8x8 x 64 channels): the reference model's 5 layers cost ~25x its compute, and nothing the
+# shared sweeps' tests check depends on them.
+SMALL_MODEL = ["model.channels=[32,64]", "model.strides=[2,2]"]
 TINY = ["data=folder", f"data.root={CIFAR}", "data.train_size=500", "data.test_size=200",
         "autoencode.epochs=2", "autoencode.batch_size=50", "autoencode.image_epochs=[1]",
-        "classify.epochs=30"]
+        "classify.epochs=30", *SMALL_MODEL]
 
 # Smaller still, for tests that check mechanics (layout, resume), not accuracy.
 MINI = ["data=folder", f"data.root={CIFAR}", "data.train_size=300", "data.test_size=100",
@@ -86,14 +92,21 @@ def _warm_imports() -> None:
         _WARM = True
 
 
-def _child(module: str, args: List[str], cwd: Path, env: Dict[str, str], out_fd: int, err_fd: int) -> None:
-    """In the forked child: ``python -m MODULE ARGS`` as the interpreter runs it, then ``os._exit``."""
+def _child(module: str, args: List[str], cwd: Path, env: Dict[str, str], out_fd: int, err_fd: int,
+           zygote: bool = False) -> None:
+    """In the forked child: ``python -m MODULE ARGS`` as the interpreter runs it, then ``os._exit``. ``zygote``: a
+    child of the zygote (:class:`_Zygote`), which never ran a torch op: its exit handlers are the ones a fresh
+    interpreter has and torch keeps its default thread count, as in a fresh interpreter."""
     code = 1
     try:
         import atexit
         import runpy
         import signal
 
+        if zygote:  # the zygote's stdin/stdout are its pipes to the test process
+            devnull = os.open(os.devnull, os.O_RDONLY)
+            os.dup2(devnull, 0)
+            os.close(devnull)
         os.dup2(out_fd, 1)
         os.dup2(err_fd, 2)
         # pytest's capture objects stand in for sys.stdout/err here: the child's output must reach fds 1 and 2
@@ -104,12 +117,23 @@ def _child(module: str, args: List[str], cwd: Path, env: Dict[str, str], out_fd:
         os.environ.update(env)
         signal.signal(signal.SIGINT, signal.default_int_handler)
         signal.signal(signal.SIGTERM, signal.SIG_DFL)
-        atexit._clear()  # pytest's exit handlers are not this process's to run
-        import torch
+        if zygote and env.get("OMP_NUM_THREADS", "").isdigit():  # read at start-up by a fresh interpreter
+            import torch
 
-        # one thread: no OpenMP pool inherited from the parent is ever used (its threads do not exist here)
-        torch.set_num_threads(1)
+            torch.set_num_threads(int(env["OMP_NUM_THREADS"]))
+        if not zygote:
+            atexit._clear()  # pytest's exit handlers are not this process's to run
+            import torch
+
+            # one thread: no OpenMP pool inherited from the parent is ever used (its threads do not exist here)
+            torch.set_num_threads(1)
+        identity = sys.modules.get("embclf.identity")
+        if identity is not None:  # its per-process token (sweep and run dir names), drawn anew as a new process does
+            identity._SWEEP_TOKEN = os.urandom(3).hex()
         sys.argv = [module, *args]
+        # what runs as __main__ was imported above (_warm_imports): not in sys.modules, as in a fresh interpreter
+        # (runpy would warn, on stderr, that it found it there)
+        sys.modules.pop(module + ".__main__" if hasattr(sys.modules.get(module), "__path__") else module, None)
         runpy.run_module(module, run_name="__main__", alter_sys=True)
         code = 0
     except SystemExit as e:
@@ -135,16 +159,236 @@ def _child(module: str, args: List[str], cwd: Path, env: Dict[str, str], out_fd:
             os._exit(code)
 
 
+def _zygote_main() -> None:
+    """The zygote process (:class:`_Zygote`): import what every run imports, never run a torch op, then for each
+    request line on stdin (JSON: module, args, cwd, env, out, err) fork a child that runs ``python -m MODULE ARGS``
+    (:func:`_child`) with its stdout/stderr in the files named and print ``pid PID``; whenever a child ends print
+    ``exit PID STATUS CPU`` (``os.waitpid``'s status; the user+sys seconds of the run and what it waited for).
+    Several children may run at once. Ends at the end of stdin (its test process ended)."""
+    import json
+    import select
+
+    _warm_imports()
+    while True:
+        ready, _, _ = select.select([sys.stdin], [], [], 0.05)
+        while True:  # report every child that ended
+            try:
+                pid, status, usage = os.wait4(-1, os.WNOHANG)
+            except ChildProcessError:
+                break
+            if pid == 0:
+                break
+            print(f"exit {pid} {status} {usage.ru_utime + usage.ru_stime:.3f}", flush=True)
+        if not ready:
+            continue
+        line = sys.stdin.readline()
+        if not line:
+            return
+        req = json.loads(line)
+        out_fd = os.open(req["out"], os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+        err_fd = out_fd if req["err"] == req["out"] else os.open(req["err"], os.O_WRONLY | os.O_CREAT | os.O_APPEND,
+                                                                  0o600)
+        sys.stdout.flush()
+        pid = os.fork()
+        if pid == 0:
+            _child(req["module"], req["args"], Path(req["cwd"]), req["env"], out_fd, err_fd, zygote=True)
+        os.close(out_fd)
+        if err_fd != out_fd:
+            os.close(err_fd)
+        print(f"pid {pid}", flush=True)
+
+
+class _Zygote:
+    """A fork server for the runs that must not be forks of the test process: a ``python`` started once per
+    test process (per pytest-xdist worker) that imports torch, Hydra and embclf (~7 s of CPU, what every
+    ``python -m embclf`` pays at start) and never runs a torch op, so its children start at once and, unlike forks
+    of the test process, may use any number of torch threads: no OpenMP pool exists in them (a fork of a process
+    whose OpenMP pool ran hangs in its first parallel region). Sweeps run here (their launcher forks workers that
+    set their own thread counts), and the tests' background processes (:func:`start_module`)."""
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()  # one reader/writer of the pipes at a time
+        self.ended: Dict[int, int] = {}  # pid -> waitpid status, of children whose end was read
+        self.cpu_seconds = 0.0  # user+sys of the runs done here (they are not this process's children)
+        self.pythonpath = embclf_env(Path(tempfile.gettempdir()))["PYTHONPATH"]
+        env = {**os.environ, "PYTHONPATH": self.pythonpath}
+        self.log = tempfile.NamedTemporaryFile(prefix="embclf-zygote-", suffix=".log", delete=False)
+        code = ("import sys; sys.path.insert(0, %r); import conftest; sys.path.remove(%r); conftest._zygote_main()"
+                % (str(Path(__file__).parent), str(Path(__file__).parent)))
+        self.proc = subprocess.Popen([sys.executable, "-c", code], cwd=REPO, env=env, stdin=subprocess.PIPE,
+                                     stdout=subprocess.PIPE, stderr=self.log)
+        self.buf, self.started = b"", None
+        import atexit
+
+        atexit.register(self.close)
+
+    def close(self) -> None:
+        """End the zygote (the end of its stdin) and remove its log."""
+        if self.proc.poll() is None:
+            self.proc.stdin.close()
+            try:
+                self.proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+        self.log.close()
+        Path(self.log.name).unlink(missing_ok=True)
+
+    def usable(self, env: Dict[str, str]) -> bool:
+        # the zygote's sys.path is fixed at its start: a run asking for another PYTHONPATH gets its own python
+        # (none at all: this checkout is the one installed, as in the zygote)
+        return self.proc.poll() is None and env.get("PYTHONPATH") in (None, self.pythonpath)
+
+    def _read(self, wait: float) -> None:
+        """Read what the zygote printed, waiting up to ``wait`` seconds for it (under ``self.lock``)."""
+        import select
+
+        if b"\n" not in self.buf:
+            ready, _, _ = select.select([self.proc.stdout], [], [], wait)
+            if ready:
+                data = os.read(self.proc.stdout.fileno(), 1 << 16)
+                if not data:
+                    raise EOFError(f"the test zygote ended; its log: {self.log.name}")
+                self.buf += data
+        while b"\n" in self.buf:
+            line, self.buf = self.buf.split(b"\n", 1)
+            words = line.decode().split()
+            if words[0] == "pid":
+                self.started = int(words[1])
+            else:
+                self.ended[int(words[1])] = int(words[2])
+                self.cpu_seconds += float(words[3])
+
+    def start(self, module: str, args: List[str], cwd: Path, env: Dict[str, str], out: Path, err: Path) -> int:
+        """Fork ``python -m MODULE ARGS`` (output appended to ``out``/``err``, may be the same file); its pid."""
+        import json
+
+        with self.lock:
+            self.started = None
+            self.proc.stdin.write((json.dumps({"module": module, "args": [str(a) for a in args], "cwd": str(cwd),
+                                               "env": dict(env), "out": str(out), "err": str(err)}) + "\n").encode())
+            self.proc.stdin.flush()
+            deadline = time.time() + 600  # (the first request waits for the zygote's imports)
+            while self.started is None and time.time() < deadline:
+                self._read(1.0)
+            if self.started is not None:
+                return self.started
+        raise RuntimeError(f"the test zygote did not start {module}; its log: {self.log.name}")
+
+    def poll(self, pid: int, wait: float = 0.0) -> Optional[int]:
+        """The waitpid status of child ``pid`` once it ended, else None (after waiting up to ``wait`` seconds)."""
+        deadline = time.time() + wait
+        while True:
+            with self.lock:
+                if pid in self.ended:
+                    return self.ended.pop(pid)
+                self._read(max(0.0, min(0.2, deadline - time.time())))
+                if pid in self.ended:
+                    return self.ended.pop(pid)
+            if time.time() >= deadline:
+                return None
+
+
+class ZygoteProcess:
+    """A run started by :func:`start_module`: the parts of ``subprocess.Popen`` the tests use (``pid``, ``poll``,
+    ``wait``, ``send_signal``, ``kill``, ``returncode``; exit status as Popen gives it, ``-N`` for signal N)."""
+
+    def __init__(self, zygote: _Zygote, pid: int, args: List[str], out: Path):
+        self.zygote, self.pid, self.args, self.out, self.returncode = zygote, pid, args, out, None
+
+    def poll(self, wait: float = 0.0) -> Optional[int]:
+        if self.returncode is None:
+            status = self.zygote.poll(self.pid, wait)
+            if status is not None:
+                self.returncode = -os.WTERMSIG(status) if os.WIFSIGNALED(status) else os.WEXITSTATUS(status)
+        return self.returncode
+
+    def wait(self, timeout: Optional[float] = None) -> int:
+        deadline = None if timeout is None else time.time() + timeout
+        while self.poll(1.0 if deadline is None else max(0.0, min(1.0, deadline - time.time()))) is None:
+            if deadline is not None and time.time() >= deadline:
+                raise subprocess.TimeoutExpired(self.args, timeout)
+        return self.returncode
+
+    def communicate(self, timeout: Optional[float] = None):
+        """Wait for the end; (its output file's text, None)."""
+        self.wait(timeout)
+        return self.out.read_text(errors="replace") if self.out.exists() else "", None
+
+    def send_signal(self, sig: int) -> None:
+        if self.poll() is None:
+            os.kill(self.pid, sig)
+
+    def kill(self) -> None:
+        self.send_signal(9)
+
+
+_ZYGOTE: Optional[_Zygote] = None
+
+
+def _zygote() -> _Zygote:
+    global _ZYGOTE
+    if _ZYGOTE is None or _ZYGOTE.proc.poll() is not None:
+        _ZYGOTE = _Zygote()
+    return _ZYGOTE
+
+
+def start_module(module: str, args: List[str], cwd: Path, env: Dict[str, str], out: Path,
+                 err: Optional[Path] = None):
+    """``python -m MODULE ARGS`` started in the background, its stdout (and stderr, unless ``err``) appended to
+    ``out``: a child of the zygote (:class:`ZygoteProcess`; no interpreter start-up to pay), or a
+    ``subprocess.Popen`` with ``EMBCLF_TEST_FRESH=1`` or another PYTHONPATH. For the tests that signal, stop or
+    watch a run while it runs."""
+    cmd = [sys.executable, "-m", module, *map(str, args)]
+    zygote = _zygote() if os.environ.get("EMBCLF_TEST_FRESH") != "1" else None
+    if zygote is not None and zygote.usable(env):
+        return ZygoteProcess(zygote, zygote.start(module, args, cwd, env, out, err or out), cmd, out)
+    with open(out, "ab") as o, open(err or out, "ab") as e:
+        return _FreshProcess(cmd, out, cwd=cwd, env=env, stdout=o, stderr=e)
+
+
+class _FreshProcess(subprocess.Popen):
+    """:func:`start_module`'s new interpreter: ``communicate`` returns its output file's text, as
+    :meth:`ZygoteProcess.communicate` does."""
+
+    def __init__(self, cmd: List[str], out: Path, **kw):
+        super().__init__(cmd, **kw)
+        self.out = out
+
+    def communicate(self, input=None, timeout=None):
+        self.wait(timeout)
+        return self.out.read_text(errors="replace") if self.out.exists() else "", None
+
+
+def _zygote_run(module: str, args: List[str], cwd: Path, env: Dict[str, str], timeout: float,
+                merge_stderr: bool) -> subprocess.CompletedProcess:
+    with tempfile.TemporaryDirectory(prefix="embclf-run-") as d:
+        out, err = Path(d) / "out", Path(d) / ("out" if merge_stderr else "err")
+        proc = start_module(module, args, cwd, env, out, err)
+        try:
+            proc.wait(timeout)
+        except subprocess.TimeoutExpired:  # never hang a test run
+            proc.kill()
+            proc.wait()
+            raise
+        texts = [p.read_bytes().decode("utf-8", "replace") if p.exists() else "" for p in (out, err)]
+    return subprocess.CompletedProcess(proc.args, proc.returncode, texts[0], "" if merge_stderr else texts[1])
+
+
 def run_module(module: str, args: List[str], cwd: Path, env: Dict[str, str], timeout: float = 600,
                merge_stderr: bool = False, fresh: bool = False) -> subprocess.CompletedProcess:
     """``python -m MODULE ARGS`` in ``cwd`` with ``env``: a CompletedProcess with text stdout and stderr (stderr
     in stdout when ``merge_stderr``). A fork of this process unless ``fresh`` (see the module docstring); raises
     ``subprocess.TimeoutExpired`` (the process killed) after ``timeout`` seconds either way."""
     cmd = [sys.executable, "-m", module, *args]
-    # sweeps (-m) get their own interpreter: a launcher forked from this process forks its workers in turn, and a
+    # sweeps (-m) are not forks of this process: a launcher forked from here forks its workers in turn, and a
     # worker that sets its torch threads above one can hang on the OpenMP pool an earlier in-process test started
-    # here (seen: three sweeps that never ended, under pytest-xdist); single runs keep one thread (see _child)
-    if fresh or not _can_fork() or "-m" in args or "--multirun" in args:
+    # here (seen: three sweeps that never ended, under pytest-xdist); they are children of the zygote, which never
+    # ran a torch op (_Zygote). Single runs fork this process and keep one thread (see _child).
+    sweep = "-m" in args or "--multirun" in args
+    if not fresh and os.environ.get("EMBCLF_TEST_FRESH") != "1" and (sweep or not _can_fork()):
+        if _zygote().usable(env):
+            return _zygote_run(module, args, cwd, env, timeout, merge_stderr)
+    if fresh or not _can_fork() or sweep:
         return subprocess.run(cmd, cwd=cwd, env=env, stdout=subprocess.PIPE,
                               stderr=subprocess.STDOUT if merge_stderr else subprocess.PIPE, text=True,
                               timeout=timeout)

@@ -11,7 +11,7 @@ import torch
 
 from embclf import references
 
-from conftest import MINI, embclf_env, run_embclf
+from conftest import MINI, SMALL_MODEL, embclf_env, run_embclf
 
 AE_KEYS = {"status", "stage", "model", "latent", "seed", "epochs", "wall_seconds", "device", "test_mse",
            "test_psnr", "final_test_mse", "final_test_psnr", "best_epoch", "start_time", "end_time"}
@@ -69,7 +69,7 @@ def test_sweep_classify_uses_matching_encoders(tiny_sweep):
 @pytest.mark.slow
 def test_stage_all_writes_both_run_dirs(tmp_path, cifar_root):
     out = tmp_path / "o"
-    run_embclf(["stage=all", "model=vae", "latent=8", *MINI, "autoencode.epochs=1", f"output_dir={out}"], tmp_path)
+    run_embclf(["stage=all", "model=vae", "latent=8", *MINI, *SMALL_MODEL, "autoencode.epochs=1", f"output_dir={out}"], tmp_path)
     (job,) = list(out.iterdir())
     ae, clf = json.loads((job / "autoencode/summary.json").read_text()), json.loads((job / "classify/summary.json").read_text())
     assert ae["status"] == clf["status"] == "completed" and ae["stage"] == "autoencode" and clf["stage"] == "classify"
@@ -77,7 +77,7 @@ def test_stage_all_writes_both_run_dirs(tmp_path, cifar_root):
     assert references.encoder_run_of(job / "classify", clf) == (job / "autoencode").resolve()
     assert (job / "classify/.hydra/overrides.yaml").is_file() and (job / "autoencode/checkpoints/best.pt").is_file()
     # the lookup treats it like a separately run autoencode stage
-    run_embclf(["stage=classify", "model=vae", "latent=8", *MINI, "autoencode.epochs=1", f"output_dir={out}"], tmp_path)
+    run_embclf(["stage=classify", "model=vae", "latent=8", *MINI, *SMALL_MODEL, "autoencode.epochs=1", f"output_dir={out}"], tmp_path)
     new = [p for p in out.iterdir() if p != job]
     assert references.encoder_run_of(new[0], json.loads((new[0] / "summary.json").read_text())) == (job / "autoencode").resolve()
 
@@ -164,7 +164,7 @@ def test_classify_encoder_that_would_run_code_is_refused(tmp_path, cifar_root):
 @pytest.mark.slow
 def test_divergence_stops_the_run_and_is_recorded(tmp_path, cifar_root):
     run_dir = tmp_path / "run"
-    proc = run_embclf(["model=vae", "latent=8", *MINI, "autoencode.epochs=3", "autoencode.lr=1e30",
+    proc = run_embclf(["model=vae", "latent=8", *MINI, *SMALL_MODEL, "autoencode.epochs=3", "autoencode.lr=1e30",
                        f"hydra.run.dir={run_dir}"], tmp_path, check=False)
     assert proc.returncode == 2 and "non-finite loss at epoch 1, step " in proc.stderr, proc.stderr[-2000:]
     s = json.loads((run_dir / "summary.json").read_text())

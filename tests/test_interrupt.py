@@ -6,7 +6,6 @@ from __future__ import annotations
 import os
 import shlex
 import signal
-import subprocess
 import sys
 
 import pytest
@@ -14,7 +13,7 @@ import torch
 from hydra.core.override_parser.overrides_parser import OverridesParser
 from omegaconf import OmegaConf
 
-from conftest import MINI, embclf_env
+from conftest import MINI, SMALL_MODEL, embclf_env, run_module
 
 from embclf import __main__ as entry
 from embclf import faults, runs, tracking
@@ -38,14 +37,15 @@ def _interrupted(cfg, job, hc, caplog) -> int:
 
 
 def _run(cmd, cwd, kill_at=None):
-    """``cmd`` (argv) as a user's shell runs it: SIGINT at its default (a test runner started in the
+    """``cmd`` (argv: ``python -m embclf ...``) as a user's shell runs it, in a process of its own without the
+    interpreter's start-up (``conftest.run_module``): SIGINT at its default there (a test runner started in the
     background would pass it on ignored, and Python would then never raise KeyboardInterrupt)."""
     env = embclf_env(cwd)
     env.pop(faults.KILL_AT_ENV, None)
     if kill_at:
         env[faults.KILL_AT_ENV] = kill_at  # the process sends itself SIGINT there, as Ctrl-C would
-    return subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=600,
-                          preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    assert cmd[0] == sys.executable and cmd[1:3] == ["-m", "embclf"], cmd
+    return run_module("embclf", cmd[3:], cwd, env, timeout=600)
 
 
 def _interrupted_line(proc, how="Ctrl-C", status=130):
@@ -59,7 +59,7 @@ def _interrupted_line(proc, how="Ctrl-C", status=130):
 
 @pytest.mark.slow
 def test_ctrl_c_on_a_single_run_says_what_was_saved_and_how_to_resume(tmp_path, cifar_root):
-    first = [sys.executable, "-m", "embclf", *MINI, "autoencode.epochs=2", "threads=1",
+    first = [sys.executable, "-m", "embclf", *MINI, *SMALL_MODEL, "autoencode.epochs=2", "threads=1",
              f"output_dir={tmp_path / 'out'}"]
     # Ctrl-C right after start-up: the run dir holds its config and summary, no epoch
     proc = _run(first, tmp_path, "startup:1:INT")
@@ -89,7 +89,7 @@ def test_ctrl_c_on_a_single_run_says_what_was_saved_and_how_to_resume(tmp_path, 
 def test_sigterm_and_sigusr2_on_a_single_run_say_what_was_saved_and_how_to_resume(tmp_path, cifar_root):
     """SIGTERM (a scheduler, `kill`, a closing terminal session) and SIGUSR2 outside SLURM: the same one line as
     Ctrl-C, exit status 128 + signum (143, 140), and the printed command resumes the run."""
-    first = [sys.executable, "-m", "embclf", *MINI, "autoencode.epochs=2", "threads=1", "logger=none",
+    first = [sys.executable, "-m", "embclf", *MINI, *SMALL_MODEL, "autoencode.epochs=2", "threads=1", "logger=none",
              f"output_dir={tmp_path / 'out'}"]
     # SIGTERM inside epoch 2 (step 2 of 6): the checkpoint holds the position inside the epoch
     proc = _run(first, tmp_path, "autoencode.step:8:TERM")

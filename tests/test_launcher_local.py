@@ -10,17 +10,16 @@ import json
 import os
 import re
 import signal
-import subprocess
 import sys
 import time
 from pathlib import Path
 
 import pytest
 
+from conftest import start_module
 from slurm_fixture import (
     cifar_root,
     assert_no_gpu_shared_while_overlapping,
-    embclf_cmd,
     embclf_env,
     overrides_of,
     run_dirs,
@@ -132,9 +131,9 @@ def test_invalid_values_fail_before_any_job_starts(tmp_path):
     assert "start #" not in out and not any(out_dir.glob("*")), list(out_dir.glob("*"))
 
 
-def _start_sweep(args):
-    return subprocess.Popen(embclf_cmd(*args), cwd=REPO, env=embclf_env(), stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True)
+def _start_sweep(args, log: Path):
+    """``python -m embclf -m ARGS`` in the background (conftest.start_module), its output in ``log``."""
+    return start_module("embclf", ["-m", *args], REPO, embclf_env(), log)
 
 
 def _wait_training(sweep_dir, pattern, n, proc, timeout=180):
@@ -175,7 +174,7 @@ def _sweep_killing_one(sweep_dir, *args, epochs=4):
     the killed job's run dir)."""
     args = [*args, f"autoencode.epochs=1,{epochs}", "hydra.launcher.gpus=[]", "hydra.launcher.max_parallel=2",
             f"hydra.sweep.dir={sweep_dir}"]
-    proc = _start_sweep(args)
+    proc = _start_sweep(args, Path(sweep_dir).parent / "sweep.log")
     try:
         victim, rec = next(iter(_wait_training(sweep_dir, f"*epochs={epochs}*", 1, proc).items()))
         os.kill(rec["pid"], signal.SIGKILL)
@@ -229,7 +228,7 @@ def test_stopping_the_launcher_stops_its_jobs(tmp_path):
     sweep_dir = tmp_path / "sweep"
     args = [*tiny_args(tmp_path), "autoencode.epochs=40", "seed=1,2,3", "hydra.launcher.gpus=[]",
             "hydra.launcher.max_parallel=2", f"hydra.sweep.dir={sweep_dir}"]
-    proc = _start_sweep(args)
+    proc = _start_sweep(args, tmp_path / "first.log")
     try:
         running = _wait_training(sweep_dir, "*", 2, proc)
         # a second invocation into the same sweep dir is refused at once: the launcher holds it (embclf.locks)
@@ -259,7 +258,7 @@ def test_two_sweeps_started_together_never_share_a_dir(tmp_path):
     """Same command, same output_dir, same second: each invocation gets its own sweep dir (the
     random token in the sweep dir name), so their run dirs cannot collide."""
     args = [*tiny_args(tmp_path), "latent=8", "hydra.launcher.gpus=[]"]
-    procs = [_start_sweep(args) for _ in range(2)]
+    procs = [_start_sweep(args, tmp_path / f"sweep{i}.log") for i in range(2)]
     outs = [p.communicate(timeout=300)[0] for p in procs]
     assert [p.returncode for p in procs] == [0, 0], [o[-2000:] for o in outs]
     sweeps = sorted(d for d in (tmp_path / "out").iterdir() if d.is_dir() and (d / "multirun.yaml").is_file())

@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 from omegaconf import OmegaConf
 
-from conftest import CIFAR
+from conftest import CIFAR, start_module
 from embclf import hold_dirs, liveness, locks
 from embclf.report import commands
 
@@ -28,8 +28,9 @@ ARGS = ["data=folder", f"data.root={CIFAR}", "data.train_size=60", "data.val_siz
 
 
 class Proc:
-    """``python -m embclf ARGS`` as a real process (its own interpreter: a fork of this pytest process would copy
-    whatever threads earlier tests left running). Output goes to ``log``; ``kill_at`` sets ``EMBCLF_KILL_AT``."""
+    """``python -m embclf ARGS`` as a real process of its own (not a fork of this pytest process, which would copy
+    whatever threads earlier tests left running: a child of the test zygote, ``conftest.start_module``). Output
+    goes to ``log``; ``kill_at`` sets ``EMBCLF_KILL_AT``."""
 
     def __init__(self, args, log: Path, kill_at: str = ""):
         self.log = log
@@ -39,9 +40,7 @@ class Proc:
                                                          env.get("PYTHONPATH")) if p)
         if kill_at:
             env["EMBCLF_KILL_AT"] = kill_at
-        with open(log, "ab") as out:
-            self.popen = subprocess.Popen([sys.executable, "-m", "embclf", *args], stdout=out,
-                                          stderr=subprocess.STDOUT, env=env, cwd=log.parent)
+        self.popen = start_module("embclf", args, log.parent, env, log)
         self.pid = self.popen.pid
         self.code = None
 
@@ -358,7 +357,7 @@ def test_an_output_dir_that_cannot_be_written_is_one_paragraph_naming_the_key(tm
     import subprocess
     import sys
 
-    from conftest import REPO, embclf_env
+    from conftest import REPO, embclf_env, run_embclf
 
     ro = small_tmpfs(1 << 20, ro=True)
     cmd = [sys.executable, "-m", "embclf", "model=ae", "logger=none", f"output_dir={ro}/out"]
@@ -376,7 +375,10 @@ def test_an_output_dir_that_cannot_be_written_is_one_paragraph_naming_the_key(tm
         cmd = ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", *cmd[:-1], f"output_dir={locked}/out"]
         env.update(PYTHONPATH=str(REPO), HOME="/tmp", XDG_CACHE_HOME="/tmp")
         cwd = Path("/tmp")
-    proc = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=300)
+    if mode == "not-permitted":
+        proc = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=300)
+    else:  # python -m embclf ARGS without the interpreter's start-up (a fork; a sweep: a child of the zygote)
+        proc = run_embclf(cmd[3:], cwd, check=False, timeout=300, env=env)
     err = proc.stderr.strip()
     assert proc.returncode == 2, proc.stdout[-2000:] + err[-3000:]
     assert "Traceback" not in err and err.count("embclf: error:") == 1 and len(err.splitlines()) == 1, err

@@ -16,9 +16,9 @@ import pytest
 
 from embclf import references, report, runs
 
-from conftest import MINI, embclf_env, run_embclf
+from conftest import MINI, SMALL_MODEL, embclf_env, run_embclf
 
-COMMON = [*MINI, "autoencode.epochs=1", "model=ae", "latent=8", "logger=none"]
+COMMON = [*MINI, *SMALL_MODEL, "autoencode.epochs=1", "model=ae", "latent=8", "logger=none"]
 # what a report row may differ in between the original and the copy: where the runs are
 WHERE = {"run_dir", "classify_dir"}
 
