@@ -58,6 +58,7 @@ SECRET = "embclf-test-secret-" + "0123456789abcdef" * 2  # shaped like a real 40
 # running embclf
 
 
+
 def embclf_env(tmp: Path) -> dict:
     """Environment for embclf runs: offline wandb, caches inside the test's tmp dir, this checkout first on the
     path (its embclf package and its hydra_plugins/)."""
@@ -101,7 +102,6 @@ def _child(module: str, args: List[str], cwd: Path, env: Dict[str, str], out_fd:
     try:
         import atexit
         import runpy
-        import signal
 
         if zygote:  # the zygote's stdin/stdout are its pipes to the test process
             devnull = os.open(os.devnull, os.O_RDONLY)
@@ -115,8 +115,9 @@ def _child(module: str, args: List[str], cwd: Path, env: Dict[str, str], out_fd:
         os.chdir(cwd)
         os.environ.clear()
         os.environ.update(env)
-        signal.signal(signal.SIGINT, signal.default_int_handler)
-        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        from resume_harness import reset_signals
+
+        reset_signals()
         if zygote and env.get("OMP_NUM_THREADS", "").isdigit():  # read at start-up by a fresh interpreter
             import torch
 

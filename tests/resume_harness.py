@@ -26,6 +26,18 @@ import time
 from pathlib import Path
 
 
+def reset_signals() -> None:
+    """Give a forked child the signal dispositions a fresh interpreter starts with (SIGINT: Python's
+    KeyboardInterrupt handler; SIGTERM, SIGUSR1/2, SIGHUP: the default action). A fork inherits the test
+    process's, and an earlier test in the same pytest worker may have left one ignored or handled (the
+    entrypoint's interrupt path ignores further signals, as a process about to exit may). Then
+    ``embclf.lifecycle.stop_on_signals``, which takes over only default dispositions, left the run running on
+    through a signal: test_signals failed that way in full-suite runs on a busy machine."""
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    for s in (signal.SIGTERM, signal.SIGUSR1, signal.SIGUSR2, signal.SIGHUP):
+        signal.signal(s, signal.SIG_DFL)
+
+
 def attempt(args, run_dir: Path, kill_at, log_path: Path, timeout_s: float = 300) -> dict:
     """One run of the entrypoint in a forked child; returns how it ended."""
     sys.stdout.flush()
@@ -36,6 +48,7 @@ def attempt(args, run_dir: Path, kill_at, log_path: Path, timeout_s: float = 300
         try:
             import torch
 
+            reset_signals()  # a fresh interpreter's dispositions, not the test process's
             torch.set_num_threads(1)
             fd = os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
             os.dup2(fd, 1)

@@ -74,3 +74,22 @@ def test_a_signal_in_any_phase_records_the_run_as_interrupted(tmp_path, cifar_ro
             want = "completed" if kill_at.startswith("classify.plots") else "interrupted"
             assert a["statuses"][where] == want, (a, log[-3000:])
     assert attempts[len(PHASES)]["exit"] == 0 and set(attempts[-1]["statuses"].values()) == {"completed"}, attempts
+
+
+@pytest.mark.slow
+def test_a_forked_attempt_starts_with_a_fresh_interpreters_signal_dispositions(tmp_path, cifar_root):
+    """The harness forks this process: a SIGINT/SIGTERM disposition left ignored here by an earlier test must not
+    reach the run (stop_on_signals takes over only default ones), or a kill would not stop it."""
+    if threading.active_count() != 1 or not hasattr(os, "fork"):
+        pytest.skip("the harness forks only a single-threaded process")
+    tree = _small_tree(tmp_path / "data")
+    args = [*ARGS, f"data.root={tree}", f"data.cache_dir={tmp_path / 'cache'}", "autoencode.epochs=1",
+            "stage=autoencode"]
+    old = {s: signal.signal(s, signal.SIG_IGN) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        attempts = _sequence(tmp_path, {"args": args, "runs": {"run": {
+            "run_dir": str(tmp_path / "run"), "kills": ["startup:1:INT", "startup:1:TERM"]}}})["run"]
+    finally:
+        for s, h in old.items():
+            signal.signal(s, h)
+    assert [(a["signal"], a["exit"]) for a in attempts[:2]] == [(None, 130), (None, 143)], attempts
