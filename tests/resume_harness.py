@@ -120,6 +120,31 @@ def run_sequences(spec: dict) -> dict:
     return out
 
 
+def run_spec(tmp: Path, spec: dict, env: dict) -> dict:
+    """Run ``spec`` (:func:`run_sequences`) with ``env`` as the environment and ``tmp`` as the working dir:
+    by forking the calling process when it is single-threaded (no second import of torch), else in a fresh
+    interpreter running this file (fork would copy only the calling thread). Returns what run_sequences does."""
+    import threading
+
+    if threading.active_count() == 1 and hasattr(os, "fork"):
+        old, cwd = os.environ.copy(), os.getcwd()
+        os.environ.update(env)
+        os.chdir(tmp)
+        try:
+            return run_sequences(spec)
+        finally:
+            os.chdir(cwd)
+            os.environ.clear()
+            os.environ.update(old)
+    import subprocess
+
+    (Path(tmp) / "spec.json").write_text(json.dumps(spec))
+    proc = subprocess.run([sys.executable, str(Path(__file__).resolve()), str(Path(tmp) / "spec.json")], cwd=tmp,
+                          env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
 def main(spec_path: str) -> None:
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     print(json.dumps(run_sequences(json.loads(Path(spec_path).read_text()))))

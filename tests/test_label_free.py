@@ -4,10 +4,7 @@ comparing with the clean image, the eval path untouched, the config keys, and an
 SIGTERM mid-epoch) with both on."""
 from __future__ import annotations
 
-import json
 import math
-import os
-import threading
 
 import pytest
 import torch
@@ -138,11 +135,9 @@ def test_config_keys_validated_and_in_the_identity():
 def resumed(tmp_path_factory, cifar_root):
     """An AE with both corruptions on, 2 epochs of 6 steps: uninterrupted ("ref"), SIGKILLed mid-epoch 2 and
     in its best.pt write ("kill"), SIGTERMed at step 3 of epoch 2 ("term", resumes from that step)."""
-    import subprocess
-    import sys
-
     from conftest import embclf_env
-    from test_resume import HERE, _small_tree
+    from resume_harness import run_spec
+    from test_resume import _small_tree
 
     tmp = tmp_path_factory.mktemp("resume_label_free")
     tree = _small_tree(tmp / "data")
@@ -156,25 +151,7 @@ def resumed(tmp_path_factory, cifar_root):
         "kill": {"run_dir": str(runs_["kill"]), "kills": ["autoencode.best", "autoencode.step:9"]},
         "term": {"run_dir": str(runs_["term"]), "kills": ["autoencode.step:9:TERM"]},
     }}
-    if threading.active_count() == 1 and hasattr(os, "fork"):
-        from resume_harness import run_sequences
-
-        old = os.environ.copy()
-        os.environ.update(embclf_env(tmp))
-        cwd = os.getcwd()
-        os.chdir(tmp)
-        try:
-            attempts = run_sequences(spec)
-        finally:
-            os.chdir(cwd)
-            os.environ.clear()
-            os.environ.update(old)
-    else:
-        (tmp / "spec.json").write_text(json.dumps(spec))
-        proc = subprocess.run([sys.executable, str(HERE / "resume_harness.py"), str(tmp / "spec.json")], cwd=tmp,
-                              env=embclf_env(tmp), capture_output=True, text=True, timeout=600)
-        assert proc.returncode == 0, proc.stderr[-4000:]
-        attempts = json.loads(proc.stdout.strip().splitlines()[-1])
+    attempts = run_spec(tmp, spec, embclf_env(tmp))
     return {"runs": runs_, "attempts": attempts, "tmp": tmp}
 
 

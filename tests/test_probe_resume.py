@@ -5,18 +5,15 @@ attempt, killed at ``EMBCLF_KILL_AT`` points); the probe draws no random numbers
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
-import threading
 from pathlib import Path
 
 import pytest
 import torch
 
-from conftest import CIFAR, embclf_env
+from conftest import embclf_env
+from resume_harness import run_spec
+from test_resume import _small_tree
 
-HERE = Path(__file__).resolve().parent
 TIMING = {"seconds", "images_per_second"}
 # a small VAE (its reparameterization draws from the global RNG, which a probe must not disturb), 16 px, 270
 # training images in batches of 50: 6 steps per epoch; the probe after every epoch on 100 train images
@@ -32,17 +29,6 @@ KILLS = [
 ]
 
 
-def _small_tree(root: Path, per_class_train: int = 30, per_class_test: int = 10) -> Path:
-    """An ImageFolder tree of symlinks to the first real CIFAR-10 JPEGs (cheap to scan per attempt)."""
-    for split, n in (("train", per_class_train), ("test", per_class_test)):
-        for cls in sorted(p.name for p in (CIFAR / split).iterdir() if p.is_dir()):
-            d = root / split / cls
-            d.mkdir(parents=True)
-            for f in sorted((CIFAR / split / cls).iterdir())[:n]:
-                (d / f.name).symlink_to(f)
-    return root
-
-
 @pytest.fixture(scope="module")
 def resumed(tmp_path_factory, cifar_root):
     """ARGS uninterrupted ("ref"), killed at each of KILLS ("kill"), SIGTERM at step 3 of epoch 2 ("term")."""
@@ -55,25 +41,7 @@ def resumed(tmp_path_factory, cifar_root):
         "kill": {"run_dir": str(runs["kill"]), "kills": KILLS},
         "term": {"run_dir": str(runs["term"]), "kills": ["autoencode.step:9:TERM"]},
     }}
-    if threading.active_count() == 1 and hasattr(os, "fork"):
-        from resume_harness import run_sequences
-
-        old = os.environ.copy()
-        os.environ.update(embclf_env(tmp))
-        cwd = os.getcwd()
-        os.chdir(tmp)
-        try:
-            attempts = run_sequences(spec)
-        finally:
-            os.chdir(cwd)
-            os.environ.clear()
-            os.environ.update(old)
-    else:
-        (tmp / "spec.json").write_text(json.dumps(spec))
-        proc = subprocess.run([sys.executable, str(HERE / "resume_harness.py"), str(tmp / "spec.json")], cwd=tmp,
-                              env=embclf_env(tmp), capture_output=True, text=True, timeout=600)
-        assert proc.returncode == 0, proc.stderr[-4000:]
-        attempts = json.loads(proc.stdout.strip().splitlines()[-1])
+    attempts = run_spec(tmp, spec, embclf_env(tmp))
     return {"runs": runs, "attempts": attempts, "tmp": tmp}
 
 

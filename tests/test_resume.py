@@ -11,15 +11,14 @@ import os
 import signal
 import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
 
 import pytest
 
 from conftest import CIFAR, embclf_env
+from resume_harness import run_spec
 
-HERE = Path(__file__).resolve().parent
 TIMING = {"seconds", "images_per_second"}  # the only fields that may differ between attempts
 # a small VAE (the reparameterization draws from the global RNG, so RNG restores are checked too), 16 px
 ARGS = ["stage=all", "model=vae", "latent=4", "data=folder", "data.train_size=300", "data.test_size=100",
@@ -65,25 +64,7 @@ def resumed(tmp_path_factory, cifar_root):
         "kill": {"run_dir": str(runs["kill"]), "kills": KILLS},
         "term": {"run_dir": str(runs["term"]), "kills": ["autoencode.step:9:TERM"], "extra_args": ["stage=autoencode"]},
     }}
-    if threading.active_count() == 1 and hasattr(os, "fork"):  # fork this process: no second import of torch
-        from resume_harness import run_sequences
-
-        old = os.environ.copy()
-        os.environ.update(embclf_env(tmp))
-        cwd = os.getcwd()
-        os.chdir(tmp)
-        try:
-            attempts = run_sequences(spec)
-        finally:
-            os.chdir(cwd)
-            os.environ.clear()
-            os.environ.update(old)
-    else:  # another thread runs here (fork would copy only this one): a fresh interpreter
-        (tmp / "spec.json").write_text(json.dumps(spec))
-        proc = subprocess.run([sys.executable, str(HERE / "resume_harness.py"), str(tmp / "spec.json")], cwd=tmp,
-                              env=embclf_env(tmp), capture_output=True, text=True, timeout=600)
-        assert proc.returncode == 0, proc.stderr[-4000:]
-        attempts = json.loads(proc.stdout.strip().splitlines()[-1])
+    attempts = run_spec(tmp, spec, embclf_env(tmp))
     return {"runs": runs, "attempts": attempts, "tmp": tmp}
 
 

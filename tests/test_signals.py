@@ -7,20 +7,17 @@ user re-running the same command after each stop would; ``resume_harness.py`` ru
 """
 from __future__ import annotations
 
-import json
 import os
 import signal
-import subprocess
-import sys
 import threading
 from pathlib import Path
 
 import pytest
 
 from conftest import embclf_env
+from resume_harness import run_spec
 from test_resume import ARGS, _small_tree
 
-HERE = Path(__file__).resolve().parent
 
 # (point, signal, the run dir whose summary must say "interrupted" afterwards; None: none is written yet)
 PHASES = [
@@ -36,23 +33,7 @@ PHASES = [
 
 
 def _sequence(tmp: Path, spec: dict) -> dict:
-    if threading.active_count() == 1 and hasattr(os, "fork"):  # fork this process: no second import of torch
-        from resume_harness import run_sequences
-
-        old, cwd = os.environ.copy(), os.getcwd()
-        os.environ.update(embclf_env(tmp))
-        os.chdir(tmp)
-        try:
-            return run_sequences(spec)
-        finally:
-            os.chdir(cwd)
-            os.environ.clear()
-            os.environ.update(old)
-    (tmp / "spec.json").write_text(json.dumps(spec))
-    proc = subprocess.run([sys.executable, str(HERE / "resume_harness.py"), str(tmp / "spec.json")], cwd=tmp,
-                          env=embclf_env(tmp), capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    return json.loads(proc.stdout.strip().splitlines()[-1])
+    return run_spec(tmp, spec, embclf_env(tmp))
 
 
 @pytest.mark.slow
