@@ -249,22 +249,15 @@ def stored(ident: dict, stage: str) -> dict:
 
 
 def _canonical_layers(out: dict) -> None:
-    """``classify.layers`` as the layers a run probes (``code`` first, the stages in forward order): ``code``,
-    ``[code]`` and ``[conv1,code,conv1]`` are one experiment, and ``all`` is the list of every layer of this
-    encoder. A name the encoder lacks stays as written (the classify stage refuses it with the valid names)."""
-    spec = out.get("classify", {}).get("layers", _ABSENT)
-    model = out.get("encoder", {}).get("model")
-    if spec is _ABSENT or not isinstance(model, dict):
-        return
-    from . import layers  # imported here: layers builds on engine (torch), identity is imported by the config
-    from .runtime import EmbclfError
+    """``classify.layers`` in a classify identity as ``layers.canonical`` spells it; the code only is left out
+    (as before the key existed)."""
+    spec, model = out.get("classify", {}).get("layers", _ABSENT), out.get("encoder", {}).get("model")
+    if spec is not _ABSENT and isinstance(model, dict):
+        from . import layers  # imported here: layers builds on engine (torch), identity is imported by the config
 
-    try:
-        out["classify"]["layers"] = [layers.CODE] + [n for n in layers.resolve(spec, model) if n != layers.CODE]
-    except (EmbclfError, TypeError, ValueError):
-        return
-    if out["classify"]["layers"] == role_of("classify.layers").added:  # the code only: as before the key existed
-        del out["classify"]["layers"]
+        out["classify"]["layers"] = layers.canonical(spec, model)
+        if out["classify"]["layers"] == role_of("classify.layers").added:
+            del out["classify"]["layers"]
 
 
 def job_identity(cfg: Any) -> dict:

@@ -59,6 +59,17 @@ def resolve(spec, model_cfg) -> List[str]:
     return [n for n in valid if n in names]
 
 
+
+def canonical(spec, model_cfg):
+    """``classify.layers`` as a run's identity holds it: the layers probed, ``code`` first, then the stages in
+    forward order, each once (``code``, ``[code]`` and ``[code,code]`` are one experiment; ``all`` is the list of
+    every layer of this encoder). A spec ``resolve`` refuses is returned as written: the classify stage refuses
+    it with the valid names."""
+    try:
+        return [CODE] + [n for n in resolve(spec, model_cfg) if n != CODE]
+    except (runtime.EmbclfError, TypeError, ValueError):
+        return spec
+
 @torch.no_grad()
 def embed(model, split: data_mod.Split, device, batch_size: int, names: Sequence[str],
           precision: str = "fp32") -> Dict[str, torch.Tensor]:
