@@ -102,6 +102,7 @@ def _child(module: str, args: List[str], cwd: Path, env: Dict[str, str], out_fd:
     try:
         import atexit
         import runpy
+        import signal
 
         if zygote:  # the zygote's stdin/stdout are its pipes to the test process
             devnull = os.open(os.devnull, os.O_RDONLY)
@@ -115,9 +116,11 @@ def _child(module: str, args: List[str], cwd: Path, env: Dict[str, str], out_fd:
         os.chdir(cwd)
         os.environ.clear()
         os.environ.update(env)
-        from resume_harness import reset_signals
-
-        reset_signals()
+        # a fresh interpreter's signal dispositions, as resume_harness.reset_signals gives a forked attempt (not
+        # imported: the zygote took tests/ off sys.path after importing this file)
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+        for s in (signal.SIGTERM, signal.SIGUSR1, signal.SIGUSR2, signal.SIGHUP):
+            signal.signal(s, signal.SIG_DFL)
         if zygote and env.get("OMP_NUM_THREADS", "").isdigit():  # read at start-up by a fresh interpreter
             import torch
 
