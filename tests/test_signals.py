@@ -7,9 +7,7 @@ user re-running the same command after each stop would; ``resume_harness.py`` ru
 """
 from __future__ import annotations
 
-import os
 import signal
-import threading
 from pathlib import Path
 
 import pytest
@@ -59,18 +57,28 @@ def test_a_signal_in_any_phase_records_the_run_as_interrupted(tmp_path, cifar_ro
 
 @pytest.mark.slow
 def test_a_forked_attempt_starts_with_a_fresh_interpreters_signal_dispositions(tmp_path, cifar_root):
-    """The harness forks this process: a SIGINT/SIGTERM disposition left ignored here by an earlier test must not
-    reach the run (stop_on_signals takes over only default ones), or a kill would not stop it."""
-    if threading.active_count() != 1 or not hasattr(os, "fork"):
-        pytest.skip("the harness forks only a single-threaded process")
+    """The harness forks its caller: a SIGINT/SIGTERM disposition the caller has ignored (inherited here from the
+    parent, as an earlier test could have left it in a pytest worker) must not reach the run (stop_on_signals
+    takes over only default ones), or a kill would not stop it. The harness runs in an interpreter of its own
+    that starts with both ignored, so this holds whatever threads the test process has."""
+    import json
+    import subprocess
+    import sys
+
     tree = _small_tree(tmp_path / "data")
     args = [*ARGS, f"data.root={tree}", f"data.cache_dir={tmp_path / 'cache'}", "autoencode.epochs=1",
             "stage=autoencode"]
-    old = {s: signal.signal(s, signal.SIG_IGN) for s in (signal.SIGINT, signal.SIGTERM)}
-    try:
-        attempts = _sequence(tmp_path, {"args": args, "runs": {"run": {
-            "run_dir": str(tmp_path / "run"), "kills": ["startup:1:INT", "startup:1:TERM"]}}})["run"]
-    finally:
-        for s, h in old.items():
-            signal.signal(s, h)
+    spec = {"args": args, "runs": {"run": {"run_dir": str(tmp_path / "run"),
+                                           "kills": ["startup:1:INT", "startup:1:TERM"]}}}
+    (tmp_path / "spec.json").write_text(json.dumps(spec))
+
+    def ignore_signals():  # in the child before exec: SIG_IGN survives exec, as in a process started with it
+        for s in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(s, signal.SIG_IGN)
+
+    proc = subprocess.run([sys.executable, str(Path(__file__).resolve().parent / "resume_harness.py"),
+                           str(tmp_path / "spec.json")], cwd=tmp_path, env=embclf_env(tmp_path),
+                          preexec_fn=ignore_signals, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    attempts = json.loads(proc.stdout.strip().splitlines()[-1])["run"]
     assert [(a["signal"], a["exit"]) for a in attempts[:2]] == [(None, 130), (None, 143)], attempts
