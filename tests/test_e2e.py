@@ -3,7 +3,6 @@ import json
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -96,19 +95,17 @@ def test_classify_without_encoder_fails_clearly(tmp_path, cifar_root):
 @pytest.mark.slow
 def test_resume_after_sigterm_and_skip_completed(tmp_path, cifar_root):
     run_dir = tmp_path / "run"
-    args = ["model=ae", "latent=8", *MINI, "autoencode.epochs=3", f"hydra.run.dir={run_dir}"]
-    proc = subprocess.Popen([sys.executable, "-m", "embclf", *args], cwd=tmp_path, env=embclf_env(tmp_path),
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    args = ["model=ae", "latent=8", *MINI, *SMALL_MODEL, "autoencode.epochs=3", f"hydra.run.dir={run_dir}"]
     metrics = run_dir / "metrics.jsonl"
-    deadline = time.time() + 300
-    while time.time() < deadline and not (metrics.is_file() and '"split": "val"' in metrics.read_text()):
-        time.sleep(0.2)
-    proc.send_signal(signal.SIGTERM)  # as SLURM does at a time limit / preemption
-    assert proc.wait(timeout=120) != 0
+    # SIGTERM (as SLURM sends at a time limit or preemption) in the middle of epoch 2 (6 steps per epoch): the
+    # process signals itself at an exact step, so a fast small model cannot finish before the signal lands
+    env = {**embclf_env(tmp_path), "EMBCLF_KILL_AT": "autoencode.step:9:TERM"}
+    proc = run_embclf(args, tmp_path, env=env, check=False)
+    assert proc.returncode == 128 + signal.SIGTERM, proc.stderr[-3000:]
     s = json.loads((run_dir / "summary.json").read_text())
     assert s["status"] == "interrupted" and (run_dir / "checkpoints/last.pt").is_file()
     done = torch.load(run_dir / "checkpoints/last.pt", weights_only=False)["state"]["epoch"]
-    assert 1 <= done < 3
+    assert done == 1  # epoch 2 was cut short: the run resumes from epoch 1's checkpoint
     run_embclf(args, tmp_path)  # same command, same run dir: resumes
     s = json.loads((run_dir / "summary.json").read_text())
     assert s["status"] == "completed" and s["resumed_from_epoch"] == done
@@ -190,7 +187,7 @@ def test_divergence_later_keeps_the_last_finite_checkpoint(tmp_path):
 @pytest.mark.slow
 def test_posterior_collapse_is_flagged(tmp_path, cifar_root):
     run_dir = tmp_path / "run"
-    proc = run_embclf(["model=vae", "latent=8", *MINI, "autoencode.epochs=1", "model.beta=100",
+    proc = run_embclf(["model=vae", "latent=8", *MINI, *SMALL_MODEL, "autoencode.epochs=1", "model.beta=100",
                        f"hydra.run.dir={run_dir}"], tmp_path)
     s = json.loads((run_dir / "summary.json").read_text())
     assert s["status"] == "completed" and s["test_active_units"] < 1 and s["posterior_collapse"] is True
@@ -199,13 +196,14 @@ def test_posterior_collapse_is_flagged(tmp_path, cifar_root):
 
 @pytest.mark.slow
 def test_disk_full_during_a_checkpoint_fails_clearly_and_leaves_nothing_half_written(tmp_path, cifar_root):
-    """`ulimit -f` (4 MB: the data cache and JSON fit, a checkpoint does not) stands in for a full disk."""
+    """`ulimit -f` (4 MB: the data cache and JSON fit, a checkpoint does not) stands in for a full disk. The small
+    encoder with a 512-d code: cheap to train, a ~50 MB checkpoint (the reference model's is ~24 MB)."""
     import resource
 
     run_dir = tmp_path / "run"
     limit = 4 * 2**20
     proc = subprocess.run(
-        [sys.executable, "-m", "embclf", "model=ae", "latent=8", *MINI, "autoencode.epochs=1", "logger=none",
+        [sys.executable, "-m", "embclf", "model=ae", "latent=512", *MINI, *SMALL_MODEL, "autoencode.epochs=1", "logger=none",
          f"hydra.run.dir={run_dir}"], cwd=tmp_path, env=embclf_env(tmp_path), capture_output=True, text=True,
         timeout=600, preexec_fn=lambda: resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit)))
     assert proc.returncode == 2, proc.stderr[-3000:]
@@ -217,11 +215,12 @@ def test_disk_full_during_a_checkpoint_fails_clearly_and_leaves_nothing_half_wri
 
 @pytest.mark.parametrize("mode", ["single", "sweep"])
 def test_a_real_full_disk_during_a_checkpoint_is_recorded_as_disk_full(tmp_path, cifar_root, small_tmpfs, mode):
-    """The output dir on a real 8 MB file system (a tmpfs; a checkpoint is ~24 MB): the partial checkpoint's space
-    is freed before the failure is recorded, so summary.json says failed / disk full with the path, in a single
-    run and in a sweep (there the launcher's table and the report read it), and no temporary file is left."""
+    """The output dir on a real 8 MB file system (a tmpfs; the small encoder with a 512-d code has a ~50 MB
+    checkpoint): the partial checkpoint's space is freed before the failure is recorded, so summary.json says
+    failed / disk full with the path, in a single run and in a sweep (there the launcher's table and the report
+    read it), and no temporary file is left."""
     disk = small_tmpfs(8 << 20)
-    args = ["model=ae", "latent=8", *MINI, "autoencode.epochs=1", "logger=none"]
+    args = ["model=ae", "latent=512", *MINI, *SMALL_MODEL, "autoencode.epochs=1", "logger=none"]  # ~50 MB checkpoint
     if mode == "sweep":
         args = ["-m", *args, f"hydra.sweep.dir={disk}/sweep"]
     else:

@@ -14,7 +14,7 @@ from hydra import compose, initialize_config_dir
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import OmegaConf, open_dict, read_write
 
-from conftest import CIFAR, MINI, run_embclf
+from conftest import CIFAR, MINI, SMALL_MODEL, run_embclf
 
 from embclf import faults, identity, report, runs
 from embclf.config import conf_dir
@@ -172,7 +172,7 @@ def test_completed_autoencoder_stays_completed_when_classifier_settings_change_a
 def small_sweep(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("identity")
     sweep = tmp / "sweep"
-    args = ["-m", "model=ae", "latent=4", *MINI, "autoencode.epochs=1", "classify.epochs=2", "logger=none",
+    args = ["-m", "model=ae", "latent=4", *MINI, *SMALL_MODEL, "autoencode.epochs=1", "classify.epochs=2", "logger=none",
             "stage=all", f"data.root={CIFAR}/", f"hydra.sweep.dir={sweep}"]
     first = run_embclf(args, tmp)
     return {"tmp": tmp, "sweep": sweep, "args": args, "first": first}

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import MINI, run_embclf
+from conftest import MINI, SMALL_MODEL, run_embclf
 from hydra_plugins.embclf_launcher import mps
 
 FAKE = r"""#!/bin/sh
@@ -114,7 +114,7 @@ def test_a_sweep_on_a_shared_gpu_runs_its_jobs_under_the_sweeps_daemon(tmp_path,
     after; both jobs' summaries name its pipe directory under the sweep dir."""
     sweep = tmp_path / "sweep"
     env = {**os.environ, "WANDB_MODE": "offline", "XDG_CACHE_HOME": str(tmp_path / "xdg"), "HYDRA_FULL_ERROR": "0"}
-    run_embclf(["-m", *MINI, "model=ae", "latent=4", "seed=1,2", "device=cpu", "logger=none", "autoencode.epochs=1",
+    run_embclf(["-m", *MINI, *SMALL_MODEL, "model=ae", "latent=4", "seed=1,2", "device=cpu", "logger=none", "autoencode.epochs=1",
                 "stage=autoencode", "hydra.launcher.gpus=[0]", "hydra.launcher.jobs_per_gpu=2",
                 "hydra.launcher.mps=on", f"hydra.sweep.dir={sweep}", f"output_dir={tmp_path / 'out'}"],
                tmp_path, env=env)
