@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Dict, Optional
 
 from .locks import DirLock, acquire
-from .runtime import EmbclfError
+from .errors import EmbclfError
 
 log = logging.getLogger(__name__)
 

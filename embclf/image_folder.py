@@ -16,7 +16,7 @@ from typing import Iterable, List, Tuple
 import numpy as np
 import torch
 
-from .runtime import DataError
+from .errors import DataError
 
 # logged as part of the data log (``embclf.data``: what users and tests filter on)
 log = logging.getLogger("embclf.data")

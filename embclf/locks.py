@@ -45,7 +45,7 @@ from typing import Dict, Iterator, Optional
 from filelock import FileLock
 
 from . import liveness
-from .runtime import EmbclfError
+from .errors import EmbclfError
 
 log = logging.getLogger(__name__)
 

@@ -14,7 +14,7 @@ from omegaconf import DictConfig
 
 from . import identity
 from .runs import SUMMARY, read_summary, stored_identity
-from .runtime import EmbclfError
+from .errors import EmbclfError
 
 log = logging.getLogger(__name__)
 

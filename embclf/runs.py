@@ -36,11 +36,10 @@ import zipfile
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional
 
-import torch
 from omegaconf import DictConfig, OmegaConf
 
 from . import faults, identity, liveness
-from .runtime import EmbclfError
+from .errors import EmbclfError
 
 log = logging.getLogger(__name__)
 
@@ -115,6 +114,8 @@ def _torch_save(obj: Any, path: Path) -> None:
     file already closed, so the caller can unlink ``path`` and get its space back."""
     open(path, "wb").close()  # a read-only or unwritable directory fails here with its own errno (EROFS, EACCES)
     try:
+        import torch  # here, not at the top: the report and the launcher's planning read run dirs without torch
+
         torch.save(obj, path)
         return
     except RuntimeError as e:  # torch's zip writer reports a failed write as RuntimeError, not OSError
@@ -206,6 +207,8 @@ def load_checkpoint(path: Path, expect: tuple = (), what: str = "checkpoint") ->
         raise EmbclfError(f"{what}: {path} does not exist or is not a file.")
     if not zipfile.is_zipfile(path):  # torch.save has written zip archives since PyTorch 1.6
         raise EmbclfError(not_readable.format(""))
+    import torch
+
     try:
         ck = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:  # weights_only refused a global: code or an unknown object inside

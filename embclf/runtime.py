@@ -17,21 +17,10 @@ from typing import Callable
 import numpy as np
 import torch
 
+from .errors import DataError, EmbclfError  # noqa: F401 (re-exported: runtime.EmbclfError)
 from .validation import check_value
 
 log = logging.getLogger(__name__)
-
-
-class EmbclfError(RuntimeError):
-    """Bad input or a missing prerequisite. The message is one paragraph that names the key or file and the fix.
-
-    The entrypoint prints it without a traceback and exits with status 2.
-    """
-
-
-class DataError(RuntimeError):
-    """A data source is missing, unreadable or misconfigured; the message says how to fix it (``embclf.data``,
-    ``embclf.image_folder``). The entrypoint prints it like ``EmbclfError``."""
 
 
 def setup(cfg) -> dict:

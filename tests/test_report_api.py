@@ -136,3 +136,12 @@ def test_config_is_read_as_omegaconf_reads_it(tmp_path):
     assert fast["autoencode"]["lr"] == 1e-3 and isinstance(fast["autoencode"]["lr"], float)
     (tmp_path / "r" / runs.CONFIG).write_text("a: [1,\n")
     assert "cannot be read" in rows.read_config(d)[1]
+
+
+def test_the_report_and_run_dir_readers_import_no_torch():
+    """``python -m embclf.report`` (and ``benchmarks/packing.py``, which reads run dirs with ``embclf.references``)
+    start without importing torch or torchvision: ~2 s less per call, and a report needs neither."""
+    code = ("import sys, embclf.report.cli, embclf.report, embclf.references, embclf.runs, embclf.locks; "
+            "print(sorted(m for m in ('torch', 'torchvision', 'sklearn') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]", out
