@@ -17,7 +17,8 @@
 # GPU at once; one small conv AE leaves an H200 mostly idle), PRECISION (bf16), COMPILE (false), COMPILE_MODE
 # (default; reduce-overhead: CUDA graphs, with COMPILE=true), PROBE_EVERY (10: autoencode.probe_every, the linear
 # probe of the code during training, for figures/probe_vs_epoch.png; 0 = off), PY
-# (python3), OUT (the sweep dir; default outputs/gpu_study_<date>). Extra arguments are Hydra overrides
+# (python3), OUT (default outputs/gpu_study_<date>: the study's sweep dir is OUT/study, the packing runs are in
+# OUT/packing, apart so that neither's summary or report counts the other's runs). Extra arguments are Hydra overrides
 # passed to the sweep. Logging is logger=none (the GPU machine may have no wandb and no network).
 # Packing (environment): PACKING (0), STUDY (1), PACK_JOBS (8), PACK_TRAIN_SIZE (20000 images), PACK_EPOCHS (3),
 # PACK_GRAPHS (1: the CUDA-graph variants too). Extra arguments apply to the packing sweeps as well.
@@ -98,9 +99,9 @@ fi
 # 2. the sweep
 "$PY" -m embclf -m "model=$MODELS" "latent=$LATENTS" stage=all data=folder "data.root=$DATA" logger=none \
   "precision=$PRECISION" "compile=$COMPILE" "compile_mode=$COMPILE_MODE" "hydra.launcher.jobs_per_gpu=$JOBS_PER_GPU" \
-  "autoencode.probe_every=${PROBE_EVERY:-10}" "output_dir=$OUT" "hydra.sweep.dir=$OUT" "$@"
+  "autoencode.probe_every=${PROBE_EVERY:-10}" "output_dir=$OUT/study" "hydra.sweep.dir=$OUT/study" "$@"
 t2=$(date +%s.%N)
 
 # 3. what it achieved, and the table
-"$PY" benchmarks/study_summary.py "$OUT" --times "$t0" "$t1" "$t2"
-"$PY" -m embclf.report "$OUT" --no-figures
+"$PY" benchmarks/study_summary.py "$OUT/study" --times "$t0" "$t1" "$t2"
+"$PY" -m embclf.report "$OUT/study" --no-figures

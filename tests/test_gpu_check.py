@@ -1,6 +1,7 @@
 """benchmarks/gpu_check.sh (the first check on a GPU machine) and gpu_study.sh's packing comparison, on this CPU:
 without a GPU every GPU check prints SKIP; with a fake ``nvidia-smi`` that lists a GPU CUDA cannot use, the
 compute-mode and CUDA checks FAIL, naming why; with ``RUN_ON_CPU=1`` and a tiny override the sweeps run end to end."""
+import json
 import os
 import re
 import stat
@@ -64,14 +65,28 @@ def test_gpu_check_runs_its_sweeps_end_to_end_on_cpu(tmp_path, cifar_root):
 
 
 @pytest.mark.slow
-def test_gpu_study_packing_comparison_runs_on_cpu(tmp_path, cifar_root):
-    proc = _run("gpu_study.sh", tmp_path, cifar_root, ["data.train_size=300", *TINY_MODEL], PACKING="1", STUDY="0", PACK_JOBS="2",
-                PACK_TRAIN_SIZE="300", PACK_EPOCHS="2")
+def test_gpu_study_packing_comparison_and_study_run_on_cpu(tmp_path, cifar_root):
+    """gpu_study.sh with PACKING=1: the packing variants (the CUDA ones SKIP on a CPU), then the study itself (a
+    stage=all sweep, its summary with achieved TFLOP/s, and the report table), in one run of the script."""
+    proc = _run("gpu_study.sh", tmp_path, cifar_root, ["data.train_size=300", *TINY_MODEL, "autoencode.epochs=1",
+                                                           "classify.epochs=2"],
+                PACKING="1", PACK_JOBS="2", PACK_TRAIN_SIZE="300", MODELS="ae", LATENTS="8")
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    variants = dict(re.findall(r"^VARIANT (\S+): (.*)$", proc.stdout, re.M))
+    out = proc.stdout
+    variants = dict(re.findall(r"^VARIANT (\S+): (.*)$", out, re.M))
     assert list(variants) == ["alone", "2-time-sliced", "2-mps", "alone-graphs", "2-time-sliced-graphs",
-                              "2-mps-graphs"], proc.stdout
+                              "2-mps-graphs"], out
     assert re.fullmatch(r"1 job\(s\) on cpu, \d+ img/s aggregate.*", variants["alone"])
     assert re.fullmatch(r"2 job\(s\) on cpu, \d+ img/s aggregate = [\d.]+x alone.*", variants["2-time-sliced"])
     assert all(variants[k].startswith("SKIP") for k in list(variants)[2:])
-    assert "| ae-z" not in proc.stdout  # STUDY=0: no study, no report
+    # the study: one stage=all job (an autoencode and a classify run), its summary line and the report table
+    assert "TFLOP/s achieved" in out and "wall time" in out
+    summary = json.loads([ln for ln in out.splitlines() if ln.startswith("{")][-1])
+    assert summary["autoencode_runs"] == 1 and summary["classify_runs"] == 1 and summary["completed"] == 2
+    assert summary["train_images"] == 270 and summary["achieved_tflops"] > 0
+    assert "| ae-z8 " in out
+    # the study probes the code during training (PROBE_EVERY, default 10): here at its one (last) epoch
+    records = [json.loads(line) for p in (tmp_path / "out" / "study").rglob("metrics.jsonl")
+               for line in p.read_text().splitlines() if line.strip()]
+    probed = [r for r in records if r.get("probe_accuracy") is not None]
+    assert len(probed) == 1 and 0.0 <= probed[0]["probe_accuracy"] <= 1.0, records
