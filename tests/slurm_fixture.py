@@ -30,9 +30,12 @@ def cifar_root() -> Path:
     return CIFAR
 
 
-def tiny_args(tmp: Path, train_size: int = 200, epochs: int = 1) -> List[str]:
-    """Overrides for a job of a few seconds on CPU: a tiny real CIFAR-10 subset, 1 epoch."""
+def tiny_args(tmp: Path, train_size: int = 200, epochs: int = 1, small: bool = False) -> List[str]:
+    """Overrides for a job of a few seconds on CPU: a tiny real CIFAR-10 subset, 1 epoch. ``small``: a two-layer
+    encoder (``conftest.SMALL_MODEL``, ~1/10 of the reference model's compute) for tests where nothing depends on
+    how long an epoch takes; tests that signal or kill a job mid-training keep the reference model."""
     return [
+        *(["model.channels=[32,64]", "model.strides=[2,2]"] if small else []),
         "data=folder",
         f"data.root={cifar_root()}",
         f"data.train_size={train_size}",

@@ -144,7 +144,7 @@ def test_sweep_on_an_exclusive_gpu_stops_before_any_job(tmp_path):
     d = fake_smi(tmp_path, [_row(0, H100, "Exclusive_Process")])
     env = {**embclf_env(tmp_path), "PATH": f"{d}{os.pathsep}{os.environ['PATH']}",
            "CUDA_MPS_PIPE_DIRECTORY": str(tmp_path / "no-mps")}
-    proc = run_embclf(["-m", *tiny_args(tmp_path), "seed=1,2", "hydra.launcher.gpus=[0]",
+    proc = run_embclf(["-m", *tiny_args(tmp_path, small=True), "seed=1,2", "hydra.launcher.gpus=[0]",
                        "hydra.launcher.jobs_per_gpu=2", f"hydra.sweep.dir={tmp_path / 'sweep'}"], tmp_path,
                       env=env, check=False, fresh=True)
     out = proc.stdout + proc.stderr

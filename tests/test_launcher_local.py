@@ -38,7 +38,7 @@ def gpu_sweep(tmp_path_factory):
     # data.root relative to the launch dir (REPO), as in the README: the re-invocation test then shows that the
     # launcher compares it as the jobs store it (absolute)
     rel = os.path.relpath(cifar_root(), REPO)
-    args = [*[a if not a.startswith("data.root=") else f"data.root={rel}" for a in tiny_args(tmp)],
+    args = [*[a if not a.startswith("data.root=") else f"data.root={rel}" for a in tiny_args(tmp, small=True)],
             "seed=1,2,3,4,5", "hydra.launcher.gpus=[0,1]", f"hydra.sweep.dir={sweep_dir}"]
     t0 = time.time()
     proc = run_embclf(*args)
@@ -98,7 +98,7 @@ def test_failed_jobs_are_isolated_recorded_and_all_named(tmp_path):
     tell); the third completes; the command exits non-zero naming both failed overrides."""
     sweep_dir = tmp_path / "sweep"
     proc = run_embclf(
-        *tiny_args(tmp_path), "data.test_size=20000,100,30000", "hydra.launcher.gpus=[]",
+        *tiny_args(tmp_path, small=True), "data.test_size=20000,100,30000", "hydra.launcher.gpus=[]",
         "hydra.launcher.max_parallel=2", f"hydra.sweep.dir={sweep_dir}",
     )
     assert proc.returncode != 0, proc.stdout[-3000:]
@@ -257,7 +257,7 @@ def test_stopping_the_launcher_stops_its_jobs(tmp_path):
 def test_two_sweeps_started_together_never_share_a_dir(tmp_path):
     """Same command, same output_dir, same second: each invocation gets its own sweep dir (the
     random token in the sweep dir name), so their run dirs cannot collide."""
-    args = [*tiny_args(tmp_path), "latent=8", "hydra.launcher.gpus=[]"]
+    args = [*tiny_args(tmp_path, small=True), "latent=8", "hydra.launcher.gpus=[]"]
     procs = [_start_sweep(args, tmp_path / f"sweep{i}.log") for i in range(2)]
     outs = [p.communicate(timeout=300)[0] for p in procs]
     assert [p.returncode for p in procs] == [0, 0], [o[-2000:] for o in outs]
@@ -274,7 +274,7 @@ def test_invalid_job_config_fails_before_any_job_starts(tmp_path):
     resolves every job's whole config and names every bad job before starting any. Here two of
     three jobs interpolate an environment variable that is not set."""
     sweep_dir = tmp_path / "sweep"
-    proc = run_embclf(*tiny_args(tmp_path),
+    proc = run_embclf(*tiny_args(tmp_path, small=True),
                       "classify.encoder=${oc.env:EMBCLF_TEST_UNSET_A},null,${oc.env:EMBCLF_TEST_UNSET_B}",
                       f"hydra.sweep.dir={sweep_dir}")
     assert proc.returncode != 0

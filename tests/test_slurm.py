@@ -36,7 +36,7 @@ def ae_sweep(slurm_cluster, tmp_path_factory):
     classify sweep below finds the encoders as it would on a cluster's shared filesystem."""
     tmp = tmp_path_factory.mktemp("slurm_ae")
     sweep_dir = tmp / "out" / "ae_sweep"
-    proc = run_embclf(*tiny_args(tmp), *FIT_NODE, "model=ae,vae", "latent=8,16", f"hydra.sweep.dir={sweep_dir}")
+    proc = run_embclf(*tiny_args(tmp, small=True), *FIT_NODE, "model=ae,vae", "latent=8,16", f"hydra.sweep.dir={sweep_dir}")
     return {"tmp": tmp, "proc": proc, "sweep_dir": sweep_dir}
 
 
@@ -72,7 +72,7 @@ def test_classify_sweep_finds_each_encoder(ae_sweep):
     tmp, ae_dir = ae_sweep["tmp"], ae_sweep["sweep_dir"]
     sweep_dir = tmp / "out" / "clf_sweep"
     # two jobs, each of which must pick its own encoder among the four (by model and latent)
-    proc = run_embclf(*tiny_args(tmp), *FIT_NODE, "stage=classify", "classify.epochs=1", "model=ae,vae",
+    proc = run_embclf(*tiny_args(tmp, small=True), *FIT_NODE, "stage=classify", "classify.epochs=1", "model=ae,vae",
                       "latent=16", f"hydra.sweep.dir={sweep_dir}")
     assert proc.returncode == 0, proc.stdout[-4000:]
     encoders = {(summary(d)["model"], summary(d)["latent"]): d.resolve() for d in run_dirs(ae_dir)}
@@ -171,7 +171,7 @@ def test_requeued_jobs_resume_from_last_checkpoint(slurm_cluster, tmp_path):
 def test_failed_job_is_reported_and_the_others_complete(slurm_cluster, tmp_path):
     sweep_dir = tmp_path / "sweep"
     # a test subset larger than the 10,000 test images: only the data can tell, so the job fails at run time
-    proc = run_embclf(*tiny_args(tmp_path), *FIT_NODE, "data.test_size=20000,100", f"hydra.sweep.dir={sweep_dir}")
+    proc = run_embclf(*tiny_args(tmp_path, small=True), *FIT_NODE, "data.test_size=20000,100", f"hydra.sweep.dir={sweep_dir}")
     assert proc.returncode != 0, proc.stdout[-3000:]
     out = proc.stdout
     assert "1 of 2 sweep jobs failed" in out, out[-3000:]
@@ -186,7 +186,7 @@ def test_invalid_job_config_fails_before_anything_is_submitted(slurm_cluster, tm
     """One bad value among the sweep's jobs stops the whole sweep before submission, naming it."""
     before = slurm("sacct", "-X", "-n", "-P", "-o", "JobID", "-S", "now-1hour")
     sweep_dir = tmp_path / "sweep"
-    proc = run_embclf(*tiny_args(tmp_path), *FIT_NODE, "classify.encoder=null,${oc.env:EMBCLF_TEST_UNSET}",
+    proc = run_embclf(*tiny_args(tmp_path, small=True), *FIT_NODE, "classify.encoder=null,${oc.env:EMBCLF_TEST_UNSET}",
                       f"hydra.sweep.dir={sweep_dir}", timeout=120)
     assert proc.returncode != 0
     assert "1 of 2 sweep jobs have an invalid config, so nothing was started" in proc.stdout, proc.stdout[-3000:]
