@@ -251,3 +251,18 @@ def test_rows_from_presets_are_labelled_by_the_preset(tmp_path):
     labels = sorted(a["label"] for a in report.aggregate(report.collect([tmp_path])))
     assert labels == ["ae-z8 experiment=improved head.dropout=0.0", "ae-z8 experiment=improved head.dropout=0.5",
                       "ae-z8 experiment=quick head.dropout=0.0"]
+
+
+def test_curves_count_a_seed_once_when_its_interrupted_attempt_was_rerun(tmp_path):
+    """A seed interrupted and then re-run to completion in a new run dir (e.g. after an identity change) is one seed
+    in the curves' mean and band: the figures draw its completed run only. A seed that has only an interrupted
+    run still shows (its curve so far)."""
+    from report_fixtures import resolved_config, write_run
+    from embclf.report.rows import curve_rows
+
+    done0 = ae_run(tmp_path / "s0-done", seed=0)
+    cut0 = write_run(tmp_path / "s0-cut", resolved_config(seed=0), "autoencode", {"status": "interrupted"}, epochs=1)
+    cut1 = write_run(tmp_path / "s1-cut", resolved_config(seed=1), "autoencode", {"status": "interrupted"}, epochs=1)
+    rows = report.collect([tmp_path])
+    assert {r["run_dir"] for r in rows} == {str(d.resolve()) for d in (done0, cut0, cut1)}
+    assert sorted(r["run_dir"] for r in curve_rows(rows)) == sorted(str(d.resolve()) for d in (done0, cut1))

@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Dict, Iterable, List, Optional, Sequence
 
 from .aggregation import aggregate, class_names
-from .rows import PROBE_PREFIX, UNREADABLE, ReportError, collect, probe_names
+from .rows import PROBE_PREFIX, UNREADABLE, ReportError, collect, curve_rows, probe_names
 from .tables import PC_PREFIX, _atomic, _differs, markdown_table, no_completed_run, preamble, write_csv
 
 
@@ -79,8 +79,7 @@ def _write(paths: List[Path], out: Path, rows: List[dict], agg: List[dict], tabl
 
         fig_dir = out / "figures"
         fig_dir.mkdir(exist_ok=True)
-        used = [r for r in rows if r.get("used") or r["status"] not in ("completed", UNREADABLE)]
-        figs = plot_curves(used, fig_dir)
+        figs = plot_curves(curve_rows(rows), fig_dir)
         figs += [p for p in (plot_vs_latent(agg, fig_dir), plot_prior_samples(rows, fig_dir),
                              plot_reconstructions(rows, fig_dir), plot_per_class(agg, fig_dir)) if p]
         from .frontier import plot_frontier  # PSNR against accuracy, the Pareto set joined

@@ -421,6 +421,16 @@ def _mark_used(rows: List[dict]) -> None:
         newest["repeats"] = len(rs) - 1
 
 
+def curve_rows(rows: List[dict]) -> List[dict]:
+    """The rows whose training curves the figures draw: each used (completed) row, and a run that has not completed
+    (running, interrupted, failed) only when its configuration and seed has no completed run. A seed re-run after
+    an interruption is one seed: its interrupted first attempt would otherwise count as another seed in the
+    curves' mean and band."""
+    done = {(r["config_id"], r["seed"]) for r in rows if r.get("used")}
+    return [r for r in rows if r.get("used") or (r["status"] not in ("completed", UNREADABLE)
+                                                 and (r.get("config_id"), r.get("seed")) not in done)]
+
+
 def probe_names(rows: Iterable[dict]) -> List[str]:
     """Every probe name (``classify.probes``) found in the rows, in first-seen order."""
     names: Dict[str, None] = OrderedDict()
