@@ -266,3 +266,10 @@ def test_curves_count_a_seed_once_when_its_interrupted_attempt_was_rerun(tmp_pat
     rows = report.collect([tmp_path])
     assert {r["run_dir"] for r in rows} == {str(d.resolve()) for d in (done0, cut0, cut1)}
     assert sorted(r["run_dir"] for r in curve_rows(rows)) == sorted(str(d.resolve()) for d in (done0, cut1))
+    # the same when the re-run is a stage=all job (an autoencode and a classify run; its row's settings include
+    # the classify part, the interrupted autoencode-only job's do not): seed 1 re-run so
+    job = tmp_path / "s1-all"
+    clf_run(job / "classify", ae_run(job / "autoencode", seed=1), acc=0.4)
+    rows = report.collect([tmp_path])
+    assert sorted(r["run_dir"] for r in curve_rows(rows)) == sorted(
+        str(d.resolve()) for d in (done0, job / "autoencode"))

@@ -15,6 +15,7 @@ from typing import Dict, Iterable, List, Optional, Sequence
 import yaml  # PyYAML (libyaml's C parser where built with it), a dependency of omegaconf
 
 from .. import identity, liveness, references, runs
+from ..errors import EmbclfError
 
 COLUMNS = ["label", "model", "latent", "seed", "stage", "status", "used", "epochs", "test_mse", "test_psnr",
            "test_kl", "active_units", "val_accuracy", "test_accuracy", "final_test_mse", "final_test_psnr",
@@ -423,12 +424,24 @@ def _mark_used(rows: List[dict]) -> None:
 
 def curve_rows(rows: List[dict]) -> List[dict]:
     """The rows whose training curves the figures draw: each used (completed) row, and a run that has not completed
-    (running, interrupted, failed) only when its configuration and seed has no completed run. A seed re-run after
+    (running, interrupted, failed) only when its experiment and seed has no completed run. A seed re-run after
     an interruption is one seed: its interrupted first attempt would otherwise count as another seed in the
-    curves' mean and band."""
-    done = {(r["config_id"], r["seed"]) for r in rows if r.get("used")}
+    curves' mean and band. The experiment of a row with an autoencode run is that run's stored autoencode identity
+    (``runs.stored_identity``): an interrupted autoencode-only job and the completed stage=all job that redid it
+    are one experiment, though their rows' settings differ by the classify part."""
+    def experiment(r: dict):
+        if str(r.get("stage", "")).startswith("autoencode") and r.get("run_dir"):
+            try:
+                ident = runs.stored_identity(Path(r["run_dir"]), "autoencode")
+            except (EmbclfError, OSError):  # an unreadable record: fall back to the row's own settings
+                ident = None
+            if ident is not None:
+                return "autoencode", json.dumps(ident, sort_keys=True, default=str), r.get("seed")
+        return r.get("stage"), r.get("config_id"), r.get("seed")
+
+    done = {experiment(r) for r in rows if r.get("used")}
     return [r for r in rows if r.get("used") or (r["status"] not in ("completed", UNREADABLE)
-                                                 and (r.get("config_id"), r.get("seed")) not in done)]
+                                                 and experiment(r) not in done)]
 
 
 def probe_names(rows: Iterable[dict]) -> List[str]:
