@@ -12,7 +12,7 @@ import pytest
 from hydra import compose, initialize_config_dir
 from hydra.errors import ConfigCompositionException
 
-from conftest import embclf_env
+from conftest import embclf_env, run_module
 
 from embclf import config, overrides
 from embclf.config import Config, conf_dir
@@ -91,8 +91,7 @@ def test_a_group_option_that_does_not_exist_is_one_paragraph(tmp_path):
         is None
     assert overrides.bad_choice(["experiment=mine", "--config-dir", str(tmp_path)]) is None  # the user's own options
     out = tmp_path / "out"
-    proc = subprocess.run([sys.executable, "-m", "embclf", "model=foo", f"output_dir={out}"], cwd=tmp_path,
-                          env=embclf_env(tmp_path), capture_output=True, text=True, timeout=300)
+    proc = run_module("embclf", ["model=foo", f"output_dir={out}"], tmp_path, embclf_env(tmp_path), timeout=300)
     assert proc.returncode == 2 and "Config search path" not in proc.stderr, proc.stderr
     assert proc.stderr.strip().startswith("embclf: error: model=foo is not an option of the model group")
     assert not out.exists()

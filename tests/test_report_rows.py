@@ -5,7 +5,6 @@ seeds are averaged, a repeated seed is reported as such."""
 from __future__ import annotations
 
 import csv
-import subprocess
 import sys
 
 import numpy as np
@@ -14,7 +13,7 @@ import torch
 from hydra import compose, initialize_config_dir
 from PIL import Image
 
-from conftest import CIFAR, REPO
+from conftest import CIFAR, REPO, embclf_env, run_module
 from report_fixtures import ae_run, clf_run
 
 from embclf import identity, references, report, runs
@@ -135,9 +134,8 @@ def test_figures_exist_with_readable_sizes(tmp_path):
 
 
 @pytest.mark.slow
-def test_help_texts():
-    out = subprocess.run([sys.executable, "-m", "embclf", "--help"], cwd=REPO, capture_output=True, text=True,
-                         timeout=120)
+def test_help_texts(tmp_path):
+    out = run_module("embclf", ["--help"], REPO, embclf_env(tmp_path), timeout=120)
     assert out.returncode == 0, out.stderr[-2000:]
     text = out.stdout
     for want in ("model: ae, resnet, resnet_vae, vae", "head: knn, linear, logreg, mlp", "stage=autoencode", "stage=classify",
