@@ -10,7 +10,7 @@
   need one of their own (``ulimit``, ``setpriv``, a fake driver, a bash script) start it with ``subprocess``.
 - Session fixtures built once and only read by the tests that use them: ``tiny_sweep`` (a 2x2 sweep, both
   stages), ``failing_sweep`` (a sweep with one failing job), ``slurm_cluster`` (a real local SLURM).
-- Markers (registered in pyproject.toml): ``slow`` (trains through the CLI, or needs root), ``slurm`` (needs the
+- Markers (registered in pyproject.toml): ``slow`` (trains through the CLI, runs a benchmark script or fresh interpreters, or needs root), ``slurm`` (needs the
   local SLURM cluster). ``pytest -m "not slow and not slurm"`` is the quick subset (≤ 1 min, no root, no SLURM).
   Tests using ``slurm_cluster`` are marked ``slurm`` and tests using ``small_tmpfs`` ``slow`` here, automatically.
 - Under pytest-xdist (``-n 2 --dist loadfile``, pyproject's addopts) each test file runs on one worker, so a

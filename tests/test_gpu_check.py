@@ -29,6 +29,7 @@ def _checks(out):
     return dict(re.findall(r"^CHECK (\S+)\s+(PASS|FAIL|SKIP)", out, re.M))
 
 
+@pytest.mark.slow  # the bash script and its fresh interpreters
 def test_gpu_check_without_a_gpu_skips_every_gpu_check(tmp_path, cifar_root):
     proc = _run("gpu_check.sh", tmp_path, cifar_root)
     assert proc.returncode == 0, proc.stdout + proc.stderr
@@ -37,6 +38,7 @@ def test_gpu_check_without_a_gpu_skips_every_gpu_check(tmp_path, cifar_root):
     assert "gpu_check: 0 PASS, 0 FAIL, 5 SKIP" in proc.stdout
 
 
+@pytest.mark.slow  # the bash script and its fresh interpreters
 def test_gpu_check_names_an_exclusive_mig_gpu_cuda_cannot_use(tmp_path, cifar_root):
     bin_dir = tmp_path / "bin"
     bin_dir.mkdir()

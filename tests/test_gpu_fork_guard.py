@@ -54,6 +54,7 @@ def _python(code: str, env_extra=None) -> str:
     return proc.stdout
 
 
+@pytest.mark.slow  # fresh interpreters with the stub driver preloaded
 def test_guard_sees_a_driver_initialised_behind_torchs_back(stub_driver):
     """torch.cuda.is_initialized() stays False when something else ran cuInit (is_available(), cuDNN, triton's
     probe); the guard asks the driver. Loaded but never initialised is still safe to fork."""
@@ -78,6 +79,7 @@ def test_guard_sees_a_driver_initialised_behind_torchs_back(stub_driver):
     assert res["inited"] == "the CUDA driver (libcuda.so.1) was initialised in the launcher process", res
 
 
+@pytest.mark.slow  # fresh interpreters with the stub driver preloaded
 def test_launcher_imports_leave_cuda_untouched(stub_driver, tmp_path):
     """Everything ``python -m embclf -m`` imports before forking its first worker, imported in a fresh interpreter
     whose torch.cuda entry points record any call: none is made, and the (stub) driver is never initialised.
