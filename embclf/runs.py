@@ -126,10 +126,17 @@ def _torch_save(obj: Any, path: Path) -> None:
     # record the failure in summary.json. gc: in case a reference cycle still holds the writer.
     gc.collect()
     try:
-        free = shutil.disk_usage(path.parent).free
+        free, written = shutil.disk_usage(path.parent).free, (path.stat().st_size if path.exists() else 0)
     except OSError:
-        free = 1
-    raise OSError(errno.ENOSPC if free == 0 else errno.EFBIG if _fsize_limited() else errno.EIO, message)
+        free, written = None, 0
+    # A full disk rarely reads exactly 0 bytes free: the failed write needed a larger block than was left (seen:
+    # 16 KiB left after a checkpoint write failed, torch saying only "unexpected pos"). Less than 1 MiB, or less
+    # than this file had written before it failed, is a full disk.
+    full = free is not None and free < max(FULL_BELOW_BYTES, written)
+    raise OSError(errno.ENOSPC if full else errno.EFBIG if _fsize_limited() else errno.EIO, message)
+
+
+FULL_BELOW_BYTES = 1 << 20  # a write that failed with less than this free was stopped by a full disk
 
 
 def _fsize_limited() -> bool:

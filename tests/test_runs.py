@@ -118,6 +118,28 @@ def test_a_checkpoint_that_fills_the_disk_frees_its_space_so_the_failure_can_be_
     assert runs.read_summary(d)["reason"] == "disk full"
 
 
+def test_a_full_disk_that_reports_a_few_kib_free_is_still_a_full_disk(small_tmpfs, monkeypatch):
+    """A real failed checkpoint write (a full tmpfs), with the file system reporting what an ext4 disk reported here
+    after a checkpoint write failed: 16 KiB free, not 0 (torch said only "unexpected pos"). That is "the disk is
+    full", not a bare write failure; 1 MiB free or more (beyond what the file had written) is not."""
+    import shutil
+    from collections import namedtuple
+
+    import pytest
+    import torch
+
+    d = small_tmpfs(1 << 20)
+    real = shutil.disk_usage
+    usage = namedtuple("usage", "total used free")
+    for reported, reason in ((16 << 10, "disk full"), (64 << 20, "write failed")):
+        monkeypatch.setattr(shutil, "disk_usage", lambda p: usage(real(p).total, real(p).used, reported))
+        with pytest.raises(runs.WriteError) as e:
+            runs.save_atomic({"w": torch.zeros(1_000_000)}, d / "checkpoints" / "last.pt")  # 4 MB on 1 MB
+        assert e.value.reason == reason, (reported, str(e.value))
+        assert ("the disk is full" in str(e.value)) == (reason == "disk full")
+        assert list((d / "checkpoints").iterdir()) == []
+
+
 def test_metrics_and_summary_writes_on_a_full_disk_fail_as_write_errors_and_leave_the_files_valid(small_tmpfs):
     import pytest
 
