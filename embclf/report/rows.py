@@ -439,9 +439,12 @@ def curve_rows(rows: List[dict]) -> List[dict]:
                 return "autoencode", json.dumps(ident, sort_keys=True, default=str), r.get("seed")
         return r.get("stage"), r.get("config_id"), r.get("seed")
 
+    unfinished = [r for r in rows if r["status"] not in ("completed", UNREADABLE)]
+    if not unfinished:  # the usual case: no identity file to read
+        return [r for r in rows if r.get("used")]
     done = {experiment(r) for r in rows if r.get("used")}
-    return [r for r in rows if r.get("used") or (r["status"] not in ("completed", UNREADABLE)
-                                                 and experiment(r) not in done)]
+    keep = {id(r) for r in unfinished if experiment(r) not in done}
+    return [r for r in rows if r.get("used") or id(r) in keep]
 
 
 def probe_names(rows: Iterable[dict]) -> List[str]:
