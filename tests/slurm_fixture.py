@@ -34,8 +34,10 @@ def tiny_args(tmp: Path, train_size: int = 200, epochs: int = 1, small: bool = F
     """Overrides for a job of a few seconds on CPU: a tiny real CIFAR-10 subset, 1 epoch. ``small``: a two-layer
     encoder (``conftest.SMALL_MODEL``, ~1/10 of the reference model's compute) for tests where nothing depends on
     how long an epoch takes; tests that signal or kill a job mid-training keep the reference model."""
+    from conftest import SMALL_MODEL  # (here: conftest imports this module's start_slurm)
+
     return [
-        *(["model.channels=[32,64]", "model.strides=[2,2]"] if small else []),
+        *(SMALL_MODEL if small else []),
         "data=folder",
         f"data.root={cifar_root()}",
         f"data.train_size={train_size}",
