@@ -5,8 +5,9 @@ a file lock so the jobs of a sweep download once) or any ImageFolder tree (``<ro
 ``<root>/test/<class>/*``; what it may hold and how each image mode is decoded: ``docs/data.md``).
 Decoded splits are cached as ``.pt`` files under ``data.cache_dir`` (default ``~/.cache/embclf/data``, never
 inside ``data.root``, which may be read-only), keyed on a listing of the files they are decoded from (each
-file's path, resolved path, size, mtime and ctime: ``file_listing``) and the decode rules, so an edited,
-replaced, moved or re-pointed file is decoded again, never served from the cache. Subsets are class-stratified
+file's path, resolved path, size, mtime and ctime: ``file_listing``; for an image folder, of the files decoded
+plus every file's path and label: ``image_folder.split_listing``) and the decode rules, so an edited, replaced,
+added, removed, moved or re-pointed file is decoded again, never served from the cache. Subsets are class-stratified
 (scikit-learn's ``train_test_split``) with a fixed seed, so the same config always sees the same images; the
 validation split is held out of train the same way. There are no per-sample Python transforms in the
 training loop: the stages index these tensors. Reading an ImageFolder tree's files: ``embclf/image_folder.py``.
@@ -60,15 +61,16 @@ class Dataset:
     """train / val / test splits and the class names (index = label).
 
     ``fingerprint`` describes the pixels (comparable across machines and copies of the data); ``files``
-    describes the source files as they were read (their paths, sizes and times: it changes with any edit,
-    move or re-pointed symlink, and differs between two copies of the same data)."""
+    describes the source files as they were read (their paths, sizes and times: it changes with any edit of a
+    file read, any file added, removed or moved, or a re-pointed symlink, and differs between two copies of the
+    same data)."""
 
     train: Split
     val: Split
     test: Split
     classes: List[str]
     fingerprint: str  # sha1 over the decoded pixels and labels of all three splits
-    files: str = ""  # sha1 over the listing of the source files (``file_listing`` of train, then test)
+    files: str = ""  # sha1 over the listings of the files train, val and test are decoded from
 
     def split(self, name: str) -> Split:
         return getattr(self, name)
@@ -92,7 +94,8 @@ def cache_dir(cfg) -> Path:
 
 
 # --- raw sources: each returns (targets int64 [N], decode(indices) -> uint8 [n,3,S,S], classes, paths or None,
-# files: the ``file_listing`` of the files the split is read from) --
+# files: the ``file_listing`` of the files the split is read from, or for an image folder a function of the
+# indices decoded, ``image_folder.split_listing``) --
 
 DOWNLOAD_LOCK = ".embclf-download.lock"
 
@@ -284,8 +287,8 @@ def _cached_decode(cfg, split: str, idx: np.ndarray, decode, targets: torch.Tens
     """Decode ``idx`` once and cache it under ``cache_dir(cfg)``; a later load of the same files loads the .pt.
 
     The cache file is named after what selects the images (source, root, split, image size, indices,
-    ``data.skip_corrupt``) and after what they are decoded from: ``files`` (the split's ``file_listing``) and the
-    decode rules. A cache file of the same selection but other files or rules is stale: it is never read, and
+    ``data.skip_corrupt``) and after what they are decoded from: ``files`` (the listing of the files ``idx`` is decoded from,
+    ``file_listing`` or ``image_folder.split_listing``) and the decode rules. A cache file of the same selection but other files or rules is stale: it is never read, and
     is deleted when the new one is written. ``decode(idx)`` returns (uint8 images, keep) where keep is None or a
     bool mask of the decoded indices (``data.skip_corrupt``: unreadable images are left out). ``paths``: every
     file of the source split (image folders), of which the split keeps those of ``idx`` (and of ``keep``)."""
@@ -380,9 +383,12 @@ def load(cfg) -> Dataset:
                                 "validation", "training", pool, where["train"], val_fix,
                                 "data.train_size" if cfg.train_size is not None else "")
     val_idx, train_idx = train_idx[val_pos], train_idx[rest]
-    train = _cached_decode(cfg, "train", train_idx, tr_decode, tr_targets, tr_paths, tr_files)
-    val = _cached_decode(cfg, "train", val_idx, tr_decode, tr_targets, tr_paths, tr_files)
-    test = _cached_decode(cfg, "test", test_idx, te_decode, te_targets, te_paths, te_files)
+    # what each split is decoded from; an image folder's listing stats only the files of the subset drawn
+    listed = [files(idx) if callable(files) else files
+              for files, idx in ((tr_files, train_idx), (tr_files, val_idx), (te_files, test_idx))]
+    train = _cached_decode(cfg, "train", train_idx, tr_decode, tr_targets, tr_paths, listed[0])
+    val = _cached_decode(cfg, "train", val_idx, tr_decode, tr_targets, tr_paths, listed[1])
+    test = _cached_decode(cfg, "test", test_idx, te_decode, te_targets, te_paths, listed[2])
     for name, s, files_of in (("train", train, "train"), ("val", val, "train"), ("test", test, "test")):
         if not len(s):  # every image of it was skipped as unreadable (data.skip_corrupt=true)
             where = tree["dir"][files_of] if source == "folder" else f"data.root={cfg.root}"
@@ -394,7 +400,7 @@ def load(cfg) -> Dataset:
         h.update(s.images.numpy())  # the buffer itself: no 150 MB copy for CIFAR-10
         h.update(s.labels.numpy())
     log.info("data %s: train %d, val %d, test %d images, %d classes", source, len(train), len(val), len(test), len(classes))
-    files = hashlib.sha1(f"{tr_files}\n{te_files}".encode()).hexdigest()
+    files = hashlib.sha1("\n".join(listed).encode()).hexdigest()
     faults.fault_point("data.load")
     return Dataset(train, val, test, classes, h.hexdigest(), files)
 

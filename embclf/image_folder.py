@@ -269,7 +269,21 @@ def folder_split(cfg, tree: dict, train: bool, cached_under: Path):
         return out, None
 
     targets = torch.as_tensor([t for _, t in samples], dtype=torch.int64)
-    return targets, decode, list(tree["classes"]), [p for p, _ in samples], file_listing(samples)
+    return targets, decode, list(tree["classes"]), [p for p, _ in samples], split_listing(samples)
+
+
+def split_listing(samples: List[Tuple[str, int]]):
+    """``listing(idx) -> str``: sha1 hex of what the images ``idx`` (int array of positions in ``samples``) are
+    decoded from. It covers every file's path and label in ``samples`` (which files there are decides the subset
+    drawn) and the ``file_listing`` of the files at ``idx`` only (the files read: an edit elsewhere changes no
+    decoded pixel). One ``lstat`` per file read instead of per file listed: a 500-image subset of CIFAR-10 costs
+    ~5 ms, where the ``file_listing`` of all 60,000 files took ~0.45 s per run."""
+    names = hashlib.sha1("".join(f"{p}\0{t}\n" for p, t in samples).encode("utf-8", "surrogateescape")).hexdigest()
+
+    def listing(idx) -> str:
+        return hashlib.sha1(f"{names}\n{file_listing(samples[int(i)] for i in idx)}".encode()).hexdigest()
+
+    return listing
 
 
 def _decode_workers() -> int:

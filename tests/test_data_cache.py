@@ -104,6 +104,34 @@ def test_a_file_edited_in_place_is_decoded_again(tmp_path, cifar_root, how):
     assert len(_caches(tmp_path)) == 3  # the stale cache files were replaced, not kept beside the new ones
 
 
+def test_a_subset_keeps_its_cache_when_a_file_it_does_not_read_changes_not_when_one_is_added(tmp_path, cifar_root,
+                                                                                             caplog):
+    """The listing stats only the files a subset decodes (no lstat of all 60,000 CIFAR files per run), and it
+    names every file of the split: an edit elsewhere changes no pixel and is served from the cache; an added
+    file may change the subset drawn, so its split is decoded again; an edit of a file read is decoded again."""
+    root = _tree(tmp_path / "tree", cifar_root)
+    cfg = _cfg(tmp_path, root, train_size=8, test_size=4)
+    before = data.load(cfg)
+    read = set(_by_path(before))
+    unread = next(p for p in sorted((root / "train" / "cat").iterdir()) if str(p) not in read)
+    _edit_quantization_table(unread)
+    with caplog.at_level(logging.INFO, logger="embclf.data"):
+        same = data.load(cfg)
+    assert "decoding" not in caplog.text and caplog.text.count("from the cache") == 3, caplog.text
+    assert (same.files, same.fingerprint) == (before.files, before.fingerprint)
+    f = Path(next(p for p in sorted(read) if "/train/" in p))
+    _edit_quantization_table(f)
+    edited = data.load(cfg)
+    assert edited.files != before.files and torch.equal(_by_path(edited)[str(f)][0], _pixels(f))
+    shutil.copyfile(sorted((cifar_root / "train" / "cat").iterdir())[50], root / "train" / "cat" / "99.jpg")
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="embclf.data"):
+        added = data.load(cfg)
+    # train and val are decoded again; test/ did not change, so its cache is read
+    assert added.files != edited.files and caplog.text.count("decoding") == 2, caplog.text
+    assert caplog.text.count("from the cache") == 1 and "test split from the cache" in caplog.text, caplog.text
+
+
 def test_a_replaced_file_is_decoded_again(tmp_path, cifar_root):
     root = _tree(tmp_path / "tree", cifar_root)
     cfg = _cfg(tmp_path, root)
