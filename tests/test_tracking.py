@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import os
+import shlex
 import subprocess
 import sys
 import time
@@ -94,7 +95,8 @@ def test_run_dir_artifacts_and_provenance(tiny_sweep):
 def test_sweep_announces_its_outputs(tiny_sweep):
     text = tiny_sweep["ae"].stdout + tiny_sweep["ae"].stderr
     assert f"sweep outputs: {tiny_sweep['out'].resolve()}" in text
-    assert "python -m embclf.report" in text
+    # the interpreter that ran the sweep (a bare `python` fails outside an activated venv), however pytest was started
+    assert f"{shlex.quote(sys.executable)} -m embclf.report {tiny_sweep['out'].resolve()}{os.sep}" in text, text[-2000:]
 
 
 def test_failed_job_is_a_failed_wandb_run_and_the_next_job_starts_fresh(failing_sweep):
