@@ -35,6 +35,7 @@ from typing import Dict, List, Optional
 
 import pytest
 
+
 REPO = Path(__file__).resolve().parents[1]
 CIFAR = REPO.parent / "shared" / "data" / "cifar10"
 
@@ -579,6 +580,20 @@ def small_tmpfs(tmp_path):
 
 # ------------------------------------------------------------------------------------------------
 # markers
+
+
+def pytest_configure(config):
+    """Never oversubscribe the cores: each test process (one per xdist worker) and every run it starts use
+    cores // workers torch threads, as the local launcher gives its concurrent jobs (two 2-thread jobs on 2 cores
+    train ~2x slower than two 1-thread jobs: docs/performance.md). Set before any test module imports torch; runs
+    inherit it through ``embclf_env``. A value already in the environment is kept. The xdist controller runs no
+    test: its workers, which it starts with its environment, decide."""
+    if getattr(config.option, "numprocesses", None) and not hasattr(config, "workerinput"):
+        return
+    if "OMP_NUM_THREADS" not in os.environ:
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+        workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+        os.environ["OMP_NUM_THREADS"] = os.environ["MKL_NUM_THREADS"] = str(max(1, cores // workers))
 
 
 def pytest_collection_modifyitems(config, items):

@@ -124,6 +124,10 @@ def start_slurm():
     if not SLURM_SCRIPT.is_file():
         pytest.fail(f"local SLURM script not found at {SLURM_SCRIPT} (set EMBCLF_LOCAL_SLURM)")
     env = dict(os.environ, LOCAL_SLURM_FAKE_GPUS="2")
+    # the node's CPU count comes from nproc, which honours OMP_NUM_THREADS: the test session's thread cap
+    # (conftest.pytest_configure) would make it a 1-CPU node that runs the 1-CPU jobs one at a time
+    for k in ("OMP_NUM_THREADS", "OMP_THREAD_LIMIT"):
+        env.pop(k, None)
     t0 = time.time()
     out = subprocess.run(
         ["bash", str(SLURM_SCRIPT), "start"], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
