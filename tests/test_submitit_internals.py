@@ -29,7 +29,7 @@ def _resolve(module: str, path: str):
 
 def _gone_message(what: str, purpose: str) -> str:
     return (f"submitit {metadata.version('submitit')} no longer provides {what}, which "
-            f"hydra_plugins/embclf_launcher/ (forked_job.py, local_launcher.py, slot_pool.py) uses for {purpose}. "
+            f"hydra_plugins/embclf_launcher/ (forked_job.py, local_launcher.py, slot_pool.py, slurm_launcher.py) uses for {purpose}. "
             "pyproject.toml pins submitit to the tested minor range: keep that pin, or adapt the launcher to the new "
             "submitit and widen the pin (see forked_job.SUBMITIT_INTERNALS).")
 

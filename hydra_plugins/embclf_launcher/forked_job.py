@@ -30,7 +30,7 @@ from .gpus import cuda_driver_state, cuda_runtime_used
 
 log = logging.getLogger("embclf.launcher")
 
-# The submitit names (module, attribute path) this file and local_launcher.py use beyond submitit's public
+# The submitit names (module, attribute path) this file, local_launcher.py and slurm_launcher.py use beyond submitit's public
 # executor API, with what for. tests/test_submitit_internals.py fails naming any that an upgrade removed.
 SUBMITIT_INTERNALS = (
     ("submitit.core.submission", "process_job", "the forked worker's job body"),
@@ -45,6 +45,8 @@ SUBMITIT_INTERNALS = (
     ("submitit.local.local", "LocalJobEnvironment._usr_sig", "the signal that tells a job to checkpoint"),
     ("submitit.local.local", "LocalJob", "reading a forked worker's result as submitit would"),
     ("submitit.local.local", "LocalJob._process", "reaping a fork=false controller (slot_pool._stop_workers)"),
+    ("submitit.slurm.slurm", "SlurmJob.watcher", "the SLURM array's state, shared by its jobs (slurm_launcher)"),
+    ("submitit.core.core", "InfoWatcher.update", "one sacct read of every job's state (slurm_launcher._wait)"),
 )
 
 # submitit's local controller restarts a task at most this often (submitit 1.5.4: Controller.run)
