@@ -60,3 +60,13 @@ def test_the_stages_are_short_recipes():
     for name in ("autoencode.py", "classify.py"):
         n = len((ROOT / "embclf" / "stages" / name).read_text().splitlines())
         assert n < 300, f"embclf/stages/{name} has {n} lines: a recipe reads top to bottom, the rest is library"
+
+
+def test_the_longest_first_order_names_existing_test_files():
+    """conftest.LONGEST_FIRST (the order xdist hands files out in) names test files that exist: a renamed file
+    would silently drop to the end of the run."""
+    from conftest import LONGEST_FIRST
+
+    here = Path(__file__).parent
+    assert [n for n in LONGEST_FIRST if not (here / n).is_file()] == []
+    assert len(set(LONGEST_FIRST)) == len(LONGEST_FIRST)
