@@ -41,7 +41,10 @@ OUT=${OUT:-outputs/gpu_study_$(date +%Y%m%d_%H%M%S)}
 mkdir -p "$OUT"
 OUT=$(cd "$OUT" && pwd)
 echo "gpu_study: data $DATA, models $MODELS, latents $LATENTS, jobs_per_gpu $JOBS_PER_GPU, precision $PRECISION, compile $COMPILE -> $OUT"
-"$PY" -c "import torch; print('torch', torch.__version__, '| cuda:', torch.cuda.get_device_name(0) if torch.cuda.is_available() else 'none')"
+# one torch start-up (~2 s of CPU) says both what runs and whether CUDA does (PACKING's variants ask)
+TORCH=$("$PY" -c "import torch; c = torch.cuda.is_available(); print(int(c), 'torch', torch.__version__, '| cuda:', torch.cuda.get_device_name(0) if c else 'none')")
+CUDA=${TORCH%% *}
+echo "${TORCH#* }"
 
 # 1. decode the JPEG tree once into embclf's data cache, so the jobs do not all decode it at the same time
 t0=$(date +%s.%N)
@@ -61,7 +64,6 @@ t1=$(date +%s.%N)
 # 1b. the packing comparison (PACKING=1): aggregate training img/s per way of sharing one GPU
 if [[ "${PACKING:-0}" == 1 ]]; then
   PACK_JOBS=${PACK_JOBS:-8}
-  CUDA=$("$PY" -c "import torch; print(int(torch.cuda.is_available()))")
   HAVE_MPS=0; command -v nvidia-cuda-mps-control >/dev/null 2>&1 && HAVE_MPS=1
   if [[ $CUDA == 1 ]]; then GPU_ARGS=("hydra.launcher.gpus=[0]"); else GPU_ARGS=("hydra.launcher.gpus=[]"); fi
   variant() {  # name, jobs, more overrides...
