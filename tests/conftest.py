@@ -17,7 +17,8 @@
   module fixture is built once; the shared sweeps are built once per session by whichever worker asks first
   (``_once``: a file lock in the base temp dir the workers share), the other worker reads the record.
   (``--dist loadgroup`` would not do: with pytest 9 its ``xdist_group`` marks are not applied, checked with
-  pytest 9.2 / pytest-xdist 3.8.)
+  pytest 9.2 / pytest-xdist 3.8.) Files are handed out longest first (``LONGEST_FIRST``), and each test process
+  and every run it starts use cores // workers torch threads (``pytest_configure``): never more threads than cores.
 
 Helpers for hand-written run dirs are in ``report_fixtures.py``, those of the launcher/SLURM tests in
 ``slurm_fixture.py``, the kill-and-resume driver in ``resume_harness.py``, the wandb log reader in ``wandb_log.py``.
