@@ -287,9 +287,9 @@ def _cached_decode(cfg, split: str, idx: np.ndarray, decode, targets: torch.Tens
     """Decode ``idx`` once and cache it under ``cache_dir(cfg)``; a later load of the same files loads the .pt.
 
     The cache file is named after what selects the images (source, root, split, image size, indices,
-    ``data.skip_corrupt``) and after what they are decoded from: ``files`` (the listing of the files ``idx`` is decoded from,
-    ``file_listing`` or ``image_folder.split_listing``) and the decode rules. A cache file of the same selection but other files or rules is stale: it is never read, and
-    is deleted when the new one is written. ``decode(idx)`` returns (uint8 images, keep) where keep is None or a
+    ``data.skip_corrupt``) and after what they are decoded from: ``files`` (the listing of the files ``idx`` is
+    decoded from, ``file_listing`` or ``image_folder.split_listing``) and the decode rules. A cache file of the same
+    selection but other files or rules is stale: it is never read, and is deleted when the new one is written. ``decode(idx)`` returns (uint8 images, keep) where keep is None or a
     bool mask of the decoded indices (``data.skip_corrupt``: unreadable images are left out). ``paths``: every
     file of the source split (image folders), of which the split keeps those of ``idx`` (and of ``keep``)."""
     picked = [paths[int(i)] for i in idx] if paths is not None else None

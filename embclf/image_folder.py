@@ -276,8 +276,9 @@ def split_listing(samples: List[Tuple[str, int]]):
     """``listing(idx) -> str``: sha1 hex of what the images ``idx`` (int array of positions in ``samples``) are
     decoded from. It covers every file's path and label in ``samples`` (which files there are decides the subset
     drawn) and the ``file_listing`` of the files at ``idx`` only (the files read: an edit elsewhere changes no
-    decoded pixel). One ``lstat`` per file read instead of per file listed: a 500-image subset of CIFAR-10 costs
-    ~5 ms, where the ``file_listing`` of all 60,000 files took ~0.45 s per run."""
+    decoded pixel). One ``lstat`` per file read instead of per file listed: train, val and test of a 500-image subset
+    of CIFAR-10 cost 0.02-0.035 s (mostly hashing the 60,000 names), where the ``file_listing`` of all files took
+    0.31-0.43 s per run (measured on the 2-core test machine, warm page cache)."""
     names = hashlib.sha1("".join(f"{p}\0{t}\n" for p, t in samples).encode("utf-8", "surrogateescape")).hexdigest()
 
     def listing(idx) -> str:

@@ -30,8 +30,8 @@ from .gpus import cuda_driver_state, cuda_runtime_used
 
 log = logging.getLogger("embclf.launcher")
 
-# The submitit names (module, attribute path) this file, local_launcher.py and slurm_launcher.py use beyond submitit's public
-# executor API, with what for. tests/test_submitit_internals.py fails naming any that an upgrade removed.
+# The submitit names (module, attribute path) this file, local_launcher.py and slurm_launcher.py use beyond
+# submitit's public executor API, with what for. tests/test_submitit_internals.py fails naming any that an upgrade removed.
 SUBMITIT_INTERNALS = (
     ("submitit.core.submission", "process_job", "the forked worker's job body"),
     ("submitit.core.utils", "JobPaths", "the job folder's file names (pickles, logs, result)"),
