@@ -91,7 +91,7 @@ EXTRA=("$@")
 # 3. a 2-job forked sweep sharing GPU 0
 if [[ $RUN == 0 ]]; then verdict shared_sweep SKIP "needs a usable GPU"
 else
-  sweep "$OUT/shared" 2 1,2 >/dev/null
+  ws=$(sweep "$OUT/shared" 2 1,2)
   rc=$?
   r=$("$PY" - "$OUT/shared" <<'PY'
 import sys
@@ -114,13 +114,15 @@ fi
 if [[ $RUN == 0 ]]; then verdict packing SKIP "needs a usable GPU"
 else
   w1=$(sweep "$OUT/alone" 1 1); rc1=$?
-  wn=$(sweep "$OUT/packed" "$JOBS" "$(seq -s, 1 "$JOBS")"); rcn=$?
+  # JOBS=2 (the CPU recipe above): that sweep is the shared one of check 3 (seeds 1,2, 2 per GPU); not run twice
+  if [[ "$JOBS" == 2 ]]; then packed=$OUT/shared wn=$ws rcn=$rc
+  else packed=$OUT/packed; wn=$(sweep "$packed" "$JOBS" "$(seq -s, 1 "$JOBS")"); rcn=$?; fi
   "$PY" benchmarks/packing.py "$OUT/alone" --label "1 job alone" --wall "$w1" >"$OUT/alone.json"
-  "$PY" benchmarks/packing.py "$OUT/packed" --label "$JOBS jobs" --wall "$wn" --baseline "$OUT/alone.json" >"$OUT/packed.json"
+  "$PY" benchmarks/packing.py "$packed" --label "$JOBS jobs" --wall "$wn" --baseline "$OUT/alone.json" >"$OUT/packed.json"
   why="$(head -1 "$OUT/alone.json" | sed "s/^[^:]*: //"); $(head -1 "$OUT/packed.json" | sed "s/^[^:]*: //")"
   ratio=$("$PY" -c 'import json, sys; print(json.loads(open(sys.argv[1]).read().splitlines()[-1])["ratio"])' "$OUT/packed.json")
   if [[ $CUDA == 0 ]]; then verdict packing SKIP "no GPU; ran on the CPU: $why"
-  elif [[ $rc1 -ne 0 || $rcn -ne 0 ]]; then verdict packing FAIL "a sweep failed (logs $OUT/alone.log, $OUT/packed.log): $why"
+  elif [[ $rc1 -ne 0 || $rcn -ne 0 ]]; then verdict packing FAIL "a sweep failed (logs $OUT/alone.log, $packed.log): $why"
   elif awk -v r="$ratio" 'BEGIN { exit !(r >= 1.5) }'; then verdict packing PASS "$why"
   else verdict packing FAIL "$why -- packing gains little (time-sliced); compare hydra.launcher.mps=on and compile_mode=reduce-overhead with PACKING=1 bash benchmarks/gpu_study.sh"; fi
 fi
