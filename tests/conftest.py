@@ -592,9 +592,10 @@ def pytest_configure(config):
     if getattr(config.option, "numprocesses", None) and not hasattr(config, "workerinput"):
         return
     if "OMP_NUM_THREADS" not in os.environ:
-        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+        from hydra_plugins.embclf_launcher.gpus import usable_cores  # the launcher's count (no torch import)
+
         workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
-        os.environ["OMP_NUM_THREADS"] = os.environ["MKL_NUM_THREADS"] = str(max(1, cores // workers))
+        os.environ["OMP_NUM_THREADS"] = os.environ["MKL_NUM_THREADS"] = str(max(1, usable_cores() // workers))
 
 
 # The files that take longest (seconds on one worker, measured 2026-12-07 on the 2-core CI-like machine: SLURM
