@@ -1,12 +1,15 @@
 """A study resumed from its storage explores new points (issue 17): the seeded sampler used to restart its
 sequence in every process and re-propose the first trials' parameters while the study had fewer than
 ``n_startup_trials`` trials. See hydra_plugins/embclf_launcher/optuna_resume.py."""
+import importlib.util
+
 import pytest
 
 from conftest import run_embclf
 from test_research import SMALL
 
-optuna = pytest.importorskip("optuna", reason='the Optuna search is the extra pip install -e ".[optuna]"')
+if importlib.util.find_spec("optuna") is None:  # found, not imported: importing optuna costs each worker ~1.7 s
+    pytest.skip('the Optuna search is the extra pip install -e ".[optuna]"', allow_module_level=True)
 
 SEARCHED = ("model.beta", "autoencode.lr", "head.dropout")
 
@@ -23,6 +26,8 @@ def _sweep(tmp_path, out, *extra):
 def test_a_resumed_study_draws_new_parameters(tmp_path):
     """Two consecutive 1-trial searches into one sqlite study (n_startup_trials=8: both in TPE's random phase):
     the second proposes parameters the first did not (it used to repeat them); the study holds both trials."""
+    import optuna
+
     _sweep(tmp_path, tmp_path / "first")
     second = _sweep(tmp_path, tmp_path / "second")
     study = optuna.load_study(study_name="resume_test", storage=f"sqlite:///{tmp_path / 'optuna.db'}")

@@ -10,9 +10,10 @@ from __future__ import annotations
 import json
 import struct
 from pathlib import Path
-from typing import Dict, Iterator, List
+from typing import TYPE_CHECKING, Dict, Iterator, List
 
-from wandb.proto import wandb_internal_pb2 as pb
+if TYPE_CHECKING:  # imported where a log is read: wandb costs each test worker ~1 s at collection
+    from wandb.proto import wandb_internal_pb2 as pb
 
 BLOCK = 32768
 FULL, FIRST, MIDDLE, LAST = 1, 2, 3, 4
@@ -20,6 +21,8 @@ FULL, FIRST, MIDDLE, LAST = 1, 2, 3, 4
 
 def records(path: Path) -> Iterator[pb.Record]:
     """Every Record in a ``.wandb`` file, in order."""
+    from wandb.proto import wandb_internal_pb2 as pb
+
     data = Path(path).read_bytes()
     assert data[:4] == b":W&B", f"{path} is not a wandb transaction log"
     pos, buf = 7, b""
