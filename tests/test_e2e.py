@@ -225,9 +225,7 @@ def test_a_real_full_disk_during_a_checkpoint_is_recorded_as_disk_full(tmp_path,
         args = ["-m", *args, f"hydra.sweep.dir={disk}/sweep"]
     else:
         args += [f"hydra.run.dir={disk}/run"]
-    # a fresh interpreter: the sweep on a full disk did not finish in 10 min as a fork of the test process
-    # (under pytest-xdist; not yet understood), and does as its own process
-    proc = run_embclf(args, tmp_path, check=False, fresh=True)
+    proc = run_embclf(args, tmp_path, check=False)
     assert proc.returncode != 0, proc.stderr[-3000:]
     (summary,) = list(disk.rglob("summary.json"))
     s = json.loads(summary.read_text())
