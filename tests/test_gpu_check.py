@@ -72,7 +72,7 @@ def test_gpu_study_packing_comparison_and_study_run_on_cpu(tmp_path, cifar_root)
     stage=all sweep, its summary with achieved TFLOP/s, and the report table), in one run of the script."""
     proc = _run("gpu_study.sh", tmp_path, cifar_root, ["data.train_size=300", *TINY_MODEL, "autoencode.epochs=1",
                                                            "classify.epochs=2"],
-                PACKING="1", PACK_JOBS="2", PACK_TRAIN_SIZE="300", MODELS="ae", LATENTS="8")
+                PACKING="1", PACK_JOBS="2", PACK_TRAIN_SIZE="300", PACK_EPOCHS="1", MODELS="ae", LATENTS="8")
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     out = proc.stdout
     variants = dict(re.findall(r"^VARIANT (\S+): (.*)$", out, re.M))
