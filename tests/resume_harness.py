@@ -18,6 +18,7 @@ only the calling thread), and runs this file as a script otherwise.
 """
 from __future__ import annotations
 
+import gc
 import json
 import os
 import signal
@@ -42,6 +43,7 @@ def attempt(args, run_dir: Path, kill_at, log_path: Path, timeout_s: float = 300
     """One run of the entrypoint in a forked child; returns how it ended."""
     sys.stdout.flush()
     sys.stderr.flush()
+    gc.freeze()  # the child never scans (copies) this process's objects (as conftest.run_module)
     pid = os.fork()
     if pid == 0:  # the child: the real entrypoint with the real command line
         code = 1
@@ -74,6 +76,7 @@ def attempt(args, run_dir: Path, kill_at, log_path: Path, timeout_s: float = 300
             sys.stdout.flush()
             sys.stderr.flush()
             os._exit(code)
+    gc.unfreeze()
     deadline = time.time() + timeout_s
     while True:
         done, status = os.waitpid(pid, os.WNOHANG)
