@@ -1,15 +1,19 @@
 """Test-only fault injection (``EMBCLF_KILL_AT``): the resume, signal and lock tests kill or fail a real run at
-named points. Unset (always, outside tests) a point costs one dict lookup."""
+named points; ``EMBCLF_SLOW_AT`` makes a point wait, so that the launcher and SLURM tests can kill a job mid-training
+without a model large enough to keep a CPU busy for as long. Unset (always, outside tests) a point costs two dict
+lookups."""
 from __future__ import annotations
 
 import logging
 import os
 import signal
+import time
 from typing import Dict
 
 log = logging.getLogger(__name__)
 
 KILL_AT_ENV = "EMBCLF_KILL_AT"
+SLOW_AT_ENV = "EMBCLF_SLOW_AT"
 _fault_counts: Dict[str, int] = {}
 
 
@@ -28,8 +32,18 @@ def fault_point(name: str) -> None:
     ``autoencode`` or ``classify``. Also ``data.load`` (the data decoded, before a stage accepts the run dir) and
     the classify stage's phases: ``classify.embed`` (embeddings computed, not saved), ``classify.lr_search`` (after
     each head of the learning-rate search), ``classify.probe_fit`` (a k-NN/logistic-regression fit),
-    ``classify.probes`` (after each extra probe), ``classify.plots`` (the result written, figures not yet). Unset (always, outside tests) it costs one dict lookup.
+    ``classify.probes`` (after each extra probe), ``classify.plots`` (the result written, figures not yet).
+
+    ``EMBCLF_SLOW_AT=NAME:SECONDS`` makes the process sleep SECONDS every time it reaches point NAME (e.g.
+    ``autoencode.step:1``: an epoch of one batch takes a second): a run that stays mid-training for as long as a test
+    needs, without the CPU time a larger model would spend (the test's other runs get that core). Unset (always,
+    outside tests) the two variables cost two dict lookups.
     """
+    slow = os.environ.get(SLOW_AT_ENV)
+    if slow:
+        point, _, seconds = slow.partition(":")
+        if point == name:
+            time.sleep(float(seconds))
     spec = os.environ.get(KILL_AT_ENV)
     if not spec:
         return

@@ -30,10 +30,18 @@ def cifar_root() -> Path:
     return CIFAR
 
 
+# For a job that must still be training when a test signals, kills or cancels it: each optimizer step waits this
+# long (EMBCLF_SLOW_AT, embclf/faults.py). With tiny_args (180 training images, batch 200) an epoch is one step, so
+# it lasts ~1.5 s however fast the CPU, and costs the small model's ~0.1 s of CPU instead of the reference model's
+# ~2 s that the other test worker now gets.
+SLOW_STEPS = {"EMBCLF_SLOW_AT": "autoencode.step:1.5"}
+
+
 def tiny_args(tmp: Path, train_size: int = 200, epochs: int = 1, small: bool = False) -> List[str]:
     """Overrides for a job of a few seconds on CPU: a tiny real CIFAR-10 subset, 1 epoch. ``small``: a two-layer
     encoder (``conftest.SMALL_MODEL``, ~1/10 of the reference model's compute) for tests where nothing depends on
-    how long an epoch takes; tests that signal or kill a job mid-training keep the reference model."""
+    how long an epoch takes. Tests that signal or kill a job mid-training use it too, with ``SLOW_STEPS`` in the
+    environment."""
     from conftest import SMALL_MODEL  # (here: conftest imports this module's start_slurm)
 
     return [
@@ -63,12 +71,13 @@ def embclf_cmd(*args: str) -> List[str]:
     return [sys.executable, "-m", "embclf", "-m", *args]
 
 
-def run_embclf(*args: str, timeout: float = 300, cwd: Optional[Path] = None) -> subprocess.CompletedProcess:
-    """Run ``python -m embclf -m <args>`` (``conftest.run_module``: a sweep gets its own interpreter); returns the
-    CompletedProcess (stdout+stderr in .stdout)."""
+def run_embclf(*args: str, timeout: float = 300, cwd: Optional[Path] = None,
+               env: Optional[Dict[str, str]] = None) -> subprocess.CompletedProcess:
+    """Run ``python -m embclf -m <args>`` (``conftest.run_module``: a sweep gets its own interpreter) with
+    ``embclf_env(env)``; returns the CompletedProcess (stdout+stderr in .stdout)."""
     from conftest import run_module
 
-    return run_module("embclf", ["-m", *args], cwd or REPO, embclf_env(), timeout=timeout, merge_stderr=True)
+    return run_module("embclf", ["-m", *args], cwd or REPO, embclf_env(env), timeout=timeout, merge_stderr=True)
 
 
 def run_dirs(sweep_dir: Path) -> List[Path]:

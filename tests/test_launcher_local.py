@@ -27,6 +27,7 @@ from slurm_fixture import (
     summary,
     tiny_args,
     REPO,
+    SLOW_STEPS,
 )
 
 
@@ -131,9 +132,10 @@ def test_invalid_values_fail_before_any_job_starts(tmp_path):
     assert "start #" not in out and not any(out_dir.glob("*")), list(out_dir.glob("*"))
 
 
-def _start_sweep(args, log: Path):
-    """``python -m embclf -m ARGS`` in the background (conftest.start_module), its output in ``log``."""
-    return start_module("embclf", ["-m", *args], REPO, embclf_env(), log)
+def _start_sweep(args, log: Path, env=None):
+    """``python -m embclf -m ARGS`` in the background (conftest.start_module), its output in ``log``; ``env``: more
+    environment (``SLOW_STEPS``)."""
+    return start_module("embclf", ["-m", *args], REPO, embclf_env(env), log)
 
 
 def _wait_training(sweep_dir, pattern, n, proc, timeout=180):
@@ -169,12 +171,12 @@ def _alive(pid):
 
 
 def _sweep_killing_one(sweep_dir, *args, epochs=4):
-    """Run the 2-job sweep ``autoencode.epochs=1,<epochs>`` (2 slots, CPU) and SIGKILL the longer job's
-    worker from outside once it trains; returns (the sweep's command-line args, its exit code, its output,
+    """Run the 2-job sweep ``autoencode.epochs=1,<epochs>`` (2 slots, CPU, ``SLOW_STEPS``) and SIGKILL the longer
+    job's worker from outside once it trains; returns (the sweep's command-line args, its exit code, its output,
     the killed job's run dir)."""
     args = [*args, f"autoencode.epochs=1,{epochs}", "hydra.launcher.gpus=[]", "hydra.launcher.max_parallel=2",
             f"hydra.sweep.dir={sweep_dir}"]
-    proc = _start_sweep(args, Path(sweep_dir).parent / "sweep.log")
+    proc = _start_sweep(args, Path(sweep_dir).parent / "sweep.log", SLOW_STEPS)
     try:
         victim, rec = next(iter(_wait_training(sweep_dir, f"*epochs={epochs}*", 1, proc).items()))
         os.kill(rec["pid"], signal.SIGKILL)
@@ -194,7 +196,7 @@ def test_killed_job_is_recorded_killed_and_reinvoking_resumes_it(tmp_path):
     from its last.pt."""
     sweep_dir = tmp_path / "sweep"
     epochs = 4
-    args, code, out, victim = _sweep_killing_one(sweep_dir, *tiny_args(tmp_path), epochs=epochs)
+    args, code, out, victim = _sweep_killing_one(sweep_dir, *tiny_args(tmp_path, small=True), epochs=epochs)
     assert code != 0, out[-3000:]
     assert "1 of 2 sweep jobs failed" in out and f"autoencode.epochs={epochs}" in out, out[-3000:]
     killed = summary(victim)
@@ -226,9 +228,9 @@ def test_stopping_the_launcher_stops_its_jobs(tmp_path):
     SIGTERM (or Ctrl-C) to the launcher stops every running job -- no orphaned workers -- and
     records them "interrupted", so a re-invoked sweep resumes them."""
     sweep_dir = tmp_path / "sweep"
-    args = [*tiny_args(tmp_path), "autoencode.epochs=40", "seed=1,2,3", "hydra.launcher.gpus=[]",
+    args = [*tiny_args(tmp_path, small=True), "autoencode.epochs=40", "seed=1,2,3", "hydra.launcher.gpus=[]",
             "hydra.launcher.max_parallel=2", f"hydra.sweep.dir={sweep_dir}"]
-    proc = _start_sweep(args, tmp_path / "first.log")
+    proc = _start_sweep(args, tmp_path / "first.log", SLOW_STEPS)
     try:
         running = _wait_training(sweep_dir, "*", 2, proc)
         # a second invocation into the same sweep dir is refused at once: the launcher holds it (embclf.locks)
@@ -299,7 +301,7 @@ def test_fork_false_runs_each_job_in_a_fresh_interpreter(tmp_path):
     with its signal (submitit's controller discards the task's exit status: the exit_status wrapper
     keeps it), the other completes; ``.submitit/`` holds one folder per job and no literal ``%j``."""
     sweep_dir = tmp_path / "sweep"
-    _, code, out, victim = _sweep_killing_one(sweep_dir, *tiny_args(tmp_path), "hydra.launcher.fork=false")
+    _, code, out, victim = _sweep_killing_one(sweep_dir, *tiny_args(tmp_path, small=True), "hydra.launcher.fork=false")
     assert code != 0, out[-4000:]
     assert "workers fresh python per job (hydra.launcher.fork=false)" in out, out[-3000:]
     printed = int(re.search(r"(\d+) thread\(s\) per job", out).group(1))
@@ -472,9 +474,9 @@ def test_a_job_out_of_time_is_a_timeout_row_with_its_limit(tmp_path):
     max_num_timeout times, then ends with status "timeout" naming both keys; its run dir says so too. A
     short limit is signalled a quarter of the limit before its end, not at once (signal_delay_s=60)."""
     sweep_dir = tmp_path / "sweep"
-    proc = run_embclf(*tiny_args(tmp_path, epochs=500), "hydra.launcher.timeout_min=0.08",
+    proc = run_embclf(*tiny_args(tmp_path, epochs=500, small=True), "hydra.launcher.timeout_min=0.08",
                       "hydra.launcher.max_num_timeout=1", "hydra.launcher.max_parallel=1",
-                      f"hydra.sweep.dir={sweep_dir}")
+                      f"hydra.sweep.dir={sweep_dir}", env=SLOW_STEPS)
     out = proc.stdout
     assert proc.returncode != 0, out[-3000:]
     (d,) = run_dirs(sweep_dir)

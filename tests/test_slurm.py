@@ -24,6 +24,7 @@ from slurm_fixture import (
     slurm,
     summary,
     tiny_args,
+    SLOW_STEPS,
 )
 
 # fit two 1-GPU jobs on the 2-CPU test node; everything else is the preset's default
@@ -114,11 +115,12 @@ def test_requeued_jobs_resume_from_last_checkpoint(slurm_cluster, tmp_path):
       the launcher's ``checkpoint()`` and requeues the job itself.
     """
     # after SIGTERM a job trains on until SLURM's KillWait (5 s here) ends it: leave it more epochs
-    # than that (an epoch of 180 images takes ~1-2 s), so that the kill lands mid-training
+    # than that (an epoch of 180 images is one step, which SLOW_STEPS makes last ~1.5 s), so that the kill lands
+    # mid-training
     epochs = 12
     sweep_dir = tmp_path / "sweep"
-    args = [*tiny_args(tmp_path, epochs=epochs), *FIT_NODE, "latent=8,16", f"hydra.sweep.dir={sweep_dir}"]
-    proc = subprocess.Popen(embclf_cmd(*args), cwd=REPO, env=embclf_env(), stdout=subprocess.PIPE,
+    args = [*tiny_args(tmp_path, epochs=epochs, small=True), *FIT_NODE, "latent=8,16", f"hydra.sweep.dir={sweep_dir}"]
+    proc = subprocess.Popen(embclf_cmd(*args), cwd=REPO, env=embclf_env(SLOW_STEPS), stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True)
     how = {8: "scontrol-requeue", 16: "usr2"}
     try:
@@ -200,9 +202,10 @@ def test_cancelled_job_is_recorded_cancelled_with_its_slurm_state(slurm_cluster,
     how it ended and records status "cancelled" with the SLURM state in its run dir; the sweep report
     shows that row, and the command exits non-zero naming the job."""
     sweep_dir = tmp_path / "sweep"
-    proc = subprocess.Popen(embclf_cmd(*tiny_args(tmp_path, epochs=24), *FIT_NODE, "latent=8",
+    proc = subprocess.Popen(embclf_cmd(*tiny_args(tmp_path, epochs=24, small=True), *FIT_NODE, "latent=8",
                                        f"hydra.sweep.dir={sweep_dir}"),
-                            cwd=REPO, env=embclf_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+                            cwd=REPO, env=embclf_env(SLOW_STEPS), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True)
     try:
         run_dir = _wait_for(lambda: next((d for d in (run_dirs(sweep_dir) if sweep_dir.is_dir() else [])
                                           if _train_epochs(d)), None), 180, "a trained epoch", proc)
