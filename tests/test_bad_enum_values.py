@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import dataclasses
 import enum
-import subprocess
-import sys
 import typing
 
 import pytest
@@ -65,10 +63,11 @@ def test_precision_offers_auto_and_other_types_say_what_they_take():
 
 @pytest.mark.slow
 def test_a_bad_enum_value_on_the_command_line_is_one_paragraph(tmp_path):
-    """The real command: the paragraph alone, exit status 2, nothing written."""
+    """The real command (``python -m embclf``, forked: conftest.run_module): the paragraph alone, exit status 2,
+    nothing written."""
     out = tmp_path / "out"
-    cmd = [sys.executable, "-m", "embclf", "stage=foo", "logger=none", f"output_dir={out}"]
-    proc = subprocess.run(cmd, cwd=tmp_path, env=embclf_env(tmp_path), capture_output=True, text=True, timeout=300)
+    proc = run_module("embclf", ["stage=foo", "logger=none", f"output_dir={out}"], tmp_path, embclf_env(tmp_path),
+                      timeout=300)
     assert proc.returncode == 2
     err = proc.stderr.strip()
     assert "Traceback" not in err and "full_key" not in err and "object_type" not in err, err

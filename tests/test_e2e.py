@@ -95,7 +95,7 @@ def test_classify_without_encoder_fails_clearly(tmp_path, cifar_root):
 @pytest.mark.slow
 def test_resume_after_sigterm_and_skip_completed(tmp_path, cifar_root):
     run_dir = tmp_path / "run"
-    args = ["model=ae", "latent=8", *MINI, *SMALL_MODEL, "autoencode.epochs=3", f"hydra.run.dir={run_dir}"]
+    args = ["model=ae", "latent=8", *MINI, *SMALL_MODEL, "autoencode.epochs=3", "logger=none", f"hydra.run.dir={run_dir}"]
     metrics = run_dir / "metrics.jsonl"
     # SIGTERM (as SLURM sends at a time limit or preemption) in the middle of epoch 2 (6 steps per epoch): the
     # process signals itself at an exact step, so a fast small model cannot finish before the signal lands
@@ -161,7 +161,7 @@ def test_classify_encoder_that_would_run_code_is_refused(tmp_path, cifar_root):
 @pytest.mark.slow
 def test_divergence_stops_the_run_and_is_recorded(tmp_path, cifar_root):
     run_dir = tmp_path / "run"
-    proc = run_embclf(["model=vae", "latent=8", *MINI, *SMALL_MODEL, "autoencode.epochs=3", "autoencode.lr=1e30",
+    proc = run_embclf(["model=vae", "latent=8", *MINI, *SMALL_MODEL, "logger=none", "autoencode.epochs=3", "autoencode.lr=1e30",
                        f"hydra.run.dir={run_dir}"], tmp_path, check=False)
     assert proc.returncode == 2 and "non-finite loss at epoch 1, step " in proc.stderr, proc.stderr[-2000:]
     s = json.loads((run_dir / "summary.json").read_text())
@@ -187,7 +187,7 @@ def test_divergence_later_keeps_the_last_finite_checkpoint(tmp_path):
 @pytest.mark.slow
 def test_posterior_collapse_is_flagged(tmp_path, cifar_root):
     run_dir = tmp_path / "run"
-    proc = run_embclf(["model=vae", "latent=8", *MINI, *SMALL_MODEL, "autoencode.epochs=1", "model.beta=100",
+    proc = run_embclf(["model=vae", "latent=8", *MINI, *SMALL_MODEL, "logger=none", "autoencode.epochs=1", "model.beta=100",
                        f"hydra.run.dir={run_dir}"], tmp_path)
     s = json.loads((run_dir / "summary.json").read_text())
     assert s["status"] == "completed" and s["test_active_units"] < 1 and s["posterior_collapse"] is True

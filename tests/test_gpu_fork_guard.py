@@ -128,7 +128,7 @@ def test_launcher_falls_back_to_fresh_interpreters_when_the_driver_is_initialise
     its start line and runs the job in a fresh interpreter, which completes."""
     env = {**embclf_env(tmp_path), "LD_PRELOAD": str(stub_driver["inited"])}
     sweep_dir = tmp_path / "sweep"
-    proc = run_embclf(["-m", *tiny_args(tmp_path, train_size=100, small=True), "seed=1", "hydra.launcher.gpus=[]",
+    proc = run_embclf(["-m", *tiny_args(tmp_path, train_size=100, small=True), "seed=1", "logger=none", "hydra.launcher.gpus=[]",
                        f"hydra.sweep.dir={sweep_dir}"], tmp_path, env=env, fresh=True, check=False)
     out = proc.stdout + proc.stderr
     assert proc.returncode == 0, out[-4000:]
