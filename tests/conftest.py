@@ -6,8 +6,10 @@
   start-up. Sweeps (``-m``) are children of the zygote instead (:class:`_Zygote`: a ``python`` per test process
   that imported the same once and never runs a torch op, so its children may use any number of torch threads);
   ``start_module`` starts such a child in the background (a Popen-like handle) for the tests that signal, stop or
-  watch a run. ``fresh=True`` and ``EMBCLF_TEST_FRESH=1`` (the whole suite) start a new interpreter; the tests that
-  need one of their own (``ulimit``, ``setpriv``, a fake driver, a bash script) start it with ``subprocess``.
+  watch a run. A benchmark script's ``python`` is :func:`zygote_python`: its ``python -m``/``-c``/``-``/``SCRIPT``
+  commands run as children of the zygote too. ``fresh=True`` and ``EMBCLF_TEST_FRESH=1`` (the whole suite) start a
+  new interpreter; the tests that need one of their own (``ulimit``, ``setpriv``, a fake driver) start it with
+  ``subprocess``.
 - Session fixtures built once and only read by the tests that use them: ``tiny_sweep`` (a 2x2 sweep, both
   stages), ``failing_sweep`` (a sweep with one failing job), ``slurm_cluster`` (a real local SLURM).
 - Markers (registered in pyproject.toml): ``slow`` (trains through the CLI, runs a benchmark script or fresh interpreters, or needs root), ``slurm`` (needs the
@@ -97,17 +99,22 @@ def _warm_imports() -> None:
 
 
 def _child(module: str, args: List[str], cwd: Path, env: Dict[str, str], out_fd: int, err_fd: int,
-           zygote: bool = False) -> None:
+           zygote: bool = False, in_fd: Optional[int] = None, form: str = "-m") -> None:
     """In the forked child: ``python -m MODULE ARGS`` as the interpreter runs it, then ``os._exit``. ``zygote``: a
     child of the zygote (:class:`_Zygote`), which never ran a torch op: its exit handlers are the ones a fresh
-    interpreter has and torch keeps its default thread count, as in a fresh interpreter."""
+    interpreter has and torch keeps its default thread count, as in a fresh interpreter. ``form`` (for
+    :func:`zygote_python`, stdin ``in_fd``): ``-c`` (MODULE is the code), ``-`` (the code is read from stdin) or
+    ``path`` (MODULE is a script's path), as ``python -c CODE ARGS``, ``python - ARGS``, ``python PATH ARGS``."""
     code = 1
     try:
         import atexit
         import runpy
         import signal
 
-        if zygote:  # the zygote's stdin/stdout are its pipes to the test process
+        if in_fd is not None:  # zygote_python: the caller's stdin (a script's here-document, say)
+            os.dup2(in_fd, 0)
+            sys.stdin = open(0, "r", closefd=False)
+        elif zygote:  # the zygote's stdin/stdout are its pipes to the test process
             devnull = os.open(os.devnull, os.O_RDONLY)
             os.dup2(devnull, 0)
             os.close(devnull)
@@ -137,11 +144,21 @@ def _child(module: str, args: List[str], cwd: Path, env: Dict[str, str], out_fd:
         identity = sys.modules.get("embclf.identity")
         if identity is not None:  # its per-process token (sweep and run dir names), drawn anew as a new process does
             identity._SWEEP_TOKEN = os.urandom(3).hex()
-        sys.argv = [module, *args]
-        # what runs as __main__ was imported above (_warm_imports): not in sys.modules, as in a fresh interpreter
-        # (runpy would warn, on stderr, that it found it there)
-        sys.modules.pop(module + ".__main__" if hasattr(sys.modules.get(module), "__path__") else module, None)
-        runpy.run_module(module, run_name="__main__", alter_sys=True)
+        if form in ("-c", "-"):  # sys.path[0] is the working dir, as the interpreter's
+            sys.argv = [form, *args]
+            sys.path.insert(0, "")
+            source = module if form == "-c" else sys.stdin.read()
+            exec(compile(source, "<string>" if form == "-c" else "<stdin>", "exec"), {"__name__": "__main__"})
+        elif form == "path":  # sys.path[0] is the script's dir
+            sys.argv = [module, *args]
+            sys.path.insert(0, os.path.dirname(os.path.abspath(module)))
+            runpy.run_path(module, run_name="__main__")
+        else:
+            sys.argv = [module, *args]
+            # what runs as __main__ was imported above (_warm_imports): not in sys.modules, as in a fresh
+            # interpreter (runpy would warn, on stderr, that it found it there)
+            sys.modules.pop(module + ".__main__" if hasattr(sys.modules.get(module), "__path__") else module, None)
+            runpy.run_module(module, run_name="__main__", alter_sys=True)
         code = 0
     except SystemExit as e:
         if e.code is None or isinstance(e.code, int):
@@ -171,17 +188,26 @@ def _zygote_main() -> None:
     request line on stdin (JSON: module, args, cwd, env, out, err) fork a child that runs ``python -m MODULE ARGS``
     (:func:`_child`) with its stdout/stderr in the files named and print ``pid PID``; whenever a child ends print
     ``exit PID STATUS CPU`` (``os.waitpid``'s status; the user+sys seconds of the run and what it waited for).
-    Several children may run at once. Ends at the end of stdin (its test process ended)."""
+    Several children may run at once. Ends at the end of stdin (its test process ended).
+
+    It also serves :func:`zygote_python`'s callers on the Unix socket ``EMBCLF_TEST_ZYGOTE_SOCKET``: one
+    connection per call brings the caller's stdin/stdout/stderr (SCM_RIGHTS) and then its argv, working dir and
+    environment (JSON); the child runs with those, and the caller is sent ``exit STATUS`` when it ends."""
     import json
     import select
+    import socket
 
+    server = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    server.bind(os.environ["EMBCLF_TEST_ZYGOTE_SOCKET"])
+    server.listen(16)
+    callers: Dict[int, "socket.socket"] = {}  # child pid -> its zygote_python caller's connection
     _warm_imports()
     # every child's first full collection would walk (and so copy) the ~500,000 objects imported here: ~0.3 s of
     # CPU and ~130 MB of copied pages per run. Frozen, they are never scanned (the gc.freeze recipe in the Python
     # docs; the local launcher does the same for its forked workers, forked_job.py)
     gc.freeze()
     while True:
-        ready, _, _ = select.select([sys.stdin], [], [], 0.05)
+        ready, _, _ = select.select([sys.stdin, server], [], [], 0.05)
         while True:  # report every child that ended
             try:
                 pid, status, usage = os.wait4(-1, os.WNOHANG)
@@ -190,7 +216,34 @@ def _zygote_main() -> None:
             if pid == 0:
                 break
             print(f"exit {pid} {status} {usage.ru_utime + usage.ru_stime:.3f}", flush=True)
-        if not ready:
+            conn = callers.pop(pid, None)
+            if conn is not None:  # a shell's status: 128 + N for signal N
+                code = 128 + os.WTERMSIG(status) if os.WIFSIGNALED(status) else os.WEXITSTATUS(status)
+                try:
+                    conn.sendall(f"exit {code}\n".encode())
+                except OSError:
+                    pass
+                conn.close()
+        if server in ready:
+            conn, _ = server.accept()
+            _, fds, _, _ = socket.recv_fds(conn, 1, 3)
+            data = b""
+            while chunk := conn.recv(1 << 16):
+                data += chunk
+            req = json.loads(data)
+            argv = req["argv"]
+            form = argv[0] if argv[0] in ("-m", "-c", "-") else "path"
+            module, args = (argv[1], argv[2:]) if form in ("-m", "-c") else (argv[0], argv[1:])
+            sys.stdout.flush()
+            pid = os.fork()
+            if pid == 0:
+                server.close()
+                _child(module, args, Path(req["cwd"]), req["env"], fds[1], fds[2], zygote=True, in_fd=fds[0],
+                       form=form)
+            for fd in fds:
+                os.close(fd)
+            callers[pid] = conn
+        if sys.stdin not in ready:
             continue
         line = sys.stdin.readline()
         if not line:
@@ -222,7 +275,9 @@ class _Zygote:
         self.ended: Dict[int, int] = {}  # pid -> waitpid status, of children whose end was read
         self.cpu_seconds = 0.0  # user+sys of the runs done here (they are not this process's children)
         self.pythonpath = embclf_env(Path(tempfile.gettempdir()))["PYTHONPATH"]
-        env = {**os.environ, "PYTHONPATH": self.pythonpath}
+        self.socket_dir = tempfile.mkdtemp(prefix="embclf-zygote-")
+        self.socket = os.path.join(self.socket_dir, "socket")
+        env = {**os.environ, "PYTHONPATH": self.pythonpath, "EMBCLF_TEST_ZYGOTE_SOCKET": self.socket}
         self.log = tempfile.NamedTemporaryFile(prefix="embclf-zygote-", suffix=".log", delete=False)
         code = ("import sys; sys.path.insert(0, %r); import conftest; sys.path.remove(%r); conftest._zygote_main()"
                 % (str(Path(__file__).parent), str(Path(__file__).parent)))
@@ -243,6 +298,9 @@ class _Zygote:
                 self.proc.kill()
         self.log.close()
         Path(self.log.name).unlink(missing_ok=True)
+        import shutil
+
+        shutil.rmtree(self.socket_dir, ignore_errors=True)
 
     def usable(self, env: Dict[str, str]) -> bool:
         # the zygote's sys.path is fixed at its start: a run asking for another PYTHONPATH gets its own python
@@ -341,6 +399,46 @@ def _zygote() -> _Zygote:
     if _ZYGOTE is None or _ZYGOTE.proc.poll() is not None:
         _ZYGOTE = _Zygote()
     return _ZYGOTE
+
+
+_CLIENT = """#!{python} -S
+# python for the scripts a test runs (tests/conftest.py, zygote_python): the command runs in a child of the test
+# process's zygote, which imported torch, Hydra and embclf once; the forms it does not serve run the real python
+import json, os, socket, sys
+PYTHON, SOCKET = {python!r}, {socket!r}
+argv = sys.argv[1:]
+if not argv or (argv[0] in ("-m", "-c") and len(argv) < 2) or (argv[0].startswith("-") and argv[0] not in ("-m", "-c", "-")):
+    os.execv(PYTHON, [PYTHON, *argv])
+s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+try:
+    s.connect(SOCKET)
+except OSError:
+    os.execv(PYTHON, [PYTHON, *argv])
+socket.send_fds(s, [b"Z"], [0, 1, 2])
+s.sendall(json.dumps({{"argv": argv, "cwd": os.getcwd(), "env": dict(os.environ)}}).encode())
+s.shutdown(socket.SHUT_WR)
+reply = b""
+while not reply.endswith(b"\\n"):
+    chunk = s.recv(64)
+    if not chunk:
+        break
+    reply += chunk
+sys.exit(int(reply.split()[1]) if reply.startswith(b"exit ") else 1)
+"""
+
+
+def zygote_python(tmp: Path) -> str:
+    """An executable to give a script as its ``python`` (``PY=...``): ``python -m MODULE``, ``-c CODE``, ``- <<EOF``
+    and ``SCRIPT.py`` run as children of this test process's zygote (no interpreter start-up: ~4.5 s of CPU each
+    for torch, torchvision and scikit-learn), with the caller's stdin/stdout/stderr, working dir, environment and
+    exit status. ``sys.executable`` itself with ``EMBCLF_TEST_FRESH=1``."""
+    if os.environ.get("EMBCLF_TEST_FRESH") == "1":
+        return sys.executable
+    zygote = _zygote()
+    path = Path(tmp) / "zygote-python"
+    path.write_text(_CLIENT.format(python=sys.executable, socket=zygote.socket))
+    path.chmod(0o755)
+    return str(path)
 
 
 def start_module(module: str, args: List[str], cwd: Path, env: Dict[str, str], out: Path,

@@ -1,16 +1,17 @@
 """benchmarks/gpu_check.sh (the first check on a GPU machine) and gpu_study.sh's packing comparison, on this CPU:
 without a GPU every GPU check prints SKIP; with a fake ``nvidia-smi`` that lists a GPU CUDA cannot use, the
-compute-mode and CUDA checks FAIL, naming why; with ``RUN_ON_CPU=1`` and a tiny override the sweeps run end to end."""
+compute-mode and CUDA checks FAIL, naming why; with ``RUN_ON_CPU=1`` and a tiny override the sweeps run end to end.
+The scripts' ``python`` (PY) is ``conftest.zygote_python``: each of their ~15 Python commands is a child of the test
+zygote instead of a fresh interpreter (~4.5 s of CPU each for torch, torchvision and scikit-learn)."""
 import json
 import os
 import re
 import stat
 import subprocess
-import sys
 
 import pytest
 
-from conftest import REPO, embclf_env
+from conftest import REPO, embclf_env, zygote_python
 
 TINY_MODEL = ["data.test_size=100", "autoencode.batch_size=50", "model.channels=[8,16]", "model.strides=[2,2]",
               "data.image_size=16"]
@@ -18,7 +19,9 @@ TINY_MODEL = ["data.test_size=100", "autoencode.batch_size=50", "model.channels=
 
 def _run(script, tmp_path, cifar_root, args=(), path_prefix=None, **env_vars):
     env = embclf_env(tmp_path)
-    env.update(PY=sys.executable, OUT=str(tmp_path / "out"), DATA=str(cifar_root), PRECISION="fp32", **env_vars)
+    # the scripts' python: children of the test zygote (conftest.zygote_python), not ~15 fresh interpreters
+    env.update(PY=zygote_python(tmp_path), OUT=str(tmp_path / "out"), DATA=str(cifar_root), PRECISION="fp32",
+               **env_vars)
     if path_prefix:
         env["PATH"] = f"{path_prefix}{os.pathsep}{env['PATH']}"
     return subprocess.run(["bash", str(REPO / "benchmarks" / script), *args], cwd=tmp_path, env=env,
