@@ -45,6 +45,7 @@ SUBMITIT_INTERNALS = (
     ("submitit.local.local", "LocalJobEnvironment._usr_sig", "the signal that tells a job to checkpoint"),
     ("submitit.local.local", "LocalJob", "reading a forked worker's result as submitit would"),
     ("submitit.local.local", "LocalJob._process", "reaping a fork=false controller (slot_pool._stop_workers)"),
+    ("submitit.core.core", "Job._results_timeout_s", "no wait for the result of a fork=false task that ended (slot_pool)"),
     ("submitit.slurm.slurm", "SlurmJob.watcher", "the SLURM array's state, shared by its jobs (slurm_launcher)"),
     ("submitit.core.core", "InfoWatcher.update", "one sacct read of every job's state (slurm_launcher._wait)"),
 )

@@ -116,6 +116,11 @@ def run_pool(todo: List[PlannedJob], slots: List[Optional[GpuId]], threads: int,
             for slot in finished:
                 job, sj = running.pop(slot)
                 job.end = now()
+                if not isinstance(sj, ForkedJob) and read_exit_status(str(sj.paths.folder), str(sj.job_id)) is not None:
+                    # a fork=false task whose process has ended (exit_status.py records that after it): its result
+                    # file, on this machine's own disk, is there or never will be. submitit would wait 15 s for
+                    # one (its allowance for a slow shared file system) before reporting a killed task.
+                    sj._results_timeout_s = 0
                 outcome_from_result(job, sj.result, killed_by=_killed_by(sj))
                 if job.status == "failed" and _timed_out(sj, job.error):
                     mark_timeout(job, float(params["timeout_min"]),
