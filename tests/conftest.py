@@ -703,8 +703,9 @@ def pytest_configure(config):
         os.environ["OMP_NUM_THREADS"] = os.environ["MKL_NUM_THREADS"] = str(max(1, usable_cores() // workers))
 
 
-# The files that take longest (seconds on one worker, measured 2026-12-07 on the 2-core CI-like machine: SLURM
-# ~130, gpu_check ~88, launcher_local ~86, e2e ~56, the others 20-30), run first: xdist hands out whole files
+# The files that take longest (seconds on one worker, measured 2026-12-07 on the 2-core CI-like machine at 873405f:
+# SLURM ~137, launcher_local ~61, e2e ~59, gpu_check and gpu_fork_guard ~27, the others 15-26), run first (the list
+# is the order measured before gpu_check's scripts ran on the zygote: ~88 s then): xdist hands out whole files
 # (--dist loadfile) in collection order (pyproject: --no-loadscope-reorder; its default puts the files with the
 # most tests first, which started test_slurm.py and test_gpu_check.py last and left one worker idle at the end)
 LONGEST_FIRST = ("test_slurm.py", "test_gpu_check.py", "test_launcher_local.py", "test_e2e.py",
