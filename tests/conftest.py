@@ -484,23 +484,25 @@ def _zygote_run(module: str, args: List[str], cwd: Path, env: Dict[str, str], ti
 
 
 def run_module(module: str, args: List[str], cwd: Path, env: Dict[str, str], timeout: float = 600,
-               merge_stderr: bool = False, fresh: bool = False) -> subprocess.CompletedProcess:
+               merge_stderr: bool = False, fresh: bool = False, preexec=None) -> subprocess.CompletedProcess:
     """``python -m MODULE ARGS`` in ``cwd`` with ``env``: a CompletedProcess with text stdout and stderr (stderr
     in stdout when ``merge_stderr``). A fork of this process unless ``fresh`` (see the module docstring); raises
-    ``subprocess.TimeoutExpired`` (the process killed) after ``timeout`` seconds either way."""
+    ``subprocess.TimeoutExpired`` (the process killed) after ``timeout`` seconds either way. ``preexec``: called in
+    the new process before the run, as ``subprocess``'s ``preexec_fn`` (a resource limit, another user: see
+    :func:`as_user`); never the zygote's child then."""
     cmd = [sys.executable, "-m", module, *args]
     # sweeps (-m) are not forks of this process: a launcher forked from here forks its workers in turn, and a
     # worker that sets its torch threads above one can hang on the OpenMP pool an earlier in-process test started
     # here (seen: three sweeps that never ended, under pytest-xdist); they are children of the zygote, which never
     # ran a torch op (_Zygote). Single runs fork this process and keep one thread (see _child).
     sweep = "-m" in args or "--multirun" in args
-    if not fresh and os.environ.get("EMBCLF_TEST_FRESH") != "1" and (sweep or not _can_fork()):
+    if not fresh and os.environ.get("EMBCLF_TEST_FRESH") != "1" and (sweep or not _can_fork()) and preexec is None:
         if _zygote().usable(env):
             return _zygote_run(module, args, cwd, env, timeout, merge_stderr)
     if fresh or not _can_fork() or sweep:
         return subprocess.run(cmd, cwd=cwd, env=env, stdout=subprocess.PIPE,
                               stderr=subprocess.STDOUT if merge_stderr else subprocess.PIPE, text=True,
-                              timeout=timeout)
+                              timeout=timeout, preexec_fn=preexec)
     _warm_imports()
     with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err:
         sys.stdout.flush()
@@ -508,6 +510,14 @@ def run_module(module: str, args: List[str], cwd: Path, env: Dict[str, str], tim
         gc.freeze()  # the child never scans (copies) this process's objects; this process goes on as before
         pid = os.fork()
         if pid == 0:
+            if preexec is not None:
+                try:
+                    preexec()
+                except BaseException:  # noqa: BLE001 -- as subprocess reports a failed preexec_fn: no run
+                    import traceback
+
+                    traceback.print_exc(file=open(err.fileno(), "w", closefd=False))
+                    os._exit(255)
             _child(module, [str(a) for a in args], Path(cwd), env, out.fileno(),
                    (out if merge_stderr else err).fileno())
         gc.unfreeze()
@@ -529,11 +539,24 @@ def run_module(module: str, args: List[str], cwd: Path, env: Dict[str, str], tim
     return subprocess.CompletedProcess(cmd, code, texts[0], "" if merge_stderr else texts[1])
 
 
+def as_user(uid: int):
+    """A ``preexec`` for :func:`run_module`: the run is user ``uid`` (group ``uid``, no supplementary groups), as
+    ``setpriv --reuid=UID --regid=UID --clear-groups`` makes it; needs root."""
+    def become():
+        os.setgroups([])
+        os.setgid(uid)
+        os.setuid(uid)
+
+    return become
+
+
 def run_embclf(args, tmp: Path, check: bool = True, timeout: int = 600, module: str = "embclf",
-               env: Optional[Dict[str, str]] = None, fresh: bool = False) -> subprocess.CompletedProcess:
+               env: Optional[Dict[str, str]] = None, fresh: bool = False, preexec=None) -> subprocess.CompletedProcess:
     """Run ``python -m embclf ARGS`` (or ``-m MODULE``) in ``tmp`` and return the CompletedProcess (stdout and
-    stderr as text); ``check``: raise AssertionError with both streams' tails unless it exits 0."""
-    proc = run_module(module, list(args), tmp, env or embclf_env(tmp), timeout=timeout, fresh=fresh)
+    stderr as text); ``check``: raise AssertionError with both streams' tails unless it exits 0. ``fresh``,
+    ``preexec``: as :func:`run_module`'s."""
+    proc = run_module(module, list(args), tmp, env or embclf_env(tmp), timeout=timeout, fresh=fresh,
+                      preexec=preexec)
     if check and proc.returncode != 0:
         raise AssertionError(f"embclf {' '.join(map(str, args))} exited {proc.returncode}\n--- stdout\n"
                              f"{proc.stdout[-4000:]}\n--- stderr\n{proc.stderr[-6000:]}")

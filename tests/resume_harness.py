@@ -125,8 +125,9 @@ def run_sequences(spec: dict) -> dict:
 
 def run_spec(tmp: Path, spec: dict, env: dict) -> dict:
     """Run ``spec`` (:func:`run_sequences`) with ``env`` as the environment and ``tmp`` as the working dir:
-    by forking the calling process when it is single-threaded (no second import of torch), else in a fresh
-    interpreter running this file (fork would copy only the calling thread). Returns what run_sequences does."""
+    by forking the calling process when it is single-threaded (no second import of torch), else running this file
+    as a child of the test zygote (``conftest.zygote_python``: fork would copy only the calling thread). Returns what
+    run_sequences does."""
     import threading
 
     if threading.active_count() == 1 and hasattr(os, "fork"):
@@ -141,8 +142,10 @@ def run_spec(tmp: Path, spec: dict, env: dict) -> dict:
             os.environ.update(old)
     import subprocess
 
+    from conftest import zygote_python
+
     (Path(tmp) / "spec.json").write_text(json.dumps(spec))
-    proc = subprocess.run([sys.executable, str(Path(__file__).resolve()), str(Path(tmp) / "spec.json")], cwd=tmp,
+    proc = subprocess.run([zygote_python(tmp), str(Path(__file__).resolve()), str(Path(tmp) / "spec.json")], cwd=tmp,
                           env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-4000:]
     return json.loads(proc.stdout.strip().splitlines()[-1])

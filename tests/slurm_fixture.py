@@ -10,7 +10,6 @@ import json
 import os
 import re
 import subprocess
-import sys
 import time
 from pathlib import Path
 from typing import Dict, List, Optional
@@ -65,10 +64,6 @@ def embclf_env(extra: Optional[Dict[str, str]] = None) -> Dict[str, str]:
     env.pop("HYDRA_FULL_ERROR", None)
     env.update(extra or {})
     return env
-
-
-def embclf_cmd(*args: str) -> List[str]:
-    return [sys.executable, "-m", "embclf", "-m", *args]
 
 
 def run_embclf(*args: str, timeout: float = 300, cwd: Optional[Path] = None,

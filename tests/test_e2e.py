@@ -1,8 +1,6 @@
 """End to end through `python -m embclf` on the real CIFAR-10 subset: sweeps, stage=all, lookup, resume."""
 import json
 import signal
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -202,10 +200,9 @@ def test_disk_full_during_a_checkpoint_fails_clearly_and_leaves_nothing_half_wri
 
     run_dir = tmp_path / "run"
     limit = 4 * 2**20
-    proc = subprocess.run(
-        [sys.executable, "-m", "embclf", "model=ae", "latent=512", *MINI, *SMALL_MODEL, "autoencode.epochs=1", "logger=none",
-         f"hydra.run.dir={run_dir}"], cwd=tmp_path, env=embclf_env(tmp_path), capture_output=True, text=True,
-        timeout=600, preexec_fn=lambda: resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit)))
+    proc = run_embclf(["model=ae", "latent=512", *MINI, *SMALL_MODEL, "autoencode.epochs=1", "logger=none",
+                       f"hydra.run.dir={run_dir}"], tmp_path, check=False,
+                      preexec=lambda: resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit)))
     assert proc.returncode == 2, proc.stderr[-3000:]
     assert "cannot write" in proc.stderr and "/checkpoints/" in proc.stderr and "Traceback" not in proc.stderr
     s = json.loads((run_dir / "summary.json").read_text())

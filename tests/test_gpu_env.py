@@ -146,7 +146,7 @@ def test_sweep_on_an_exclusive_gpu_stops_before_any_job(tmp_path):
            "CUDA_MPS_PIPE_DIRECTORY": str(tmp_path / "no-mps")}
     proc = run_embclf(["-m", *tiny_args(tmp_path, small=True), "seed=1,2", "hydra.launcher.gpus=[0]",
                        "hydra.launcher.jobs_per_gpu=2", f"hydra.sweep.dir={tmp_path / 'sweep'}"], tmp_path,
-                      env=env, check=False, fresh=True)
+                      env=env, check=False)
     out = proc.stdout + proc.stderr
     assert proc.returncode != 0, out[-3000:]
     assert "is in compute mode Exclusive_Process" in out and "hydra.launcher.jobs_per_gpu=1" in out, out[-3000:]
@@ -246,12 +246,12 @@ def test_no_gpu_anywhere_is_cpu_and_a_given_gpu_is_a_recorded_fallback(no_cuda, 
 
 @pytest.mark.slow
 def test_run_on_an_unusable_gpu_stops_with_one_paragraph(tmp_path):
-    """A real run (fresh interpreter) with a fake nvidia-smi whose driver is too old for this torch."""
+    """A real run with a fake nvidia-smi whose driver is too old for this torch."""
     d = fake_smi(tmp_path, [_row(0, H100, "Default")], cuda="10.2")
     env = {**embclf_env(tmp_path), "PATH": f"{d}{os.pathsep}{os.environ['PATH']}"}
     env.pop("CUDA_VISIBLE_DEVICES", None)
     proc = run_embclf(["stage=autoencode", "model=ae", "latent=8", *MINI, "autoencode.epochs=1",
-                       f"output_dir={tmp_path / 'out'}", "logger=none"], tmp_path, env=env, check=False, fresh=True)
+                       f"output_dir={tmp_path / 'out'}", "logger=none"], tmp_path, env=env, check=False)
     assert proc.returncode == 2, proc.stdout[-2000:] + proc.stderr[-3000:]
     assert "supports CUDA up to 10.2" in proc.stderr and "Traceback" not in proc.stderr, proc.stderr[-3000:]
 

@@ -8,7 +8,6 @@ import io
 import logging
 import multiprocessing
 import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -20,6 +19,8 @@ from PIL import Image
 
 from embclf import data
 from embclf.config import DataConfig, Source
+
+from conftest import zygote_python
 
 RED, BLUE, GREEN = (255, 0, 0), (0, 0, 255), (0, 255, 0)
 
@@ -278,7 +279,8 @@ def test_no_training_batch_of_one_image():
 
 @pytest.mark.slow
 def test_constant_embeddings_skip_projections_without_crashing(tmp_path):
-    # in a subprocess: scikit-learn's t-SNE segfaults on this input, which would take pytest down with it
+    # in another process (a child of the test zygote: no interpreter start-up): scikit-learn's t-SNE segfaults on
+    # this input, which would take pytest down with it
     code = ("import numpy as np, logging, sys; logging.basicConfig(level=logging.INFO, stream=sys.stdout)\n"
             "from embclf.report import projections as plots\n"
             f"out = plots.save_projections(np.ones((200, 32)), np.arange(200) % 2, ['a', 'b'], r'{tmp_path}', "
@@ -286,7 +288,7 @@ def test_constant_embeddings_skip_projections_without_crashing(tmp_path):
             "print('written', sorted(out))\n"
             "plots.project(np.r_[np.ones((49, 32)), np.zeros((1, 32))], 'tsne')\n"  # one point apart: fine
             "print('near-constant ok')\n")
-    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+    proc = subprocess.run([zygote_python(tmp_path), "-c", code], capture_output=True, text=True, timeout=120,
                           env={**__import__("os").environ, "OMP_NUM_THREADS": "1"})
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "written []" in proc.stdout and "near-constant ok" in proc.stdout

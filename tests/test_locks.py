@@ -351,34 +351,27 @@ def test_launcher_sees_a_job_held_seconds_ago_before_its_summary_exists(tmp_path
 @pytest.mark.parametrize("mode", ["single", "sweep", "sweep-dir", "not-permitted"])
 def test_an_output_dir_that_cannot_be_written_is_one_paragraph_naming_the_key(tmp_path, small_tmpfs, mode):
     """output_dir on a read-only file system (a tmpfs mounted ro), or a directory this user may not write (run as
-    nobody via setpriv; root may write anywhere): one paragraph naming the key that put the run dir there and the
-    fix, exit status 2, nothing written. A sweep dir set by hydra.sweep.dir names that key."""
-    import shutil
-    import subprocess
-    import sys
-
-    from conftest import REPO, embclf_env, run_embclf
+    nobody: a fork of this process that drops root as setpriv would, ``conftest.as_user``; root may write
+    anywhere): one paragraph naming the key that put the run dir there and the fix, exit status 2, nothing written.
+    A sweep dir set by hydra.sweep.dir names that key."""
+    from conftest import as_user, embclf_env, run_embclf
 
     ro = small_tmpfs(1 << 20, ro=True)
-    cmd = [sys.executable, "-m", "embclf", "model=ae", "logger=none", f"output_dir={ro}/out"]
-    env, key, cwd = embclf_env(tmp_path), "output_dir", tmp_path
+    args = ["model=ae", "logger=none", f"output_dir={ro}/out"]
+    env, key, cwd, user = embclf_env(tmp_path), "output_dir", tmp_path, None
     if mode == "sweep":
-        cmd.insert(3, "-m")
+        args.insert(0, "-m")
     elif mode == "sweep-dir":
-        cmd[3:3] = ["-m", f"hydra.sweep.dir={ro}/sweep"]
+        args[0:0] = ["-m", f"hydra.sweep.dir={ro}/sweep"]
         key = "hydra.sweep.dir"
     elif mode == "not-permitted":
-        if shutil.which("setpriv") is None:
-            pytest.skip("setpriv is not installed")
         locked = Path("/tmp") / f"embclf-locked-{os.getpid()}"
         locked.mkdir(mode=0o755, exist_ok=True)  # root's: nobody may read it, not write it
-        cmd = ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", *cmd[:-1], f"output_dir={locked}/out"]
-        env.update(PYTHONPATH=str(REPO), HOME="/tmp", XDG_CACHE_HOME="/tmp")
-        cwd = Path("/tmp")
-    if mode == "not-permitted":
-        proc = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=300)
-    else:  # python -m embclf ARGS without the interpreter's start-up (a fork; a sweep: a child of the zygote)
-        proc = run_embclf(cmd[3:], cwd, check=False, timeout=300, env=env)
+        args[-1] = f"output_dir={locked}/out"
+        env.update(HOME="/tmp", XDG_CACHE_HOME="/tmp")
+        cwd, user = Path("/tmp"), as_user(65534)
+    # python -m embclf ARGS without the interpreter's start-up (a fork; a sweep: a child of the zygote)
+    proc = run_embclf(args, cwd, check=False, timeout=300, env=env, preexec=user)
     err = proc.stderr.strip()
     assert proc.returncode == 2, proc.stdout[-2000:] + err[-3000:]
     assert "Traceback" not in err and err.count("embclf: error:") == 1 and len(err.splitlines()) == 1, err

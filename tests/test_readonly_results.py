@@ -1,19 +1,19 @@
 """embclf.evaluate and embclf.embed on run dirs nobody may write (an archive, a colleague's results): refused
 before any work with one line naming where they could not write and the ``out=`` that writes elsewhere; with
 ``out=`` they work. Two kinds of read-only, since root ignores file modes: a tmpfs remounted read-only (in
-process), and a ``chmod -R a-w`` copy read by ``nobody`` (``setpriv``, a real subprocess)."""
+process), and a ``chmod -R a-w`` copy read by ``nobody`` (a fork of the test process that drops root as
+``setpriv`` would: ``conftest.as_user``)."""
 from __future__ import annotations
 
 import json
 import os
 import shutil
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
-from conftest import REPO, embclf_env, run_module
+from conftest import as_user, embclf_env, run_module
 
 from embclf import embed, evaluate
 
@@ -60,26 +60,21 @@ def test_on_a_read_only_file_system(sweep, small_tmpfs, tmp_path, capsys):
 @pytest.mark.parametrize("how", ["read-only-bind", "nobody"])
 def test_the_commands_on_a_copy_nobody_may_write(sweep, how):
     """The real commands on a ``chmod -R a-w`` copy, read through a read-only bind mount (root), or as ``nobody``
-    (``setpriv``; skipped where nobody cannot run this Python, e.g. a venv under root's 0700 home)."""
+    (``conftest.as_user``: a fork of this process, so it needs no Python that nobody may start)."""
     if os.geteuid() != 0:
-        pytest.skip("needs root (a bind mount, or setpriv to become nobody)")
+        pytest.skip("needs root (a bind mount, or to become nobody)")
     base = Path("/tmp") / f"embclf-readonly-{os.getpid()}"  # pytest's tmp dirs are root's 0700: nobody cannot read them
     shutil.rmtree(base, ignore_errors=True)
     results, mine = base / "results", base / "mine"
-    as_user: list = []
+    user = None
     env = embclf_env(base)
-    env.update(PYTHONPATH=str(REPO))
     try:
         shutil.copytree(_ae_run(sweep["out"]), results / "run")
         subprocess.run(["chmod", "-R", "a-w,a+rX", str(results)], check=True)
         base.chmod(0o755)
         mine.mkdir()
         if how == "nobody":
-            if shutil.which("setpriv") is None:
-                pytest.skip("setpriv is not installed")
-            as_user = ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups"]
-            if subprocess.run([*as_user, sys.executable, "-c", "pass"], capture_output=True).returncode != 0:
-                pytest.skip(f"nobody cannot run {sys.executable}")
+            user = as_user(65534)
             os.chown(mine, 65534, 65534)
             env.update(HOME=str(mine), XDG_CACHE_HOME=str(mine / "cache"))
             run = results / "run"
@@ -91,11 +86,8 @@ def test_the_commands_on_a_copy_nobody_may_write(sweep, how):
                 if done.returncode != 0:
                     pytest.skip(f"{' '.join(cmd)}: {done.stderr.strip()}")
 
-        def command(module, *args):
-            if not as_user:  # root: a fork of this process (no interpreter start-up), as the other commands' tests
-                return run_module(module, [*args, "threads=1"], mine, embclf_env(base))
-            return subprocess.run([*as_user, sys.executable, "-m", module, *args, "threads=1"], cwd=mine, env=env,
-                                  capture_output=True, text=True, timeout=600)
+        def command(module, *args):  # a fork of this process (no interpreter start-up), as the other commands' tests
+            return run_module(module, [*args, "threads=1"], mine, env, preexec=user)
 
         proc = command("embclf.evaluate", str(run))
         assert proc.returncode == 2, proc.stderr[-3000:]

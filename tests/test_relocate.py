@@ -8,7 +8,6 @@ uses S's encoder. It is copied, and the original renamed away, so any read of it
 import json
 import shutil
 import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -16,7 +15,7 @@ import pytest
 
 from embclf import references, report, runs
 
-from conftest import MINI, SMALL_MODEL, embclf_env, run_embclf
+from conftest import MINI, SMALL_MODEL, embclf_env, run_embclf, zygote_python
 
 COMMON = [*MINI, *SMALL_MODEL, "autoencode.epochs=1", "model=ae", "latent=8", "logger=none"]
 # what a report row may differ in between the original and the copy: where the runs are
@@ -87,7 +86,7 @@ def test_report_on_a_copy_equals_the_original(relocated):
     assert len(whole) == 3 and {r["stage"] for r in whole} == {"autoencode+classify"}
     assert _comparable(whole) == _comparable(relocated["before"]["outputs"])
     # the command itself, on the copy
-    proc = subprocess.run([sys.executable, "-m", "embclf.report", str(copy / "S"), "--no-figures"],
+    proc = subprocess.run([zygote_python(relocated["tmp"]), "-m", "embclf.report", str(copy / "S"), "--no-figures"],
                           cwd=relocated["tmp"], env=embclf_env(relocated["tmp"]), capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr
     # (report.md quotes the sweeps' command lines, output_dir=ORIGINAL included: a record, not a read)

@@ -6,17 +6,16 @@ to fit a 2-core node.  SLURM schedules the fake GPUs and sets CUDA_VISIBLE_DEVIC
 CUDA device behind it, fall back to CPU, and record what they were given.
 """
 import json
-import subprocess
 import time
 from pathlib import Path
 
 import pytest
 
 from embclf import references
+from conftest import start_module
 from slurm_fixture import (
     REPO,
     assert_no_gpu_shared_while_overlapping,
-    embclf_cmd,
     embclf_env,
     overrides_of,
     run_dirs,
@@ -84,6 +83,12 @@ def test_classify_sweep_finds_each_encoder(ae_sweep):
         assert references.encoder_run_of(d, r) == encoders[(r["model"], r["latent"])], r
 
 
+def _start_sweep(args, tmp: Path):
+    """``python -m embclf -m ARGS`` in the background with ``SLOW_STEPS`` (``conftest.start_module``: a child of the
+    test zygote), its stdout and stderr in ``tmp/sweep.log``; ``communicate`` returns that text."""
+    return start_module("embclf", ["-m", *args], REPO, embclf_env(SLOW_STEPS), tmp / "sweep.log")
+
+
 def _wait_for(predicate, timeout: float, what: str, proc=None):
     deadline = time.time() + timeout
     while time.time() < deadline:
@@ -91,7 +96,7 @@ def _wait_for(predicate, timeout: float, what: str, proc=None):
         if value:
             return value
         if proc is not None and proc.poll() is not None:
-            raise AssertionError(f"the sweep ended before {what}: {proc.stdout.read()[-3000:]}")
+            raise AssertionError(f"the sweep ended before {what}: {proc.communicate()[0][-3000:]}")
         time.sleep(0.3)
     raise AssertionError(f"timed out after {timeout}s waiting for {what}")
 
@@ -114,14 +119,14 @@ def test_requeued_jobs_resume_from_last_checkpoint(slurm_cluster, tmp_path):
       preemption): the training loop saves last.pt and hands on to submitit's handler, which calls
       the launcher's ``checkpoint()`` and requeues the job itself.
     """
-    # after SIGTERM a job trains on until SLURM's KillWait (5 s here) ends it: leave it more epochs
-    # than that (an epoch of 180 images is one step, which SLOW_STEPS makes last ~1.5 s), so that the kill lands
+    # after SIGTERM a job trains on until SLURM's KillWait (5 s here) ends it: leave it more epochs than it can
+    # train by then (an epoch of 180 images is one step, which SLOW_STEPS makes last at least 1.5 s: the signal comes
+    # after epoch 2, or 3 if this test polls late, and KillWait allows at most 4 more), so that the kill lands
     # mid-training
-    epochs = 12
+    epochs = 10
     sweep_dir = tmp_path / "sweep"
     args = [*tiny_args(tmp_path, epochs=epochs, small=True), *FIT_NODE, "latent=8,16", f"hydra.sweep.dir={sweep_dir}"]
-    proc = subprocess.Popen(embclf_cmd(*args), cwd=REPO, env=embclf_env(SLOW_STEPS), stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True)
+    proc = _start_sweep(args, tmp_path)
     how = {8: "scontrol-requeue", 16: "usr2"}
     try:
         dirs = _wait_for(lambda: len(run_dirs(sweep_dir)) == 2 and run_dirs(sweep_dir) if sweep_dir.is_dir() else None,
@@ -202,10 +207,8 @@ def test_cancelled_job_is_recorded_cancelled_with_its_slurm_state(slurm_cluster,
     how it ended and records status "cancelled" with the SLURM state in its run dir; the sweep report
     shows that row, and the command exits non-zero naming the job."""
     sweep_dir = tmp_path / "sweep"
-    proc = subprocess.Popen(embclf_cmd(*tiny_args(tmp_path, epochs=24, small=True), *FIT_NODE, "latent=8",
-                                       f"hydra.sweep.dir={sweep_dir}"),
-                            cwd=REPO, env=embclf_env(SLOW_STEPS), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                            text=True)
+    proc = _start_sweep([*tiny_args(tmp_path, epochs=24, small=True), *FIT_NODE, "latent=8",
+                         f"hydra.sweep.dir={sweep_dir}"], tmp_path)
     try:
         run_dir = _wait_for(lambda: next((d for d in (run_dirs(sweep_dir) if sweep_dir.is_dir() else [])
                                           if _train_epochs(d)), None), 180, "a trained epoch", proc)
