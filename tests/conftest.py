@@ -7,8 +7,10 @@
   that imported the same once and never runs a torch op, so its children may use any number of torch threads);
   ``start_module`` starts such a child in the background (a Popen-like handle) for the tests that signal, stop or
   watch a run. A benchmark script's ``python`` is :func:`zygote_python`: its ``python -m``/``-c``/``-``/``SCRIPT``
-  commands run as children of the zygote too. ``fresh=True`` and ``EMBCLF_TEST_FRESH=1`` (the whole suite) start a
-  new interpreter; the tests that need one of their own (``ulimit``, ``setpriv``, a fake driver) start it with
+  commands run as children of the zygote too. ``preexec`` runs in a forked run before it starts: a resource limit
+  (``ulimit -f``), another user (:func:`as_user`, as ``setpriv``). ``fresh=True`` and ``EMBCLF_TEST_FRESH=1`` (the
+  whole suite) start a new interpreter; the tests whose subject is a new interpreter (what it imports, signals it
+  inherits ignored, a CUDA driver initialised in the launcher, a hidden optional package) start it with
   ``subprocess``.
 - Session fixtures built once and only read by the tests that use them: ``tiny_sweep`` (a 2x2 sweep, both
   stages), ``failing_sweep`` (a sweep with one failing job), ``slurm_cluster`` (a real local SLURM).
@@ -726,9 +728,9 @@ def pytest_configure(config):
         os.environ["OMP_NUM_THREADS"] = os.environ["MKL_NUM_THREADS"] = str(max(1, usable_cores() // workers))
 
 
-# The files that take longest (seconds on one worker, measured 2026-12-07 on the 2-core CI-like machine at 873405f:
-# SLURM ~137, launcher_local ~61, e2e ~59, gpu_check and gpu_fork_guard ~27, the others 15-26), run first (the list
-# is the order measured before gpu_check's scripts ran on the zygote: ~88 s then): xdist hands out whole files
+# The files that take longest run first (the list is the order measured 2026-12-07, when gpu_check took ~88 s; on
+# 2026-12-08 at 68561b3, seconds on one worker of the 2-core CI-like machine: SLURM ~114, launcher_local ~53, e2e ~39,
+# gpu_check ~20, gpu_fork_guard ~17, the others 15 or less; the two workers ended 7 s apart): xdist hands out whole files
 # (--dist loadfile) in collection order (pyproject: --no-loadscope-reorder; its default puts the files with the
 # most tests first, which started test_slurm.py and test_gpu_check.py last and left one worker idle at the end)
 LONGEST_FIRST = ("test_slurm.py", "test_gpu_check.py", "test_launcher_local.py", "test_e2e.py",
