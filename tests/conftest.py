@@ -7,8 +7,8 @@
   that imported the same once and never runs a torch op, so its children may use any number of torch threads);
   ``start_module`` starts such a child in the background (a Popen-like handle) for the tests that signal, stop or
   watch a run. A benchmark script's ``python`` is :func:`zygote_python`: its ``python -m``/``-c``/``-``/``SCRIPT``
-  commands run as children of the zygote too. ``preexec`` runs in a forked run before it starts: a resource limit
-  (``ulimit -f``), another user (:func:`as_user`, as ``setpriv``). ``fresh=True`` and ``EMBCLF_TEST_FRESH=1`` (the
+  commands run as children of the zygote too. A run may be another user (``user=``, as ``setpriv`` makes it) or
+  have a ``preexec`` (a resource limit: ``ulimit -f``). ``fresh=True`` and ``EMBCLF_TEST_FRESH=1`` (the
   whole suite) start a new interpreter; the tests whose subject is a new interpreter (what it imports, signals it
   inherits ignored, a CUDA driver initialised in the launcher, a hidden optional package) start it with
   ``subprocess``.
@@ -101,14 +101,20 @@ def _warm_imports() -> None:
 
 
 def _child(module: str, args: List[str], cwd: Path, env: Dict[str, str], out_fd: int, err_fd: int,
-           zygote: bool = False, in_fd: Optional[int] = None, form: str = "-m") -> None:
+           zygote: bool = False, in_fd: Optional[int] = None, form: str = "-m", user: Optional[int] = None) -> None:
     """In the forked child: ``python -m MODULE ARGS`` as the interpreter runs it, then ``os._exit``. ``zygote``: a
     child of the zygote (:class:`_Zygote`), which never ran a torch op: its exit handlers are the ones a fresh
     interpreter has and torch keeps its default thread count, as in a fresh interpreter. ``form`` (for
     :func:`zygote_python`, stdin ``in_fd``): ``-c`` (MODULE is the code), ``-`` (the code is read from stdin) or
-    ``path`` (MODULE is a script's path), as ``python -c CODE ARGS``, ``python - ARGS``, ``python PATH ARGS``."""
+    ``path`` (MODULE is a script's path), as ``python -c CODE ARGS``, ``python - ARGS``, ``python PATH ARGS``.
+    ``user``: the run is that user (its group, no supplementary groups), as ``setpriv --reuid=U --regid=U
+    --clear-groups`` makes it (from root)."""
     code = 1
     try:
+        if user is not None:
+            os.setgroups([])
+            os.setgid(user)
+            os.setuid(user)
         import atexit
         import runpy
         import signal
@@ -486,22 +492,29 @@ def _zygote_run(module: str, args: List[str], cwd: Path, env: Dict[str, str], ti
 
 
 def run_module(module: str, args: List[str], cwd: Path, env: Dict[str, str], timeout: float = 600,
-               merge_stderr: bool = False, fresh: bool = False, preexec=None) -> subprocess.CompletedProcess:
+               merge_stderr: bool = False, fresh: bool = False, preexec=None,
+               user: Optional[int] = None) -> subprocess.CompletedProcess:
     """``python -m MODULE ARGS`` in ``cwd`` with ``env``: a CompletedProcess with text stdout and stderr (stderr
     in stdout when ``merge_stderr``). A fork of this process unless ``fresh`` (see the module docstring); raises
     ``subprocess.TimeoutExpired`` (the process killed) after ``timeout`` seconds either way. ``preexec``: called in
-    the new process before the run, as ``subprocess``'s ``preexec_fn`` (a resource limit, another user: see
-    :func:`as_user`); never the zygote's child then."""
+    the new process before the run, as ``subprocess``'s ``preexec_fn`` (a resource limit). ``user``: the run is
+    that user (root only), as ``setpriv --reuid=U --regid=U --clear-groups`` makes it; a new interpreter is started
+    with ``setpriv`` when this process cannot fork. Neither is ever the zygote's child: the zygote has not imported
+    everything a run imports, and a Python under root's 0700 home cannot import more as another user (setpriv
+    keeps root's capabilities up to its exec, so its new interpreter may fall back to a system-wide stdlib)."""
     cmd = [sys.executable, "-m", module, *args]
     # sweeps (-m) are not forks of this process: a launcher forked from here forks its workers in turn, and a
     # worker that sets its torch threads above one can hang on the OpenMP pool an earlier in-process test started
     # here (seen: three sweeps that never ended, under pytest-xdist); they are children of the zygote, which never
     # ran a torch op (_Zygote). Single runs fork this process and keep one thread (see _child).
     sweep = "-m" in args or "--multirun" in args
-    if not fresh and os.environ.get("EMBCLF_TEST_FRESH") != "1" and (sweep or not _can_fork()) and preexec is None:
+    if (not fresh and os.environ.get("EMBCLF_TEST_FRESH") != "1" and (sweep or not _can_fork()) and preexec is None
+            and user is None):
         if _zygote().usable(env):
             return _zygote_run(module, args, cwd, env, timeout, merge_stderr)
     if fresh or not _can_fork() or sweep:
+        if user is not None:  # (not subprocess's user=: it drops root's capabilities before its exec)
+            cmd = ["setpriv", f"--reuid={user}", f"--regid={user}", "--clear-groups", *cmd]
         return subprocess.run(cmd, cwd=cwd, env=env, stdout=subprocess.PIPE,
                               stderr=subprocess.STDOUT if merge_stderr else subprocess.PIPE, text=True,
                               timeout=timeout, preexec_fn=preexec)
@@ -521,7 +534,7 @@ def run_module(module: str, args: List[str], cwd: Path, env: Dict[str, str], tim
                     traceback.print_exc(file=open(err.fileno(), "w", closefd=False))
                     os._exit(255)
             _child(module, [str(a) for a in args], Path(cwd), env, out.fileno(),
-                   (out if merge_stderr else err).fileno())
+                   (out if merge_stderr else err).fileno(), user=user)
         gc.unfreeze()
         deadline = time.time() + timeout
         while True:
@@ -541,24 +554,14 @@ def run_module(module: str, args: List[str], cwd: Path, env: Dict[str, str], tim
     return subprocess.CompletedProcess(cmd, code, texts[0], "" if merge_stderr else texts[1])
 
 
-def as_user(uid: int):
-    """A ``preexec`` for :func:`run_module`: the run is user ``uid`` (group ``uid``, no supplementary groups), as
-    ``setpriv --reuid=UID --regid=UID --clear-groups`` makes it; needs root."""
-    def become():
-        os.setgroups([])
-        os.setgid(uid)
-        os.setuid(uid)
-
-    return become
-
-
 def run_embclf(args, tmp: Path, check: bool = True, timeout: int = 600, module: str = "embclf",
-               env: Optional[Dict[str, str]] = None, fresh: bool = False, preexec=None) -> subprocess.CompletedProcess:
+               env: Optional[Dict[str, str]] = None, fresh: bool = False, preexec=None,
+               user: Optional[int] = None) -> subprocess.CompletedProcess:
     """Run ``python -m embclf ARGS`` (or ``-m MODULE``) in ``tmp`` and return the CompletedProcess (stdout and
     stderr as text); ``check``: raise AssertionError with both streams' tails unless it exits 0. ``fresh``,
-    ``preexec``: as :func:`run_module`'s."""
+    ``preexec``, ``user``: as :func:`run_module`'s."""
     proc = run_module(module, list(args), tmp, env or embclf_env(tmp), timeout=timeout, fresh=fresh,
-                      preexec=preexec)
+                      preexec=preexec, user=user)
     if check and proc.returncode != 0:
         raise AssertionError(f"embclf {' '.join(map(str, args))} exited {proc.returncode}\n--- stdout\n"
                              f"{proc.stdout[-4000:]}\n--- stderr\n{proc.stderr[-6000:]}")

@@ -351,10 +351,10 @@ def test_launcher_sees_a_job_held_seconds_ago_before_its_summary_exists(tmp_path
 @pytest.mark.parametrize("mode", ["single", "sweep", "sweep-dir", "not-permitted"])
 def test_an_output_dir_that_cannot_be_written_is_one_paragraph_naming_the_key(tmp_path, small_tmpfs, mode):
     """output_dir on a read-only file system (a tmpfs mounted ro), or a directory this user may not write (run as
-    nobody: a fork of this process that drops root as setpriv would, ``conftest.as_user``; root may write
+    nobody: a fork of this process that drops root as setpriv would, run_embclf's ``user``; root may write
     anywhere): one paragraph naming the key that put the run dir there and the fix, exit status 2, nothing written.
     A sweep dir set by hydra.sweep.dir names that key."""
-    from conftest import as_user, embclf_env, run_embclf
+    from conftest import embclf_env, run_embclf
 
     ro = small_tmpfs(1 << 20, ro=True)
     args = ["model=ae", "logger=none", f"output_dir={ro}/out"]
@@ -369,9 +369,9 @@ def test_an_output_dir_that_cannot_be_written_is_one_paragraph_naming_the_key(tm
         locked.mkdir(mode=0o755, exist_ok=True)  # root's: nobody may read it, not write it
         args[-1] = f"output_dir={locked}/out"
         env.update(HOME="/tmp", XDG_CACHE_HOME="/tmp")
-        cwd, user = Path("/tmp"), as_user(65534)
+        cwd, user = Path("/tmp"), 65534
     # python -m embclf ARGS without the interpreter's start-up (a fork; a sweep: a child of the zygote)
-    proc = run_embclf(args, cwd, check=False, timeout=300, env=env, preexec=user)
+    proc = run_embclf(args, cwd, check=False, timeout=300, env=env, user=user)
     err = proc.stderr.strip()
     assert proc.returncode == 2, proc.stdout[-2000:] + err[-3000:]
     assert "Traceback" not in err and err.count("embclf: error:") == 1 and len(err.splitlines()) == 1, err

@@ -2,7 +2,7 @@
 before any work with one line naming where they could not write and the ``out=`` that writes elsewhere; with
 ``out=`` they work. Two kinds of read-only, since root ignores file modes: a tmpfs remounted read-only (in
 process), and a ``chmod -R a-w`` copy read by ``nobody`` (a fork of the test process that drops root as
-``setpriv`` would: ``conftest.as_user``)."""
+``setpriv`` would: ``conftest.run_module``'s ``user``)."""
 from __future__ import annotations
 
 import json
@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import as_user, embclf_env, run_module
+from conftest import embclf_env, run_module
 
 from embclf import embed, evaluate
 
@@ -60,7 +60,7 @@ def test_on_a_read_only_file_system(sweep, small_tmpfs, tmp_path, capsys):
 @pytest.mark.parametrize("how", ["read-only-bind", "nobody"])
 def test_the_commands_on_a_copy_nobody_may_write(sweep, how):
     """The real commands on a ``chmod -R a-w`` copy, read through a read-only bind mount (root), or as ``nobody``
-    (``conftest.as_user``: a fork of this process, so it needs no Python that nobody may start)."""
+    (``conftest.run_module``'s ``user``: a fork of this process that drops root, else setpriv)."""
     if os.geteuid() != 0:
         pytest.skip("needs root (a bind mount, or to become nobody)")
     base = Path("/tmp") / f"embclf-readonly-{os.getpid()}"  # pytest's tmp dirs are root's 0700: nobody cannot read them
@@ -74,7 +74,7 @@ def test_the_commands_on_a_copy_nobody_may_write(sweep, how):
         base.chmod(0o755)
         mine.mkdir()
         if how == "nobody":
-            user = as_user(65534)
+            user = 65534
             os.chown(mine, 65534, 65534)
             env.update(HOME=str(mine), XDG_CACHE_HOME=str(mine / "cache"))
             run = results / "run"
@@ -87,7 +87,7 @@ def test_the_commands_on_a_copy_nobody_may_write(sweep, how):
                     pytest.skip(f"{' '.join(cmd)}: {done.stderr.strip()}")
 
         def command(module, *args):  # a fork of this process (no interpreter start-up), as the other commands' tests
-            return run_module(module, [*args, "threads=1"], mine, env, preexec=user)
+            return run_module(module, [*args, "threads=1"], mine, env, user=user)
 
         proc = command("embclf.evaluate", str(run))
         assert proc.returncode == 2, proc.stderr[-3000:]
