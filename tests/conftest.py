@@ -514,6 +514,10 @@ def run_module(module: str, args: List[str], cwd: Path, env: Dict[str, str], tim
             return _zygote_run(module, args, cwd, env, timeout, merge_stderr)
     if fresh or not _can_fork() or sweep:
         if user is not None:  # (not subprocess's user=: it drops root's capabilities before its exec)
+            import shutil
+
+            if shutil.which("setpriv") is None:  # as the tests did before forks could drop root
+                pytest.skip("this process cannot fork, and setpriv (util-linux) is not installed")
             cmd = ["setpriv", f"--reuid={user}", f"--regid={user}", "--clear-groups", *cmd]
         return subprocess.run(cmd, cwd=cwd, env=env, stdout=subprocess.PIPE,
                               stderr=subprocess.STDOUT if merge_stderr else subprocess.PIPE, text=True,
